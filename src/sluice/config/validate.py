@@ -1,0 +1,592 @@
+"""Collect every problem in a parsed pipeline file before building the spec.
+
+msgspec stops at the first error, and a user fixing a file wants all of them
+at once. :func:`check_types` walks the raw TOML data against the spec classes'
+type information (so the Structs stay the one source of truth) and reports
+unknown keys with the nearest valid one, wrong types, missing keys and bad
+values. :func:`check_rules` applies the cross-rules of ``PIPELINE_TOML.md``
+on the same raw data, defensively, so both kinds of problem come out in one
+run. Each problem is ``(key path, message)``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import msgspec.inspect as mi
+
+from sluice.config.redact import is_secret_key, redact_text
+
+Problem = tuple[str, str]
+
+
+# ---------------------------------------------------------------------------
+# Type walk
+
+
+def check_types(data: Any, spec_type: Any) -> list[Problem]:
+    """Every type-level problem of ``data`` against ``spec_type``, in file order."""
+    problems: list[Problem] = []
+    _walk(data, mi.type_info(spec_type), "", problems)
+    return problems
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _nearest(word: str, candidates: Iterable[str]) -> str | None:
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _quote_list(values: Iterable[object]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def toml_type_name(value: Any) -> str:
+    """The TOML name of a value's type, with its article."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return "a datetime"
+    return type(value).__name__
+
+
+def describe_got(path: str, value: Any) -> str:
+    """``a string ("500")``: what was found, its value shown unless secret."""
+    name = toml_type_name(value)
+    key = path.rsplit(".", 1)[-1]
+    if isinstance(value, list | dict) or is_secret_key(key):
+        return name
+    if isinstance(value, str):
+        return f'{name} "{redact_text(value)}"'
+    if isinstance(value, bool):
+        return f"{name} ({str(value).lower()})"
+    return f"{name} ({value})"
+
+
+def _unwrap(t: mi.Type) -> mi.Type:
+    while isinstance(t, mi.Metadata):
+        t = t.type
+    return t
+
+
+def _bounds(t: mi.IntType | mi.FloatType) -> str:
+    parts = []
+    if t.gt is not None:
+        parts.append(f"> {t.gt}")
+    if t.ge is not None:
+        parts.append(f">= {t.ge}")
+    if t.lt is not None:
+        parts.append(f"< {t.lt}")
+    if t.le is not None:
+        parts.append(f"<= {t.le}")
+    return " and ".join(parts)
+
+
+def expected_name(t: mi.Type) -> str:
+    """What a value of type ``t`` looks like, for messages."""
+    t = _unwrap(t)
+    if isinstance(t, mi.StrType):
+        return "a non-empty string" if t.min_length else "a string"
+    if isinstance(t, mi.IntType):
+        b = _bounds(t)
+        return f"an integer {b}" if b else "an integer"
+    if isinstance(t, mi.FloatType):
+        return "a number"
+    if isinstance(t, mi.BoolType):
+        return "a boolean (true or false)"
+    if isinstance(t, mi.ListType):
+        return f"an array of {_plural(expected_name(t.item_type))}"
+    if isinstance(t, mi.DictType | mi.StructType):
+        return "a table"
+    if isinstance(t, mi.LiteralType):
+        return f"one of {_quote_list(t.values)}"
+    if isinstance(t, mi.UnionType):
+        members = [m for m in t.types if not isinstance(_unwrap(m), mi.NoneType)]
+        if members and all(isinstance(_unwrap(m), mi.StructType) for m in members):
+            return "a table"
+        return " or ".join(expected_name(m) for m in members)
+    return "a value"
+
+
+def _plural(name: str) -> str:
+    for article in ("an ", "a "):
+        if name.startswith(article):
+            rest = name[len(article) :]
+            head, _, tail = rest.partition(" ")
+            return f"{head}s {tail}".strip()
+    return name
+
+
+def _walk(value: Any, t: mi.Type, path: str, problems: list[Problem]) -> None:
+    t = _unwrap(t)
+    if isinstance(t, mi.AnyType):
+        return
+    if isinstance(t, mi.UnionType):
+        _walk_union(value, t, path, problems)
+        return
+    if isinstance(t, mi.StructType):
+        if not isinstance(value, dict):
+            problems.append((path, f"expected a table, got {describe_got(path, value)}"))
+            return
+        _walk_struct(value, t, path, problems, kind=None)
+        return
+    if isinstance(t, mi.ListType):
+        if not isinstance(value, list):
+            problems.append((path, f"expected {expected_name(t)}, got {describe_got(path, value)}"))
+            return
+        for i, item in enumerate(value):
+            _walk(item, t.item_type, f"{path}[{i}]", problems)
+        return
+    if isinstance(t, mi.DictType):
+        if not isinstance(value, dict):
+            problems.append((path, f"expected a table, got {describe_got(path, value)}"))
+            return
+        for k, v in value.items():
+            _walk(v, t.value_type, _join(path, str(k)), problems)
+        return
+    _check_scalar(value, t, path, problems)
+
+
+def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) -> None:
+    got = describe_got(path, value)
+    if isinstance(t, mi.LiteralType):
+        if value not in t.values or isinstance(value, bool) != any(
+            isinstance(v, bool) for v in t.values
+        ):
+            msg = f"expected one of {_quote_list(t.values)}, got {got}"
+            near = _nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
+            if near is not None:
+                msg += f"; did you mean '{near}'?"
+            problems.append((path, msg))
+        return
+    if isinstance(t, mi.StrType):
+        if not isinstance(value, str):
+            problems.append((path, f"expected {expected_name(t)}, got {got}"))
+        elif t.min_length and len(value) < t.min_length:
+            problems.append((path, f"expected {expected_name(t)}, got an empty string"))
+        elif t.pattern and not re.search(t.pattern, value):
+            problems.append((path, f"expected a string matching {t.pattern}, got {got}"))
+        return
+    if isinstance(t, mi.BoolType):
+        if not isinstance(value, bool):
+            problems.append((path, f"expected {expected_name(t)}, got {got}"))
+        return
+    if isinstance(t, mi.IntType | mi.FloatType):
+        ok_types: tuple[type, ...] = (int,) if isinstance(t, mi.IntType) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_types):
+            problems.append((path, f"expected {expected_name(t)}, got {got}"))
+            return
+        if (
+            (t.gt is not None and not value > t.gt)
+            or (t.ge is not None and not value >= t.ge)
+            or (t.lt is not None and not value < t.lt)
+            or (t.le is not None and not value <= t.le)
+        ):
+            problems.append((path, f"expected {expected_name(t)}, got {value}"))
+        return
+    if isinstance(t, mi.NoneType):
+        problems.append((path, f"expected no value, got {got}"))
+        return
+    problems.append((path, f"unsupported value {got}"))  # pragma: no cover - spec uses no others
+
+
+def _walk_union(value: Any, t: mi.UnionType, path: str, problems: list[Problem]) -> None:
+    members = [m for m in t.types if not isinstance(_unwrap(m), mi.NoneType)]
+    structs = [_unwrap(m) for m in members]
+    if len(members) == 1:
+        _walk(value, members[0], path, problems)
+        return
+    if all(isinstance(s, mi.StructType) and s.tag_field for s in structs):
+        tagged = [s for s in structs if isinstance(s, mi.StructType)]
+        _walk_tagged(value, tagged, path, problems)
+        return
+    # A union of scalars (e.g. `str | int`): fine when any member accepts it.
+    for m in members:
+        trial: list[Problem] = []
+        _walk(value, m, path, trial)
+        if not trial:
+            return
+    problems.append((path, f"expected {expected_name(t)}, got {describe_got(path, value)}"))
+
+
+def _walk_tagged(value: Any, members: list[mi.StructType], path: str, problems: list[Problem]) -> None:
+    if not isinstance(value, dict):
+        problems.append((path, f"expected a table, got {describe_got(path, value)}"))
+        return
+    tag_field = members[0].tag_field or "kind"
+    by_tag = {str(s.tag): s for s in members}
+    kinds = _quote_list(by_tag)
+    tag = value.get(tag_field)
+    kind_path = _join(path, tag_field)
+    if tag is None:
+        problems.append((kind_path, f"missing required key (expected one of {kinds})"))
+        return
+    if not isinstance(tag, str):
+        problems.append((kind_path, f"expected one of {kinds}, got {describe_got(kind_path, tag)}"))
+        return
+    if tag not in by_tag:
+        msg = f"unknown kind '{tag}'"
+        near = _nearest(tag, by_tag)
+        if near is not None:
+            msg += f"; did you mean '{near}'?"
+        problems.append((kind_path, f"{msg} (expected one of {kinds})"))
+        return
+    _walk_struct(value, by_tag[tag], path, problems, kind=tag, siblings=members)
+
+
+def _walk_struct(
+    value: dict[str, Any],
+    t: mi.StructType,
+    path: str,
+    problems: list[Problem],
+    kind: str | None,
+    siblings: list[mi.StructType] | None = None,
+) -> None:
+    fields = {f.encode_name: f for f in t.fields}
+    for key, item in value.items():
+        key_path = _join(path, key)
+        if key == t.tag_field:
+            continue
+        field = fields.get(key)
+        if field is None:
+            problems.append((key_path, _unknown_key(key, list(fields), kind, siblings or [])))
+            continue
+        _walk(item, field.type, key_path, problems)
+    for name, field in fields.items():
+        if field.required and name not in value:
+            problems.append(
+                (_join(path, name), f"missing required key (expected {expected_name(field.type)})")
+            )
+
+
+def _unknown_key(
+    key: str, valid: list[str], kind: str | None, siblings: list[mi.StructType]
+) -> str:
+    where = f"unknown key for kind '{kind}'" if kind else "unknown key"
+    near = _nearest(key, valid)
+    if near is not None:
+        return f"{where}; did you mean '{near}'?"
+    owners = [
+        str(s.tag) for s in siblings if any(f.encode_name == key for f in s.fields)
+    ]
+    if owners:
+        return f"{where} (it belongs to kind {_quote_list(owners)}); expected one of {_quote_list(valid)}"
+    return f"{where}; expected one of {_quote_list(valid)}"
+
+
+# ---------------------------------------------------------------------------
+# Cross-rules, on raw data
+
+
+def _table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _tables(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+TABLE_TARGET_KINDS = ("postgres", "mysql", "sqlite", "duckdb", "delta_local", "delta_s3")
+URL_SCHEMES = {
+    "postgres": ("postgres://", "postgresql://"),
+    "mysql": ("mysql://", "mariadb://"),
+}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_rules(data: dict[str, Any]) -> list[Problem]:
+    """Every cross-rule problem of a pipeline file (see ``PIPELINE_TOML.md``)."""
+    problems: list[Problem] = []
+    add = problems.append
+
+    sources = _check_sources(data, add)
+    targets = _check_targets(data, add)
+    transform = _table(data.get("transform"))
+    state_store = data.get("state_store")
+
+    window = transform.get("window")
+    join = transform.get("join")
+    cdc = transform.get("cdc")
+    sql = transform.get("sql")
+    has_sql = isinstance(sql, str) and sql.strip() != ""
+
+    present = [n for n, v in (("window", window), ("join", join), ("cdc", cdc)) if v is not None]
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            add((f"transform.{b}", f"[transform.{a}] and [transform.{b}] are mutually exclusive"))
+    if cdc is not None and has_sql:
+        add(("transform.sql", "not allowed with [transform.cdc]: CDC applies the envelopes as they are"))
+    if join is not None and has_sql:
+        add(("transform.sql", "not allowed with [transform.join]: the join reads the sources directly"))
+
+    lookups = transform.get("lookups")
+    if isinstance(lookups, dict):
+        if lookups and not has_sql:
+            add(("transform.lookups", "lookups need a [transform] sql that uses them"))
+        for name in lookups:
+            if name == "source":
+                add(("transform.lookups.source", "'source' is reserved for the streaming input"))
+            elif not _IDENT.match(str(name)):
+                add((f"transform.lookups.{name}", "expected a SQL identifier as the lookup name"))
+        for name, lk in lookups.items():
+            if isinstance(lk, dict):
+                _check_url(lk, f"transform.lookups.{name}", add)
+
+    if isinstance(window, dict):
+        _check_window(window, state_store, add)
+    if isinstance(join, dict):
+        _check_join(join, data, sources, state_store, add)
+    if isinstance(cdc, dict):
+        _check_cdc(cdc, targets, add)
+
+    _check_dlq(data, transform, window, sources, add)
+
+    for i, t in targets:
+        _check_url(t, i, add)
+        if t.get("kind") in ("delta_local", "delta_s3") and t.get("mode") == "merge":
+            pk = _table(t.get("table")).get("primary_key")
+            if not pk:
+                add((f"{i}.table.primary_key", "missing: mode = \"merge\" on a delta target needs primary_key"))
+    ss = _table(state_store)
+    if ss:
+        _check_url(ss, "state_store", add)
+    return problems
+
+
+def _check_sources(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, Any]]]:
+    single, many = data.get("source"), data.get("sources")
+    out: list[tuple[str, dict[str, Any]]] = []
+    if single is None and many is None:
+        add(("", "missing a source: add [source] (with top-level source_query) or [[sources]]"))
+    elif single is not None and many is not None:
+        add(("sources", "[source] and [[sources]] are exclusive; use one form"))
+    if isinstance(single, dict):
+        out.append(("source", single))
+        if "query" in single:
+            add(("source.query", "not allowed in [source]; use the top-level source_query"))
+        if many is None and data.get("source_query") is None:
+            add(("source_query", "missing required key (expected a string: what [source] reads)"))
+    if isinstance(many, list):
+        if not many:
+            add(("sources", "expected at least one [[sources]] entry"))
+        if data.get("source_query") is not None and single is None:
+            add(("source_query", "not used with [[sources]]: each entry has its own query"))
+        seen: dict[str, int] = {}
+        for i, s in enumerate(many):
+            if not isinstance(s, dict):
+                continue
+            out.append((f"sources[{i}]", s))
+            q = s.get("query")
+            if q is None:
+                add((f"sources[{i}].query", "missing required key (expected a string)"))
+            elif isinstance(q, str):
+                if q in seen:
+                    add((f"sources[{i}].query", f"duplicate query '{q}' (also sources[{seen[q]}])"))
+                seen.setdefault(q, i)
+    for at, s in out:
+        fmt = s.get("payload_format")
+        if fmt in ("avro", "protobuf") and not s.get("schema_registry_url"):
+            add((f"{at}.schema_registry_url", f"missing: payload_format '{fmt}' needs a schema registry"))
+        if s.get("sasl_mechanism") == "PLAIN":
+            for key in ("sasl_plain_username", "sasl_plain_password"):
+                if not s.get(key):
+                    add((f"{at}.{key}", "missing: sasl_mechanism 'PLAIN' needs it"))
+        _check_url(s, at, add)
+    return out
+
+
+def _check_targets(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, Any]]]:
+    single, many = data.get("target"), data.get("targets")
+    out: list[tuple[str, dict[str, Any]]] = []
+    if single is None and many is None:
+        add(("", "missing a target: add [target] or [[targets]]"))
+    elif single is not None and many is not None:
+        add(("targets", "[target] and [[targets]] are exclusive; use one form"))
+    if isinstance(single, dict):
+        out.append(("target", single))
+    if isinstance(many, list):
+        if not many:
+            add(("targets", "expected at least one [[targets]] entry"))
+        out.extend((f"targets[{i}]", t) for i, t in enumerate(many) if isinstance(t, dict))
+    return out
+
+
+def _check_url(table: dict[str, Any], at: str, add: Any) -> None:
+    kind = table.get("kind")
+    url = table.get("url")
+    schemes = URL_SCHEMES.get(kind) if isinstance(kind, str) else None
+    if schemes and isinstance(url, str) and url and not url.startswith(schemes):
+        add((f"{at}.url", f"expected a {' or '.join(schemes)} URL, got \"{redact_text(url)}\""))
+    amqp = table.get("amqp_url")
+    if isinstance(amqp, str) and amqp and not amqp.startswith(("amqp://", "amqps://")):
+        add((f"{at}.amqp_url", f"expected an amqp:// or amqps:// URL, got \"{redact_text(amqp)}\""))
+
+
+def _check_late(spec: dict[str, Any], at: str, add: Any) -> None:
+    if spec.get("late_data") == "reopen" and spec.get("allowed_lateness_ms") is None:
+        add((f"{at}.allowed_lateness_ms", 'missing: late_data = "reopen" requires allowed_lateness_ms'))
+
+
+def _check_window(window: dict[str, Any], state_store: Any, add: Any) -> None:
+    at = "transform.window"
+    kind = window.get("kind")
+    _check_late(window, at, add)
+    group_by = window.get("group_by") or []
+    if kind == "session":
+        if state_store is None:
+            add((at, "a session window needs a [state_store]"))
+        if not group_by:
+            add((f"{at}.group_by", "a session window needs at least one group_by column"))
+        gap, cap = window.get("gap_ms"), window.get("max_session_duration_ms")
+        if _ints(gap, cap) and cap < gap:
+            add((f"{at}.max_session_duration_ms", f"expected at least gap_ms ({gap}), got {cap}"))
+    if kind == "hopping":
+        dur, hop = window.get("duration_ms"), window.get("hop_ms")
+        if _ints(dur, hop) and hop > dur:
+            add((f"{at}.hop_ms", f"expected at most duration_ms ({dur}), got {hop}"))
+    aggs = window.get("aggregations")
+    if isinstance(aggs, list) and not aggs:
+        add((f"{at}.aggregations", "expected at least one [[transform.window.aggregations]] entry"))
+    reserved = {
+        str(window.get("window_start_column", "window_start")),
+        str(window.get("window_end_column", "window_end")),
+    }
+    if kind == "session":
+        reserved.add(str(window.get("session_id_column", "session_id")))
+    names: dict[str, int] = {}
+    for i, agg in enumerate(_tables(aggs)):
+        a_at = f"{at}.aggregations[{i}]"
+        fn, col, mode = agg.get("agg"), agg.get("column"), agg.get("mode")
+        if fn == "count" and col is not None:
+            add((f"{a_at}.column", "agg 'count' counts rows and takes no column; use 'count_col' to count a column's non-null values"))
+        elif fn not in (None, "count") and col is None:
+            add((f"{a_at}.column", f"missing required key: agg '{fn}' needs a column"))
+        if mode is not None and fn != "count_distinct":
+            add((f"{a_at}.mode", f"only for agg 'count_distinct', not '{fn}'"))
+        if fn == "count_distinct" and mode == "exact" and agg.get("max_distinct_values_per_group") is None:
+            add((f"{a_at}.max_distinct_values_per_group", "missing: mode = \"exact\" needs max_distinct_values_per_group"))
+        name = agg.get("as")
+        if isinstance(name, str):
+            if name in names:
+                add((f"{a_at}.as", f"duplicate output column '{name}' (also aggregations[{names[name]}])"))
+            elif name in group_by or name in reserved:
+                add((f"{a_at}.as", f"output column '{name}' collides with a group_by or window column"))
+            names.setdefault(name, i)
+
+
+def _ints(*values: Any) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _check_join(
+    join: dict[str, Any],
+    data: dict[str, Any],
+    sources: list[tuple[str, dict[str, Any]]],
+    state_store: Any,
+    add: Any,
+) -> None:
+    at = "transform.join"
+    if data.get("sources") is None:
+        add((at, "needs the [[sources]] form, one entry per side (a single [source] cannot join)"))
+    if state_store is None:
+        add((at, "needs a [state_store] (join buffers are persisted)"))
+    queries = [s.get("query") for _, s in sources if isinstance(s.get("query"), str)]
+    if data.get("sources") is not None:
+        for side in ("left_source", "right_source"):
+            name = join.get(side)
+            if isinstance(name, str) and name not in queries:
+                msg = f"'{name}' matches no [[sources]] query (expected one of {_quote_list(queries)})"
+                near = _nearest(name, [str(q) for q in queries])
+                if near is not None:
+                    msg += f"; did you mean '{near}'?"
+                add((f"{at}.{side}", msg))
+    if join.get("left_source") is not None and join.get("left_source") == join.get("right_source"):
+        add((f"{at}.right_source", "must name a different source than left_source"))
+    tw, lo, hi = join.get("time_window_ms"), join.get("min_delta_ms"), join.get("max_delta_ms")
+    if tw is None and lo is None and hi is None:
+        add((at, "missing the time bound: set time_window_ms, or min_delta_ms and max_delta_ms"))
+    elif tw is not None and (lo is not None or hi is not None):
+        add((f"{at}.time_window_ms", "exclusive with min_delta_ms / max_delta_ms; use one form"))
+    elif tw is None and (lo is None) != (hi is None):
+        missing = "max_delta_ms" if hi is None else "min_delta_ms"
+        add((f"{at}.{missing}", "missing: min_delta_ms and max_delta_ms go together"))
+    elif _ints(lo, hi) and lo > hi:
+        add((f"{at}.max_delta_ms", f"expected at least min_delta_ms ({lo}), got {hi}"))
+    lk, rk = join.get("left_keys"), join.get("right_keys")
+    for side, keys in (("left_keys", lk), ("right_keys", rk)):
+        if isinstance(keys, list) and not keys:
+            add((f"{at}.{side}", "expected at least one key column"))
+    if isinstance(lk, list) and isinstance(rk, list) and lk and rk and len(lk) != len(rk):
+        add((f"{at}.right_keys", f"expected {len(lk)} key columns like left_keys, got {len(rk)}"))
+    _check_late(join, at, add)
+    if join.get("left_column_prefix", "left_") == join.get("right_column_prefix", "right_"):
+        add((f"{at}.right_column_prefix", "must differ from left_column_prefix"))
+
+
+def _check_cdc(cdc: dict[str, Any], targets: list[tuple[str, dict[str, Any]]], add: Any) -> None:
+    at = "transform.cdc"
+    envelope = cdc.get("envelope")
+    if envelope == "custom":
+        for key in ("key_field", "op_field", "op_map", "before_field", "after_field", "ts_field"):
+            if cdc.get(key) is None:
+                add((f"{at}.{key}", 'missing: envelope = "custom" sets every path and op_map explicitly'))
+    elif envelope in ("debezium", "maxwell") and cdc.get("key_field") is None:
+        add((f"{at}.key_field", "missing required key (expected a path like 'after.id')"))
+    if cdc.get("delete_mode") == "soft" and not cdc.get("soft_delete_column"):
+        add((f"{at}.soft_delete_column", 'missing: delete_mode = "soft" needs soft_delete_column'))
+    for t_at, t in targets:
+        kind = t.get("kind")
+        if isinstance(kind, str) and kind not in TABLE_TARGET_KINDS:
+            add((f"{t_at}.kind", f"[transform.cdc] needs a table target ({_quote_list(TABLE_TARGET_KINDS)}), got '{kind}'"))
+        if kind in ("delta_local", "delta_s3") and not _table(t.get("table")).get("primary_key"):
+            add((f"{t_at}.table.primary_key", "missing: a delta target needs primary_key for [transform.cdc]"))
+
+
+_DLQ_STORE = re.compile(r"^(kafka:[^\s]+|postgres:[A-Za-z_][\w]*\.[A-Za-z_][\w]*|[^\s]+\.jsonl)$")
+
+
+def _check_dlq(
+    data: dict[str, Any],
+    transform: dict[str, Any],
+    window: Any,
+    sources: list[tuple[str, dict[str, Any]]],
+    add: Any,
+) -> None:
+    kafka_sources = [s for _, s in sources if s.get("kind") == "kafka"]
+    has_dlq = bool(
+        data.get("dead_letter_topic")
+        or data.get("dlq_store")
+        or any(s.get("dead_letter_topic") for s in kafka_sources)
+    )
+    if transform.get("on_error") == "dlq" and not has_dlq:
+        add(("transform.on_error", '"dlq" needs a dead-letter destination: set dead_letter_topic (Kafka source) or dlq_store'))
+    if isinstance(window, dict) and window.get("late_data") == "dlq" and not has_dlq:
+        add(("transform.window.late_data", '"dlq" needs a dead-letter destination: set dead_letter_topic (Kafka source) or dlq_store'))
+    if data.get("dead_letter_topic") and not kafka_sources:
+        add(("dead_letter_topic", "needs a kafka source (its brokers receive the DLQ); use dlq_store for other sources"))
+    store = data.get("dlq_store")
+    if isinstance(store, str) and not _DLQ_STORE.match(store):
+        add(("dlq_store", f"expected kafka:TOPIC, postgres:SCHEMA.TABLE or a path ending in .jsonl, got \"{store}\""))
+
+
+def convert(data: dict[str, Any], spec_type: type[Any]) -> Any:
+    """Build the frozen spec from data that passed both checks."""
+    return msgspec.convert(data, spec_type, strict=True)

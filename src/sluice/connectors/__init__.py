@@ -1,0 +1,1 @@
+"""Sources and targets, one module per system, found by ``kind`` through the registry."""

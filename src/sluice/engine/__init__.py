@@ -1,0 +1,1 @@
+"""The engine: plan graph, run loop, checkpoint, watermarks, stages, supervisor, metrics."""

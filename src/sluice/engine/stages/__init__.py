@@ -1,0 +1,1 @@
+"""Stages between sources and targets: sql, window, join, cdc."""

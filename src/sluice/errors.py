@@ -1,0 +1,64 @@
+"""The one exception tree of sluice.
+
+Everything sluice raises on purpose derives from :class:`SluiceError`. The
+CLI maps :class:`ConfigError` to exit code 2 and every other
+:class:`SluiceError` to exit code 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SluiceError(Exception):
+    """Base class of every error sluice raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem found in one pipeline file.
+
+    ``path`` is the dotted key path (``transform.window.hop_ms``, list items as
+    ``sources[1].kind``); empty for a problem with the whole file.
+    """
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"{self.file}: {self.path}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+class ConfigError(SluiceError):
+    """A pipeline file is invalid. Carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class ConnectorError(SluiceError):
+    """A source or target failed talking to its system."""
+
+
+class MissingDependencyError(SluiceError):
+    """A connector's library is not installed; the message names the extra to install."""
+
+
+class TransientError(ConnectorError):
+    """A failure worth retrying (connection refused, broker or database restarting)."""
+
+
+class DecodeError(SluiceError):
+    """A message could not be decoded; the message names source, partition and offset."""
+
+
+class StageError(SluiceError):
+    """A stage (SQL, window, join, cdc) failed on a batch."""
+
+
+class PipelineStopped(SluiceError):
+    """Raised inside the run loop when a stop was requested mid-wait."""

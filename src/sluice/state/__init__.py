@@ -1,0 +1,1 @@
+"""Operator state and source positions: the StateStore protocol and its implementations."""
