@@ -121,6 +121,12 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", kw_only=True):
     ssl_key_location: Annotated[str | None, _d("client key file")] = None
     ssl_key_password: Annotated[str | None, _d("client key password (secret)")] = None
     msk_iam_region: Annotated[str | None, _d("AWS region for MSK IAM auth")] = None
+    session_timeout_ms: Annotated[
+        PositiveMs, _d("(ours) consumer group session timeout; a dead consumer's partitions move after it")
+    ] = 10_000
+    librdkafka: Annotated[
+        dict[str, str | int | bool], _d("(ours) extra librdkafka properties, e.g. fetch.max.bytes")
+    ] = msgspec.field(default_factory=dict)
 
 
 class RabbitMQSource(SourceSpec, tag="rabbitmq", tag_field="kind", kw_only=True):

@@ -1,0 +1,135 @@
+"""Local object-store source: every new file under a prefix, read once.
+
+Files are taken in lexicographic order of their path below the prefix (the
+order object stores list in); the position is the last file committed. It
+is kept in a small checkpoint file, written atomically, under
+``$SLUICE_STATE_DIR`` (default ``.sluice-state`` in the working directory),
+unless a state store holds positions. Files that arrive with a name sorting
+before the position are not read (documented; name files by time).
+
+``_event_ts`` is the file's modification time when the file has no such
+column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.orc as paorc
+import pyarrow.parquet as pq
+
+from sluice.config.spec import ObjectStoreLocalSource as LocalSpec
+from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position
+from sluice.connectors.registry import Context
+from sluice.errors import ConnectorError, DecodeError
+
+_SUFFIXES = {
+    "parquet": (".parquet", ".pq"),
+    "csv": (".csv", ".tsv", ".csv.gz"),
+    "json_lines": (".json", ".jsonl", ".ndjson", ".jsonl.gz", ".json.gz"),
+    "orc": (".orc",),
+}
+
+
+def state_dir() -> Path:
+    """Where file-based checkpoints live."""
+    return Path(os.environ.get("SLUICE_STATE_DIR", ".sluice-state"))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "source"
+
+
+class LocalFilesSource:
+    """Reads new files under ``path/source_query``."""
+
+    def __init__(self, spec: LocalSpec, ctx: Context) -> None:
+        self.spec = spec
+        self.prefix = ctx.pipeline.query_of(spec)
+        self.id = self.prefix
+        self.root = Path(spec.path) / self.prefix
+        self._checkpoint = state_dir() / _safe(ctx.pipeline.pipeline_name) / f"{_safe(self.prefix)}.json"
+        self._cursor = ""  # last file handed out (read, maybe not committed)
+        self.connected = False
+
+    def open(self, resume: Position | None) -> None:
+        """Start after ``resume`` or after the last committed file."""
+        last = (resume or {}).get(self.prefix)
+        if last is None and self._checkpoint.exists():
+            last = json.loads(self._checkpoint.read_text()).get("last_file")
+        self._cursor = str(last or "")
+        self.connected = True
+
+    def close(self) -> None:
+        """Nothing to release."""
+        self.connected = False
+
+    def _pending(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        suffixes = _SUFFIXES[self.spec.format]
+        names = []
+        for p in self.root.rglob("*"):
+            rel = p.relative_to(self.root).as_posix()
+            if p.is_file() and rel.endswith(suffixes) and not p.name.startswith((".", "_")):
+                names.append(rel)
+        return sorted(n for n in names if n > self._cursor)
+
+    def read(self, timeout_s: float) -> Batch | None:
+        """The next unread file as one batch, or ``None`` when there is none."""
+        pending = self._pending()
+        if not pending:
+            return None
+        name = pending[0]
+        path = self.root / name
+        try:
+            table = self._load(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DecodeError(f"cannot read file {path}: {exc}") from exc
+        if EVENT_TS not in table.column_names:
+            mtime_us = int(path.stat().st_mtime * 1_000_000)
+            ts = pa.array([mtime_us] * table.num_rows, pa.int64()).cast(EVENT_TS_TYPE)
+            table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), ts)
+        elif table.schema.field(EVENT_TS).type != EVENT_TS_TYPE:
+            table = table.set_column(
+                table.column_names.index(EVENT_TS), EVENT_TS, pc.cast(table[EVENT_TS], EVENT_TS_TYPE)
+            )
+        self._cursor = name
+        return Batch(self.id, table, {self.prefix: name}, raw_count=table.num_rows, partitions=(self.prefix,))
+
+    def _load(self, path: Path) -> pa.Table:
+        fmt = self.spec.format
+        if fmt == "parquet":
+            return pq.read_table(path)
+        if fmt == "csv":
+            return pacsv.read_csv(path)
+        if fmt == "json_lines":
+            return pajson.read_json(path)
+        if fmt == "orc":
+            return paorc.read_table(path)
+        raise ConnectorError(f"unknown format {fmt}")  # pragma: no cover - the spec is closed
+
+    def commit(self, position: Position) -> None:
+        """Record the last file written durably (atomic rename, fsynced)."""
+        last = position.get(self.prefix)
+        if last is None:
+            return
+        self._checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._checkpoint.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"last_file": last}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self._checkpoint)
+
+
+def build_source(spec: LocalSpec, ctx: Context) -> LocalFilesSource:
+    """Registry hook."""
+    return LocalFilesSource(spec, ctx)

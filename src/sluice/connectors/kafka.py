@@ -1,0 +1,273 @@
+"""Kafka source (confluent-kafka): consumer group, manual commits, bulk decode.
+
+* ``enable.auto.commit`` is off; :meth:`KafkaSource.commit` synchronously
+  commits ``offset + 1`` of the last row per partition.
+* Partitions revoked during a read: their messages in that read are dropped
+  (they were never written, so nothing is lost; the new owner reads them
+  from the last commit). The engine's loop is sequential, so every earlier
+  batch was written and committed before the read that saw the revoke.
+* On assignment with a resume position (state store), partitions seek to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sluice.config.spec import KafkaSource as KafkaSourceSpec
+from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position
+from sluice.connectors.decode import JsonDecoder
+from sluice.connectors.registry import Context
+from sluice.errors import ConnectorError, DecodeError, TransientError
+
+try:
+    import confluent_kafka as ck
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
+    raise ModuleNotFoundError("confluent_kafka", name="confluent_kafka") from exc
+
+log = logging.getLogger(__name__)
+
+_LAG_INTERVAL_S = 5.0  # consumer-lag gauges refresh this often; cached watermarks are cheap
+# Commit failures that mean "you no longer own this partition": the rows were
+# written, the new owner re-reads them (at least once), so they are not fatal.
+_LOST_OWNERSHIP = {
+    ck.KafkaError.REBALANCE_IN_PROGRESS,
+    ck.KafkaError.ILLEGAL_GENERATION,
+    ck.KafkaError.UNKNOWN_MEMBER_ID,
+    ck.KafkaError._NO_OFFSET,
+    ck.KafkaError._STATE,
+}
+
+
+def client_config(spec: KafkaSourceSpec | Any) -> dict[str, Any]:
+    """librdkafka connection / security properties from a Kafka spec."""
+    conf: dict[str, Any] = {"bootstrap.servers": spec.bootstrap_servers}
+    if spec.security_protocol:
+        conf["security.protocol"] = spec.security_protocol.upper()
+    if spec.sasl_mechanism:
+        conf["sasl.mechanism"] = spec.sasl_mechanism
+    if spec.sasl_plain_username:
+        conf["sasl.username"] = spec.sasl_plain_username
+        conf["sasl.password"] = spec.sasl_plain_password or ""
+    if getattr(spec, "sasl_scram_username", None):
+        conf["sasl.mechanism"] = "SCRAM-" + (spec.sasl_scram_mechanism or "sha-512").upper()
+        conf["sasl.username"] = spec.sasl_scram_username
+        conf["sasl.password"] = spec.sasl_scram_password or ""
+        conf.setdefault("security.protocol", "SASL_SSL")
+    for key, prop in (
+        ("ssl_ca_location", "ssl.ca.location"),
+        ("ssl_certificate_location", "ssl.certificate.location"),
+        ("ssl_key_location", "ssl.key.location"),
+        ("ssl_key_password", "ssl.key.password"),
+    ):
+        value = getattr(spec, key, None)
+        if value:
+            conf[prop] = value
+    if getattr(spec, "msk_iam_region", None):
+        raise ConnectorError("msk_iam_region (MSK IAM auth) is not supported yet by sluice")
+    return conf
+
+
+def partition_key(topic: str, partition: int) -> str:
+    """The position key of one partition: ``topic:partition``."""
+    return f"{topic}:{partition}"
+
+
+class KafkaSource:
+    """Reads one or more topics (comma-separated query) through a consumer group."""
+
+    def __init__(self, spec: KafkaSourceSpec, ctx: Context) -> None:
+        self.spec = spec
+        query = ctx.pipeline.query_of(spec)
+        self.id = query
+        self.topics = [t.strip() for t in query.split(",") if t.strip()]
+        self.group_id = spec.group_id or ctx.pipeline.pipeline_name
+        self._consumer: ck.Consumer | None = None
+        self._decoder = JsonDecoder()
+        self._resume: Position = {}
+        self._assigned: set[str] = set()
+        self._revoked: set[str] = set()
+        self._lag: dict[str, int] = {}
+        self._lag_at = 0.0
+        self.connected = False
+
+    # -- lifecycle --------------------------------------------------------
+
+    def open(self, resume: Position | None) -> None:
+        """Join the consumer group; with ``resume``, seek assigned partitions there."""
+        self._resume = dict(resume or {})
+        session_ms = self.spec.session_timeout_ms
+        conf = client_config(self.spec)
+        conf.update(
+            {
+                "group.id": self.group_id,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": self.spec.auto_offset_reset,
+                "session.timeout.ms": session_ms,
+                "heartbeat.interval.ms": max(100, session_ms // 4),
+                "enable.partition.eof": False,
+                # librdkafka logs through Python logging only on errors.
+                "log_level": 3,
+            }
+        )
+        conf.update(self.spec.librdkafka)
+        self._consumer = ck.Consumer(conf, logger=log)
+        self._consumer.subscribe(
+            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+        )
+
+    def close(self) -> None:
+        """Leave the group (partitions move to the other members at once)."""
+        consumer, self._consumer = self._consumer, None
+        self.connected = False
+        if consumer is not None:
+            try:
+                consumer.close()
+            except (ck.KafkaException, RuntimeError) as exc:  # already closed / broker gone
+                log.debug("closing consumer: %s", exc)
+
+    # -- rebalance callbacks (run inside consume(), on the reading thread) --
+
+    def _on_assign(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        for tp in partitions:
+            key = partition_key(tp.topic, tp.partition)
+            self._assigned.add(key)
+            self._revoked.discard(key)
+            stored = self._resume.get(key)
+            if isinstance(stored, int):
+                tp.offset = stored
+        consumer.assign(partitions)
+        self.connected = True
+
+    def _on_revoke(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        for tp in partitions:
+            key = partition_key(tp.topic, tp.partition)
+            self._assigned.discard(key)
+            self._revoked.add(key)
+            self._lag.pop(key, None)
+        consumer.unassign()
+
+    # -- reading ------------------------------------------------------------
+
+    def read(self, timeout_s: float) -> Batch | None:
+        """Up to ``max_batch_rows`` messages within ``timeout_s`` (at most ``max_batch_wait_ms``)."""
+        consumer = self._require()
+        wait = min(timeout_s, self.spec.max_batch_wait_ms / 1000)
+        self._revoked.clear()
+        try:
+            msgs = consumer.consume(num_messages=self.spec.max_batch_rows, timeout=wait)
+        except ck.KafkaException as exc:
+            raise TransientError(f"kafka consume from {self.id}: {exc}") from exc
+        self._refresh_lag(consumer)
+        if not msgs:
+            return None
+        good = []
+        for m in msgs:
+            err = m.error()
+            if err is None:
+                good.append(m)
+            elif err.fatal():
+                raise ConnectorError(f"kafka {self.id}: fatal error: {err.str()}")
+            elif err.code() != ck.KafkaError._PARTITION_EOF:
+                log.warning("kafka %s: %s", self.id, err.str())
+        if self._revoked:
+            good = [m for m in good if partition_key(m.topic(), m.partition()) in self._assigned]
+        if not good:
+            return None
+        return self._to_batch(good)
+
+    def _to_batch(self, msgs: list[Any]) -> Batch:
+        meta = [(m.topic(), m.partition(), m.offset(), m.timestamp()[1]) for m in msgs]
+        position: Position = {}
+        for topic, part, offset, _ in meta:
+            position[partition_key(topic, part)] = offset + 1
+        ts_ms = np.fromiter((t[3] for t in meta), dtype=np.int64, count=len(meta))
+        if self.spec.payload_format == "raw_bytes":
+            table = pa.table({"value": pa.array([m.value() for m in msgs], pa.binary())})
+            rows = None
+        elif self.spec.payload_format == "json":
+            decoded = self._decoder.decode([m.value() for m in msgs])
+            if decoded.bad:
+                i, reason = decoded.bad[0]
+                topic, part, offset, _ = meta[i]
+                raise DecodeError(
+                    f"cannot decode message at topic {topic} partition {part} offset {offset}: "
+                    f"{reason} ({len(decoded.bad)} bad message(s) in this batch)"
+                )
+            table, rows = decoded.table, decoded.rows
+        else:
+            raise ConnectorError(
+                f"payload_format '{self.spec.payload_format}' is not supported yet by sluice"
+            )
+        if rows is not None:
+            ts_ms = ts_ms[rows]
+        micros = pa.array(ts_ms * 1000, pa.int64(), mask=ts_ms < 0).cast(EVENT_TS_TYPE)
+        if EVENT_TS in table.column_names:
+            table = table.drop_columns([EVENT_TS])
+        table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), micros)
+        return Batch(self.id, table, position, raw_count=len(msgs), partitions=tuple(position))
+
+    # -- committing ------------------------------------------------------------
+
+    def commit(self, position: Position) -> None:
+        """Synchronously commit ``position`` for the partitions still assigned."""
+        consumer = self._require()
+        offsets = []
+        for key, offset in position.items():
+            if key not in self._assigned or not isinstance(offset, int):
+                continue
+            topic, _, part = key.rpartition(":")
+            offsets.append(ck.TopicPartition(topic, int(part), offset))
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except ck.KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            code = err.code() if isinstance(err, ck.KafkaError) else None
+            if code in _LOST_OWNERSHIP:
+                log.warning("kafka %s: commit skipped, partitions moved: %s", self.id, exc)
+                return
+            raise TransientError(f"kafka commit to {self.id}: {exc}") from exc
+
+    # -- observability -------------------------------------------------------
+
+    def lag(self) -> dict[str, int]:
+        """Messages behind the high watermark, per assigned partition."""
+        return dict(self._lag)
+
+    def _refresh_lag(self, consumer: ck.Consumer) -> None:
+        now = time.monotonic()
+        if now - self._lag_at < _LAG_INTERVAL_S or not self._assigned:
+            return
+        self._lag_at = now
+        tps = [ck.TopicPartition(*_split(k)) for k in self._assigned]
+        try:
+            positions = consumer.position(tps)
+        except ck.KafkaException:
+            return
+        for tp in positions:
+            # cached=True: the broker's last fetch response (see SERVICES.md).
+            _, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high >= 0 and tp.offset >= 0:
+                self._lag[partition_key(tp.topic, tp.partition)] = max(0, high - tp.offset)
+
+    def _require(self) -> ck.Consumer:
+        if self._consumer is None:
+            raise ConnectorError(f"kafka source {self.id} is not open")
+        return self._consumer
+
+
+def _split(key: str) -> tuple[str, int]:
+    topic, _, part = key.rpartition(":")
+    return topic, int(part)
+
+
+def build_source(spec: KafkaSourceSpec, ctx: Context) -> KafkaSource:
+    """Registry hook."""
+    return KafkaSource(spec, ctx)

@@ -1,0 +1,152 @@
+"""``flow consume``: run a pipeline as a daemon, with an optional supervisor.
+
+SIGTERM / SIGINT finish the in-flight batch (write, flush, commit) and exit
+0. With ``--restart-on-error`` a failed run restarts in-process after an
+exponential backoff with jitter; a run that lasted
+``--reset-backoff-after-secs`` resets the backoff; ``--max-restarts`` bounds
+the restarts. Logs: one line at start, one at stop, and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.config import PipelineSpec, load_file
+from sluice.engine import metrics as m
+from sluice.engine.runner import RunOptions, Runner
+from sluice.errors import ConfigError, SluiceError
+
+log = logging.getLogger("sluice")
+
+
+@dataclass(frozen=True)
+class SupervisorOptions:
+    """Restart policy of ``flow consume`` (defaults per PIPELINE_TOML.md)."""
+
+    restart_on_error: bool = False
+    initial_backoff_ms: int = 1_000
+    max_backoff_ms: int = 60_000
+    max_restarts: int | None = None
+    reset_backoff_after_secs: float = 60.0
+
+
+def next_backoff_ms(previous_ms: int | None, opts: SupervisorOptions) -> int:
+    """The un-jittered wait before the next restart."""
+    if previous_ms is None:
+        return opts.initial_backoff_ms
+    return min(previous_ms * 2, opts.max_backoff_ms)
+
+
+def jittered(backoff_ms: int) -> float:
+    """Seconds to wait: the backoff with ±20% jitter, so replicas do not restart in step."""
+    return backoff_ms * random.uniform(0.8, 1.2) / 1000
+
+
+async def supervise(spec: PipelineSpec, opts: SupervisorOptions, run_opts: RunOptions) -> int:
+    """Run ``spec`` until stopped; restart on failure when allowed. Returns the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    restarts = 0
+    backoff: int | None = None
+    while True:
+        started = time.monotonic()
+        try:
+            await Runner(spec, stop, run_opts).run()
+            return 0
+        except (SluiceError, OSError) as exc:
+            error: BaseException = exc
+        except Exception as exc:  # noqa: BLE001 - the supervisor's job is to survive any failure
+            error = exc
+        m.ERRORS.labels(spec.pipeline_name, "fatal").inc()
+        if not opts.restart_on_error or stop.is_set():
+            log.error("pipeline %s failed: %s", spec.pipeline_name, _describe(error))
+            return 1
+        if opts.max_restarts is not None and restarts >= opts.max_restarts:
+            log.error(
+                "pipeline %s failed after %d restart(s), giving up: %s",
+                spec.pipeline_name,
+                restarts,
+                _describe(error),
+            )
+            return 1
+        if time.monotonic() - started >= opts.reset_backoff_after_secs:
+            backoff = None
+        backoff = next_backoff_ms(backoff, opts)
+        restarts += 1
+        m.RESTARTS.labels(spec.pipeline_name).inc()
+        wait = jittered(backoff)
+        log.error(
+            "pipeline %s failed, restart %d in %.1fs: %s",
+            spec.pipeline_name,
+            restarts,
+            wait,
+            _describe(error),
+        )
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=wait)
+            return 0
+        except TimeoutError:
+            pass
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, SluiceError) else f"{type(exc).__name__}: {exc}"
+
+
+def _cmd_consume(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("sluice.connectors.kafka").setLevel(logging.ERROR)
+    try:
+        spec = load_file(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if args.metrics_port is not None:
+        m.serve(args.metrics_port)
+    opts = SupervisorOptions(
+        restart_on_error=args.restart_on_error,
+        initial_backoff_ms=args.initial_backoff_ms,
+        max_backoff_ms=args.max_backoff_ms,
+        max_restarts=args.max_restarts,
+        reset_backoff_after_secs=args.reset_backoff_after_secs,
+    )
+    log.info(
+        "pipeline %s starting: %d source(s), %d target(s)",
+        spec.pipeline_name,
+        len(spec.all_sources),
+        len(spec.all_targets),
+    )
+    code = asyncio.run(supervise(spec, opts, RunOptions(stop_after_idle_ms=args.stop_after_idle_ms)))
+    log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
+    return code
+
+
+def add_consume_parser(sub: Any) -> None:
+    """Register ``flow consume`` on the CLI's subparsers."""
+    p = sub.add_parser("consume", help="run a pipeline until stopped")
+    p.add_argument("config", nargs="?", default="pipeline.toml", metavar="CONFIG")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz")
+    p.add_argument("--restart-on-error", action="store_true", help="restart in-process after a failure")
+    p.add_argument("--initial-backoff-ms", "--min-backoff-ms", type=int, default=1_000)
+    p.add_argument("--max-backoff-ms", type=int, default=60_000)
+    p.add_argument("--max-restarts", type=int, default=None, help="unbounded when omitted")
+    p.add_argument("--reset-backoff-after-secs", type=float, default=60.0)
+    p.add_argument(
+        "--stop-after-idle-ms",
+        type=int,
+        default=None,
+        help="(ours) exit 0 once every source has been idle this long (batch-style runs)",
+    )
+    p.set_defaults(func=_cmd_consume)

@@ -1,0 +1,111 @@
+"""Every Prometheus metric sluice exports, defined once, and the HTTP endpoint.
+
+Names follow the reference daemon's metrics (user guide, "Prometheus
+metrics") with our prefix and the units in the name: ``*_total`` counters,
+``*_seconds`` times, labels rather than name prefixes. The same port serves
+``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (sources
+connected and the pipeline is making progress: 503 otherwise).
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_P = ["pipeline"]
+
+ROWS_CONSUMED = Counter("sluice_rows_consumed", "Rows read from the sources (before stages).", _P, registry=REGISTRY)
+ROWS_WRITTEN = Counter("sluice_rows_written", "Rows written durably to the targets (after stages).", _P, registry=REGISTRY)
+BATCHES = Counter("sluice_batches", "Non-empty batches processed.", _P, registry=REGISTRY)
+ITERATIONS = Counter("sluice_iterations", "Run-loop iterations, idle ones included.", _P, registry=REGISTRY)
+IDLE_ITERATIONS = Counter("sluice_idle_iterations", "Iterations whose reads returned nothing.", _P, registry=REGISTRY)
+ERRORS = Counter("sluice_errors", "Errors surfaced, by kind (transient, decode, fatal).", [*_P, "kind"], registry=REGISTRY)
+RETRIES = Counter("sluice_write_retries", "Target writes retried after a transient failure.", [*_P, "target"], registry=REGISTRY)
+RESTARTS = Counter("sluice_restarts", "In-process restarts by the supervisor.", _P, registry=REGISTRY)
+DLQ_WRITES = Counter("sluice_dlq_writes", "Rows written to the dead-letter destination.", _P, registry=REGISTRY)
+ROWS_DROPPED = Counter("sluice_rows_dropped", "Rows dropped by policy, by reason.", [*_P, "reason"], registry=REGISTRY)
+COMMITS = Counter("sluice_commits", "Source position commits.", [*_P, "source"], registry=REGISTRY)
+
+BATCH_SECONDS = Histogram(
+    "sluice_batch_duration_seconds",
+    "Time from a batch read to its commit.",
+    _P,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+WATERMARK = Gauge("sluice_watermark_seconds", "Global event-time watermark (unix seconds).", _P, registry=REGISTRY)
+SOURCE_WATERMARK = Gauge(
+    "sluice_source_watermark_seconds", "Per-source event-time watermark (unix seconds).", [*_P, "source"], registry=REGISTRY
+)
+CONSUMER_LAG = Gauge(
+    "sluice_consumer_lag_messages", "Messages behind the partition's high watermark.", [*_P, "source", "partition"], registry=REGISTRY
+)
+UP = Gauge("sluice_up", "1 while the pipeline runs, 0 while it restarts or stops.", _P, registry=REGISTRY)
+
+# Window / join / CDC metrics are defined here too, with the stages that use them.
+WINDOWS_EMITTED = Counter("sluice_windows_emitted", "Window results emitted.", _P, registry=REGISTRY)
+WINDOWS_ACTIVE = Gauge("sluice_windows_active", "Open windows or sessions.", _P, registry=REGISTRY)
+STATE_GROUPS = Gauge("sluice_state_groups", "Group keys held across open windows.", _P, registry=REGISTRY)
+LATE_ROWS_DROPPED = Counter("sluice_late_rows_dropped", "Late rows discarded, by policy.", [*_P, "policy"], registry=REGISTRY)
+
+
+class Health:
+    """Liveness and readiness, shared by the run loop and the HTTP handler."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready = False
+        self._reason = "starting"
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        """Mark the pipeline ready (or not, saying why)."""
+        with self._lock:
+            self._ready, self._reason = ready, reason
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether ready, and why not."""
+        with self._lock:
+            return self._ready, self._reason
+
+
+HEALTH = Health()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    health: ClassVar[Health] = HEALTH
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"ok\n")
+        elif path == "/readyz":
+            ok, reason = self.health.ready()
+            self._send(200 if ok else 503, (b"ready\n" if ok else f"not ready: {reason}\n".encode()))
+        else:
+            self._send(404, b"not found\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        """Quiet: scrapes are normal operation."""
+
+
+def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - a sidecar is scraped from outside
+    """Serve /metrics, /healthz and /readyz on ``port`` from a daemon thread."""
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="sluice-metrics", daemon=True).start()
+    return server

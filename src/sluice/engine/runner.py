@@ -1,0 +1,267 @@
+"""The run loop: read → stages → write every target → flush → commit.
+
+One iteration handles one batch per source, start to finish, before the next
+read: a slow target slows the reads and memory holds one batch per source.
+Commits happen in exactly one place, :meth:`Runner._commit`, after every
+target flushed.
+
+Connectors block; the loop runs them in worker threads (they release the GIL
+in librdkafka, libpq and Arrow), so signals and timers stay responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sluice.config.spec import PipelineSpec
+from sluice.connectors import registry
+from sluice.connectors.base import EVENT_TS, Batch, Source, Target
+from sluice.engine import metrics as m
+from sluice.errors import DecodeError, SluiceError, TransientError
+
+log = logging.getLogger("sluice")
+
+_RETRY_FIRST_S = 0.5  # first wait after a transient target failure
+_RETRY_MAX_S = 30.0  # waits double up to this; the batch is held, not re-read
+_NOT_READY_AFTER_S = 60.0  # /readyz turns 503 when a write has been failing this long
+
+
+@dataclass
+class RunOptions:
+    """Run-time switches that are not part of the pipeline file."""
+
+    stop_after_idle_ms: int | None = None  # stop cleanly once every source was idle this long
+
+
+@dataclass
+class _Watermarks:
+    """Per-source max event time (µs) and when each source last had rows."""
+
+    lateness_us: int
+    idle_after_s: float
+    max_us: dict[str, int] = field(default_factory=dict)
+    seen_at: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, batch: Batch) -> None:
+        self.seen_at[batch.source_id] = time.monotonic()
+        if EVENT_TS in batch.data.column_names and batch.num_rows:
+            top = pc.max(batch.data[EVENT_TS]).value
+            if top is not None:
+                us = int(top.timestamp() * 1_000_000) if hasattr(top, "timestamp") else int(top)
+                self.max_us[batch.source_id] = max(us, self.max_us.get(batch.source_id, us))
+
+    def source(self, source_id: str) -> int | None:
+        top = self.max_us.get(source_id)
+        return None if top is None else top - self.lateness_us
+
+    def global_us(self) -> int | None:
+        now = time.monotonic()
+        active = [
+            s for s in self.max_us if now - self.seen_at.get(s, now) < self.idle_after_s
+        ] or list(self.max_us)
+        marks = [self.max_us[s] - self.lateness_us for s in active]
+        return min(marks) if marks else None
+
+
+class Runner:
+    """Runs one pipeline until stopped or failed."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        stop: asyncio.Event,
+        options: RunOptions | None = None,
+    ) -> None:
+        self.spec = spec
+        self.stop = stop
+        self.options = options or RunOptions()
+        self.name = spec.pipeline_name
+        self.sources: list[Source] = [
+            registry.build_source(s, registry.Context(spec)) for s in spec.all_sources
+        ]
+        self.targets: list[Target] = [
+            registry.build_target(t, registry.Context(spec), i) for i, t in enumerate(spec.all_targets)
+        ]
+        wm = spec.watermark
+        self._wm = _Watermarks(
+            lateness_us=(wm.lateness_ms if wm else 0) * 1000,
+            idle_after_s=(wm.source_idleness_ms if wm else 60_000) / 1000,
+        )
+        self._idle_since: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Open everything, loop until ``stop`` is set, close everything.
+
+        Raises the first non-transient error (decode, fatal connector, stage).
+        """
+        m.HEALTH.set_ready(False, "connecting")
+        try:
+            for target in self.targets:
+                if not await self._retry(target, target.open, "open"):
+                    return
+            for source in self.sources:
+                await asyncio.to_thread(source.open, None)
+            m.UP.labels(self.name).set(1)
+            while not self.stop.is_set():
+                if not await self._iteration():
+                    break
+        finally:
+            m.UP.labels(self.name).set(0)
+            m.HEALTH.set_ready(False, "stopped")
+            for source in self.sources:
+                await asyncio.to_thread(_quietly, source.close)
+            for target in self.targets:
+                await asyncio.to_thread(_quietly, target.close)
+
+    async def _iteration(self) -> bool:
+        """One read → write → commit round; False when the loop should end."""
+        m.ITERATIONS.labels(self.name).inc()
+        wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
+        try:
+            reads = await asyncio.gather(*(asyncio.to_thread(s.read, wait_s) for s in self.sources))
+        except DecodeError:
+            m.ERRORS.labels(self.name, "decode").inc()
+            raise
+        batches = [b for b in reads if b is not None]
+        self._update_ready()
+        if not batches:
+            return await self._idle()
+        self._idle_since = None
+        started = time.perf_counter()
+        rows_in = sum(b.num_rows for b in batches)
+        m.ROWS_CONSUMED.labels(self.name).inc(rows_in)
+        for b in batches:
+            self._wm.observe(b)
+        data = self._union(batches)
+        if not await self._deliver(data):
+            log.warning("stopping with an unwritten batch; it will be read again on restart")
+            return False
+        await self._commit(batches)
+        m.BATCHES.labels(self.name).inc()
+        m.ROWS_WRITTEN.labels(self.name).inc(data.num_rows)
+        m.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        self._export_watermarks()
+        return True
+
+    async def _idle(self) -> bool:
+        m.IDLE_ITERATIONS.labels(self.name).inc()
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        limit = self.options.stop_after_idle_ms
+        if limit is not None and (now - self._idle_since) * 1000 >= limit:
+            return False
+        self._export_watermarks()
+        await self._sleep(self.spec.idle_pause_ms / 1000)
+        return True
+
+    def _union(self, batches: list[Batch]) -> pa.Table:
+        if len(batches) == 1:
+            return batches[0].data
+        return pa.concat_tables([b.data for b in batches], promote_options="permissive")
+
+    # -- delivery -------------------------------------------------------------
+
+    async def _deliver(self, data: pa.Table) -> bool:
+        """Write and flush ``data`` to every target, retrying transient failures.
+
+        False when a stop was requested before every target had it. A target
+        that flushed is not written again for this batch, so a retry after a
+        partial fan-out duplicates nothing.
+        """
+        for target in self.targets:
+
+            def write_and_flush(t: Target = target) -> None:
+                t.write(data)
+                t.flush()
+
+            if not await self._retry(target, write_and_flush, "write"):
+                return False
+        return True
+
+    async def _retry(self, target: Target, action: Callable[[], None], what: str) -> bool:
+        """Run ``action`` until it succeeds, reconnecting on transient errors.
+
+        Returns False when a stop is requested while waiting; any
+        non-transient error propagates. Waits double from 0.5 s up to 30 s.
+        """
+        backoff = _RETRY_FIRST_S
+        failing_since: float | None = None
+        while True:
+            try:
+                await asyncio.to_thread(action)
+            except TransientError as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                m.ERRORS.labels(self.name, "transient").inc()
+                m.RETRIES.labels(self.name, target.id).inc()
+                if now - failing_since >= _NOT_READY_AFTER_S:
+                    m.HEALTH.set_ready(False, f"{target.id} failing: {exc}")
+                log.warning("%s %s failed, retrying in %.1fs: %s", target.id, what, backoff, exc)
+                await asyncio.to_thread(_quietly, target.close)
+                await self._sleep(backoff * random.uniform(0.8, 1.2))
+                if self.stop.is_set():
+                    return False
+                backoff = min(backoff * 2, _RETRY_MAX_S)
+                if what != "open":
+                    try:
+                        await asyncio.to_thread(target.open)
+                    except TransientError:
+                        continue
+                continue
+            return True
+
+    async def _commit(self, batches: list[Batch]) -> None:
+        """Acknowledge every batch's position to its source. The only commit."""
+        by_id = {s.id: s for s in self.sources}
+        for batch in batches:
+            source = by_id[batch.source_id]
+            await asyncio.to_thread(source.commit, batch.position)
+            m.COMMITS.labels(self.name, batch.source_id).inc()
+
+    # -- observability ----------------------------------------------------------
+
+    def _update_ready(self) -> None:
+        connected = all(getattr(s, "connected", True) for s in self.sources)
+        if connected:
+            m.HEALTH.set_ready(True)
+        else:
+            m.HEALTH.set_ready(False, "waiting for source partitions")
+        for source in self.sources:
+            lag = getattr(source, "lag", None)
+            if lag is not None:
+                for part, value in lag().items():
+                    m.CONSUMER_LAG.labels(self.name, source.id, part).set(value)
+
+    def _export_watermarks(self) -> None:
+        for source in self.sources:
+            us = self._wm.source(source.id)
+            if us is not None:
+                m.SOURCE_WATERMARK.labels(self.name, source.id).set(us / 1e6)
+        g = self._wm.global_us()
+        if g is not None:
+            m.WATERMARK.labels(self.name).set(g / 1e6)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when a stop is requested."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except (SluiceError, OSError) as exc:
+        log.debug("ignored while closing: %s", exc)
