@@ -1,0 +1,37 @@
+"""Endpoints of the real services the tests talk to.
+
+This is the one place tests read them from. Each constant comes from an
+environment variable and defaults to what ``scripts/services.sh start`` runs on
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+KAFKA_BOOTSTRAP: Final[str] = os.environ.get("SLUICE_KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+"""Kafka-compatible broker (tansu), as ``bootstrap.servers``."""
+
+POSTGRES_URL: Final[str] = os.environ.get(
+    "SLUICE_POSTGRES_URL", "postgresql://postgres@127.0.0.1:55432/postgres"
+)
+"""PostgreSQL 15 with ``wal_level=logical``, trust authentication."""
+
+RABBITMQ_URL: Final[str] = os.environ.get(
+    "SLUICE_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"
+)
+"""RabbitMQ, AMQP 0-9-1."""
+
+PUBSUB_EMULATOR_HOST: Final[str] = os.environ.get("SLUICE_PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
+"""GCP Pub/Sub emulator, as the value of ``PUBSUB_EMULATOR_HOST``."""
+
+PUBSUB_PROJECT: Final[str] = os.environ.get("SLUICE_PUBSUB_PROJECT", "sluice-test")
+"""Project id used against the Pub/Sub emulator (any id is accepted)."""
+
+AWS_ENDPOINT: Final[str] = os.environ.get("SLUICE_AWS_ENDPOINT", "http://127.0.0.1:5000")
+"""moto server: S3 and Kinesis."""
+
+AWS_ACCESS_KEY_ID: Final[str] = os.environ.get("SLUICE_AWS_ACCESS_KEY_ID", "test")
+AWS_SECRET_ACCESS_KEY: Final[str] = os.environ.get("SLUICE_AWS_SECRET_ACCESS_KEY", "test")
+AWS_REGION: Final[str] = os.environ.get("SLUICE_AWS_REGION", "us-east-1")
