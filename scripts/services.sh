@@ -340,7 +340,9 @@ cmd_start() {
   mkdir -p "$DIR"
   local name pid
   local -a todo=()
-  for name in "${SERVICES[@]}"; do
+  local -a only=("${SERVICES[@]}")
+  (($#)) && only=("$@")
+  for name in "${only[@]}"; do
     if pid=$(running_pid "$name"); then
       printf '%-9s %-52s already running (pid %s)\n' "$name" "${ENDPOINT[$name]}" "$pid"
     elif port_open "${PORT[$name]}"; then
@@ -418,7 +420,9 @@ stop_rabbitmq() {
 cmd_stop() {
   local name pid
   local -a stopped=()
-  for name in moto pubsub rabbitmq postgres kafka; do
+  local -a order=(moto pubsub rabbitmq postgres kafka)
+  (($#)) && order=("$@")
+  for name in "${order[@]}"; do
     if pid=$(running_pid "$name"); then
       case $name in
         postgres) stop_postgres "$pid" ;;
@@ -429,10 +433,12 @@ cmd_stop() {
     fi
     rm -f "$(pid_file "$name")"
   done
-  if pid=$(running_pid epmd); then
-    terminate "$pid"
+  if ! (($#)) || [[ " $* " == *" rabbitmq "* ]]; then
+    if pid=$(running_pid epmd); then
+      terminate "$pid"
+    fi
+    rm -f "$(pid_file epmd)"
   fi
-  rm -f "$(pid_file epmd)"
   ((${#stopped[@]} == 0)) || echo "stopped: ${stopped[*]}"
 }
 
@@ -455,9 +461,16 @@ cmd_status() {
   return "$rc"
 }
 
-case ${1:-} in
-  start) cmd_start ;;
-  stop) cmd_stop ;;
+# `start` / `stop` take optional service names (kafka postgres rabbitmq pubsub
+# moto): tests stop one service to prove sluice rides out an outage.
+cmd=${1:-}
+shift || true
+for name in "$@"; do
+  [[ " ${SERVICES[*]} " == *" $name "* ]] || die "unknown service '$name' (expected: ${SERVICES[*]})"
+done
+case $cmd in
+  start) cmd_start "$@" ;;
+  stop) cmd_stop "$@" ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop [SERVICE...] | status" >&2; exit 2 ;;
 esac

@@ -300,10 +300,9 @@ def test_validation_error_lists_other_problems_without_secrets(pipeline: Path) -
 
 
 # ---------------------------------------------------------------------------
-# Known leaks (xfail until redact.py handles them)
+# Leaks found in review, fixed in redact.py; kept as regressions
 
 
-@pytest.mark.xfail(strict=True, reason="SECRET LEAK: libpq keyword/value DSN password= not masked")
 def test_keyword_dsn_password_masked_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError) as info:
@@ -311,7 +310,6 @@ def test_keyword_dsn_password_masked_in_error(monkeypatch: pytest.MonkeyPatch) -
     assert "hunter2-kw-secret" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="SECRET LEAK: raw '@' in a URL password leaks its tail")
 def test_raw_at_in_url_password_masked_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError) as info:
@@ -319,7 +317,6 @@ def test_raw_at_in_url_password_masked_in_error(monkeypatch: pytest.MonkeyPatch)
     assert "hunter2" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="SECRET LEAK: raw '@' in a URL password leaks its tail")
 def test_raw_at_in_url_password_masked_in_plan_and_repr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -337,7 +334,6 @@ def test_raw_at_in_url_password_masked_in_plan_and_repr(
     assert "at-s3cret" not in out + repr(load_file(path))
 
 
-@pytest.mark.xfail(strict=True, reason="SECRET LEAK: the dlq_store error is not redacted")
 def test_dlq_store_url_password_masked_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError) as info:
@@ -345,7 +341,6 @@ def test_dlq_store_url_password_masked_in_error(monkeypatch: pytest.MonkeyPatch)
     assert "hunter2-dlq-secret" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="SECRET LEAK: the plan's dlq node detail is not redacted")
 def test_dlq_store_url_password_masked_in_plan(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

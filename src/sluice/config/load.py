@@ -15,7 +15,7 @@ from typing import Any
 
 from sluice.config.interpolate import interpolate
 from sluice.config.spec import PipelineSpec
-from sluice.config.validate import Problem, check_rules, check_types, convert
+from sluice.config.validate import Problem, check_rules, check_types, convert, strip_markers
 from sluice.errors import ConfigError, ConfigProblem
 
 
@@ -33,7 +33,9 @@ def load_file(path: str | Path, env: Mapping[str, str] | None = None) -> Pipelin
     return load_text(text, name, env)
 
 
-def load_text(text: str, name: str = "<string>", env: Mapping[str, str] | None = None) -> PipelineSpec:
+def load_text(
+    text: str, name: str = "<string>", env: Mapping[str, str] | None = None
+) -> PipelineSpec:
     """Load and validate pipeline TOML given as text; ``name`` labels the problems."""
     try:
         raw = tomllib.loads(text)
@@ -41,8 +43,14 @@ def load_text(text: str, name: str = "<string>", env: Mapping[str, str] | None =
         raise ConfigError([ConfigProblem(name, "", f"invalid TOML: {exc}")]) from None
     data, problems = interpolate(raw, os.environ if env is None else env)
     problems += _normalise(data)
-    problems += check_types(data, PipelineSpec)
-    problems += check_rules(data)
+    # A key already reported (missing variable, bad array form) is not
+    # reported again by the checks that follow.
+    reported = {p for p, _ in problems}
+    types, suggested = strip_markers(check_types(data, PipelineSpec))
+    later = types + [
+        (p, m) for p, m in check_rules(data) if not (p in suggested and m.startswith("missing"))
+    ]
+    problems += [(p, m) for p, m in later if p not in reported]
     if problems:
         raise ConfigError([ConfigProblem(name, p, m) for p, m in _unique(problems)])
     spec: PipelineSpec = convert(data, PipelineSpec)
@@ -63,7 +71,9 @@ def _normalise(data: dict[str, Any]) -> list[Problem]:
             if len(table) == 1:
                 target["table"] = table[0]
             else:
-                problems.append((f"{at}.table", f"expected one table, got an array of {len(table)}"))
+                problems.append(
+                    (f"{at}.table", f"expected one table, got an array of {len(table)}")
+                )
     return problems
 
 

@@ -15,9 +15,15 @@ MASK = "***"
 
 _SECRET_KEY = re.compile(r"(password|secret|token|passwd|credential)", re.IGNORECASE)
 # scheme://user:password@host  -> scheme://user:***@host
-_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?=@)")
+# The password runs to the LAST "@" of the authority: a raw "@" inside it must not leak the rest.
+_URL_USERINFO = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^/\s]*)(?=@[^@/\s]*(?:[/?#\s]|$))"
+)
 # ?password=x&... / ;password=x
-_URL_QUERY_PW = re.compile(r"(?P<head>[?&;](?:password|passwd|pwd|secret|token)=)(?P<pw>[^&;\s]*)", re.I)
+# ?password=x, &password=x, ;password=x and libpq keyword DSNs ("host=h password=x").
+_URL_QUERY_PW = re.compile(
+    r"(?P<head>(?:^|(?<=[?&;\s]))(?:password|passwd|pwd|secret|token)=)(?P<pw>[^&;\s]*)", re.I
+)
 
 
 def is_secret_key(key: str) -> bool:

@@ -73,9 +73,7 @@ class SourceSpec(Tagged, kw_only=True):
             "required in [[sources]], use top-level source_query with [source]"
         ),
     ] = None
-    max_batch_rows: Annotated[
-        PositiveInt, _d("(ours) most rows read into one batch")
-    ] = 50_000
+    max_batch_rows: Annotated[PositiveInt, _d("(ours) most rows read into one batch")] = 50_000
     max_batch_wait_ms: Annotated[
         PositiveMs, _d("(ours) longest wait to fill a batch before handing it on")
     ] = 200
@@ -85,9 +83,7 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", kw_only=True):
     """A Kafka (or Kafka-compatible) topic read through a consumer group."""
 
     bootstrap_servers: Annotated[NonEmptyStr, _d("comma-separated host:port list")]
-    group_id: Annotated[
-        str | None, _d("consumer group id; defaults to the pipeline_name")
-    ] = None
+    group_id: Annotated[str | None, _d("consumer group id; defaults to the pipeline_name")] = None
     payload_format: Annotated[
         Literal["json", "avro", "protobuf", "raw_bytes"], _d("how message values decode")
     ] = "json"
@@ -101,7 +97,16 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", kw_only=True):
     ] = None
     dead_letter_topic: Annotated[str | None, _d("topic that receives dead-lettered rows")] = None
     security_protocol: Annotated[
-        Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl", "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+        Literal[
+            "plaintext",
+            "ssl",
+            "sasl_plaintext",
+            "sasl_ssl",
+            "PLAINTEXT",
+            "SSL",
+            "SASL_PLAINTEXT",
+            "SASL_SSL",
+        ]
         | None,
         _d("librdkafka security.protocol"),
     ] = None
@@ -113,16 +118,15 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", kw_only=True):
     sasl_plain_password: Annotated[str | None, _d("SASL/PLAIN password (secret)")] = None
     sasl_scram_username: Annotated[str | None, _d("SASL/SCRAM user")] = None
     sasl_scram_password: Annotated[str | None, _d("SASL/SCRAM password (secret)")] = None
-    sasl_scram_mechanism: Annotated[
-        Literal["sha-256", "sha-512"] | None, _d("SCRAM hash")
-    ] = None
+    sasl_scram_mechanism: Annotated[Literal["sha-256", "sha-512"] | None, _d("SCRAM hash")] = None
     ssl_ca_location: Annotated[str | None, _d("CA certificate file")] = None
     ssl_certificate_location: Annotated[str | None, _d("client certificate file")] = None
     ssl_key_location: Annotated[str | None, _d("client key file")] = None
     ssl_key_password: Annotated[str | None, _d("client key password (secret)")] = None
     msk_iam_region: Annotated[str | None, _d("AWS region for MSK IAM auth")] = None
     session_timeout_ms: Annotated[
-        PositiveMs, _d("(ours) consumer group session timeout; a dead consumer's partitions move after it")
+        PositiveMs,
+        _d("(ours) consumer group session timeout; a dead consumer's partitions move after it"),
     ] = 10_000
     librdkafka: Annotated[
         dict[str, str | int | bool], _d("(ours) extra librdkafka properties, e.g. fetch.max.bytes")
@@ -172,7 +176,7 @@ class KinesisSource(SourceSpec, tag="kinesis", tag_field="kind", kw_only=True):
     secret_access_key: Annotated[str | None, _d("AWS secret access key (secret)")] = None
 
 
-FileFormat = Literal["parquet", "csv", "json_lines", "orc"]
+FileFormat = Literal["parquet", "csv", "json_lines", "jsonl", "orc"]
 
 
 class ObjectStoreLocalSource(SourceSpec, tag="object_store_local", tag_field="kind", kw_only=True):
@@ -295,10 +299,29 @@ class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", kw_only=True):
     bootstrap_servers: Annotated[NonEmptyStr, _d("comma-separated host:port list")]
     topic: Annotated[NonEmptyStr, _d("topic to produce to")]
     message_key_column: Annotated[str | None, _d("column whose value keys each message")] = None
+    group_id: Annotated[str | None, _d("consumer group (transactional Kafka-to-Kafka)")] = None
+    schema_registry_url: Annotated[str | None, _d("schema registry for avro / protobuf")] = None
+    schema_registry_basic_auth_user: Annotated[str | None, _d("schema registry user")] = None
+    schema_registry_basic_auth_password: Annotated[
+        str | None, _d("schema registry password (secret)")
+    ] = None
+    sasl_scram_username: Annotated[str | None, _d("SASL/SCRAM user")] = None
+    sasl_scram_password: Annotated[str | None, _d("SASL/SCRAM password (secret)")] = None
+    sasl_scram_mechanism: Annotated[Literal["sha-256", "sha-512"] | None, _d("SCRAM hash")] = None
+    msk_iam_region: Annotated[str | None, _d("AWS region for MSK IAM auth")] = None
     # The connection keys repeat KafkaSource's: msgspec Structs cannot share
     # fields through a mixin, and a source must not inherit target keys.
     security_protocol: Annotated[
-        Literal["plaintext", "ssl", "sasl_plaintext", "sasl_ssl", "PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+        Literal[
+            "plaintext",
+            "ssl",
+            "sasl_plaintext",
+            "sasl_ssl",
+            "PLAINTEXT",
+            "SSL",
+            "SASL_PLAINTEXT",
+            "SASL_SSL",
+        ]
         | None,
         _d("librdkafka security.protocol"),
     ] = None
@@ -405,18 +428,20 @@ class ObjectStoreTargetSpec(TargetSpec, kw_only=True):
     csv_quote: Annotated[str | None, _d("one ASCII char (default '\"')")] = None
     csv_escape: Annotated[str | None, _d("one ASCII char (default: doubled quote)")] = None
     csv_null_value: Annotated[str | None, _d("how null cells render (default '')")] = None
-    read_options: Annotated[ReadOptions | None, _d("how files written here are read back")] = (
-        None
-    )
+    read_options: Annotated[ReadOptions | None, _d("how files written here are read back")] = None
 
 
-class ObjectStoreLocalTarget(ObjectStoreTargetSpec, tag="object_store_local", tag_field="kind", kw_only=True):
+class ObjectStoreLocalTarget(
+    ObjectStoreTargetSpec, tag="object_store_local", tag_field="kind", kw_only=True
+):
     """Files (parquet / csv / json_lines / orc) under a local folder."""
 
     path: Annotated[NonEmptyStr, _d("root folder")]
 
 
-class ObjectStoreS3Target(ObjectStoreTargetSpec, tag="object_store_s3", tag_field="kind", kw_only=True):
+class ObjectStoreS3Target(
+    ObjectStoreTargetSpec, tag="object_store_s3", tag_field="kind", kw_only=True
+):
     """Objects (parquet / csv / json_lines / orc) under an S3 prefix."""
 
     bucket: Annotated[NonEmptyStr, _d("bucket")]
@@ -520,7 +545,10 @@ class WindowSpec(Tagged, kw_only=True):
         None
     )
     max_groups_per_window: Annotated[
-        PositiveInt, _d("fail-loud cap on groups in one window")
+        PositiveInt,
+        _d(
+            "fail-loud cap on groups in one window (the reference requires it; the default is ours)"
+        ),
     ] = 1_000_000
     window_start_column: Annotated[NonEmptyStr, _d("output column of the window start")] = (
         "window_start"
@@ -546,9 +574,7 @@ class SessionWindow(WindowSpec, tag="session", tag_field="kind", kw_only=True):
 
     gap_ms: Annotated[PositiveMs, _d("inactivity that closes a session")]
     max_session_duration_ms: Annotated[PositiveMs, _d("hard cap on one session's length")]
-    session_id_column: Annotated[NonEmptyStr, _d("output column of the session id")] = (
-        "session_id"
-    )
+    session_id_column: Annotated[NonEmptyStr, _d("output column of the session id")] = "session_id"
 
 
 Window = TumblingWindow | HoppingWindow | SessionWindow
@@ -562,7 +588,8 @@ class JoinSpec(Spec, kw_only=True):
     left_keys: Annotated[list[NonEmptyStr], _d("key columns on the left")]
     right_keys: Annotated[list[NonEmptyStr], _d("key columns on the right")]
     kind: Annotated[
-        Literal["inner", "left_outer", "right_outer", "full_outer"], _d("join kind")
+        Literal["inner", "left_outer", "right_outer", "full_outer", "stream_stream_join"],
+        _d("join kind (stream_stream_join = inner)"),
     ] = "inner"
     time_window_ms: Annotated[PositiveMs | None, _d("symmetric window: |right - left| <= this")] = (
         None
@@ -587,23 +614,29 @@ class CdcSpec(Spec, kw_only=True):
     envelope: Annotated[Literal["debezium", "maxwell", "custom"], _d("envelope format")]
     key_field: Annotated[str | None, _d("path of the key in the envelope, e.g. after.id")] = None
     op_field: Annotated[str | None, _d("path of the operation")] = None
-    op_map: Annotated[dict[str, CdcOp] | None, _d("operation value -> create/update/delete/read")] = (
-        None
-    )
+    op_map: Annotated[
+        dict[str, CdcOp] | None, _d("operation value -> create/update/delete/read")
+    ] = None
     before_field: Annotated[str | None, _d("path of the row before the change")] = None
     after_field: Annotated[str | None, _d("path of the row after the change")] = None
     ts_field: Annotated[str | None, _d("path of the change time in ms")] = None
-    delete_mode: Annotated[Literal["hard", "soft"], _d("delete rows, or set soft_delete_column")] = (
-        "hard"
-    )
+    delete_mode: Annotated[
+        Literal["hard", "soft"], _d("delete rows, or set soft_delete_column")
+    ] = "hard"
     soft_delete_column: Annotated[str | None, _d("soft deletes: column set to now()")] = None
     schema_evolution: Annotated[
         Literal["skip", "fail", "add_columns"],
         _d("unknown columns: skip, fail the batch, or add_columns (ours)"),
     ] = "skip"
-    out_of_order_tolerance_ms: Annotated[Ms, _d("reserved: warn window for backwards time")] = (
-        5_000
-    )
+    out_of_order_tolerance_ms: Annotated[Ms, _d("reserved: warn window for backwards time")] = 5_000
+
+
+class TlsSpec(Spec, kw_only=True):
+    """[transform.tls]: the reference daemon's mesh TLS (accepted; sluice runs single-node)."""
+
+    ca_cert_pem_path: Annotated[NonEmptyStr, _d("CA certificate")]
+    domain_name_override: Annotated[str | None, _d("TLS server name")] = None
+    client_identity: Annotated[dict[str, str] | None, _d("cert_pem_path / key_pem_path")] = None
 
 
 class TransformSpec(Spec, kw_only=True):
@@ -611,6 +644,14 @@ class TransformSpec(Spec, kw_only=True):
 
     sql: Annotated[str | None, _d("DataFusion SQL over the table `source` and the lookups")] = None
     dialect: Annotated[Literal["datafusion"], _d("SQL dialect")] = "datafusion"
+    engine: Annotated[
+        Literal["auto", "datafusion", "distributed"],
+        _d("auto / datafusion run in-process; distributed is not supported (scale by replicas)"),
+    ] = "auto"
+    peers: Annotated[list[NonEmptyStr], _d("reference daemon's mesh peers; must be empty here")] = (
+        msgspec.field(default_factory=list)
+    )
+    tls: Annotated[TlsSpec | None, _d("reference daemon's mesh TLS (unused single-node)")] = None
     on_error: Annotated[
         Literal["fail", "drop", "dlq"], _d("a batch that fails to decode or transform")
     ] = "fail"
@@ -665,16 +706,20 @@ class WatermarkSpec(Spec, kw_only=True):
 class PipelineSpec(Spec, kw_only=True):
     """One pipeline.toml."""
 
-    pipeline_name: Annotated[
-        Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")],
-        _d("names metrics labels, state rows, DLQ records"),
-    ]
+    pipeline_name: Annotated[NonEmptyStr, _d("names metrics labels, state rows, DLQ records")]
     source_query: Annotated[str | None, _d("what the single [source] reads")] = None
     idle_pause_ms: Annotated[Ms, _d("sleep after an empty read")] = 500
+    delivery: Annotated[
+        Literal["auto", "at_least_once", "exactly_once"],
+        _d("auto / at_least_once; exactly_once (Kafka to Kafka transactions) is not supported yet"),
+    ] = "auto"
     dead_letter_topic: Annotated[str | None, _d("app-level DLQ topic (Kafka source)")] = None
     dlq_store: Annotated[
         str | None,
-        _d("(ours) DLQ for any source: kafka:TOPIC, postgres:SCHEMA.TABLE or a .jsonl file path"),
+        _d(
+            "DLQ store: auto / topic / table as the reference; ours: kafka:TOPIC, "
+            "postgres:SCHEMA.TABLE or a .jsonl file path"
+        ),
     ] = None
     dlq_max_attempts: Annotated[PositiveInt | None, _d("tries of a failing batch before DLQ")] = (
         None

@@ -30,10 +30,27 @@ Problem = tuple[str, str]
 
 
 def check_types(data: Any, spec_type: Any) -> list[Problem]:
-    """Every type-level problem of ``data`` against ``spec_type``, in file order."""
+    """Every type-level problem of ``data`` against ``spec_type``, in file order.
+
+    A typo of a required key is reported once, as the unknown key with its
+    suggestion, not a second time as the missing key.
+    """
     problems: list[Problem] = []
     _walk(data, mi.type_info(spec_type), "", problems)
-    return problems
+    suggested = {p for p, msg in problems if msg.startswith(_SUGGESTED)}
+    return [(p, msg) for p, msg in problems if not (p in suggested and msg.startswith("missing"))]
+
+
+# Marks a problem that stands for a suggested key (see check_types). The
+# message text after it is the path of the key suggested.
+_SUGGESTED = "\x00suggest:"
+
+
+def strip_markers(problems: list[Problem]) -> tuple[list[Problem], set[str]]:
+    """Drop the suggestion markers; return the paths of keys that were suggested."""
+    return [(p, m) for p, m in problems if not m.startswith(_SUGGESTED)], {
+        p for p, m in problems if m.startswith(_SUGGESTED)
+    }
 
 
 def _join(path: str, key: str) -> str:
@@ -129,9 +146,11 @@ def expected_name(t: mi.Type) -> str:
 def _plural(name: str) -> str:
     for article in ("an ", "a "):
         if name.startswith(article):
-            rest = name[len(article) :]
-            head, _, tail = rest.partition(" ")
-            return f"{head}s {tail}".strip()
+            name = name[len(article) :]
+            break
+    for noun in ("string", "integer", "number", "boolean", "table", "array"):
+        if noun in name:
+            return name.replace(noun, noun + "s", 1)
     return name
 
 
@@ -172,14 +191,19 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
             isinstance(v, bool) for v in t.values
         ):
             msg = f"expected one of {_quote_list(t.values)}, got {got}"
-            near = _nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
+            near = (
+                _nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
+            )
             if near is not None:
                 msg += f"; did you mean '{near}'?"
             problems.append((path, msg))
         return
     if isinstance(t, mi.StrType):
         if not isinstance(value, str):
-            problems.append((path, f"expected {expected_name(t)}, got {got}"))
+            hint = ""
+            if path == "transform.sql" and isinstance(value, dict):
+                hint = ' (sql is a plain key: write sql = """...""" under [transform], not a [transform.sql] table)'
+            problems.append((path, f"expected {expected_name(t)}, got {got}{hint}"))
         elif t.min_length and len(value) < t.min_length:
             problems.append((path, f"expected {expected_name(t)}, got an empty string"))
         elif t.pattern and not re.search(t.pattern, value):
@@ -227,7 +251,9 @@ def _walk_union(value: Any, t: mi.UnionType, path: str, problems: list[Problem])
     problems.append((path, f"expected {expected_name(t)}, got {describe_got(path, value)}"))
 
 
-def _walk_tagged(value: Any, members: list[mi.StructType], path: str, problems: list[Problem]) -> None:
+def _walk_tagged(
+    value: Any, members: list[mi.StructType], path: str, problems: list[Problem]
+) -> None:
     if not isinstance(value, dict):
         problems.append((path, f"expected a table, got {describe_got(path, value)}"))
         return
@@ -267,7 +293,12 @@ def _walk_struct(
             continue
         field = fields.get(key)
         if field is None:
-            problems.append((key_path, _unknown_key(key, list(fields), kind, siblings or [])))
+            message, near = _unknown_key(
+                key, [f for f in fields if f != "query" or "query" in value], kind, siblings or []
+            )
+            problems.append((key_path, message))
+            if near is not None:
+                problems.append((_join(path, near), _SUGGESTED))
             continue
         _walk(item, field.type, key_path, problems)
     for name, field in fields.items():
@@ -279,17 +310,28 @@ def _walk_struct(
 
 def _unknown_key(
     key: str, valid: list[str], kind: str | None, siblings: list[mi.StructType]
-) -> str:
+) -> tuple[str, str | None]:
+    """The message for an unknown key, and the key it suggests (if any)."""
     where = f"unknown key for kind '{kind}'" if kind else "unknown key"
+    owners = [str(s.tag) for s in siblings if any(f.encode_name == key for f in s.fields)]
+    if owners:
+        # An exact key of another kind says more than a fuzzy match here.
+        return (
+            f"{where} (it belongs to kind {_quote_list(owners)}); expected one of {_quote_list(valid)}",
+            None,
+        )
     near = _nearest(key, valid)
     if near is not None:
-        return f"{where}; did you mean '{near}'?"
-    owners = [
-        str(s.tag) for s in siblings if any(f.encode_name == key for f in s.fields)
-    ]
-    if owners:
-        return f"{where} (it belongs to kind {_quote_list(owners)}); expected one of {_quote_list(valid)}"
-    return f"{where}; expected one of {_quote_list(valid)}"
+        return f"{where}; did you mean '{near}'?", near
+    hint = _HINTS.get(key, "")
+    return f"{where}; expected one of {_quote_list(valid)}{hint}", None
+
+
+# Keys users often put one table too deep.
+_HINTS = {
+    "mode": " ('mode' belongs in [target] / [[targets]])",
+    "primary_key": " ('primary_key' belongs in [target.table])",
+}
 
 
 # ---------------------------------------------------------------------------
@@ -333,9 +375,19 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
         for b in present[i + 1 :]:
             add((f"transform.{b}", f"[transform.{a}] and [transform.{b}] are mutually exclusive"))
     if cdc is not None and has_sql:
-        add(("transform.sql", "not allowed with [transform.cdc]: CDC applies the envelopes as they are"))
+        add(
+            (
+                "transform.sql",
+                "not allowed with [transform.cdc]: CDC applies the envelopes as they are",
+            )
+        )
     if join is not None and has_sql:
-        add(("transform.sql", "not allowed with [transform.join]: the join reads the sources directly"))
+        add(
+            (
+                "transform.sql",
+                "not allowed with [transform.join]: the join reads the sources directly",
+            )
+        )
 
     lookups = transform.get("lookups")
     if isinstance(lookups, dict):
@@ -350,6 +402,21 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
             if isinstance(lk, dict):
                 _check_url(lk, f"transform.lookups.{name}", add)
 
+    if transform.get("engine") == "distributed" or transform.get("peers"):
+        key = "transform.engine" if transform.get("engine") == "distributed" else "transform.peers"
+        add(
+            (
+                key,
+                "sluice runs each pipeline in one process; scale out with replicas sharing a Kafka group_id",
+            )
+        )
+    if data.get("delivery") == "exactly_once":
+        add(
+            (
+                "delivery",
+                '"exactly_once" is not supported yet; use "at_least_once" with merge-mode targets',
+            )
+        )
     if isinstance(window, dict):
         _check_window(window, state_store, add)
     if isinstance(join, dict):
@@ -364,7 +431,12 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
         if t.get("kind") in ("delta_local", "delta_s3") and t.get("mode") == "merge":
             pk = _table(t.get("table")).get("primary_key")
             if not pk:
-                add((f"{i}.table.primary_key", "missing: mode = \"merge\" on a delta target needs primary_key"))
+                add(
+                    (
+                        f"{i}.table.primary_key",
+                        'missing: mode = "merge" on a delta target needs primary_key',
+                    )
+                )
     ss = _table(state_store)
     if ss:
         _check_url(ss, "state_store", add)
@@ -404,7 +476,12 @@ def _check_sources(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, 
     for at, s in out:
         fmt = s.get("payload_format")
         if fmt in ("avro", "protobuf") and not s.get("schema_registry_url"):
-            add((f"{at}.schema_registry_url", f"missing: payload_format '{fmt}' needs a schema registry"))
+            add(
+                (
+                    f"{at}.schema_registry_url",
+                    f"missing: payload_format '{fmt}' needs a schema registry",
+                )
+            )
         if s.get("sasl_mechanism") == "PLAIN":
             for key in ("sasl_plain_username", "sasl_plain_password"):
                 if not s.get(key):
@@ -434,15 +511,20 @@ def _check_url(table: dict[str, Any], at: str, add: Any) -> None:
     url = table.get("url")
     schemes = URL_SCHEMES.get(kind) if isinstance(kind, str) else None
     if schemes and isinstance(url, str) and url and not url.startswith(schemes):
-        add((f"{at}.url", f"expected a {' or '.join(schemes)} URL, got \"{redact_text(url)}\""))
+        add((f"{at}.url", f'expected a {" or ".join(schemes)} URL, got "{redact_text(url)}"'))
     amqp = table.get("amqp_url")
     if isinstance(amqp, str) and amqp and not amqp.startswith(("amqp://", "amqps://")):
-        add((f"{at}.amqp_url", f"expected an amqp:// or amqps:// URL, got \"{redact_text(amqp)}\""))
+        add((f"{at}.amqp_url", f'expected an amqp:// or amqps:// URL, got "{redact_text(amqp)}"'))
 
 
 def _check_late(spec: dict[str, Any], at: str, add: Any) -> None:
     if spec.get("late_data") == "reopen" and spec.get("allowed_lateness_ms") is None:
-        add((f"{at}.allowed_lateness_ms", 'missing: late_data = "reopen" requires allowed_lateness_ms'))
+        add(
+            (
+                f"{at}.allowed_lateness_ms",
+                'missing: late_data = "reopen" requires allowed_lateness_ms',
+            )
+        )
 
 
 def _check_window(window: dict[str, Any], state_store: Any, add: Any) -> None:
@@ -476,19 +558,43 @@ def _check_window(window: dict[str, Any], state_store: Any, add: Any) -> None:
         a_at = f"{at}.aggregations[{i}]"
         fn, col, mode = agg.get("agg"), agg.get("column"), agg.get("mode")
         if fn == "count" and col is not None:
-            add((f"{a_at}.column", "agg 'count' counts rows and takes no column; use 'count_col' to count a column's non-null values"))
+            add(
+                (
+                    f"{a_at}.column",
+                    "agg 'count' counts rows and takes no column; use 'count_col' to count a column's non-null values",
+                )
+            )
         elif fn not in (None, "count") and col is None:
             add((f"{a_at}.column", f"missing required key: agg '{fn}' needs a column"))
         if mode is not None and fn != "count_distinct":
             add((f"{a_at}.mode", f"only for agg 'count_distinct', not '{fn}'"))
-        if fn == "count_distinct" and mode == "exact" and agg.get("max_distinct_values_per_group") is None:
-            add((f"{a_at}.max_distinct_values_per_group", "missing: mode = \"exact\" needs max_distinct_values_per_group"))
+        if (
+            fn == "count_distinct"
+            and mode == "exact"
+            and agg.get("max_distinct_values_per_group") is None
+        ):
+            add(
+                (
+                    f"{a_at}.max_distinct_values_per_group",
+                    'missing: mode = "exact" needs max_distinct_values_per_group',
+                )
+            )
         name = agg.get("as")
         if isinstance(name, str):
             if name in names:
-                add((f"{a_at}.as", f"duplicate output column '{name}' (also aggregations[{names[name]}])"))
+                add(
+                    (
+                        f"{a_at}.as",
+                        f"duplicate output column '{name}' (also aggregations[{names[name]}])",
+                    )
+                )
             elif name in group_by or name in reserved:
-                add((f"{a_at}.as", f"output column '{name}' collides with a group_by or window column"))
+                add(
+                    (
+                        f"{a_at}.as",
+                        f"output column '{name}' collides with a group_by or window column",
+                    )
+                )
             names.setdefault(name, i)
 
 
@@ -535,7 +641,12 @@ def _check_join(
         if isinstance(keys, list) and not keys:
             add((f"{at}.{side}", "expected at least one key column"))
     if isinstance(lk, list) and isinstance(rk, list) and lk and rk and len(lk) != len(rk):
-        add((f"{at}.right_keys", f"expected {len(lk)} key columns like left_keys, got {len(rk)}"))
+        add(
+            (
+                f"{at}.right_keys",
+                f"expected as many key columns as left_keys ({len(lk)}), got {len(rk)}",
+            )
+        )
     _check_late(join, at, add)
     if join.get("left_column_prefix", "left_") == join.get("right_column_prefix", "right_"):
         add((f"{at}.right_column_prefix", "must differ from left_column_prefix"))
@@ -547,20 +658,38 @@ def _check_cdc(cdc: dict[str, Any], targets: list[tuple[str, dict[str, Any]]], a
     if envelope == "custom":
         for key in ("key_field", "op_field", "op_map", "before_field", "after_field", "ts_field"):
             if cdc.get(key) is None:
-                add((f"{at}.{key}", 'missing: envelope = "custom" sets every path and op_map explicitly'))
+                add(
+                    (
+                        f"{at}.{key}",
+                        'missing: envelope = "custom" sets every path and op_map explicitly',
+                    )
+                )
     elif envelope in ("debezium", "maxwell") and cdc.get("key_field") is None:
-        add((f"{at}.key_field", "missing required key (expected a path like 'after.id')"))
+        example = "after.id" if envelope == "debezium" else "data.id"
+        add((f"{at}.key_field", f"missing required key (expected a path like '{example}')"))
     if cdc.get("delete_mode") == "soft" and not cdc.get("soft_delete_column"):
         add((f"{at}.soft_delete_column", 'missing: delete_mode = "soft" needs soft_delete_column'))
     for t_at, t in targets:
         kind = t.get("kind")
         if isinstance(kind, str) and kind not in TABLE_TARGET_KINDS:
-            add((f"{t_at}.kind", f"[transform.cdc] needs a table target ({_quote_list(TABLE_TARGET_KINDS)}), got '{kind}'"))
+            add(
+                (
+                    f"{t_at}.kind",
+                    f"[transform.cdc] needs a table target ({_quote_list(TABLE_TARGET_KINDS)}), got '{kind}'",
+                )
+            )
         if kind in ("delta_local", "delta_s3") and not _table(t.get("table")).get("primary_key"):
-            add((f"{t_at}.table.primary_key", "missing: a delta target needs primary_key for [transform.cdc]"))
+            add(
+                (
+                    f"{t_at}.table.primary_key",
+                    "missing: a delta target needs primary_key for [transform.cdc]",
+                )
+            )
 
 
-_DLQ_STORE = re.compile(r"^(kafka:[^\s]+|postgres:[A-Za-z_][\w]*\.[A-Za-z_][\w]*|[^\s]+\.jsonl)$")
+_DLQ_STORE = re.compile(
+    r"^(auto|topic|table|kafka:[^\s]+|postgres:[A-Za-z_][\w]*\.[A-Za-z_][\w]*|[^\s]+\.jsonl)$"
+)
 
 
 def _check_dlq(
@@ -577,14 +706,34 @@ def _check_dlq(
         or any(s.get("dead_letter_topic") for s in kafka_sources)
     )
     if transform.get("on_error") == "dlq" and not has_dlq:
-        add(("transform.on_error", '"dlq" needs a dead-letter destination: set dead_letter_topic (Kafka source) or dlq_store'))
+        add(
+            (
+                "transform.on_error",
+                '"dlq" needs a dead-letter destination: set dead_letter_topic (Kafka source) or dlq_store',
+            )
+        )
     if isinstance(window, dict) and window.get("late_data") == "dlq" and not has_dlq:
-        add(("transform.window.late_data", '"dlq" needs a dead-letter destination: set dead_letter_topic (Kafka source) or dlq_store'))
+        add(
+            (
+                "transform.window.late_data",
+                '"dlq" needs a dead-letter destination: set dead_letter_topic (Kafka source) or dlq_store',
+            )
+        )
     if data.get("dead_letter_topic") and not kafka_sources:
-        add(("dead_letter_topic", "needs a kafka source (its brokers receive the DLQ); use dlq_store for other sources"))
+        add(
+            (
+                "dead_letter_topic",
+                "needs a kafka source (its brokers receive the DLQ); use dlq_store for other sources",
+            )
+        )
     store = data.get("dlq_store")
     if isinstance(store, str) and not _DLQ_STORE.match(store):
-        add(("dlq_store", f"expected kafka:TOPIC, postgres:SCHEMA.TABLE or a path ending in .jsonl, got \"{store}\""))
+        add(
+            (
+                "dlq_store",
+                f'expected auto, topic, table, kafka:TOPIC, postgres:SCHEMA.TABLE or a path ending in .jsonl, got "{redact_text(store)}"',
+            )
+        )
 
 
 def convert(data: dict[str, Any], spec_type: type[Any]) -> Any:

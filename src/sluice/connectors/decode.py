@@ -71,9 +71,7 @@ class JsonDecoder:
     def _parse(self, buf: bytes) -> pa.Table:
         block = _BLOCK_BYTES if len(buf) > _BLOCK_BYTES else max(len(buf) + 1, 1 << 16)
         read = pajson.ReadOptions(use_threads=True, block_size=block)
-        parse = pajson.ParseOptions(
-            explicit_schema=self._schema, unexpected_field_behavior="infer"
-        )
+        parse = pajson.ParseOptions(explicit_schema=self._schema, unexpected_field_behavior="infer")
         try:
             table = pajson.read_json(io.BytesIO(buf), read_options=read, parse_options=parse)
         except pa.ArrowInvalid as exc:
@@ -82,7 +80,9 @@ class JsonDecoder:
                 if "straddling" in str(exc) and block < len(buf) + 1:
                     # One message longer than a block: parse as a single block.
                     read = pajson.ReadOptions(use_threads=False, block_size=len(buf) + 1)
-                    table = pajson.read_json(io.BytesIO(buf), read_options=read, parse_options=parse)
+                    table = pajson.read_json(
+                        io.BytesIO(buf), read_options=read, parse_options=parse
+                    )
                 else:
                     raise
             else:

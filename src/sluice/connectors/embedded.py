@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 
 from sluice.config.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.config.spec import SQLiteTarget as SQLiteTargetSpec
-from sluice.connectors.postgres import pg_type
 from sluice.connectors.registry import Context
+from sluice.connectors.sqltypes import pg_type
 from sluice.errors import ConnectorError
 
 _SEQ = "__sluice_seq"
@@ -53,7 +53,12 @@ def _sqlite_columns(table: pa.Table) -> list[list[Any]]:
     out = []
     for col in table.columns:
         t = col.type
-        if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_time(t) or pa.types.is_decimal(t):
+        if (
+            pa.types.is_timestamp(t)
+            or pa.types.is_date(t)
+            or pa.types.is_time(t)
+            or pa.types.is_decimal(t)
+        ):
             # ISO-8601 text, SQLite's documented date/time convention.
             col = pc.cast(col, pa.string())
         elif pa.types.is_nested(t):
@@ -89,7 +94,7 @@ class SQLiteTarget:
         if info and not self._key:
             self._key = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5] > 0]
         if self.spec.mode == "merge" and self._columns is not None and not self._key:
-            raise ConnectorError(f"{self.id}: mode = \"merge\" needs a primary key")
+            raise ConnectorError(f'{self.id}: mode = "merge" needs a primary key')
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
@@ -106,7 +111,7 @@ class SQLiteTarget:
         data = data.select(names)
         if self._columns is None:
             if self.spec.mode == "merge" and not self._key:
-                raise ConnectorError(f"{self.id}: mode = \"merge\" needs [target.table] primary_key")
+                raise ConnectorError(f'{self.id}: mode = "merge" needs [target.table] primary_key')
             defs = [f"{_q(f.name)} {sqlite_type(f.type)}" for f in data.schema]
             if self._key:
                 defs.append(f"PRIMARY KEY ({', '.join(_q(k) for k in self._key)})")
@@ -114,7 +119,9 @@ class SQLiteTarget:
             self._columns = list(names)
         for f in data.schema:
             if f.name not in self._columns:
-                conn.execute(f"ALTER TABLE {_q(self.table)} ADD COLUMN {_q(f.name)} {sqlite_type(f.type)}")
+                conn.execute(
+                    f"ALTER TABLE {_q(self.table)} ADD COLUMN {_q(f.name)} {sqlite_type(f.type)}"
+                )
                 self._columns.append(f.name)
         cols = ", ".join(_q(n) for n in names)
         marks = ", ".join("?" for _ in names)
@@ -178,7 +185,7 @@ class DuckDBTarget:
             ).fetchall()
             self._key = list(cons[0][0]) if cons else []
         if self.spec.mode == "merge" and self._exists and not self._key:
-            raise ConnectorError(f"{self.id}: mode = \"merge\" needs a primary key")
+            raise ConnectorError(f'{self.id}: mode = "merge" needs a primary key')
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
@@ -201,9 +208,13 @@ class DuckDBTarget:
         try:
             if not self._exists:
                 if self.spec.mode == "merge" and not self._key:
-                    raise ConnectorError(f"{self.id}: mode = \"merge\" needs [target.table] primary_key")
+                    raise ConnectorError(
+                        f'{self.id}: mode = "merge" needs [target.table] primary_key'
+                    )
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {self._ident} AS SELECT * FROM _sluice_batch LIMIT 0")
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._ident} AS SELECT * FROM _sluice_batch LIMIT 0"
+                )
                 if self._key:
                     keys = ", ".join(_q(k) for k in self._key)
                     conn.execute(f"ALTER TABLE {self._ident} ADD PRIMARY KEY ({keys})")
@@ -217,7 +228,9 @@ class DuckDBTarget:
             }
             for f in batch.schema:
                 if f.name not in existing:
-                    conn.execute(f"ALTER TABLE {self._ident} ADD COLUMN {_q(f.name)} {_duck_type(f.type)}")
+                    conn.execute(
+                        f"ALTER TABLE {self._ident} ADD COLUMN {_q(f.name)} {_duck_type(f.type)}"
+                    )
             if self.spec.mode == "merge":
                 keys = ", ".join(_q(k) for k in self._key)
                 conn.execute(
@@ -244,12 +257,17 @@ class DuckDBTarget:
 
 def _duck_type(t: pa.DataType) -> str:
     text = pg_type(t)
-    return {"jsonb": "JSON", "bytea": "BLOB", "timestamptz": "TIMESTAMPTZ", "double precision": "DOUBLE"}.get(
-        text, text.upper()
-    )
+    return {
+        "jsonb": "JSON",
+        "bytea": "BLOB",
+        "timestamptz": "TIMESTAMPTZ",
+        "double precision": "DOUBLE",
+    }.get(text, text.upper())
 
 
-def build_target(spec: SQLiteTargetSpec | DuckDBTargetSpec, ctx: Context, index: int) -> SQLiteTarget | DuckDBTarget:
+def build_target(
+    spec: SQLiteTargetSpec | DuckDBTargetSpec, ctx: Context, index: int
+) -> SQLiteTarget | DuckDBTarget:
     """Registry hook."""
     if isinstance(spec, SQLiteTargetSpec):
         return SQLiteTarget(spec, ctx, index)

@@ -36,6 +36,7 @@ _SUFFIXES = {
     "json_lines": (".json", ".jsonl", ".ndjson", ".jsonl.gz", ".json.gz"),
     "orc": (".orc",),
 }
+_SUFFIXES["jsonl"] = _SUFFIXES["json_lines"]
 
 
 def state_dir() -> Path:
@@ -55,7 +56,9 @@ class LocalFilesSource:
         self.prefix = ctx.pipeline.query_of(spec)
         self.id = self.prefix
         self.root = Path(spec.path) / self.prefix
-        self._checkpoint = state_dir() / _safe(ctx.pipeline.pipeline_name) / f"{_safe(self.prefix)}.json"
+        self._checkpoint = (
+            state_dir() / _safe(ctx.pipeline.pipeline_name) / f"{_safe(self.prefix)}.json"
+        )
         self._cursor = ""  # last file handed out (read, maybe not committed)
         self.connected = False
 
@@ -99,10 +102,14 @@ class LocalFilesSource:
             table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), ts)
         elif table.schema.field(EVENT_TS).type != EVENT_TS_TYPE:
             table = table.set_column(
-                table.column_names.index(EVENT_TS), EVENT_TS, pc.cast(table[EVENT_TS], EVENT_TS_TYPE)
+                table.column_names.index(EVENT_TS),
+                EVENT_TS,
+                pc.cast(table[EVENT_TS], EVENT_TS_TYPE),
             )
         self._cursor = name
-        return Batch(self.id, table, {self.prefix: name}, raw_count=table.num_rows, partitions=(self.prefix,))
+        return Batch(
+            self.id, table, {self.prefix: name}, raw_count=table.num_rows, partitions=(self.prefix,)
+        )
 
     def _load(self, path: Path) -> pa.Table:
         fmt = self.spec.format
@@ -110,7 +117,7 @@ class LocalFilesSource:
             return pq.read_table(path)
         if fmt == "csv":
             return pacsv.read_csv(path)
-        if fmt == "json_lines":
+        if fmt in ("json_lines", "jsonl"):
             return pajson.read_json(path)
         if fmt == "orc":
             return paorc.read_table(path)

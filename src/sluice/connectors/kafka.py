@@ -118,7 +118,10 @@ class KafkaSource:
         conf.update(self.spec.librdkafka)
         self._consumer = ck.Consumer(conf, logger=log)
         self._consumer.subscribe(
-            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
         )
 
     def close(self) -> None:

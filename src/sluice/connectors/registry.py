@@ -11,7 +11,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from sluice.config.spec import PipelineSpec, Source as SourceSpecT, Target as TargetSpecT
+from sluice.config.spec import PipelineSpec
+from sluice.config.spec import Source as SourceSpecT
+from sluice.config.spec import Target as TargetSpecT
 from sluice.connectors.base import Source, Target
 from sluice.errors import MissingDependencyError, SluiceError
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
-from sluice.engine.runner import RunOptions, Runner
+from sluice.engine.runner import Runner, RunOptions
 from sluice.errors import ConfigError, SluiceError
 
 log = logging.getLogger("sluice")
@@ -65,7 +65,7 @@ async def supervise(spec: PipelineSpec, opts: SupervisorOptions, run_opts: RunOp
             return 0
         except (SluiceError, OSError) as exc:
             error: BaseException = exc
-        except Exception as exc:  # noqa: BLE001 - the supervisor's job is to survive any failure
+        except Exception as exc:
             error = exc
         m.ERRORS.labels(spec.pipeline_name, "fatal").inc()
         if not opts.restart_on_error or stop.is_set():
@@ -105,7 +105,9 @@ def _describe(exc: BaseException) -> str:
 
 def _cmd_consume(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     logging.getLogger("sluice.connectors.kafka").setLevel(logging.ERROR)
     try:
@@ -128,7 +130,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         len(spec.all_sources),
         len(spec.all_targets),
     )
-    code = asyncio.run(supervise(spec, opts, RunOptions(stop_after_idle_ms=args.stop_after_idle_ms)))
+    code = asyncio.run(
+        supervise(spec, opts, RunOptions(stop_after_idle_ms=args.stop_after_idle_ms))
+    )
     log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
     return code
 
@@ -137,8 +141,12 @@ def add_consume_parser(sub: Any) -> None:
     """Register ``flow consume`` on the CLI's subparsers."""
     p = sub.add_parser("consume", help="run a pipeline until stopped")
     p.add_argument("config", nargs="?", default="pipeline.toml", metavar="CONFIG")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz")
-    p.add_argument("--restart-on-error", action="store_true", help="restart in-process after a failure")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz"
+    )
+    p.add_argument(
+        "--restart-on-error", action="store_true", help="restart in-process after a failure"
+    )
     p.add_argument("--initial-backoff-ms", "--min-backoff-ms", type=int, default=1_000)
     p.add_argument("--max-backoff-ms", type=int, default=60_000)
     p.add_argument("--max-restarts", type=int, default=None, help="unbounded when omitted")

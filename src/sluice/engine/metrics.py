@@ -20,16 +20,43 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _P = ["pipeline"]
 
-ROWS_CONSUMED = Counter("sluice_rows_consumed", "Rows read from the sources (before stages).", _P, registry=REGISTRY)
-ROWS_WRITTEN = Counter("sluice_rows_written", "Rows written durably to the targets (after stages).", _P, registry=REGISTRY)
+ROWS_CONSUMED = Counter(
+    "sluice_rows_consumed", "Rows read from the sources (before stages).", _P, registry=REGISTRY
+)
+ROWS_WRITTEN = Counter(
+    "sluice_rows_written",
+    "Rows written durably to the targets (after stages).",
+    _P,
+    registry=REGISTRY,
+)
 BATCHES = Counter("sluice_batches", "Non-empty batches processed.", _P, registry=REGISTRY)
-ITERATIONS = Counter("sluice_iterations", "Run-loop iterations, idle ones included.", _P, registry=REGISTRY)
-IDLE_ITERATIONS = Counter("sluice_idle_iterations", "Iterations whose reads returned nothing.", _P, registry=REGISTRY)
-ERRORS = Counter("sluice_errors", "Errors surfaced, by kind (transient, decode, fatal).", [*_P, "kind"], registry=REGISTRY)
-RETRIES = Counter("sluice_write_retries", "Target writes retried after a transient failure.", [*_P, "target"], registry=REGISTRY)
-RESTARTS = Counter("sluice_restarts", "In-process restarts by the supervisor.", _P, registry=REGISTRY)
-DLQ_WRITES = Counter("sluice_dlq_writes", "Rows written to the dead-letter destination.", _P, registry=REGISTRY)
-ROWS_DROPPED = Counter("sluice_rows_dropped", "Rows dropped by policy, by reason.", [*_P, "reason"], registry=REGISTRY)
+ITERATIONS = Counter(
+    "sluice_iterations", "Run-loop iterations, idle ones included.", _P, registry=REGISTRY
+)
+IDLE_ITERATIONS = Counter(
+    "sluice_idle_iterations", "Iterations whose reads returned nothing.", _P, registry=REGISTRY
+)
+ERRORS = Counter(
+    "sluice_errors",
+    "Errors surfaced, by kind (transient, decode, fatal).",
+    [*_P, "kind"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "sluice_write_retries",
+    "Target writes retried after a transient failure.",
+    [*_P, "target"],
+    registry=REGISTRY,
+)
+RESTARTS = Counter(
+    "sluice_restarts", "In-process restarts by the supervisor.", _P, registry=REGISTRY
+)
+DLQ_WRITES = Counter(
+    "sluice_dlq_writes", "Rows written to the dead-letter destination.", _P, registry=REGISTRY
+)
+ROWS_DROPPED = Counter(
+    "sluice_rows_dropped", "Rows dropped by policy, by reason.", [*_P, "reason"], registry=REGISTRY
+)
 COMMITS = Counter("sluice_commits", "Source position commits.", [*_P, "source"], registry=REGISTRY)
 
 BATCH_SECONDS = Histogram(
@@ -39,20 +66,39 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
-WATERMARK = Gauge("sluice_watermark_seconds", "Global event-time watermark (unix seconds).", _P, registry=REGISTRY)
+WATERMARK = Gauge(
+    "sluice_watermark_seconds", "Global event-time watermark (unix seconds).", _P, registry=REGISTRY
+)
 SOURCE_WATERMARK = Gauge(
-    "sluice_source_watermark_seconds", "Per-source event-time watermark (unix seconds).", [*_P, "source"], registry=REGISTRY
+    "sluice_source_watermark_seconds",
+    "Per-source event-time watermark (unix seconds).",
+    [*_P, "source"],
+    registry=REGISTRY,
 )
 CONSUMER_LAG = Gauge(
-    "sluice_consumer_lag_messages", "Messages behind the partition's high watermark.", [*_P, "source", "partition"], registry=REGISTRY
+    "sluice_consumer_lag_messages",
+    "Messages behind the partition's high watermark.",
+    [*_P, "source", "partition"],
+    registry=REGISTRY,
 )
-UP = Gauge("sluice_up", "1 while the pipeline runs, 0 while it restarts or stops.", _P, registry=REGISTRY)
+UP = Gauge(
+    "sluice_up", "1 while the pipeline runs, 0 while it restarts or stops.", _P, registry=REGISTRY
+)
 
 # Window / join / CDC metrics are defined here too, with the stages that use them.
-WINDOWS_EMITTED = Counter("sluice_windows_emitted", "Window results emitted.", _P, registry=REGISTRY)
+WINDOWS_EMITTED = Counter(
+    "sluice_windows_emitted", "Window results emitted.", _P, registry=REGISTRY
+)
 WINDOWS_ACTIVE = Gauge("sluice_windows_active", "Open windows or sessions.", _P, registry=REGISTRY)
-STATE_GROUPS = Gauge("sluice_state_groups", "Group keys held across open windows.", _P, registry=REGISTRY)
-LATE_ROWS_DROPPED = Counter("sluice_late_rows_dropped", "Late rows discarded, by policy.", [*_P, "policy"], registry=REGISTRY)
+STATE_GROUPS = Gauge(
+    "sluice_state_groups", "Group keys held across open windows.", _P, registry=REGISTRY
+)
+LATE_ROWS_DROPPED = Counter(
+    "sluice_late_rows_dropped",
+    "Late rows discarded, by policy.",
+    [*_P, "policy"],
+    registry=REGISTRY,
+)
 
 
 class Health:
@@ -88,7 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"ok\n")
         elif path == "/readyz":
             ok, reason = self.health.ready()
-            self._send(200 if ok else 503, (b"ready\n" if ok else f"not ready: {reason}\n".encode()))
+            self._send(
+                200 if ok else 503, (b"ready\n" if ok else f"not ready: {reason}\n".encode())
+            )
         else:
             self._send(404, b"not found\n")
 
@@ -99,11 +147,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: object) -> None:
         """Quiet: scrapes are normal operation."""
 
 
-def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104 - a sidecar is scraped from outside
+def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Serve /metrics, /healthz and /readyz on ``port`` from a daemon thread."""
     server = ThreadingHTTPServer((host, port), _Handler)
     server.daemon_threads = True

@@ -77,7 +77,12 @@ class Plan:
     def to_text(self) -> str:
         """A human-readable form (``flow plan``)."""
         lines = [f"pipeline {self.pipeline}", f"  delivery: {self.delivery}", ""]
-        for role, title in (("source", "sources"), ("stage", "stages"), ("target", "targets"), ("dlq", "dead letters")):
+        for role, title in (
+            ("source", "sources"),
+            ("stage", "stages"),
+            ("target", "targets"),
+            ("dlq", "dead letters"),
+        ):
             nodes = self.by_role(role)  # type: ignore[arg-type]  # literal from the tuple above
             if not nodes:
                 continue
@@ -189,9 +194,8 @@ def build_plan(spec: PipelineSpec) -> Plan:
         aggs = [f"{a.as_}={a.agg}({a.column or '*'})" for a in window.aggregations]
         w_detail = _detail(window, skip=("aggregations",))
         w_detail["aggregations"] = aggs
-        carried = (
-            "one row per closed window and group: "
-            + ", ".join([*cols, *window.group_by, *(a.as_ for a in window.aggregations)])
+        carried = "one row per closed window and group: " + ", ".join(
+            [*cols, *window.group_by, *(a.as_ for a in window.aggregations)]
         )
         assert isinstance(window, TumblingWindow | HoppingWindow | SessionWindow)
         stage(Node("stage:window", "stage", window.kind, w_detail), carried)
@@ -211,8 +215,12 @@ def build_plan(spec: PipelineSpec) -> Plan:
     dlq = _dlq(spec)
     if dlq is not None:
         nodes.append(Node("dlq", "dlq", dlq[0], dlq[1]))
-        origin = "stage:sql" if any(n.id == "stage:sql" for n in nodes) else (upstream[0] if upstream else "")
-        edges.append(Edge(origin, "dlq", "rejected messages: raw payload + error, source, partition, offset"))
+        # Undecodable messages leave at the sources, failed batches at the SQL stage.
+        origins = [n.id for n in nodes if n.role == "source" or n.id == "stage:sql"]
+        edges.extend(
+            Edge(o, "dlq", "rejected messages: raw payload + error, source, partition, offset")
+            for o in origins
+        )
 
     if spec.state_store is not None:
         delivery = (
@@ -226,12 +234,20 @@ def build_plan(spec: PipelineSpec) -> Plan:
 
 def _dlq(spec: PipelineSpec) -> tuple[str, dict[str, Any]] | None:
     topic = spec.dead_letter_topic or next(
-        (s.dead_letter_topic for s in spec.all_sources if isinstance(s, KafkaSource) and s.dead_letter_topic),
+        (
+            s.dead_letter_topic
+            for s in spec.all_sources
+            if isinstance(s, KafkaSource) and s.dead_letter_topic
+        ),
         None,
     )
     if topic:
         return "kafka", {"topic": topic}
     if spec.dlq_store:
-        kind = spec.dlq_store.split(":", 1)[0] if ":" in spec.dlq_store else "jsonl"
-        return kind, {"store": spec.dlq_store}
+        store = spec.dlq_store
+        if store in ("auto", "topic", "table"):
+            kind = store
+        else:
+            kind = store.split(":", 1)[0] if store.startswith(("kafka:", "postgres:")) else "jsonl"
+        return kind, {"store": redact_value("dlq_store", store)}
     return None

@@ -88,7 +88,8 @@ class Runner:
             registry.build_source(s, registry.Context(spec)) for s in spec.all_sources
         ]
         self.targets: list[Target] = [
-            registry.build_target(t, registry.Context(spec), i) for i, t in enumerate(spec.all_targets)
+            registry.build_target(t, registry.Context(spec), i)
+            for i, t in enumerate(spec.all_targets)
         ]
         wm = spec.watermark
         self._wm = _Watermarks(
@@ -156,8 +157,14 @@ class Runner:
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
         now = time.monotonic()
-        if self._idle_since is None:
+        # Idleness counts only once every source is connected: a consumer
+        # still joining its group has not seen the data yet.
+        connected = all(getattr(s, "connected", True) for s in self.sources)
+        if self._idle_since is None and connected:
             self._idle_since = now
+        if self._idle_since is None:
+            await self._sleep(self.spec.idle_pause_ms / 1000)
+            return True
         limit = self.options.stop_after_idle_ms
         if limit is not None and (now - self._idle_since) * 1000 >= limit:
             return False

@@ -1,0 +1,1 @@
+"""Test suite: unit/ (no network), integration/ (real services from scripts/services.sh)."""
