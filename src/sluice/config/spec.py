@@ -47,7 +47,7 @@ class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
     __str__ = __repr__
 
 
-class Tagged(Spec, kw_only=True):
+class Tagged(Spec, frozen=True, kw_only=True):
     """Base of the specs chosen by a ``kind`` key (sources, targets, lookups, ...)."""
 
     @property
@@ -61,7 +61,7 @@ class Tagged(Spec, kw_only=True):
 # Sources
 
 
-class SourceSpec(Tagged, kw_only=True):
+class SourceSpec(Tagged, frozen=True, kw_only=True):
     """Keys every source kind takes."""
 
     ROLE: ClassVar[str] = "source"
@@ -79,7 +79,7 @@ class SourceSpec(Tagged, kw_only=True):
     ] = 200
 
 
-class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", kw_only=True):
+class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_only=True):
     """A Kafka (or Kafka-compatible) topic read through a consumer group."""
 
     bootstrap_servers: Annotated[NonEmptyStr, _d("comma-separated host:port list")]
@@ -133,7 +133,7 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", kw_only=True):
     ] = msgspec.field(default_factory=dict)
 
 
-class RabbitMQSource(SourceSpec, tag="rabbitmq", tag_field="kind", kw_only=True):
+class RabbitMQSource(SourceSpec, tag="rabbitmq", tag_field="kind", frozen=True, kw_only=True):
     """A RabbitMQ queue consumed with manual acks."""
 
     amqp_url: Annotated[NonEmptyStr, _d("amqp://user:password@host:port/vhost")]
@@ -143,7 +143,7 @@ class RabbitMQSource(SourceSpec, tag="rabbitmq", tag_field="kind", kw_only=True)
     prefetch_count: Annotated[PositiveInt, _d("(ours) unacked messages in flight")] = 10_000
 
 
-class DeadLetterPolicy(Spec, kw_only=True):
+class DeadLetterPolicy(Spec, frozen=True, kw_only=True):
     """Pub/Sub subscription dead-letter policy."""
 
     topic: Annotated[NonEmptyStr, _d("topic that receives undeliverable messages")]
@@ -152,7 +152,7 @@ class DeadLetterPolicy(Spec, kw_only=True):
     ] = 5
 
 
-class PubSubSource(SourceSpec, tag="pubsub", tag_field="kind", kw_only=True):
+class PubSubSource(SourceSpec, tag="pubsub", tag_field="kind", frozen=True, kw_only=True):
     """A GCP Pub/Sub subscription read with synchronous pull."""
 
     project_id: Annotated[NonEmptyStr, _d("GCP project")]
@@ -166,7 +166,7 @@ class PubSubSource(SourceSpec, tag="pubsub", tag_field="kind", kw_only=True):
     ] = None
 
 
-class KinesisSource(SourceSpec, tag="kinesis", tag_field="kind", kw_only=True):
+class KinesisSource(SourceSpec, tag="kinesis", tag_field="kind", frozen=True, kw_only=True):
     """An AWS Kinesis stream, every shard."""
 
     stream_name: Annotated[str | None, _d("stream; defaults to the source query")] = None
@@ -179,14 +179,18 @@ class KinesisSource(SourceSpec, tag="kinesis", tag_field="kind", kw_only=True):
 FileFormat = Literal["parquet", "csv", "json_lines", "jsonl", "orc"]
 
 
-class ObjectStoreLocalSource(SourceSpec, tag="object_store_local", tag_field="kind", kw_only=True):
+class ObjectStoreLocalSource(
+    SourceSpec, tag="object_store_local", tag_field="kind", frozen=True, kw_only=True
+):
     """(ours) New files under a local folder prefix, each read once."""
 
     path: Annotated[NonEmptyStr, _d("root folder; source_query is the watched prefix")]
     format: Annotated[FileFormat, _d("file format")]
 
 
-class ObjectStoreS3Source(SourceSpec, tag="object_store_s3", tag_field="kind", kw_only=True):
+class ObjectStoreS3Source(
+    SourceSpec, tag="object_store_s3", tag_field="kind", frozen=True, kw_only=True
+):
     """(ours) New objects under an S3 prefix, each read once."""
 
     bucket: Annotated[NonEmptyStr, _d("bucket")]
@@ -197,13 +201,13 @@ class ObjectStoreS3Source(SourceSpec, tag="object_store_s3", tag_field="kind", k
     secret_access_key: Annotated[str | None, _d("AWS secret access key (secret)")] = None
 
 
-class DeltaLocalSource(SourceSpec, tag="delta_local", tag_field="kind", kw_only=True):
+class DeltaLocalSource(SourceSpec, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
     """(ours) A local Delta table; each new version read once."""
 
     path: Annotated[NonEmptyStr, _d("table folder")]
 
 
-class DeltaS3Source(SourceSpec, tag="delta_s3", tag_field="kind", kw_only=True):
+class DeltaS3Source(SourceSpec, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
     """(ours) A Delta table on S3; each new version read once."""
 
     bucket: Annotated[NonEmptyStr, _d("bucket")]
@@ -231,7 +235,7 @@ Source = (
 WriteMode = Literal["append", "merge", "scd2", "truncate"]
 
 
-class DbTable(Spec, kw_only=True):
+class DbTable(Spec, frozen=True, kw_only=True):
     """A database table: [target.table]."""
 
     name: Annotated[NonEmptyStr, _d("table name")]
@@ -243,7 +247,7 @@ class DbTable(Spec, kw_only=True):
     ] = None
 
 
-class DeltaTable(Spec, kw_only=True):
+class DeltaTable(Spec, frozen=True, kw_only=True):
     """A Delta table's identity and key: [target.table] on a Delta target."""
 
     name: Annotated[str | None, _d("table name (informational)")] = None
@@ -253,13 +257,13 @@ class DeltaTable(Spec, kw_only=True):
     ] = None
 
 
-class TargetSpec(Tagged, kw_only=True):
+class TargetSpec(Tagged, frozen=True, kw_only=True):
     """Keys every target kind takes."""
 
     ROLE: ClassVar[str] = "target"
 
 
-class PostgresTarget(TargetSpec, tag="postgres", tag_field="kind", kw_only=True):
+class PostgresTarget(TargetSpec, tag="postgres", tag_field="kind", frozen=True, kw_only=True):
     """A PostgreSQL table, written with binary COPY."""
 
     url: Annotated[NonEmptyStr, _d("postgres://user:password@host:port/db")]
@@ -269,7 +273,7 @@ class PostgresTarget(TargetSpec, tag="postgres", tag_field="kind", kw_only=True)
     )
 
 
-class MySQLTarget(TargetSpec, tag="mysql", tag_field="kind", kw_only=True):
+class MySQLTarget(TargetSpec, tag="mysql", tag_field="kind", frozen=True, kw_only=True):
     """A MySQL / MariaDB table."""
 
     url: Annotated[NonEmptyStr, _d("mysql://user:password@host:port/db")]
@@ -277,7 +281,7 @@ class MySQLTarget(TargetSpec, tag="mysql", tag_field="kind", kw_only=True):
     mode: Annotated[WriteMode, _d("(ours) append, merge, scd2, truncate")] = "append"
 
 
-class SQLiteTarget(TargetSpec, tag="sqlite", tag_field="kind", kw_only=True):
+class SQLiteTarget(TargetSpec, tag="sqlite", tag_field="kind", frozen=True, kw_only=True):
     """A SQLite table (the embedded default)."""
 
     path: Annotated[NonEmptyStr, _d("database file")]
@@ -285,7 +289,7 @@ class SQLiteTarget(TargetSpec, tag="sqlite", tag_field="kind", kw_only=True):
     mode: Annotated[WriteMode, _d("(ours) append, merge, scd2, truncate")] = "append"
 
 
-class DuckDBTarget(TargetSpec, tag="duckdb", tag_field="kind", kw_only=True):
+class DuckDBTarget(TargetSpec, tag="duckdb", tag_field="kind", frozen=True, kw_only=True):
     """A DuckDB table, written by Arrow scan."""
 
     path: Annotated[NonEmptyStr, _d("database file (':memory:' for tests)")]
@@ -293,7 +297,7 @@ class DuckDBTarget(TargetSpec, tag="duckdb", tag_field="kind", kw_only=True):
     mode: Annotated[WriteMode, _d("(ours) append, merge, scd2, truncate")] = "append"
 
 
-class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", kw_only=True):
+class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", frozen=True, kw_only=True):
     """A Kafka topic, one JSON message per row."""
 
     bootstrap_servers: Annotated[NonEmptyStr, _d("comma-separated host:port list")]
@@ -334,14 +338,14 @@ class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", kw_only=True):
     ssl_ca_location: Annotated[str | None, _d("CA certificate file")] = None
 
 
-class RabbitMQTarget(TargetSpec, tag="rabbitmq", tag_field="kind", kw_only=True):
+class RabbitMQTarget(TargetSpec, tag="rabbitmq", tag_field="kind", frozen=True, kw_only=True):
     """A RabbitMQ queue, published with confirms."""
 
     amqp_url: Annotated[NonEmptyStr, _d("amqp://user:password@host:port/vhost")]
     queue: Annotated[NonEmptyStr, _d("queue to publish to")]
 
 
-class PubSubTarget(TargetSpec, tag="pubsub", tag_field="kind", kw_only=True):
+class PubSubTarget(TargetSpec, tag="pubsub", tag_field="kind", frozen=True, kw_only=True):
     """A GCP Pub/Sub topic."""
 
     project_id: Annotated[NonEmptyStr, _d("GCP project")]
@@ -350,7 +354,7 @@ class PubSubTarget(TargetSpec, tag="pubsub", tag_field="kind", kw_only=True):
     anonymous_auth: Annotated[bool, _d("skip credentials (emulator)")] = False
 
 
-class KinesisTarget(TargetSpec, tag="kinesis", tag_field="kind", kw_only=True):
+class KinesisTarget(TargetSpec, tag="kinesis", tag_field="kind", frozen=True, kw_only=True):
     """An AWS Kinesis stream."""
 
     stream_name: Annotated[NonEmptyStr, _d("stream to put records to")]
@@ -361,7 +365,7 @@ class KinesisTarget(TargetSpec, tag="kinesis", tag_field="kind", kw_only=True):
     secret_access_key: Annotated[str | None, _d("AWS secret access key (secret)")] = None
 
 
-class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", kw_only=True):
+class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
     """A local Delta Lake table."""
 
     path: Annotated[NonEmptyStr, _d("table folder")]
@@ -372,7 +376,7 @@ class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", kw_only=
     mode: Annotated[WriteMode, _d("(ours) append, merge, scd2, truncate")] = "append"
 
 
-class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", kw_only=True):
+class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
     """A Delta Lake table on S3."""
 
     bucket: Annotated[NonEmptyStr, _d("bucket")]
@@ -388,7 +392,7 @@ class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", kw_only=True):
     mode: Annotated[WriteMode, _d("(ours) append, merge, scd2, truncate")] = "append"
 
 
-class CsvReadOptions(Spec, kw_only=True):
+class CsvReadOptions(Spec, frozen=True, kw_only=True):
     """[target.read_options.csv]: how CSV written here is read back."""
 
     has_header: Annotated[bool | None, _d("first line is a header")] = None
@@ -401,21 +405,21 @@ class CsvReadOptions(Spec, kw_only=True):
     schema_infer_max_records: Annotated[PositiveInt | None, _d("rows read to infer types")] = None
 
 
-class JsonReadOptions(Spec, kw_only=True):
+class JsonReadOptions(Spec, frozen=True, kw_only=True):
     """[target.read_options.json]: how JSON lines written here are read back."""
 
     schema_infer_max_records: Annotated[PositiveInt | None, _d("rows read to infer types")] = None
     batch_size: Annotated[PositiveInt | None, _d("rows per decoded batch")] = None
 
 
-class ReadOptions(Spec, kw_only=True):
+class ReadOptions(Spec, frozen=True, kw_only=True):
     """[target.read_options]: per-format read options."""
 
     csv: Annotated[CsvReadOptions | None, _d("CSV read options")] = None
     json: Annotated[JsonReadOptions | None, _d("JSON read options")] = None
 
 
-class ObjectStoreTargetSpec(TargetSpec, kw_only=True):
+class ObjectStoreTargetSpec(TargetSpec, frozen=True, kw_only=True):
     """Keys every object-store target takes."""
 
     format: Annotated[FileFormat, _d("file format")]
@@ -432,7 +436,7 @@ class ObjectStoreTargetSpec(TargetSpec, kw_only=True):
 
 
 class ObjectStoreLocalTarget(
-    ObjectStoreTargetSpec, tag="object_store_local", tag_field="kind", kw_only=True
+    ObjectStoreTargetSpec, tag="object_store_local", tag_field="kind", frozen=True, kw_only=True
 ):
     """Files (parquet / csv / json_lines / orc) under a local folder."""
 
@@ -440,7 +444,7 @@ class ObjectStoreLocalTarget(
 
 
 class ObjectStoreS3Target(
-    ObjectStoreTargetSpec, tag="object_store_s3", tag_field="kind", kw_only=True
+    ObjectStoreTargetSpec, tag="object_store_s3", tag_field="kind", frozen=True, kw_only=True
 ):
     """Objects (parquet / csv / json_lines / orc) under an S3 prefix."""
 
@@ -473,7 +477,7 @@ TABLE_TARGETS = (*DB_TARGETS, DeltaLocalTarget, DeltaS3Target)
 # Transform
 
 
-class LookupSpec(Tagged, kw_only=True):
+class LookupSpec(Tagged, frozen=True, kw_only=True):
     """Keys every lookup kind takes."""
 
     table: Annotated[NonEmptyStr, _d("table to load")]
@@ -483,25 +487,25 @@ class LookupSpec(Tagged, kw_only=True):
     ] = None
 
 
-class PostgresLookup(LookupSpec, tag="postgres", tag_field="kind", kw_only=True):
+class PostgresLookup(LookupSpec, tag="postgres", tag_field="kind", frozen=True, kw_only=True):
     """A lookup table loaded from PostgreSQL."""
 
     url: Annotated[NonEmptyStr, _d("postgres://user:password@host:port/db")]
 
 
-class MySQLLookup(LookupSpec, tag="mysql", tag_field="kind", kw_only=True):
+class MySQLLookup(LookupSpec, tag="mysql", tag_field="kind", frozen=True, kw_only=True):
     """A lookup table loaded from MySQL / MariaDB."""
 
     url: Annotated[NonEmptyStr, _d("mysql://user:password@host:port/db")]
 
 
-class SQLiteLookup(LookupSpec, tag="sqlite", tag_field="kind", kw_only=True):
+class SQLiteLookup(LookupSpec, tag="sqlite", tag_field="kind", frozen=True, kw_only=True):
     """A lookup table loaded from SQLite."""
 
     path: Annotated[NonEmptyStr, _d("database file")]
 
 
-class DuckDBLookup(LookupSpec, tag="duckdb", tag_field="kind", kw_only=True):
+class DuckDBLookup(LookupSpec, tag="duckdb", tag_field="kind", frozen=True, kw_only=True):
     """A lookup table loaded from DuckDB."""
 
     path: Annotated[NonEmptyStr, _d("database file")]
@@ -514,7 +518,7 @@ AggFunction = Literal[
 ]
 
 
-class Aggregation(Spec, kw_only=True):
+class Aggregation(Spec, frozen=True, kw_only=True):
     """One [[transform.window.aggregations]] entry."""
 
     agg: Annotated[AggFunction, _d("aggregate function")]
@@ -532,7 +536,7 @@ class Aggregation(Spec, kw_only=True):
 LateData = Literal["drop", "reopen", "dlq"]
 
 
-class WindowSpec(Tagged, kw_only=True):
+class WindowSpec(Tagged, frozen=True, kw_only=True):
     """Keys every window kind takes."""
 
     aggregations: Annotated[list[Aggregation], _d("aggregates computed per window and group")]
@@ -556,20 +560,20 @@ class WindowSpec(Tagged, kw_only=True):
     window_end_column: Annotated[NonEmptyStr, _d("output column of the window end")] = "window_end"
 
 
-class TumblingWindow(WindowSpec, tag="tumbling", tag_field="kind", kw_only=True):
+class TumblingWindow(WindowSpec, tag="tumbling", tag_field="kind", frozen=True, kw_only=True):
     """Fixed, non-overlapping windows."""
 
     duration_ms: Annotated[PositiveMs, _d("window length")]
 
 
-class HoppingWindow(WindowSpec, tag="hopping", tag_field="kind", kw_only=True):
+class HoppingWindow(WindowSpec, tag="hopping", tag_field="kind", frozen=True, kw_only=True):
     """Fixed windows that overlap: a new one starts every hop_ms."""
 
     duration_ms: Annotated[PositiveMs, _d("window length")]
     hop_ms: Annotated[PositiveMs, _d("distance between window starts")]
 
 
-class SessionWindow(WindowSpec, tag="session", tag_field="kind", kw_only=True):
+class SessionWindow(WindowSpec, tag="session", tag_field="kind", frozen=True, kw_only=True):
     """Per-key windows closed by a gap of inactivity."""
 
     gap_ms: Annotated[PositiveMs, _d("inactivity that closes a session")]
@@ -580,7 +584,7 @@ class SessionWindow(WindowSpec, tag="session", tag_field="kind", kw_only=True):
 Window = TumblingWindow | HoppingWindow | SessionWindow
 
 
-class JoinSpec(Spec, kw_only=True):
+class JoinSpec(Spec, frozen=True, kw_only=True):
     """[transform.join]: a keyed, time-bounded stream-stream join."""
 
     left_source: Annotated[NonEmptyStr, _d("query of the left [[sources]] entry")]
@@ -608,7 +612,7 @@ class JoinSpec(Spec, kw_only=True):
 CdcOp = Literal["create", "update", "delete", "read"]
 
 
-class CdcSpec(Spec, kw_only=True):
+class CdcSpec(Spec, frozen=True, kw_only=True):
     """[transform.cdc]: apply a change stream to a mirror table."""
 
     envelope: Annotated[Literal["debezium", "maxwell", "custom"], _d("envelope format")]
@@ -631,7 +635,7 @@ class CdcSpec(Spec, kw_only=True):
     out_of_order_tolerance_ms: Annotated[Ms, _d("reserved: warn window for backwards time")] = 5_000
 
 
-class TlsSpec(Spec, kw_only=True):
+class TlsSpec(Spec, frozen=True, kw_only=True):
     """[transform.tls]: the reference daemon's mesh TLS (accepted; sluice runs single-node)."""
 
     ca_cert_pem_path: Annotated[NonEmptyStr, _d("CA certificate")]
@@ -639,7 +643,7 @@ class TlsSpec(Spec, kw_only=True):
     client_identity: Annotated[dict[str, str] | None, _d("cert_pem_path / key_pem_path")] = None
 
 
-class TransformSpec(Spec, kw_only=True):
+class TransformSpec(Spec, frozen=True, kw_only=True):
     """[transform]: what happens between the sources and the targets."""
 
     sql: Annotated[str | None, _d("DataFusion SQL over the table `source` and the lookups")] = None
@@ -670,27 +674,31 @@ class TransformSpec(Spec, kw_only=True):
 # State and watermarks
 
 
-class StateStoreSpec(Tagged, kw_only=True):
+class StateStoreSpec(Tagged, frozen=True, kw_only=True):
     """Keys every state store kind takes."""
 
     checkpoint_interval_ms: Annotated[PositiveMs, _d("how often dirty state is written")] = 60_000
 
 
-class PostgresStateStore(StateStoreSpec, tag="postgres", tag_field="kind", kw_only=True):
+class PostgresStateStore(
+    StateStoreSpec, tag="postgres", tag_field="kind", frozen=True, kw_only=True
+):
     """Operator state and source positions in PostgreSQL, one transaction per commit."""
 
     url: Annotated[NonEmptyStr, _d("postgres://user:password@host:port/db")]
     schema: Annotated[NonEmptyStr, _d("schema of the state tables")] = "public"
 
 
-class InMemoryStateStore(StateStoreSpec, tag="in_memory", tag_field="kind", kw_only=True):
+class InMemoryStateStore(
+    StateStoreSpec, tag="in_memory", tag_field="kind", frozen=True, kw_only=True
+):
     """Process-local state (tests; lost on restart)."""
 
 
 StateStore = PostgresStateStore | InMemoryStateStore
 
 
-class WatermarkSpec(Spec, kw_only=True):
+class WatermarkSpec(Spec, frozen=True, kw_only=True):
     """[watermark]: how event time advances."""
 
     lateness_ms: Annotated[Ms, _d("slack subtracted from each source's max event time")] = 0
@@ -703,7 +711,7 @@ class WatermarkSpec(Spec, kw_only=True):
 # The pipeline
 
 
-class PipelineSpec(Spec, kw_only=True):
+class PipelineSpec(Spec, frozen=True, kw_only=True):
     """One pipeline.toml."""
 
     pipeline_name: Annotated[NonEmptyStr, _d("names metrics labels, state rows, DLQ records")]

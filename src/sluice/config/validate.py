@@ -15,7 +15,7 @@ import datetime as dt
 import difflib
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import msgspec.inspect as mi
@@ -218,11 +218,12 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
         if isinstance(value, bool) or not isinstance(value, ok_types):
             problems.append((path, f"expected {expected_name(t)}, got {got}"))
             return
+        num = float(cast(float, value))
         if (
-            (t.gt is not None and not value > t.gt)
-            or (t.ge is not None and not value >= t.ge)
-            or (t.lt is not None and not value < t.lt)
-            or (t.le is not None and not value <= t.le)
+            (t.gt is not None and not num > t.gt)
+            or (t.ge is not None and not num >= t.ge)
+            or (t.lt is not None and not num < t.lt)
+            or (t.le is not None and not num <= t.le)
         ):
             problems.append((path, f"expected {expected_name(t)}, got {value}"))
         return
@@ -426,14 +427,14 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
 
     _check_dlq(data, transform, window, sources, add)
 
-    for i, t in targets:
-        _check_url(t, i, add)
+    for t_at, t in targets:
+        _check_url(t, t_at, add)
         if t.get("kind") in ("delta_local", "delta_s3") and t.get("mode") == "merge":
             pk = _table(t.get("table")).get("primary_key")
             if not pk:
                 add(
                     (
-                        f"{i}.table.primary_key",
+                        f"{t_at}.table.primary_key",
                         'missing: mode = "merge" on a delta target needs primary_key',
                     )
                 )
@@ -538,11 +539,11 @@ def _check_window(window: dict[str, Any], state_store: Any, add: Any) -> None:
         if not group_by:
             add((f"{at}.group_by", "a session window needs at least one group_by column"))
         gap, cap = window.get("gap_ms"), window.get("max_session_duration_ms")
-        if _ints(gap, cap) and cap < gap:
+        if _ints(gap, cap) and cast(int, cap) < cast(int, gap):
             add((f"{at}.max_session_duration_ms", f"expected at least gap_ms ({gap}), got {cap}"))
     if kind == "hopping":
         dur, hop = window.get("duration_ms"), window.get("hop_ms")
-        if _ints(dur, hop) and hop > dur:
+        if _ints(dur, hop) and cast(int, hop) > cast(int, dur):
             add((f"{at}.hop_ms", f"expected at most duration_ms ({dur}), got {hop}"))
     aggs = window.get("aggregations")
     if isinstance(aggs, list) and not aggs:
@@ -634,7 +635,7 @@ def _check_join(
     elif tw is None and (lo is None) != (hi is None):
         missing = "max_delta_ms" if hi is None else "min_delta_ms"
         add((f"{at}.{missing}", "missing: min_delta_ms and max_delta_ms go together"))
-    elif _ints(lo, hi) and lo > hi:
+    elif _ints(lo, hi) and cast(int, lo) > cast(int, hi):
         add((f"{at}.max_delta_ms", f"expected at least min_delta_ms ({lo}), got {hi}"))
     lk, rk = join.get("left_keys"), join.get("right_keys")
     for side, keys in (("left_keys", lk), ("right_keys", rk)):

@@ -179,7 +179,11 @@ class KafkaSource:
             elif err.code() != ck.KafkaError._PARTITION_EOF:
                 log.warning("kafka %s: %s", self.id, err.str())
         if self._revoked:
-            good = [m for m in good if partition_key(m.topic(), m.partition()) in self._assigned]
+            good = [
+                m
+                for m in good
+                if partition_key(m.topic() or "", m.partition() or 0) in self._assigned
+            ]
         if not good:
             return None
         return self._to_batch(good)

@@ -22,6 +22,7 @@ retries the same batch; nothing was committed); any other is fatal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -139,10 +140,8 @@ class PostgresTarget:
         """Drop the connection; an uncommitted batch is rolled back by the server."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(adbc_driver_manager.Error):
                 conn.close()
-            except adbc_driver_manager.Error:
-                pass
 
     def _query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._require().cursor() as cur:

@@ -112,7 +112,7 @@ def _detail(spec: msgspec.Struct, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         if name in skip:
             continue
         value = getattr(spec, name)
-        if value is None or value == [] or value == {}:
+        if value is None or value in ([], {}):
             continue
         if not f.required and f.default is not msgspec.NODEFAULT and value == f.default:
             continue
@@ -176,15 +176,15 @@ def build_plan(spec: PipelineSpec) -> Plan:
         last_carries = carries[source_ids[0]]
 
     if transform is not None and transform.sql and transform.sql.strip():
-        detail: dict[str, Any] = {"dialect": transform.dialect, "on_error": transform.on_error}
+        sql_detail: dict[str, Any] = {"dialect": transform.dialect, "on_error": transform.on_error}
         if transform.lookups:
-            detail["lookups"] = {
+            sql_detail["lookups"] = {
                 name: {"kind": lk.kind, "table": ".".join(p for p in (lk.schema, lk.table) if p)}
                 for name, lk in transform.lookups.items()
             }
         if transform.udf_modules:
-            detail["udf_modules"] = list(transform.udf_modules)
-        stage(Node("stage:sql", "stage", "sql", detail), "rows of the SQL result")
+            sql_detail["udf_modules"] = list(transform.udf_modules)
+        stage(Node("stage:sql", "stage", "sql", sql_detail), "rows of the SQL result")
 
     window = transform.window if transform else None
     if window is not None:

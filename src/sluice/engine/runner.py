@@ -12,6 +12,7 @@ in librdkafka, libpq and Arrow), so signals and timers stay responsive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -261,10 +262,8 @@ class Runner:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when a stop is requested."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
 
 def _quietly(action: Callable[[], None]) -> None:
