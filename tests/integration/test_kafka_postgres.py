@@ -199,18 +199,20 @@ def test_two_processes_in_one_group_split_partitions_and_hand_over_on_stop(
         60,
         "both processes to own partitions",
     )
+
     # Each process reports lag only for the partitions it owns: they split the four.
-    a_parts = {
-        ln.split('partition="')[1].split('"')[0]
-        for ln in a.scrape().splitlines()
-        if ln.startswith("sluice_consumer_lag_messages{")
-    }
-    b_parts = {
-        ln.split('partition="')[1].split('"')[0]
-        for ln in b.scrape().splitlines()
-        if ln.startswith("sluice_consumer_lag_messages{")
-    }
+    def owned(f: Any) -> set[str]:
+        lines = f.scrape().splitlines()
+        return {
+            ln.split('partition="')[1].split('"')[0]
+            for ln in lines
+            if ln.startswith("sluice_consumer_lag_messages{")
+        }
+
+    a_parts = wait_until(lambda: owned(a), 30, "a's partitions")
+    b_parts = wait_until(lambda: owned(b), 30, "b's partitions")
     assert not (a_parts & b_parts), (a_parts, b_parts)
+    assert len(a_parts | b_parts) == 4
 
     assert a.stop() == 0, a.output()  # SIGTERM: drain, commit, leave the group
     before = b.metric("sluice_rows_consumed_total")
@@ -249,7 +251,7 @@ def test_metrics_move_and_readyz_waits_for_the_source(kafka_topic: Any, flow: An
     assert f.metric("sluice_batch_duration_seconds_count") == f.metric("sluice_batches_total")
     assert f.metric("sluice_watermark_seconds") > time.time() - 600
     wait_until(lambda: f.metric("sluice_idle_iterations_total") > 0, 30, "idle iterations")
-    assert "sluice_consumer_lag_messages{" in f.scrape()
+    wait_until(lambda: "sluice_consumer_lag_messages{" in f.scrape(), 10, "the lag gauge")
     assert f.stop() == 0
     log = f.output()
     assert "WARNING" not in log and "ERROR" not in log, log  # quiet in normal operation

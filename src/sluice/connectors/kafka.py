@@ -31,7 +31,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 
 log = logging.getLogger(__name__)
 
-_LAG_INTERVAL_S = 5.0  # consumer-lag gauges refresh this often; cached watermarks are cheap
+_LAG_INTERVAL_S = 1.0  # consumer-lag gauges refresh this often; cached watermarks are cheap
 # Commit failures that mean "you no longer own this partition": the rows were
 # written, the new owner re-reads them (at least once), so they are not fatal.
 _LOST_OWNERSHIP = {
