@@ -80,15 +80,18 @@ class Runner:
         spec: PipelineSpec,
         stop: asyncio.Event,
         options: RunOptions | None = None,
+        sources: list[Source] | None = None,
+        targets: list[Target] | None = None,
     ) -> None:
+        """``sources`` / ``targets`` replace the ones the spec names (unit tests)."""
         self.spec = spec
         self.stop = stop
         self.options = options or RunOptions()
         self.name = spec.pipeline_name
-        self.sources: list[Source] = [
+        self.sources: list[Source] = sources or [
             registry.build_source(s, registry.Context(spec)) for s in spec.all_sources
         ]
-        self.targets: list[Target] = [
+        self.targets: list[Target] = targets or [
             registry.build_target(t, registry.Context(spec), i)
             for i, t in enumerate(spec.all_targets)
         ]
