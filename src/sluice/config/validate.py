@@ -444,37 +444,50 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def _check_sources(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, Any]]]:
-    single, many = data.get("source"), data.get("sources")
+def _forms(
+    data: dict[str, Any], one: str, many: str, missing: str, add: Any
+) -> tuple[Any, Any, list[tuple[str, dict[str, Any]]]]:
+    """The ``[one]`` / ``[[many]]`` form rules; returns both raw values and the entries."""
+    single, entries = data.get(one), data.get(many)
     out: list[tuple[str, dict[str, Any]]] = []
-    if single is None and many is None:
-        add(("", "missing a source: add [source] (with top-level source_query) or [[sources]]"))
-    elif single is not None and many is not None:
-        add(("sources", "[source] and [[sources]] are exclusive; use one form"))
+    if single is None and entries is None:
+        add(("", missing))
+    elif single is not None and entries is not None:
+        add((many, f"[{one}] and [[{many}]] are exclusive; use one form"))
     if isinstance(single, dict):
-        out.append(("source", single))
+        out.append((one, single))
+    if isinstance(entries, list):
+        if not entries:
+            add((many, f"expected at least one [[{many}]] entry"))
+        out.extend((f"{many}[{i}]", e) for i, e in enumerate(entries) if isinstance(e, dict))
+    return single, entries, out
+
+
+def _check_sources(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, Any]]]:
+    single, many, out = _forms(
+        data,
+        "source",
+        "sources",
+        "missing a source: add [source] (with top-level source_query) or [[sources]]",
+        add,
+    )
+    if isinstance(single, dict):
         if "query" in single:
             add(("source.query", "not allowed in [source]; use the top-level source_query"))
         if many is None and data.get("source_query") is None:
             add(("source_query", "missing required key (expected a string: what [source] reads)"))
-    if isinstance(many, list):
-        if not many:
-            add(("sources", "expected at least one [[sources]] entry"))
-        if data.get("source_query") is not None and single is None:
-            add(("source_query", "not used with [[sources]]: each entry has its own query"))
-        seen: dict[str, int] = {}
-        for i, s in enumerate(many):
-            if not isinstance(s, dict):
-                continue
-            out.append((f"sources[{i}]", s))
+    if isinstance(many, list) and data.get("source_query") is not None and single is None:
+        add(("source_query", "not used with [[sources]]: each entry has its own query"))
+    seen: dict[str, str] = {}
+    for at, s in out:
+        if at != "source":
             q = s.get("query")
             if q is None:
-                add((f"sources[{i}].query", "missing required key (expected a string)"))
+                add((f"{at}.query", "missing required key (expected a string)"))
             elif isinstance(q, str):
                 if q in seen:
-                    add((f"sources[{i}].query", f"duplicate query '{q}' (also sources[{seen[q]}])"))
-                seen.setdefault(q, i)
-    for at, s in out:
+                    add((f"{at}.query", f"duplicate query '{q}' (also {seen[q]})"))
+                seen.setdefault(q, at)
         fmt = s.get("payload_format")
         if fmt in ("avro", "protobuf") and not s.get("schema_registry_url"):
             add(
@@ -492,19 +505,9 @@ def _check_sources(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, 
 
 
 def _check_targets(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, Any]]]:
-    single, many = data.get("target"), data.get("targets")
-    out: list[tuple[str, dict[str, Any]]] = []
-    if single is None and many is None:
-        add(("", "missing a target: add [target] or [[targets]]"))
-    elif single is not None and many is not None:
-        add(("targets", "[target] and [[targets]] are exclusive; use one form"))
-    if isinstance(single, dict):
-        out.append(("target", single))
-    if isinstance(many, list):
-        if not many:
-            add(("targets", "expected at least one [[targets]] entry"))
-        out.extend((f"targets[{i}]", t) for i, t in enumerate(many) if isinstance(t, dict))
-    return out
+    return _forms(data, "target", "targets", "missing a target: add [target] or [[targets]]", add)[
+        2
+    ]
 
 
 def _check_url(table: dict[str, Any], at: str, add: Any) -> None:
