@@ -33,6 +33,6 @@ test-unit: ## unit tests only (no services)
 
 bench: services ## run the benchmarks (sluice beside the reference engine)
 	bash benchmarks/setup_reference.sh
-	$(PY) benchmarks/kafka_to_postgres/run.py
+	$(PY) -m benchmarks.kafka_to_postgres.run
 
 .PHONY: help install services stop fmt lint typecheck test test-unit bench
