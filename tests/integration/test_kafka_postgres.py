@@ -209,10 +209,12 @@ def test_two_processes_in_one_group_split_partitions_and_hand_over_on_stop(
             if ln.startswith("sluice_consumer_lag_messages{")
         }
 
-    a_parts = wait_until(lambda: owned(a), 30, "a's partitions")
-    b_parts = wait_until(lambda: owned(b), 30, "b's partitions")
+    def split() -> tuple[set[str], set[str]] | None:
+        pa_, pb_ = owned(a), owned(b)
+        return (pa_, pb_) if pa_ and pb_ and len(pa_ | pb_) == 4 else None
+
+    a_parts, b_parts = wait_until(split, 60, "both processes to report the four partitions")
     assert not (a_parts & b_parts), (a_parts, b_parts)
-    assert len(a_parts | b_parts) == 4
 
     assert a.stop() == 0, a.output()  # SIGTERM: drain, commit, leave the group
     before = b.metric("sluice_rows_consumed_total")

@@ -101,6 +101,7 @@ class Runner:
             idle_after_s=(wm.source_idleness_ms if wm else 60_000) / 1000,
         )
         self._idle_since: float | None = None
+        self._lag_labels: dict[str, set[str]] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -250,9 +251,15 @@ class Runner:
             m.HEALTH.set_ready(False, "waiting for source partitions")
         for source in self.sources:
             lag = getattr(source, "lag", None)
-            if lag is not None:
-                for part, value in lag().items():
-                    m.CONSUMER_LAG.labels(self.name, source.id, part).set(value)
+            if lag is None:
+                continue
+            current = lag()
+            # A partition that moved to another process must stop being reported here.
+            for part in self._lag_labels.get(source.id, set()) - set(current):
+                m.CONSUMER_LAG.remove(self.name, source.id, part)
+            for part, value in current.items():
+                m.CONSUMER_LAG.labels(self.name, source.id, part).set(value)
+            self._lag_labels[source.id] = set(current)
 
     def _export_watermarks(self) -> None:
         for source in self.sources:
