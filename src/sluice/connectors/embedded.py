@@ -11,6 +11,7 @@ standard library: rows are handed to ``executemany`` as tuples built by C-level
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ _SEQ = "__sluice_seq"
 
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _require_key(target_id: str, mode: str, key: list[str], creating: bool) -> None:
+    """Merge upserts on a primary key: the table's, or the configured one to create it with."""
+    if mode == "merge" and not key:
+        where = "[target.table] primary_key to create the table" if creating else "a primary key"
+        raise ConnectorError(f'{target_id}: mode = "merge" needs {where}')
 
 
 def _check_mode(target_id: str, mode: str) -> None:
@@ -62,8 +70,6 @@ def _sqlite_columns(table: pa.Table) -> list[list[Any]]:
             # ISO-8601 text, SQLite's documented date/time convention.
             col = pc.cast(col, pa.string())
         elif pa.types.is_nested(t):
-            import json
-
             out.append([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()])
             continue
         out.append(col.to_pylist())
@@ -93,8 +99,8 @@ class SQLiteTarget:
         self._columns = [r[1] for r in info] or None
         if info and not self._key:
             self._key = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5] > 0]
-        if self.spec.mode == "merge" and self._columns is not None and not self._key:
-            raise ConnectorError(f'{self.id}: mode = "merge" needs a primary key')
+        if self._columns is not None:
+            _require_key(self.id, self.spec.mode, self._key, creating=False)
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
@@ -110,8 +116,7 @@ class SQLiteTarget:
         names = [n for n in data.column_names if data.schema.field(n).type != pa.null()]
         data = data.select(names)
         if self._columns is None:
-            if self.spec.mode == "merge" and not self._key:
-                raise ConnectorError(f'{self.id}: mode = "merge" needs [target.table] primary_key')
+            _require_key(self.id, self.spec.mode, self._key, creating=True)
             defs = [f"{_q(f.name)} {sqlite_type(f.type)}" for f in data.schema]
             if self._key:
                 defs.append(f"PRIMARY KEY ({', '.join(_q(k) for k in self._key)})")
@@ -156,7 +161,7 @@ class DuckDBTarget:
         self.table = spec.table.name
         self.id = f"duckdb:{spec.path}:{self.schema}.{self.table}"
         self._conn: Any = None
-        self._exists = False
+        self._columns: set[str] | None = None  # reflected at open, kept as columns are added
         self._in_tx = False
         self._key = list(spec.table.primary_key or [])
         _check_mode("duckdb", spec.mode)
@@ -176,16 +181,16 @@ class DuckDBTarget:
             "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
             [self.schema, self.table],
         ).fetchall()
-        self._exists = bool(rows)
-        if self._exists and not self._key:
+        self._columns = {r[0] for r in rows} or None
+        if self._columns is not None and not self._key:
             cons = self._conn.execute(
                 "SELECT constraint_column_names FROM duckdb_constraints() "
                 "WHERE schema_name = ? AND table_name = ? AND constraint_type = 'PRIMARY KEY'",
                 [self.schema, self.table],
             ).fetchall()
             self._key = list(cons[0][0]) if cons else []
-        if self.spec.mode == "merge" and self._exists and not self._key:
-            raise ConnectorError(f'{self.id}: mode = "merge" needs a primary key')
+        if self._columns is not None:
+            _require_key(self.id, self.spec.mode, self._key, creating=False)
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
@@ -206,11 +211,8 @@ class DuckDBTarget:
         batch = data.select(names)
         conn.register("_sluice_batch", batch)
         try:
-            if not self._exists:
-                if self.spec.mode == "merge" and not self._key:
-                    raise ConnectorError(
-                        f'{self.id}: mode = "merge" needs [target.table] primary_key'
-                    )
+            if self._columns is None:
+                _require_key(self.id, self.spec.mode, self._key, creating=True)
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._ident} AS SELECT * FROM _sluice_batch LIMIT 0"
@@ -218,19 +220,13 @@ class DuckDBTarget:
                 if self._key:
                     keys = ", ".join(_q(k) for k in self._key)
                     conn.execute(f"ALTER TABLE {self._ident} ADD PRIMARY KEY ({keys})")
-                self._exists = True
-            existing = {
-                r[0]
-                for r in conn.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
-                    [self.schema, self.table],
-                ).fetchall()
-            }
+                self._columns = set(names)
             for f in batch.schema:
-                if f.name not in existing:
+                if f.name not in self._columns:
                     conn.execute(
                         f"ALTER TABLE {self._ident} ADD COLUMN {_q(f.name)} {_duck_type(f.type)}"
                     )
+                    self._columns.add(f.name)
             if self.spec.mode == "merge":
                 keys = ", ".join(_q(k) for k in self._key)
                 conn.execute(

@@ -190,9 +190,10 @@ class KafkaSource:
 
     def _to_batch(self, msgs: list[Any]) -> Batch:
         meta = [(m.topic(), m.partition(), m.offset(), m.timestamp()[1]) for m in msgs]
-        position: Position = {}
-        for topic, part, offset, _ in meta:
-            position[partition_key(topic, part)] = offset + 1
+        # Offsets rise within a partition, so the last one seen is the newest;
+        # keys are formatted once per partition, not once per message.
+        last = {(topic, part): offset for topic, part, offset, _ in meta}
+        position: Position = {partition_key(t, p): o + 1 for (t, p), o in last.items()}
         ts_ms = np.fromiter((t[3] for t in meta), dtype=np.int64, count=len(meta))
         if self.spec.payload_format == "raw_bytes":
             table = pa.table({"value": pa.array([m.value() for m in msgs], pa.binary())})
