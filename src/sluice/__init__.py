@@ -1,11 +1,15 @@
 """sluice: a TOML-configured stream-processing engine.
 
-Public API: load a pipeline file into a typed spec and compile its plan.
+Public API: load a pipeline file into a typed spec, compile its plan, run it
+(:func:`run_pipeline`), and declare Python functions for its SQL
+(:func:`udf`, :func:`udaf`).
 """
 
 from sluice.config import PipelineSpec, load_file, load_text
+from sluice.engine.consume import run_pipeline
 from sluice.engine.plan import Plan, build_plan
 from sluice.errors import ConfigError, SluiceError
+from sluice.functions import udaf, udf
 
 __version__ = "0.1.0"
 
@@ -18,4 +22,7 @@ __all__ = [
     "build_plan",
     "load_file",
     "load_text",
+    "run_pipeline",
+    "udaf",
+    "udf",
 ]

@@ -17,6 +17,7 @@ import msgspec
 from sluice.config import PipelineSpec, load_file
 from sluice.engine.plan import build_plan
 from sluice.errors import ConfigError, SluiceError
+from sluice.functions import collect
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -27,7 +28,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         try:
-            load_file(path)
+            spec = load_file(path)
+            if spec.transform is not None and spec.transform.udf_modules:
+                collect((), spec.transform.udf_modules, path)
         except ConfigError as exc:
             print(str(exc), file=sys.stderr)
             status = EXIT_CONFIG

@@ -25,12 +25,42 @@ EVENT_TS_TYPE = pa.timestamp("us", tz="UTC")
 
 
 @dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record as the source delivered it, before decoding."""
+
+    partition: str  # position key, e.g. "events:0"
+    offset: int | str | None
+    timestamp_ms: int | None
+    key: bytes | None
+    payload: bytes | None
+
+
+class RawRecords(Protocol):
+    """The undecoded records of a batch, in read order (for dead letters and errors)."""
+
+    def __len__(self) -> int:
+        """How many records the source read."""
+
+    def record(self, index: int) -> RawRecord:
+        """The ``index``-th record read."""
+
+    def where(self, index: int) -> str:
+        """Where the ``index``-th record sits, e.g. ``topic events partition 0 offset 12``."""
+
+    def span(self) -> str:
+        """Where the records sit, e.g. ``topic events partition 0 offsets 10-19``."""
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Rows read from one source, and where that source stands after them.
 
     ``position`` covers exactly these rows and everything read before them;
     committing it acknowledges all of them. ``raw`` keeps the undecoded
-    payloads when the source has them (for dead letters).
+    records when the source has them (for dead letters); ``bad`` lists the
+    records that could not be decoded, by index into ``raw``, with the reason.
+    ``rows`` maps each decoded row to its index in ``raw`` (``None``: one row
+    per record, in order).
     """
 
     source_id: str
@@ -38,11 +68,20 @@ class Batch:
     position: Position
     raw_count: int = 0
     partitions: tuple[str, ...] = field(default=())
+    raw: RawRecords | None = None
+    bad: tuple[tuple[int, str], ...] = ()
+    rows: tuple[int, ...] | None = None
 
     @property
     def num_rows(self) -> int:
         """Decoded rows in the batch."""
         return int(self.data.num_rows)
+
+    def span(self) -> str:
+        """Where this batch's records sit in the source, for error messages."""
+        if self.raw is not None:
+            return self.raw.span()
+        return ", ".join(f"{k} up to {v}" for k, v in self.position.items()) or "(no position)"
 
 
 @runtime_checkable

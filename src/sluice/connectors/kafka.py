@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from sluice.config.spec import KafkaSource as KafkaSourceSpec
-from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position
+from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
 from sluice.connectors.decode import JsonDecoder
 from sluice.connectors.registry import Context
-from sluice.errors import ConnectorError, DecodeError, TransientError
+from sluice.errors import ConnectorError, TransientError
 
 try:
     import confluent_kafka as ck
@@ -195,19 +195,13 @@ class KafkaSource:
         last = {(topic, part): offset for topic, part, offset, _ in meta}
         position: Position = {partition_key(t, p): o + 1 for (t, p), o in last.items()}
         ts_ms = np.fromiter((t[3] for t in meta), dtype=np.int64, count=len(meta))
+        bad: tuple[tuple[int, str], ...] = ()
         if self.spec.payload_format == "raw_bytes":
             table = pa.table({"value": pa.array([m.value() for m in msgs], pa.binary())})
             rows = None
         elif self.spec.payload_format == "json":
             decoded = self._decoder.decode([m.value() for m in msgs])
-            if decoded.bad:
-                i, reason = decoded.bad[0]
-                topic, part, offset, _ = meta[i]
-                raise DecodeError(
-                    f"cannot decode message at topic {topic} partition {part} offset {offset}: "
-                    f"{reason} ({len(decoded.bad)} bad message(s) in this batch)"
-                )
-            table, rows = decoded.table, decoded.rows
+            table, rows, bad = decoded.table, decoded.rows, tuple(decoded.bad)
         else:
             raise ConnectorError(
                 f"payload_format '{self.spec.payload_format}' is not supported yet by sluice"
@@ -218,7 +212,16 @@ class KafkaSource:
         if EVENT_TS in table.column_names:
             table = table.drop_columns([EVENT_TS])
         table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), micros)
-        return Batch(self.id, table, position, raw_count=len(msgs), partitions=tuple(position))
+        return Batch(
+            self.id,
+            table,
+            position,
+            raw_count=len(msgs),
+            partitions=tuple(position),
+            raw=_Records(msgs, meta),
+            bad=bad,
+            rows=None if rows is None else tuple(rows),
+        )
 
     # -- committing ------------------------------------------------------------
 
@@ -269,6 +272,38 @@ class KafkaSource:
         if self._consumer is None:
             raise ConnectorError(f"kafka source {self.id} is not open")
         return self._consumer
+
+
+class _Records:
+    """The messages of one batch, kept for dead letters and error messages."""
+
+    def __init__(self, msgs: list[Any], meta: list[tuple[str, int, int, int]]) -> None:
+        self._msgs = msgs
+        self._meta = meta
+
+    def __len__(self) -> int:
+        return len(self._msgs)
+
+    def record(self, index: int) -> RawRecord:
+        topic, part, offset, ts = self._meta[index]
+        msg = self._msgs[index]
+        return RawRecord(
+            partition_key(topic, part), offset, ts if ts >= 0 else None, msg.key(), msg.value()
+        )
+
+    def where(self, index: int) -> str:
+        topic, part, offset, _ = self._meta[index]
+        return f"topic {topic} partition {part} offset {offset}"
+
+    def span(self) -> str:
+        ranges: dict[tuple[str, int], list[int]] = {}
+        for topic, part, offset, _ in self._meta:
+            r = ranges.setdefault((topic, part), [offset, offset])
+            r[0], r[1] = min(r[0], offset), max(r[1], offset)
+        return ", ".join(
+            f"topic {t} partition {p} offsets {lo}-{hi}"
+            for (t, p), (lo, hi) in sorted(ranges.items())
+        )
 
 
 def _split(key: str) -> tuple[str, int]:

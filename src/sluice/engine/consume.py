@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import random
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
 from sluice.engine.runner import Runner, RunOptions
 from sluice.errors import ConfigError, SluiceError
+from sluice.functions import Function, collect
 
 log = logging.getLogger("sluice")
 
@@ -50,19 +54,31 @@ def jittered(backoff_ms: int) -> float:
     return backoff_ms * random.uniform(0.8, 1.2) / 1000
 
 
-async def supervise(spec: PipelineSpec, opts: SupervisorOptions, run_opts: RunOptions) -> int:
-    """Run ``spec`` until stopped; restart on failure when allowed. Returns the exit code."""
+async def supervise(
+    spec: PipelineSpec,
+    opts: SupervisorOptions,
+    run_opts: RunOptions,
+    functions: Iterable[Function] = (),
+    file: str = "<pipeline>",
+) -> int:
+    """Run ``spec`` until stopped; restart on failure when allowed. Returns the exit code
+    (0 stopped, 1 failed, 2 invalid configuration found at start)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)  # only possible in the main thread
+    functions = list(functions)
     restarts = 0
     backoff: int | None = None
     while True:
         started = time.monotonic()
         try:
-            await Runner(spec, stop, run_opts).run()
+            await Runner(spec, stop, run_opts, functions=functions, file=file).run()
             return 0
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
         except (SluiceError, OSError) as exc:
             error: BaseException = exc
         except Exception as exc:
@@ -131,10 +147,40 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         len(spec.all_targets),
     )
     code = asyncio.run(
-        supervise(spec, opts, RunOptions(stop_after_idle_ms=args.stop_after_idle_ms))
+        supervise(
+            spec, opts, RunOptions(stop_after_idle_ms=args.stop_after_idle_ms), file=args.config
+        )
     )
     log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
     return code
+
+
+def run_pipeline(
+    config: str | Path,
+    *,
+    udfs: Iterable[Function] = (),
+    aggregate_udfs: Iterable[Function] = (),
+    metrics_port: int | None = None,
+    stop_after_idle_ms: int | None = None,
+    restart_on_error: bool = False,
+) -> int:
+    """Run the pipeline file ``config`` in this process until it stops; the exit code.
+
+    ``udfs`` / ``aggregate_udfs`` (``@sluice.udf`` / ``@sluice.udaf``) are
+    registered besides the file's ``udf_modules``. An invalid file raises
+    :class:`ConfigError`.
+    """
+    spec = load_file(config)
+    functions = [*udfs, *aggregate_udfs]
+    collect(functions, spec.transform.udf_modules if spec.transform else (), str(config))
+    if metrics_port is not None:
+        m.serve(metrics_port)
+    opts = SupervisorOptions(restart_on_error=restart_on_error)
+    return asyncio.run(
+        supervise(
+            spec, opts, RunOptions(stop_after_idle_ms=stop_after_idle_ms), functions, str(config)
+        )
+    )
 
 
 def add_consume_parser(sub: Any) -> None:

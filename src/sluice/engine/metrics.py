@@ -57,6 +57,18 @@ DLQ_WRITES = Counter(
 ROWS_DROPPED = Counter(
     "sluice_rows_dropped", "Rows dropped by policy, by reason.", [*_P, "reason"], registry=REGISTRY
 )
+SQL_REPLANS = Counter(
+    "sluice_sql_replans",
+    "Times the SQL stage planned its statement again for a new input or lookup schema.",
+    _P,
+    registry=REGISTRY,
+)
+LOOKUP_REFRESHES = Counter(
+    "sluice_lookup_refreshes",
+    "Lookup table loads, by lookup and result (ok / error).",
+    [*_P, "lookup", "result"],
+    registry=REGISTRY,
+)
 COMMITS = Counter("sluice_commits", "Source position commits.", [*_P, "source"], registry=REGISTRY)
 
 BATCH_SECONDS = Histogram(

@@ -16,23 +16,54 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import PipelineSpec
 from sluice.connectors import registry
-from sluice.connectors.base import EVENT_TS, Batch, Source, Target
+from sluice.connectors.base import EVENT_TS, Batch, RawRecord, Source, Target
+from sluice.engine import dlq
 from sluice.engine import metrics as m
-from sluice.errors import DecodeError, SluiceError, TransientError
+from sluice.engine.lookups import LookupTables
+from sluice.engine.sql import SqlStage
+from sluice.errors import DecodeError, SluiceError, StageError, TransientError
+from sluice.functions import Function, collect
 
 log = logging.getLogger("sluice")
 
 _RETRY_FIRST_S = 0.5  # first wait after a transient target failure
 _RETRY_MAX_S = 30.0  # waits double up to this; the batch is held, not re-read
 _NOT_READY_AFTER_S = 60.0  # /readyz turns 503 when a write has been failing this long
+
+
+class Stage(Protocol):
+    """A transform between the sources and the targets (SQL, window, join, cdc)."""
+
+    def open(self) -> None:
+        """Prepare (load lookups, connect to state)."""
+
+    def process(self, data: pa.Table) -> pa.Table:
+        """Transform one batch; a failure is a :class:`StageError`."""
+
+    def close(self) -> None:
+        """Release what open() took."""
+
+
+class _Endpoint(Protocol):
+    """What the retry loop needs of a target or a dead-letter sink."""
+
+    id: str
+
+    def open(self) -> None:
+        """Connect."""
+
+    def close(self) -> None:
+        """Disconnect."""
 
 
 @dataclass
@@ -82,8 +113,11 @@ class Runner:
         options: RunOptions | None = None,
         sources: list[Source] | None = None,
         targets: list[Target] | None = None,
+        functions: Iterable[Function] = (),
+        file: str = "<pipeline>",
     ) -> None:
-        """``sources`` / ``targets`` replace the ones the spec names (unit tests)."""
+        """``sources`` / ``targets`` replace the ones the spec names (unit tests);
+        ``functions`` are UDFs / UDAFs registered besides ``udf_modules``."""
         self.spec = spec
         self.stop = stop
         self.options = options or RunOptions()
@@ -102,6 +136,19 @@ class Runner:
         )
         self._idle_since: float | None = None
         self._lag_labels: dict[str, set[str]] = {}
+        transform = spec.transform
+        self.on_error = transform.on_error if transform else "fail"
+        self.stages: list[Stage] = []
+        if transform is not None and transform.sql:
+            functions_by_name = collect(functions, transform.udf_modules, file)
+            lookups = LookupTables(transform.lookups, self.name) if transform.lookups else None
+            self.stages.append(SqlStage(transform.sql, self.name, functions_by_name, lookups))
+        self._dlq_own: dict[str, dlq.DeadLetterSink] = {}
+        self._dlq_default: dlq.DeadLetterSink | None = None
+        window = transform.window if transform else None
+        if self.on_error == "dlq" or (window is not None and window.late_data == "dlq"):
+            ids = {i: src.id for i, src in enumerate(self.sources)}
+            self._dlq_own, self._dlq_default = dlq.build_sinks(spec, ids)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -115,6 +162,11 @@ class Runner:
             for target in self.targets:
                 if not await self._retry(target, target.open, "open"):
                     return
+            for sink in self._dlq_sinks():
+                if not await self._retry(sink, sink.open, "open"):
+                    return
+            for stage in self.stages:
+                await asyncio.to_thread(stage.open)
             for source in self.sources:
                 await asyncio.to_thread(source.open, None)
             m.UP.labels(self.name).set(1)
@@ -128,35 +180,150 @@ class Runner:
                 await asyncio.to_thread(_quietly, source.close)
             for target in self.targets:
                 await asyncio.to_thread(_quietly, target.close)
+            for sink in self._dlq_sinks():
+                await asyncio.to_thread(_quietly, sink.close)
+            for stage in self.stages:
+                await asyncio.to_thread(_quietly, stage.close)
+
+    def _dlq_sinks(self) -> list[dlq.DeadLetterSink]:
+        sinks = list(self._dlq_own.values())
+        return sinks if self._dlq_default is None else [*sinks, self._dlq_default]
 
     async def _iteration(self) -> bool:
-        """One read → write → commit round; False when the loop should end."""
+        """One read → transform → write → commit round; False when the loop should end."""
         m.ITERATIONS.labels(self.name).inc()
         wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
-        try:
-            reads = await asyncio.gather(*(asyncio.to_thread(s.read, wait_s) for s in self.sources))
-        except DecodeError:
-            m.ERRORS.labels(self.name, "decode").inc()
-            raise
+        reads = await asyncio.gather(*(asyncio.to_thread(s.read, wait_s) for s in self.sources))
         batches = [b for b in reads if b is not None]
         self._update_ready()
         if not batches:
             return await self._idle()
         self._idle_since = None
         started = time.perf_counter()
-        rows_in = sum(b.num_rows for b in batches)
-        m.ROWS_CONSUMED.labels(self.name).inc(rows_in)
+        m.ROWS_CONSUMED.labels(self.name).inc(sum(b.num_rows for b in batches))
+        letters: list[dlq.DeadLetter] = []
         for b in batches:
+            if b.bad:
+                letters.extend(self._undecodable(b))
             self._wm.observe(b)
-        data = self._union(batches)
-        if not await self._deliver(data):
+        decoded = [b for b in batches if b.num_rows]
+        out: pa.Table | None = None
+        if decoded:
+            out = await self._transform(self._union(decoded), decoded, letters)
+        if letters and not await self._dead_letter(letters):
+            log.warning("stopping with unwritten dead letters; the batch will be read again")
+            return False
+        if out is not None and out.num_rows and not await self._deliver(out):
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             return False
         await self._commit(batches)
         m.BATCHES.labels(self.name).inc()
-        m.ROWS_WRITTEN.labels(self.name).inc(data.num_rows)
+        if out is not None:
+            m.ROWS_WRITTEN.labels(self.name).inc(out.num_rows)
         m.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
         self._export_watermarks()
+        return True
+
+    # -- on_error ---------------------------------------------------------------
+
+    def _undecodable(self, batch: Batch) -> list[dlq.DeadLetter]:
+        """Apply on_error to the records of ``batch`` that did not decode."""
+        m.ERRORS.labels(self.name, "decode").inc()
+        first, reason = batch.bad[0]
+        where = batch.raw.where(first) if batch.raw is not None else batch.span()
+        if self.on_error == "fail":
+            raise DecodeError(
+                f"source {batch.source_id}: cannot decode message at {where}: {reason} "
+                f"({len(batch.bad)} bad message(s) in this batch)"
+            )
+        if self.on_error == "drop" or batch.raw is None:
+            m.ROWS_DROPPED.labels(self.name, "decode").inc(len(batch.bad))
+            log.warning(
+                "source %s: dropped %d undecodable message(s), first at %s: %s",
+                batch.source_id,
+                len(batch.bad),
+                where,
+                reason,
+            )
+            return []
+        raw = batch.raw
+        return [
+            dlq.DeadLetter(self.name, batch.source_id, "decode", why, raw.record(i))
+            for i, why in batch.bad
+        ]
+
+    async def _transform(
+        self, data: pa.Table, batches: list[Batch], letters: list[dlq.DeadLetter]
+    ) -> pa.Table | None:
+        """Run the stages; on failure apply on_error. None when the batch was set aside."""
+        if not self.stages:
+            return data
+        attempts = self.spec.dlq_max_attempts or 1
+        error: StageError | None = None
+        for attempt in range(1, attempts + 1):
+            try:
+                out = data
+                for stage in self.stages:
+                    out = await asyncio.to_thread(stage.process, out)
+                return out
+            except StageError as exc:
+                m.ERRORS.labels(self.name, "stage").inc()
+                error = exc
+                if attempt < attempts:
+                    log.warning("batch failed (attempt %d of %d): %s", attempt, attempts, exc)
+                    await self._sleep(min(_RETRY_FIRST_S * 2 ** (attempt - 1), _RETRY_MAX_S))
+        spans = "; ".join(f"source {b.source_id} {b.span()}" for b in batches)
+        if self.on_error == "fail":
+            raise StageError(f"{error} (batch from {spans})") from error
+        if self.on_error == "drop":
+            m.ROWS_DROPPED.labels(self.name, "transform").inc(data.num_rows)
+            log.warning("dropped a batch of %d row(s) (%s): %s", data.num_rows, spans, error)
+            return None
+        for b in batches:
+            letters.extend(self._batch_letters(b, str(error)))
+        return None
+
+    def _batch_letters(self, batch: Batch, error: str) -> list[dlq.DeadLetter]:
+        """Dead letters for every decoded row of ``batch`` (raw when the source kept it)."""
+        raw = batch.raw
+        if raw is not None:
+            index = batch.rows if batch.rows is not None else range(len(raw))
+            bad = {i for i, _ in batch.bad}
+            return [
+                dlq.DeadLetter(self.name, batch.source_id, "transform", error, raw.record(i))
+                for i in index
+                if i not in bad
+            ]
+        # No raw payloads (e.g. files): the decoded row, as JSON, is the payload.
+        encoder = msgspec.json.Encoder()
+        partition = ",".join(batch.partitions or tuple(batch.position))
+        return [
+            dlq.DeadLetter(
+                self.name,
+                batch.source_id,
+                "transform",
+                error,
+                RawRecord(partition, None, None, None, encoder.encode(row)),
+            )
+            for row in batch.data.to_pylist()
+        ]
+
+    async def _dead_letter(self, letters: list[dlq.DeadLetter]) -> bool:
+        """Write ``letters`` durably to their sinks; False when stopped while retrying."""
+        groups: dict[int, tuple[dlq.DeadLetterSink, list[dlq.DeadLetter]]] = {}
+        for letter in letters:
+            sink = self._dlq_own.get(letter.source, self._dlq_default)
+            if sink is None:  # on_error = dlq always builds a default sink
+                raise SluiceError("no dead-letter destination configured")
+            groups.setdefault(id(sink), (sink, []))[1].append(letter)
+        for sink, group in groups.values():
+
+            def write(s: dlq.DeadLetterSink = sink, g: list[dlq.DeadLetter] = group) -> None:
+                s.write(g)
+
+            if not await self._retry(sink, write, "write"):
+                return False
+            m.DLQ_WRITES.labels(self.name).inc(len(group))
         return True
 
     async def _idle(self) -> bool:
@@ -201,7 +368,7 @@ class Runner:
                 return False
         return True
 
-    async def _retry(self, target: Target, action: Callable[[], None], what: str) -> bool:
+    async def _retry(self, target: _Endpoint, action: Callable[[], None], what: str) -> bool:
         """Run ``action`` until it succeeds, reconnecting on transient errors.
 
         Returns False when a stop is requested while waiting; any
