@@ -148,6 +148,30 @@ def test_a_transient_failure_retries_the_same_batch_without_committing_early() -
     assert journal.count("b.open") == 3  # reconnected after each failure
 
 
+def test_a_reconnect_that_fails_is_retried_before_the_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sluice.engine.runner._RETRY_FIRST_S", 0.001)
+
+    @dataclass
+    class Flaky(MemTarget):
+        open_failures: int = 0
+
+        def open(self) -> None:
+            super().open()
+            if self.journal.count(f"{self.id}.open") > 1 and self.open_failures:
+                self.open_failures -= 1
+                raise TransientError(f"{self.id}: still down")
+
+    journal: list[str] = []
+    src = MemSource(_tables(2), journal)
+    target = Flaky("a", journal, transient_failures=1, open_failures=2)
+    _run(src, [target])
+    assert target.durable == [0, 1]
+    assert journal.count("a.open") == 4  # start, two failed reconnects, one that worked
+    assert src.committed == [{"p:0": 1}]
+
+
 def test_a_fatal_target_error_stops_without_committing() -> None:
     journal: list[str] = []
     src = MemSource(_tables(2), journal)

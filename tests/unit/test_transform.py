@@ -69,9 +69,7 @@ def test_a_bad_type_name_fails_when_the_decorator_runs() -> None:
 
 
 def test_two_functions_with_one_name_are_a_config_error() -> None:
-    other = sluice.udf(args=["Float64", "Float64"], returns="Float64", name="ratio")(
-        lambda a, b: a
-    )
+    other = sluice.udf(args=["Float64", "Float64"], returns="Float64", name="ratio")(lambda a, b: a)
     with pytest.raises(ConfigError, match="two functions are named 'ratio'"):
         collect([ratio, other])
 
@@ -246,7 +244,9 @@ class _Raw:
         return len(self.payloads)
 
     def record(self, index: int) -> RawRecord:
-        return RawRecord("mem:0", self.first_offset + index, 1_700_000_000_000, None, self.payloads[index])
+        return RawRecord(
+            "mem:0", self.first_offset + index, 1_700_000_000_000, None, self.payloads[index]
+        )
 
     def where(self, index: int) -> str:
         return f"partition mem:0 offset {self.first_offset + index}"
@@ -350,7 +350,9 @@ SQL = "SELECT CAST(x AS INT) AS x FROM source"
 def test_fail_names_the_source_and_offset_of_a_bad_message() -> None:
     source = RawSource([GOOD, POISON])
     target = ListTarget()
-    with pytest.raises(DecodeError, match=r"source mem: cannot decode message at partition mem:0 offset 3"):
+    with pytest.raises(
+        DecodeError, match=r"source mem: cannot decode message at partition mem:0 offset 3"
+    ):
         _run_loop(_pipeline("fail", SQL), source, target)
     assert source.committed == [{"mem:0": 2}]
 

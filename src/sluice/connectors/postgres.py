@@ -15,7 +15,12 @@ C++ straight from the Arrow buffers) inside one transaction that
   ``DO NOTHING``).
 
 A missing table is created from the batch schema (with the configured
-primary key); a column the table lacks is added. A failure whose connection
+primary key); a column the table lacks is added. A nested column (list,
+struct, map) is written as JSON text (:mod:`sluice.connectors.jsontext`,
+which documents the exact JSON) and may only go to a ``json`` or ``jsonb``
+column (or a domain over one); a new one is created as ``jsonb``. A batch
+giving nested values to any other column is refused before anything of it
+is written, naming the table, the column and its type. A failure whose connection
 no longer answers is a :class:`TransientError` (the engine reconnects and
 retries the same batch; nothing was committed); any other is fatal.
 """
@@ -23,7 +28,6 @@ retries the same batch; nothing was committed); any other is fatal.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from typing import Any
 
@@ -31,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import PostgresTarget as PostgresTargetSpec
+from sluice.connectors.jsontext import to_json_text
 from sluice.connectors.registry import Context
 from sluice.connectors.sqltypes import pg_type
 from sluice.errors import ConnectorError, TransientError
@@ -63,13 +68,17 @@ NATIVE: dict[str, pa.DataType] = {
 }
 
 
-def ingestable(table: pa.Table) -> pa.Table:
-    """Columns ADBC cannot send, converted: nested values to JSON text,
-    durations to text Postgres reads as intervals, unsigned 64-bit to text
-    (no Postgres twin), null-typed columns dropped.
+#: Type oids of ``json`` and ``jsonb``: the only homes of nested columns.
+JSON_OIDS = (114, 3802)
 
-    Nested / duration conversion is per row; it is used only for such
-    columns (issue: a vectorised JSON writer comes with the SQL stage).
+
+def ingestable(table: pa.Table) -> pa.Table:
+    """Columns ADBC cannot send, converted: nested values to JSON text
+    (vectorised, :func:`to_json_text`), durations to text Postgres reads as
+    intervals, unsigned 64-bit to text (no Postgres twin), null-typed
+    columns dropped.
+
+    The duration conversion is still per row.
     """
     names, columns = [], []
     for name, col in zip(table.column_names, table.columns, strict=True):
@@ -77,10 +86,7 @@ def ingestable(table: pa.Table) -> pa.Table:
         if t == pa.null():
             continue
         if pa.types.is_nested(t):
-            col = pa.array(
-                [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()],
-                pa.string(),
-            )
+            col = to_json_text(col)
         elif pa.types.is_duration(t):
             col = pa.array(
                 [None if v is None else f"{v.total_seconds()} seconds" for v in col.to_pylist()],
@@ -117,6 +123,7 @@ class PostgresTarget:
         self._stage = _q(f"_sluice_stage_{index}")
         self._conn: Any = None
         self._columns: dict[str, str] | None = None  # name -> format_type()
+        self._json: set[str] = set()  # columns of type json / jsonb (or a domain over one)
         self._key: list[str] = list(spec.table.primary_key or [])
         if spec.mode not in ("append", "merge"):
             raise ConnectorError(
@@ -157,13 +164,16 @@ class PostgresTarget:
 
     def _reflect(self) -> None:
         rows = self._query(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+            f"COALESCE(NULLIF(t.typbasetype, 0), t.oid) IN {JSON_OIDS} FROM pg_attribute a "
+            "JOIN pg_type t ON t.oid = a.atttypid "
             "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped "
             "ORDER BY a.attnum",
             (self.schema, self.table),
         )
         self._columns = {r[0]: r[1] for r in rows} if rows else None
+        self._json = {r[0] for r in rows if r[2]}
         if self._columns is not None and not self._key:
             keys = self._query(
                 "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
@@ -186,13 +196,35 @@ class PostgresTarget:
         """Send ``data`` inside the open transaction (committed by :meth:`flush`)."""
         if data.num_rows == 0:
             return
+        self._check_nested(data.schema)
         try:
-            self._write(ingestable(data))
+            self._write(ingestable(data), data.schema)
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
 
-    def _write(self, data: pa.Table) -> None:
-        self._ensure_table(data.schema)
+    def _check_nested(self, schema: pa.Schema) -> None:
+        """Refuse a nested column bound for an existing column that is not json/jsonb.
+
+        Runs before the batch touches the connection, so none of it is written.
+        """
+        if self._columns is None:
+            return  # the table is created with jsonb for every nested column
+        for f in schema:
+            if pa.types.is_nested(f.type) and f.name in self._columns and f.name not in self._json:
+                raise ConnectorError(
+                    f'{self.id}: column "{f.name}" is {self._columns[f.name]} in Postgres but '
+                    f"the batch gives it nested values ({f.type}); a list, struct or map column "
+                    "can only be written to a json or jsonb column: change the column's type "
+                    "or convert the value in the pipeline"
+                )
+
+    def _write(self, data: pa.Table, batch: pa.Schema) -> None:
+        """Write ``data`` (:func:`ingestable` of a batch whose schema is ``batch``)."""
+        own = {f.name: f for f in batch}
+        # A nested column is created from its own type (pg_type: jsonb), not
+        # as the text it is sent as.
+        create = [own[f.name] if pa.types.is_nested(own[f.name].type) else f for f in data.schema]
+        self._ensure_table(pa.schema(create))
         assert self._columns is not None
         if self.spec.mode == "append":
             native = self._native(data)

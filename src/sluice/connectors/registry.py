@@ -24,6 +24,7 @@ _SOURCES: dict[str, tuple[str, str]] = {
 }
 _TARGETS: dict[str, tuple[str, str]] = {
     "postgres": ("sluice.connectors.postgres", "postgres"),
+    "mysql": ("sluice.connectors.mysql", "mysql"),
     "sqlite": ("sluice.connectors.embedded", "all"),
     "duckdb": ("sluice.connectors.embedded", "duckdb"),
 }

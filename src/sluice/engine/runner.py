@@ -376,8 +376,12 @@ class Runner:
         """
         backoff = _RETRY_FIRST_S
         failing_since: float | None = None
+        reopen = False
         while True:
             try:
+                if reopen:  # reconnect first: the action needs an open endpoint
+                    await asyncio.to_thread(target.open)
+                    reopen = False
                 await asyncio.to_thread(action)
             except TransientError as exc:
                 now = time.monotonic()
@@ -392,11 +396,7 @@ class Runner:
                 if self.stop.is_set():
                     return False
                 backoff = min(backoff * 2, _RETRY_MAX_S)
-                if what != "open":
-                    try:
-                        await asyncio.to_thread(target.open)
-                    except TransientError:
-                        continue
+                reopen = what != "open"
                 continue
             return True
 
