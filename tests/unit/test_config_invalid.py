@@ -390,6 +390,21 @@ CASES = [
         ),
     ),
     case(
+        "dlq_store_topic_without_topic",
+        'dlq_store: "topic" needs dead_letter_topic (on the pipeline or a kafka source)',
+    ),
+    case(
+        "dlq_store_table_without_postgres",
+        (
+            'dlq_store: "postgres:ops.dead_letters" needs a postgres target or [state_store] '
+            "(its database holds the table)"
+        ),
+    ),
+    case(
+        "dlq_store_kafka_without_kafka_source",
+        'dlq_store: "kafka:dead" needs a kafka source (its brokers receive the DLQ)',
+    ),
+    case(
         "bad_url_scheme",
         (
             "target.url: expected a postgres:// or postgresql:// URL, got "

@@ -738,6 +738,30 @@ def _check_dlq(
                 f'expected auto, topic, table, kafka:TOPIC, postgres:SCHEMA.TABLE or a path ending in .jsonl, got "{redact_text(store)}"',
             )
         )
+    elif isinstance(store, str):
+        _check_dlq_store(data, store, kafka_sources, add)
+
+
+def _check_dlq_store(
+    data: dict[str, Any], store: str, kafka_sources: list[dict[str, Any]], add: Any
+) -> None:
+    """The destination a dlq_store form names must exist in the pipeline."""
+    targets = data.get("targets") if isinstance(data.get("targets"), list) else [data.get("target")]
+    has_pg = any(isinstance(t, dict) and t.get("kind") == "postgres" for t in targets) or (
+        isinstance(data.get("state_store"), dict) and data["state_store"].get("kind") == "postgres"
+    )
+    topics = data.get("dead_letter_topic") or any(s.get("dead_letter_topic") for s in kafka_sources)
+    if store == "topic" and not topics:
+        add(("dlq_store", '"topic" needs dead_letter_topic (on the pipeline or a kafka source)'))
+    elif store.startswith("kafka:") and not kafka_sources:
+        add(("dlq_store", f'"{store}" needs a kafka source (its brokers receive the DLQ)'))
+    elif (store == "table" or store.startswith("postgres:")) and not has_pg:
+        add(
+            (
+                "dlq_store",
+                f'"{store}" needs a postgres target or [state_store] (its database holds the table)',
+            )
+        )
 
 
 def convert(data: dict[str, Any], spec_type: type[Any]) -> Any:
