@@ -66,7 +66,6 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover
     raise ModuleNotFoundError("pymysql", name="pymysql") from exc
 
-
 _SEQ = "__sluice_seq"
 
 #: Seconds to establish a connection.
@@ -415,6 +414,13 @@ class MySQLTarget:
         batch = csv_ready(data, self.id)
         if batch.table.num_columns == 0:
             return
+        if self.spec.mode == "merge":
+            names = {n.lower() for n in batch.table.column_names}
+            missing = [k for k in self._key if k.lower() not in names]
+            if missing:
+                raise ConnectorError(
+                    f"{self.id}: merge key column(s) {missing} missing from the batch"
+                )
         try:
             self._ensure_table(data.select(batch.table.column_names).schema)
             if self.spec.mode == "merge":
@@ -518,12 +524,7 @@ class MySQLTarget:
         )
 
     def _merge(self, batch: CsvBatch) -> None:
-        assert self._columns is not None
         names = batch.table.column_names
-        lowered = {n.lower() for n in names}
-        missing = [k for k in self._key if k.lower() not in lowered]
-        if missing:
-            raise ConnectorError(f"{self.id}: merge key column(s) {missing} missing from the batch")
         cols = ", ".join(_q(n) for n in names)
         self._query(f"DROP TEMPORARY TABLE IF EXISTS {self._stage}")
         self._query(
@@ -566,8 +567,8 @@ class MySQLTarget:
         if not alive or _code(exc) in _TRANSIENT_CODES:
             self.close()
             raise TransientError(f"{self.id}: connection lost: {_message(exc)}") from exc
-        with contextlib.suppress(pymysql.Error):
-            self._reflect()
+        with contextlib.suppress(pymysql.Error, ConnectorError):
+            self._reflect()  # a failed ALTER leaves the columns as they were
         raise ConnectorError(f"{self.id}: {_message(exc)}") from exc
 
     def _require(self) -> Any:
