@@ -39,7 +39,9 @@ the batch.
 or lock wait timeout) is a :class:`TransientError`: the engine reconnects and
 retries the same batch (nothing was committed). Anything else is fatal.
 
-The session runs with ``time_zone = '+00:00'`` and strict SQL mode.
+The session runs with ``time_zone = '+00:00'`` and strict SQL mode. Tested
+against MariaDB 10.11; MySQL 8 should work (``VALUES()`` in ``ON DUPLICATE
+KEY UPDATE`` is deprecated there but still accepted).
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def _connect(url: MySQLUrl, *, local_infile: bool) -> Any:
     )
     if local_infile:
         # pymysql sends whatever local file the server asks for, whenever it
-        # asks. Allow it only while our own LOAD DATA runs (see _load).
+        # asks. Allow it only while our own LOAD DATA runs (see _load); the
+        # server still names the file then, so the url must be a server the
+        # pipeline trusts (as it trusts it with its data).
         conn._local_infile = False
     return conn
 
