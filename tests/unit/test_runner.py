@@ -128,12 +128,26 @@ def test_commit_follows_the_flush_of_every_target() -> None:
     src = MemSource(_tables(3, 2), journal)
     a, b = MemTarget("a", journal), MemTarget("b", journal)
     _run(src, [a, b])
-    body = [e for e in journal if not e.endswith(("open", "close"))]
+    body = [e for e in journal if not e.endswith(("open", "close", "read 2"))]
     assert body == [
         "read 1", "a.write", "a.flush", "b.write", "b.flush", "commit 1",
-        "read 2", "a.write", "a.flush", "b.write", "b.flush", "commit 2",
+        "a.write", "a.flush", "b.write", "b.flush", "commit 2",
     ]  # fmt: skip
+    # Batch 2 is read ahead while batch 1 is written, never after its own write.
+    assert journal.index("read 2") < journal.index("commit 1")
     assert a.durable == b.durable == [0, 1, 2, 3, 4]
+
+
+def test_read_ahead_keeps_at_most_two_batches_and_commits_in_order() -> None:
+    journal: list[str] = []
+    src = MemSource(_tables(1, 1, 1, 1), journal)
+    _run(src, [MemTarget("a", journal)])
+    reads = [e for e in journal if e.startswith(("read", "commit"))]
+    for k in range(1, 4):
+        # read k+2 never starts before batch k is committed
+        if f"read {k + 2}" in reads:
+            assert reads.index(f"read {k + 2}") > reads.index(f"commit {k}")
+    assert [e for e in reads if e.startswith("commit")] == [f"commit {k}" for k in range(1, 5)]
 
 
 def test_a_transient_failure_retries_the_same_batch_without_committing_early() -> None:

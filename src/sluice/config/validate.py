@@ -746,7 +746,8 @@ def _check_dlq_store(
     data: dict[str, Any], store: str, kafka_sources: list[dict[str, Any]], add: Any
 ) -> None:
     """The destination a dlq_store form names must exist in the pipeline."""
-    targets = data.get("targets") if isinstance(data.get("targets"), list) else [data.get("target")]
+    many = data.get("targets")
+    targets: list[Any] = many if isinstance(many, list) else [data.get("target")]
     has_pg = any(isinstance(t, dict) and t.get("kind") == "postgres" for t in targets) or (
         isinstance(data.get("state_store"), dict) and data["state_store"].get("kind") == "postgres"
     )

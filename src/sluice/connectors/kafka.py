@@ -4,14 +4,16 @@
   commits ``offset + 1`` of the last row per partition.
 * Partitions revoked during a read: their messages in that read are dropped
   (they were never written, so nothing is lost; the new owner reads them
-  from the last commit). The engine's loop is sequential, so every earlier
-  batch was written and committed before the read that saw the revoke.
+  from the last commit). The engine reads one batch ahead, so the revoke
+  callback first waits until the batch handed out before that read is
+  committed: its offsets land before the partitions go.
 * On assignment with a resume position (state store), partitions seek to it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 
 log = logging.getLogger(__name__)
 
+_REVOKE_WAIT_S = 30.0  # longest a revoke waits for the batch in flight to be committed
 _LAG_INTERVAL_S = 1.0  # consumer-lag gauges refresh this often; cached watermarks are cheap
 # Commit failures that mean "you no longer own this partition": the rows were
 # written, the new owner re-reads them (at least once), so they are not fatal.
@@ -94,6 +97,9 @@ class KafkaSource:
         self._lag: dict[str, int] = {}
         self._lag_at = 0.0
         self.connected = False
+        # Batches handed out and not yet committed (the engine reads one ahead).
+        self._in_flight = 0
+        self._settled = threading.Condition()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -148,6 +154,14 @@ class KafkaSource:
         self.connected = True
 
     def _on_revoke(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        # The engine reads the next batch while the previous one is written:
+        # hold the partitions until that batch is committed, so its offsets
+        # land before another member takes over (its rows are then not
+        # re-delivered). Bounded: a batch stuck on a down target gives up the
+        # partitions after _REVOKE_WAIT_S and is re-delivered to the new owner.
+        with self._settled:
+            if not self._settled.wait_for(lambda: self._in_flight == 0, _REVOKE_WAIT_S):
+                log.warning("kafka %s: giving up partitions with a batch still in flight", self.id)
         for tp in partitions:
             key = partition_key(tp.topic, tp.partition)
             self._assigned.discard(key)
@@ -186,7 +200,16 @@ class KafkaSource:
             ]
         if not good:
             return None
-        return self._to_batch(good)
+        batch = self._to_batch(good)
+        with self._settled:
+            self._in_flight += 1
+        return batch
+
+    def release_in_flight(self) -> None:
+        """The engine will not commit the batches handed out (it is stopping)."""
+        with self._settled:
+            self._in_flight = 0
+            self._settled.notify_all()
 
     def _to_batch(self, msgs: list[Any]) -> Batch:
         meta = [(m.topic(), m.partition(), m.offset(), m.timestamp()[1]) for m in msgs]
@@ -227,6 +250,14 @@ class KafkaSource:
 
     def commit(self, position: Position) -> None:
         """Synchronously commit ``position`` for the partitions still assigned."""
+        try:
+            self._commit(position)
+        finally:
+            with self._settled:
+                self._in_flight = max(0, self._in_flight - 1)
+                self._settled.notify_all()
+
+    def _commit(self, position: Position) -> None:
         consumer = self._require()
         offsets = []
         for key, offset in position.items():

@@ -1,9 +1,9 @@
 """The run loop: read → stages → write every target → flush → commit.
 
-One iteration handles one batch per source, start to finish, before the next
-read: a slow target slows the reads and memory holds one batch per source.
-Commits happen in exactly one place, :meth:`Runner._commit`, after every
-target flushed.
+One iteration handles one batch per source, start to finish; the next batch
+is read (and decoded) meanwhile, so at most two batches per source are in
+memory and a slow target slows the reads. Commits happen in exactly one
+place, :meth:`Runner._commit`, after every target flushed, in read order.
 
 Connectors block; the loop runs them in worker threads (they release the GIL
 in librdkafka, libpq and Arrow), so signals and timers stay responsive.
@@ -136,6 +136,7 @@ class Runner:
         )
         self._idle_since: float | None = None
         self._lag_labels: dict[str, set[str]] = {}
+        self._ahead: asyncio.Future[list[Batch | None]] | None = None
         transform = spec.transform
         self.on_error = transform.on_error if transform else "fail"
         self.stages: list[Stage] = []
@@ -176,6 +177,7 @@ class Runner:
         finally:
             m.UP.labels(self.name).set(0)
             m.HEALTH.set_ready(False, "stopped")
+            await self._drop_read_ahead()
             for source in self.sources:
                 await asyncio.to_thread(_quietly, source.close)
             for target in self.targets:
@@ -185,6 +187,24 @@ class Runner:
             for stage in self.stages:
                 await asyncio.to_thread(_quietly, stage.close)
 
+    async def _read(self) -> list[Batch | None]:
+        wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
+        return list(
+            await asyncio.gather(*(asyncio.to_thread(s.read, wait_s) for s in self.sources))
+        )
+
+    async def _drop_read_ahead(self) -> None:
+        """Wait for a read-ahead still running (its thread uses the source), then
+        forget it: it was never written, so it is never committed."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            for source in self.sources:
+                release = getattr(source, "release_in_flight", None)
+                if release is not None:
+                    release()  # a revoke inside that read must not wait for us
+            with contextlib.suppress(Exception):
+                await ahead
+
     def _dlq_sinks(self) -> list[dlq.DeadLetterSink]:
         sinks = list(self._dlq_own.values())
         return sinks if self._dlq_default is None else [*sinks, self._dlq_default]
@@ -192,13 +212,20 @@ class Runner:
     async def _iteration(self) -> bool:
         """One read → transform → write → commit round; False when the loop should end."""
         m.ITERATIONS.labels(self.name).inc()
-        wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
-        reads = await asyncio.gather(*(asyncio.to_thread(s.read, wait_s) for s in self.sources))
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            reads = await ahead
+        else:
+            reads = await self._read()
         batches = [b for b in reads if b is not None]
         self._update_ready()
         if not batches:
             return await self._idle()
         self._idle_since = None
+        if not self.stop.is_set():
+            # Read ahead: the next batch is read and decoded while this one is
+            # transformed and written. It is committed only after this one.
+            self._ahead = asyncio.ensure_future(self._read())
         started = time.perf_counter()
         m.ROWS_CONSUMED.labels(self.name).inc(sum(b.num_rows for b in batches))
         letters: list[dlq.DeadLetter] = []
