@@ -1,0 +1,742 @@
+"""Kafka -> SQL (filter + lookup join) -> Postgres: sluice against the reference engine.
+
+    python -m benchmarks.kafka_sql_lookup_to_postgres.run [--rows N] [--engines sluice,reference]
+
+1. Produce ``--rows`` JSON events to a new 3-partition topic: the generator,
+   the producer and the topic layout are those of ``kafka_to_postgres``
+   (imported from it, so both benchmarks read the same events).
+2. In a new Postgres schema, create the lookup table ``users`` (10,000 rows,
+   one per user_id of the events) and load the same events into a raw table.
+   Run the pipeline's own SQL statement there (``source`` and ``users`` bound
+   to those tables) to get the rows each engine must write.
+3. For each engine, one after the other: create its own target table, render
+   ``pipeline.toml.tmpl`` (only the group_id and table differ), start the
+   engine and poll ``count(*)`` of its table until every expected row landed.
+4. Verify each table against the expected rows (counts, sums, an md5 over
+   every row, and EXCEPT ALL both ways), print the tables and write
+   ``benchmarks/results/kafka_sql_lookup_to_postgres-<date>.{md,json}``.
+
+The timing, CPU and memory accounting is that of ``kafka_to_postgres``; the
+figures are per *input* event (what the source read), not per output row.
+See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import secrets
+import string
+import sys
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+from benchmarks import common
+from benchmarks.kafka_to_postgres import run as k2pg
+from benchmarks.kafka_to_postgres.run import Dataset, EngineResult, Settings
+
+HERE = Path(__file__).resolve().parent
+TEMPLATE = HERE / "pipeline.toml.tmpl"
+BENCHMARK = "kafka_sql_lookup_to_postgres"
+ENGINES = k2pg.ENGINES
+#: Prefix of the topic, the schema, the pipeline_name, the group ids and the work dir.
+PREFIX = "bench-sqlk"
+
+#: The lookup table: one row per user_id the event generator draws (1..USERS).
+#: ``signup_date`` is a timestamptz at midnight UTC, not a ``date``: the
+#: reference's Postgres lookup loader fails on ``date`` with "type mapping
+#: error: Postgres → Arrow: unsupported type date (oid=1082)".
+USERS_COLUMNS = (
+    ("id", "bigint PRIMARY KEY"),
+    ("name", "text NOT NULL"),
+    ("country", "text NOT NULL"),
+    ("tier", "text NOT NULL"),
+    ("signup_date", "timestamptz NOT NULL"),
+)
+TIERS = ("free", "plus", "pro", "enterprise")
+TIER_WEIGHTS = (60, 25, 12, 3)
+SIGNUP_LATEST = datetime(2025, 12, 31, tzinfo=UTC)
+SIGNUP_SPAN_DAYS = 1500
+
+#: The events as produced, one column per JSON field, for the expected rows.
+RAW_TABLE = "events_raw"
+RAW_COLUMNS = (
+    ("id", "bigint"),
+    ("user_id", "bigint"),
+    ("event_type", "text"),
+    ("amount", "double precision"),
+    ("country", "text"),
+    ("session", "text"),
+    ("ts", "text"),
+)
+
+#: What the pipeline's SELECT returns, in order; each engine's table has
+#: exactly these columns. Keep it in step with the SQL in pipeline.toml.tmpl.
+OUTPUT_COLUMNS = (
+    ("id", "bigint"),
+    ("user_id", "bigint"),
+    ("event_type", "text"),
+    ("amount", "double precision"),
+    ("country", "text"),
+    ("tier", "text"),
+)
+_OUT = ", ".join(name for name, _ in OUTPUT_COLUMNS)
+#: Aggregates that must be equal over the expected rows and an engine's table.
+#: ``row(...)::text`` spells NULLs out; a double prints its shortest exact form.
+CHECKSUM_SELECT = (
+    f"count(*), count(DISTINCT id), sum(id), sum(user_id), "
+    f"md5(string_agg(row({_OUT})::text, E'\\n' ORDER BY {_OUT}))"
+)
+CHECKSUM_KEYS = ("rows", "distinct_ids", "id_sum", "user_id_sum", "md5")
+
+
+# ---------------------------------------------------------------- data
+
+
+def users(seed: int) -> Iterator[tuple[int, str, str, str, datetime]]:
+    """Rows of the lookup table ``users`` for ids 1..USERS; the same for the same seed."""
+    rng = random.Random(f"users:{seed}")
+    for uid in range(1, k2pg.USERS + 1):
+        yield (
+            uid,
+            f"user-{uid:05d}",
+            rng.choice(k2pg.COUNTRIES),
+            rng.choices(TIERS, TIER_WEIGHTS)[0],
+            SIGNUP_LATEST - timedelta(days=rng.randrange(SIGNUP_SPAN_DAYS)),
+        )
+
+
+def raw_rows(rows: int, seed: int) -> Iterator[tuple[Any, ...]]:
+    """The produced events, decoded from the very payloads the topic holds."""
+    for _key, payload in k2pg.events(rows, seed):
+        event = json.loads(payload)
+        yield tuple(event[name] for name, _ in RAW_COLUMNS)
+
+
+@dataclass
+class Expected:
+    """What each engine must write, computed by Postgres over the raw events."""
+
+    schema: str
+    users: int = 0
+    load_s: float = 0.0
+    query_s: float = 0.0
+    rows: int = 0
+    checksums: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def selectivity(self) -> float:
+        return self.rows / max(self.checksums.get("input_rows", 0), 1)
+
+
+def _create(conn: psycopg.Connection[Any], name: str, columns: Sequence[tuple[str, str]]) -> None:
+    cols = ", ".join(f"{col} {sqltype}" for col, sqltype in columns)
+    conn.execute(f"CREATE TABLE {name} ({cols})")
+
+
+def _copy(
+    conn: psycopg.Connection[Any],
+    name: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Iterator[tuple[Any, ...]],
+) -> None:
+    cols = ", ".join(col for col, _ in columns)
+    with conn.cursor() as cur, cur.copy(f"COPY {name} ({cols}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def expected_cte(schema: str, sql: str) -> str:
+    """``WITH`` clauses that bind the pipeline's ``source`` and ``users`` to the
+    raw tables and name the statement's result ``expected``."""
+    return (
+        f"WITH source AS (SELECT * FROM {schema}.{RAW_TABLE}), "
+        f"users AS (SELECT * FROM {schema}.users), "
+        f"expected AS ({sql}) "
+    )
+
+
+def prepare_postgres(
+    conn: psycopg.Connection[Any], settings: Settings, schema: str, sql: str
+) -> Expected:
+    """Create ``schema`` with the lookup table and the raw events; compute the expected rows."""
+    exp = Expected(schema=schema)
+    started = time.monotonic()
+    conn.execute(f"CREATE SCHEMA {schema}")
+    _create(conn, f"{schema}.users", USERS_COLUMNS)
+    _copy(conn, f"{schema}.users", USERS_COLUMNS, users(settings.seed))
+    _create(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
+    _copy(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS, raw_rows(settings.rows, settings.seed))
+    conn.execute(f"ANALYZE {schema}.users")
+    conn.execute(f"ANALYZE {schema}.{RAW_TABLE}")
+    exp.load_s = time.monotonic() - started
+    row = conn.execute(f"SELECT count(*) FROM {schema}.users").fetchone()
+    exp.users = int(row[0]) if row else 0
+
+    started = time.monotonic()
+    row = conn.execute(
+        expected_cte(schema, sql)
+        + f"SELECT {CHECKSUM_SELECT}, (SELECT count(*) FROM source) FROM expected"
+    ).fetchone()
+    exp.query_s = time.monotonic() - started
+    assert row is not None
+    exp.checksums = dict(zip((*CHECKSUM_KEYS, "input_rows"), _plain(row), strict=True))
+    exp.rows = exp.checksums["rows"]
+    return exp
+
+
+def _plain(values: Sequence[Any]) -> list[Any]:
+    """Postgres numerics (sums) as int, the rest as they are."""
+    return [v if v is None or isinstance(v, str) else int(v) for v in values]
+
+
+# ---------------------------------------------------------------- engines
+
+
+def pipeline_name(run_id: str) -> str:
+    return f"{PREFIX}-{run_id}"
+
+
+def schema_name(run_id: str) -> str:
+    return f"{PREFIX}_{run_id}".replace("-", "_")
+
+
+def render_pipeline(
+    settings: Settings, run_id: str, topic: str, group_id: str, schema: str, table: str
+) -> str:
+    return string.Template(TEMPLATE.read_text()).substitute(
+        # Unique per run: the reference resumes from its own offsets table
+        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
+        pipeline_name=pipeline_name(run_id),
+        topic=topic,
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=group_id,
+        postgres_url=settings.postgres_url,
+        schema=schema,
+        table=table,
+    )
+
+
+def pipeline_sql(settings: Settings) -> str:
+    """The ``[transform] sql`` of the template, as both engines get it."""
+    rendered = render_pipeline(settings, "x", "x", "x", "x", "x")
+    sql: str = tomllib.loads(rendered)["transform"]["sql"]
+    return sql
+
+
+def forget_reference_offsets(conn: psycopg.Connection[Any], run_id: str) -> None:
+    """Delete this run's row from the reference's offsets table, if it has one."""
+    row = conn.execute("SELECT to_regclass(%s)", (k2pg.REFERENCE_OFFSETS,)).fetchone()
+    if row and row[0]:
+        conn.execute(
+            f"DELETE FROM {k2pg.REFERENCE_OFFSETS} WHERE pipeline_id = %s",
+            (pipeline_name(run_id),),
+        )
+
+
+def drop_schema(settings: Settings, schema: str, run_id: str) -> None:
+    """Drop this run's schema and offsets row, on a new connection (the run's
+    may be the reason we got here); say what is left over if that fails."""
+    try:
+        with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            forget_reference_offsets(conn, run_id)
+    except psycopg.Error as exc:
+        print(
+            f"note: could not drop schema {schema} or delete the offsets row of "
+            f"{pipeline_name(run_id)} in {k2pg.REFERENCE_OFFSETS}: {exc}",
+            file=sys.stderr,
+        )
+
+
+def create_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
+    conn.execute(f"DROP TABLE IF EXISTS {schema}.{table}")
+    _create(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
+    # Start each engine with the previous one's dirty pages written out.
+    conn.execute("CHECKPOINT")
+
+
+def count_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> int:
+    row = conn.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def verify(conn: psycopg.Connection[Any], sql: str, exp: Expected, table: str) -> dict[str, Any]:
+    """Compare ``table`` with the expected rows: its columns, the checksums and
+    the rows missing from it or not expected in it (EXCEPT ALL, duplicates count)."""
+    schema = exp.schema
+    columns = [
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+            (schema, table),
+        ).fetchall()
+    ]
+    row = conn.execute(f"SELECT {CHECKSUM_SELECT} FROM {schema}.{table}").fetchone()
+    assert row is not None
+    got: dict[str, Any] = dict(zip(CHECKSUM_KEYS, _plain(row), strict=True))
+    compare = (
+        f", actual AS (SELECT {_OUT} FROM {schema}.{table}) SELECT "
+        f"(SELECT count(*) FROM (SELECT {_OUT} FROM expected "
+        f"EXCEPT ALL SELECT {_OUT} FROM actual) m), "
+        f"(SELECT count(*) FROM (SELECT {_OUT} FROM actual "
+        f"EXCEPT ALL SELECT {_OUT} FROM expected) u)"
+    )
+    diff = conn.execute(expected_cte(schema, sql) + compare).fetchone()
+    assert diff is not None
+    got["missing"], got["unexpected"] = int(diff[0]), int(diff[1])
+    want = {**{k: exp.checksums[k] for k in CHECKSUM_KEYS}, "missing": 0, "unexpected": 0}
+    problems = [f"{k} = {got[k]}, expected {v}" for k, v in want.items() if got[k] != v]
+    expected_columns = [name for name, _ in OUTPUT_COLUMNS]
+    if columns != expected_columns:
+        problems.append(f"columns = {columns}, expected {expected_columns}")
+    return {"ok": not problems, "problems": problems, **got, "columns": columns}
+
+
+def run_engine(
+    settings: Settings,
+    conn: psycopg.Connection[Any],
+    admin: AdminClient,
+    ds: Dataset,
+    exp: Expected,
+    sql: str,
+    run_id: str,
+    engine: str,
+    version: str,
+) -> EngineResult:
+    """Run ``engine`` until every expected row landed (or it fails); verify its table.
+
+    The loop is that of ``kafka_to_postgres`` except that it waits for
+    ``exp.rows`` output rows; the rates it reports are in input events.
+    """
+    table = f"out_{engine}"
+    toml_path = settings.work_dir / f"{engine}.toml"
+    group_id = f"{PREFIX}-{run_id}-{engine}"
+    toml_path.write_text(render_pipeline(settings, run_id, ds.topic, group_id, exp.schema, table))
+    create_table(conn, exp.schema, table)
+
+    argv = k2pg.engine_argv(engine, toml_path)
+    res = EngineResult(
+        engine=engine,
+        version=version,
+        table=f"{exp.schema}.{table}",
+        command=argv,
+        group_id=group_id,
+    )
+    proc = common.MonitoredProcess(argv, log_path=settings.work_dir / f"{engine}.log")
+    print(f"[{engine}] {common.utc_now()} starting; log: {proc.log_path}", flush=True)
+    proc.start()
+    last_growth = proc.elapsed()
+    try:
+        while True:
+            tick = time.monotonic()
+            t = round(proc.elapsed(), 3)  # the count's snapshot is taken at (about) this time
+            n = count_rows(conn, exp.schema, table)
+            sample = proc.sample()
+            cpu = None if sample is None else round(sample.cpu_s, 3)
+            res.timeline.append((t, n, cpu))
+            if n > res.rows_seen:
+                last_growth = t
+            res.rows_seen = n
+            if res.ready_s is None and (n or k2pg.group_stable(admin, group_id)):
+                res.ready_s, res.cpu_s_at_ready = t, cpu
+                print(f"[{engine}] consumer group ready after {t:.1f} s", flush=True)
+            if n and res.first_row_s is None:
+                res.first_row_s, res.rows_at_first_poll, res.cpu_s_at_first_row = t, n, cpu
+                print(f"[{engine}] first rows after {t:.1f} s", flush=True)
+            if n >= exp.rows:
+                res.last_row_s, res.cpu_s_at_last_row = t, cpu
+                print(f"[{engine}] all {n} rows after {t:.1f} s", flush=True)
+                break
+            if proc.reap():
+                res.outcome = "exited early"
+                break
+            if t > settings.timeout_s:
+                res.outcome = "timeout"
+                break
+            if n and t - last_growth > settings.stall_timeout_s:
+                res.outcome = "stalled"
+                break
+            time.sleep(max(0.0, settings.poll_interval_s - (time.monotonic() - tick)))
+
+        if engine == "sluice" and res.outcome == "ok":
+            proc.wait(timeout_s=60)  # it exits once idle for 3 s
+        proc.stop(settings.stop_grace_s)
+    finally:
+        if not proc.reap():
+            proc.stop(settings.stop_grace_s)
+
+    res.wall_s = (proc.ended_at or time.monotonic()) - proc.started_at
+    res.returncode = proc.returncode
+    res.cpu_s_whole_run = proc.final_cpu_s
+    res.peak_rss_bytes = proc.peak_rss_bytes()
+    res.signals = proc.signals_sent
+    res.log = proc.log_tail()
+    if res.outcome == "ok" and res.ingest_window_s:
+        res.rows_per_s = ds.rows / res.ingest_window_s
+    if res.ready_s is not None:
+        res.busy_s = k2pg.busy_from(res.timeline, res.ready_s)
+    if res.outcome == "ok" and res.busy_s is not None and res.last_row_s is not None:
+        res.busy_rows_per_s = ds.rows / (res.last_row_s - res.busy_s)
+    if res.outcome == "ok" and res.landing_window_s:
+        # Input events behind the output rows that landed after the first
+        # poll that saw any (the filter keeps the same share all along).
+        left = 1 - res.rows_at_first_poll / exp.rows
+        res.landing_rows_per_s = ds.rows * left / res.landing_window_s
+    res.verification = verify(conn, sql, exp, table)
+    if res.outcome != "ok" or not res.verification["ok"]:
+        print(f"[{engine}] PROBLEM: {res.outcome}; {res.verification['problems']}", flush=True)
+        print(f"[{engine}] log tail:\n{res.log}", flush=True)
+    if not settings.keep:
+        conn.execute(f"DROP TABLE IF EXISTS {exp.schema}.{table}")
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+OUTPUT_HEADERS = (
+    "engine",
+    "events in",
+    "rows out",
+    "expected rows out",
+    "md5 over rows",
+    "missing rows",
+    "unexpected rows",
+)
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def output_rows(results: Sequence[EngineResult], ds: Dataset, exp: Expected) -> list[list[str]]:
+    out = []
+    for r in results:
+        v = r.verification
+        out.append(
+            [
+                r.engine,
+                f"{ds.rows:,}",
+                f"{v.get('rows', r.rows_seen):,}",
+                f"{exp.rows:,}",
+                "same" if v.get("md5") == exp.checksums["md5"] else "DIFFERS",
+                _count(v.get("missing")),
+                _count(v.get("unexpected")),
+            ]
+        )
+    return out
+
+
+def methodology(settings: Settings, exp: Expected) -> list[str]:
+    return [
+        "The pipeline is `[transform] sql` over the Kafka source `source`, joined with the "
+        "Postgres lookup `[transform.lookups.users]`; both engines run the same TOML. "
+        f"The filter keeps {exp.selectivity:.1%} of the events, the join keeps every one "
+        f"of those (the lookup has a row for each of the {exp.users:,} user ids).",
+        "rows/s counts *input events* (what the source read), not output rows: "
+        "rows/s = events / (last expected output row landed - engine's consumer group "
+        "became Stable). Startup, the lookup load and the group join (about 23 s for the "
+        "reference on this broker, about 2.5 s for sluice with session_timeout_ms = 3000) "
+        "are not counted against either engine.",
+        f"Every {settings.poll_interval_s} s the harness polls `SELECT count(*)` of the "
+        "engine's table and the state of its consumer group (AdminClient "
+        "describe_consumer_groups); each time is that of the first poll that saw the event, "
+        f"so it is known to within {settings.poll_interval_s} s.",
+        f"'busy from': the start of the first poll interval after the join in which the "
+        f"engine used >= {k2pg.BUSY_CORES} cores; 'rows/s from busy' = events / (all rows "
+        "at - busy from).",
+        "'rows/s first->last landing' = the events behind the output rows that landed after "
+        "the first poll that saw any, / (all rows at - first row at); n/a when every row "
+        "landed between two polls (one big commit).",
+        "CPU-s per 1M rows: user + system CPU of the engine's process tree from its start to "
+        "the poll that saw the last row (startup, lookup load and group join included; "
+        "sluice's 3 s idle tail and the reference's shutdown excluded), per 1M input events. "
+        "'CPU-s whole run' is the reaped process's rusage (start to exit).",
+        "Peak RSS: the larger of the polled VmHWM of the process tree and the reaped ru_maxrss.",
+        f"Expected rows: the events are also loaded into `{RAW_TABLE}` and the pipeline's own "
+        "SQL statement runs in Postgres with `source` and `users` bound to the raw table and "
+        f"the lookup table ({exp.rows:,} rows). Each engine's table must have the same "
+        "count, distinct ids, sums of id and user_id, md5 over every row (sorted), no row "
+        "missing and none unexpected (EXCEPT ALL both ways), and exactly the SELECT's columns.",
+        "The SELECT has no `_event_ts`: the reference's Kafka source does not add it and its "
+        "SQL fails with `Schema error: No field named s._event_ts`. The lookup's "
+        "`signup_date` is timestamptz: the reference cannot load a `date` column "
+        "(`unsupported type date (oid=1082)`).",
+        "sluice stops by itself (`--stop-after-idle-ms 3000`); the reference runs forever and "
+        "gets SIGTERM once every row landed.",
+        f"The reference stores its Kafka offsets in `{k2pg.REFERENCE_OFFSETS}` of the target "
+        "database, keyed by pipeline_name and topic, and resumes from them whatever the "
+        "group_id; so every run uses a new pipeline_name (and deletes its row afterwards).",
+    ]
+
+
+def problems_section(results: Sequence[EngineResult]) -> list[str]:
+    """Each failed engine's outcome, verification problems and log tail."""
+    lines: list[str] = []
+    for r in results:
+        if r.outcome == "ok" and r.verification.get("ok"):
+            continue
+        lines += [
+            f"### {r.engine}: {r.outcome}",
+            "",
+            *(f"* {p}" for p in r.verification.get("problems", [])),
+            "",
+            "Last lines of its log:",
+            "",
+            "```",
+            r.log,
+            "```",
+            "",
+        ]
+    return ["## Problems", "", *lines] if lines else []
+
+
+def render_markdown(
+    settings: Settings,
+    ds: Dataset,
+    exp: Expected,
+    sql: str,
+    results: Sequence[EngineResult],
+    facts: dict[str, Any],
+    date: str,
+) -> str:
+    lines = [
+        f"# Kafka -> SQL filter + lookup join -> Postgres: sluice vs the reference engine ({date})",
+        "",
+        f"{ds.rows:,} JSON events (avg {ds.payload_bytes_avg:.0f} bytes) in a "
+        f"{ds.partitions}-partition topic (`{ds.topic}`, produced in {ds.produce_s:.1f} s), "
+        f"filtered and joined with a {exp.users:,}-row Postgres lookup table by each engine, "
+        f"which appends the {exp.rows:,} resulting rows into its own pre-created table, "
+        "one engine at a time. rows/s and CPU are per input event.",
+        "",
+        common.markdown_table(k2pg.SUMMARY_HEADERS, k2pg.summary_rows(results, ds.rows)),
+        "",
+        common.markdown_table(k2pg.DETAIL_HEADERS, k2pg.detail_rows(results)),
+        "",
+        common.markdown_table(OUTPUT_HEADERS, output_rows(results, ds, exp)),
+        "",
+        *problems_section(results),
+        "## The SQL",
+        "",
+        "```sql",
+        sql.strip(),
+        "```",
+        "",
+        "## How it was measured",
+        "",
+        *(f"* {m}" for m in methodology(settings, exp)),
+        "",
+        "## Command",
+        "",
+        "```",
+        facts["command"],
+        "```",
+        "",
+        "## Machine",
+        "",
+        *(f"* {k}: {v}" for k, v in facts.items() if k not in {"command", "packages"}),
+        "",
+        "## Versions",
+        "",
+        *(
+            f"* {env}: " + ", ".join(f"{k} {v}" for k, v in pkgs.items())
+            for env, pkgs in facts["packages"].items()
+        ),
+        *(f"* {r.engine} engine: {r.version}" for r in results),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{BENCHMARK}.run",
+        description=(
+            "Kafka -> SQL filter + Postgres lookup join -> Postgres throughput, CPU and "
+            "memory: sluice vs ematix-flow 1.0.0."
+        ),
+    )
+    p.add_argument("--rows", type=int, default=1_000_000, help="events to produce (default 1M)")
+    p.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="comma-separated, run in this order (default sluice,reference)",
+    )
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
+    p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:55432/postgres")
+    p.add_argument("--partitions", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--poll-interval", type=float, default=0.5, help="seconds between count(*) polls"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=1800, help="seconds per engine before giving up"
+    )
+    p.add_argument(
+        "--stall-timeout", type=float, default=120, help="give up after this long without new rows"
+    )
+    p.add_argument("--stop-grace", type=float, default=60, help="SIGTERM -> SIGKILL delay")
+    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument(
+        "--work-dir", type=Path, default=None, help="rendered TOMLs and engine logs (default /tmp)"
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the schema (tables, lookup), topic and offsets"
+    )
+    a = p.parse_args(argv)
+    engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown or not engines:
+        p.error(f"--engines: unknown {unknown}; choose from {','.join(ENGINES)}")
+    if a.rows < 1:
+        p.error("--rows must be >= 1")
+    return Settings(
+        rows=a.rows,
+        engines=engines,
+        bootstrap_servers=a.bootstrap_servers,
+        postgres_url=a.postgres_url,
+        partitions=a.partitions,
+        seed=a.seed,
+        poll_interval_s=a.poll_interval,
+        timeout_s=a.timeout,
+        stall_timeout_s=a.stall_timeout,
+        stop_grace_s=a.stop_grace,
+        results_dir=a.results_dir,
+        work_dir=a.work_dir or Path("/tmp"),
+        keep=a.keep,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
+    settings = replace(settings, work_dir=settings.work_dir / f"{PREFIX}-{run_id}")
+    settings.work_dir.mkdir(parents=True)
+    date = common.utc_date()
+    sql = pipeline_sql(settings)
+
+    k2pg.check_services(settings)
+    versions = {engine: k2pg.check_engine(engine) for engine in settings.engines}
+    facts: dict[str, Any] = {"date": date, **common.machine_facts()}
+    facts["command"] = common.command_line()
+    facts["git"] = common.git_revision()
+    packages = {
+        "project env": common.package_versions(
+            sys.executable,
+            [
+                "sluice",
+                "confluent-kafka",
+                "psycopg",
+                "pyarrow",
+                "adbc-driver-postgresql",
+                "datafusion",
+                "msgspec",
+            ],
+        )
+    }
+    if "reference" in settings.engines:
+        packages["/opt/ematix"] = common.package_versions(
+            common.REFERENCE_PYTHON, ["ematix-flow", "pyarrow"]
+        )
+    facts["packages"] = packages
+
+    topic = f"{PREFIX}-{run_id}"
+    schema = schema_name(run_id)
+    print(
+        f"producing {settings.rows:,} events to {topic} ({settings.partitions} partitions)",
+        flush=True,
+    )
+    ds = k2pg.produce(settings, topic)
+    print(
+        f"produced in {ds.produce_s:.1f} s ({settings.rows / ds.produce_s:,.0f} msgs/s, "
+        f"avg {ds.payload_bytes_avg:.0f} bytes)",
+        flush=True,
+    )
+
+    results: list[EngineResult] = []
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    try:
+        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
+            facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            # Keep the poller light: no parallel workers for count(*).
+            conn.execute("SET max_parallel_workers_per_gather = 0")
+            exp = prepare_postgres(conn, settings, schema, sql)
+            print(
+                f"schema {schema}: users ({exp.users:,} rows) and {RAW_TABLE} loaded in "
+                f"{exp.load_s:.1f} s; expected {exp.rows:,} output rows "
+                f"({exp.selectivity:.1%} of the events), computed in {exp.query_s:.1f} s",
+                flush=True,
+            )
+            if exp.rows == 0:
+                raise SystemExit("the pipeline keeps no event: use a larger --rows")
+            for engine in settings.engines:
+                results.append(
+                    run_engine(
+                        settings, conn, admin, ds, exp, sql, run_id, engine, versions[engine]
+                    )
+                )
+    finally:
+        if not settings.keep:
+            drop_schema(settings, schema, run_id)
+            k2pg.delete_topic(settings, topic)
+
+    print()
+    print(common.format_table(k2pg.SUMMARY_HEADERS, k2pg.summary_rows(results, ds.rows)))
+    print()
+    print(common.format_table(k2pg.DETAIL_HEADERS, k2pg.detail_rows(results)))
+    print()
+    print(common.format_table(OUTPUT_HEADERS, output_rows(results, ds, exp)))
+    print()
+    print("note: " + methodology(settings, exp)[1])
+
+    data = {
+        "benchmark": BENCHMARK,
+        "run_id": run_id,
+        "date": date,
+        "settings": {
+            **asdict(settings),
+            "results_dir": str(settings.results_dir),
+            "work_dir": str(settings.work_dir),
+        },
+        "dataset": asdict(ds),
+        "expected": {**asdict(exp), "selectivity": exp.selectivity},
+        "sql": sql,
+        "machine": facts,
+        "methodology": methodology(settings, exp),
+        "results": [
+            {
+                **asdict(r),
+                "ingest_window_s": r.ingest_window_s,
+                "landing_window_s": r.landing_window_s,
+                "cpu_s_per_million_rows": r.cpu_s_per_million(ds.rows),
+                "peak_rss_mb": r.peak_rss_bytes / 2**20,
+            }
+            for r in results
+        ],
+    }
+    md = common.write_results(
+        settings.results_dir,
+        f"{BENCHMARK}-{date}",
+        render_markdown(settings, ds, exp, sql, results, facts, date),
+        data,
+    )
+    print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
+    ok = all(r.outcome == "ok" and r.verification.get("ok") for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
