@@ -138,6 +138,15 @@ class Runner:
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
         transform = spec.transform
+        if transform is not None:
+            for key in ("window", "join", "cdc"):
+                if getattr(transform, key) is not None:
+                    raise SluiceError(
+                        f"[transform.{key}] is not implemented yet in flow consume; "
+                        "the pipeline would run without it, so it does not run at all"
+                    )
+        if spec.state_store is not None:
+            raise SluiceError("[state_store] is not implemented yet in flow consume")
         self.on_error = transform.on_error if transform else "fail"
         self.stages: list[Stage] = []
         if transform is not None and transform.sql:
