@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from tests import endpoints
 
@@ -45,6 +45,16 @@ def wait_until(
 def unique(prefix: str) -> str:
     """A name no other test run uses."""
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def committed(group: str, topic: str, partitions: int) -> int:
+    """Sum of the group's committed offsets on ``topic`` (what the broker holds)."""
+    c = Consumer({"bootstrap.servers": endpoints.KAFKA_BOOTSTRAP, "group.id": group})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return sum(max(tp.offset, 0) for tp in tps)
+    finally:
+        c.close()
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from tests import endpoints
 from tests.integration.conftest import (
     REPO,
+    committed,
     events,
     kafka_pg_config,
     pg_count,
@@ -31,16 +31,6 @@ pytestmark = pytest.mark.integration
 
 def _keys(n: int, start: int = 0) -> list[bytes]:
     return [str(i).encode() for i in range(start, start + n)]
-
-
-def _committed(group: str, topic: str, partitions: int) -> int:
-    """Sum of the group's committed offsets on ``topic`` (what the broker holds)."""
-    c = Consumer({"bootstrap.servers": endpoints.KAFKA_BOOTSTRAP, "group.id": group})
-    try:
-        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return sum(max(tp.offset, 0) for tp in tps)
-    finally:
-        c.close()
 
 
 def _rss_kb(pid: int) -> int:
@@ -99,7 +89,7 @@ def test_200k_messages_arrive_exactly_once_with_values_and_event_time(
     ).fetchone()
     assert col[0] == "timestamp with time zone"
     # Offsets were committed as offset + 1 per partition: the whole topic.
-    assert _committed(table, topic, 3) == n
+    assert committed(table, topic, 3) == n
 
 
 @pytest.mark.parametrize("mode", ["append", "merge"])
@@ -141,13 +131,13 @@ def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
     subprocess.run([*services, "stop", "postgres"], check=True, capture_output=True)
     try:
         time.sleep(1.5)  # a commit in flight when Postgres went down may still land
-        committed = _committed(table, topic, 3)
+        frozen = committed(table, topic, 3)
         rss = []
         for _ in range(8):
             time.sleep(1)
             assert f.proc.poll() is None, "sluice must wait for Postgres, not exit"
             rss.append(_rss_kb(f.proc.pid))
-        assert _committed(table, topic, 3) == committed, "offsets moved while the target was down"
+        assert committed(table, topic, 3) == frozen, "offsets moved while the target was down"
         assert max(rss) < 700_000, f"RSS grew to {max(rss)} kB while Postgres was down"
         assert max(rss) - min(rss) < 100_000, f"RSS kept growing: {rss}"
     finally:
@@ -160,7 +150,7 @@ def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
     assert f.metric("sluice_write_retries_total") >= 1
     assert f.stop() == 0
     assert pg_count(table, "count(DISTINCT id)") == n
-    assert _committed(table, topic, 3) == n
+    assert committed(table, topic, 3) == n
 
 
 def test_a_message_that_is_not_json_stops_the_run_naming_its_offset(
@@ -178,7 +168,7 @@ def test_a_message_that_is_not_json_stops_the_run_naming_its_offset(
     assert f"topic {topic} partition 0 offset 100" in out
     assert "invalid JSON" in out
     # Nothing at or past the poison message was committed: it is not skipped.
-    assert _committed(table, topic, 1) <= 100
+    assert committed(table, topic, 1) <= 100
 
 
 def test_two_processes_in_one_group_split_partitions_and_hand_over_on_stop(
@@ -227,7 +217,7 @@ def test_two_processes_in_one_group_split_partitions_and_hand_over_on_stop(
     # Exactly once across the rebalance: a batch in flight when partitions are
     # revoked is committed before they go, so nobody re-reads what was written.
     assert pg_count(table) == n
-    assert _committed(table, topic, 4) == n
+    assert committed(table, topic, 4) == n
 
 
 def test_metrics_move_and_readyz_waits_for_the_source(kafka_topic: Any, flow: Any) -> None:
@@ -317,8 +307,8 @@ name = "{table}"
     f = flow(config, "--stop-after-idle-ms", "2000")
     assert f.proc.wait(timeout=120) == 0, f.output()
     assert pg.execute(f"SELECT count(DISTINCT id) FROM {table}").fetchone()[0] == 8_000
-    assert _committed(table, orders, 2) == 5_000
-    assert _committed(f"{table}_p", payments, 2) == 3_000
+    assert committed(table, orders, 2) == 5_000
+    assert committed(f"{table}_p", payments, 2) == 3_000
 
 
 def test_merge_mode_upserts_last_row_per_key(kafka_topic: Any, flow: Any, pg: Any) -> None:

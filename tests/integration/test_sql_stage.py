@@ -15,9 +15,10 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 from tests import endpoints
 from tests.integration.conftest import (
+    committed,
     events,
     kafka_pg_config,
     pg_count,
@@ -29,16 +30,6 @@ from tests.integration.conftest import (
 pytestmark = pytest.mark.integration
 
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
-
-
-def committed(group: str, topic: str, partitions: int) -> int:
-    """Sum of the group's committed offsets on ``topic``."""
-    c = Consumer({"bootstrap.servers": endpoints.KAFKA_BOOTSTRAP, "group.id": group})
-    try:
-        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return sum(max(tp.offset, 0) for tp in tps)
-    finally:
-        c.close()
 
 
 def load_raw(pg: Any, table: str, columns: str, payloads: list[bytes]) -> None:
