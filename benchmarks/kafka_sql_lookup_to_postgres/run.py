@@ -316,7 +316,7 @@ def run_engine(
 ) -> EngineResult:
     """Run ``engine`` until every expected row landed (or it fails); verify its table.
 
-    The loop is that of ``kafka_to_postgres`` except that it waits for
+    The polling is ``kafka_to_postgres``'s (``watch_engine``), waiting for
     ``exp.rows`` output rows; the rates it reports are in input events.
     """
     table = f"out_{engine}"
@@ -333,59 +333,9 @@ def run_engine(
         command=argv,
         group_id=group_id,
     )
-    proc = common.MonitoredProcess(argv, log_path=settings.work_dir / f"{engine}.log")
-    print(f"[{engine}] {common.utc_now()} starting; log: {proc.log_path}", flush=True)
-    proc.start()
-    last_growth = proc.elapsed()
-    try:
-        while True:
-            tick = time.monotonic()
-            t = round(proc.elapsed(), 3)  # the count's snapshot is taken at (about) this time
-            n = count_rows(conn, exp.schema, table)
-            sample = proc.sample()
-            cpu = None if sample is None else round(sample.cpu_s, 3)
-            res.timeline.append((t, n, cpu))
-            if n > res.rows_seen:
-                last_growth = t
-            res.rows_seen = n
-            if res.ready_s is None and (n or k2pg.group_stable(admin, group_id)):
-                res.ready_s, res.cpu_s_at_ready = t, cpu
-                print(f"[{engine}] consumer group ready after {t:.1f} s", flush=True)
-            if n and res.first_row_s is None:
-                res.first_row_s, res.rows_at_first_poll, res.cpu_s_at_first_row = t, n, cpu
-                print(f"[{engine}] first rows after {t:.1f} s", flush=True)
-            if n >= exp.rows:
-                res.last_row_s, res.cpu_s_at_last_row = t, cpu
-                print(f"[{engine}] all {n} rows after {t:.1f} s", flush=True)
-                break
-            if proc.reap():
-                res.outcome = "exited early"
-                break
-            if t > settings.timeout_s:
-                res.outcome = "timeout"
-                break
-            if n and t - last_growth > settings.stall_timeout_s:
-                res.outcome = "stalled"
-                break
-            time.sleep(max(0.0, settings.poll_interval_s - (time.monotonic() - tick)))
-
-        if engine == "sluice" and res.outcome == "ok":
-            proc.wait(timeout_s=60)  # it exits once idle for 3 s
-        proc.stop(settings.stop_grace_s)
-    finally:
-        if not proc.reap():
-            proc.stop(settings.stop_grace_s)
-
-    res.wall_s = (proc.ended_at or time.monotonic()) - proc.started_at
-    res.returncode = proc.returncode
-    res.cpu_s_whole_run = proc.final_cpu_s
-    res.peak_rss_bytes = proc.peak_rss_bytes()
-    res.signals = proc.signals_sent
-    res.log = proc.log_tail()
+    k2pg.watch_engine(settings, admin, res, lambda: count_rows(conn, exp.schema, table), exp.rows)
     if res.outcome == "ok" and res.ingest_window_s:
         res.rows_per_s = ds.rows / res.ingest_window_s
-    if res.ready_s is not None:
-        res.busy_s = k2pg.busy_from(res.timeline, res.ready_s)
     if res.outcome == "ok" and res.busy_s is not None and res.last_row_s is not None:
         res.busy_rows_per_s = ds.rows / (res.last_row_s - res.busy_s)
     if res.outcome == "ok" and res.landing_window_s:

@@ -25,7 +25,7 @@ import secrets
 import string
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -365,6 +365,70 @@ def group_stable(admin: AdminClient, group_id: str) -> bool:
     return getattr(desc.state, "name", str(desc.state)) == "STABLE"
 
 
+def watch_engine(
+    settings: Settings,
+    admin: AdminClient,
+    res: EngineResult,
+    count: Callable[[], int],
+    done_at: int,
+) -> None:
+    """Run ``res.command`` and poll ``count()`` until it reaches ``done_at`` (or the
+    engine exits, stalls or times out); record the timeline and process figures
+    in ``res``. Shared by every Kafka benchmark.
+    """
+    proc = common.MonitoredProcess(res.command, log_path=settings.work_dir / f"{res.engine}.log")
+    print(f"[{res.engine}] {common.utc_now()} starting; log: {proc.log_path}", flush=True)
+    proc.start()
+    last_growth = proc.elapsed()
+    try:
+        while True:
+            tick = time.monotonic()
+            t = round(proc.elapsed(), 3)  # the count's snapshot is taken at (about) this time
+            n = count()
+            sample = proc.sample()
+            cpu = None if sample is None else round(sample.cpu_s, 3)
+            res.timeline.append((t, n, cpu))
+            if n > res.rows_seen:
+                last_growth = t
+            res.rows_seen = n
+            if res.ready_s is None and (n or group_stable(admin, res.group_id)):
+                res.ready_s, res.cpu_s_at_ready = t, cpu
+                print(f"[{res.engine}] consumer group ready after {t:.1f} s", flush=True)
+            if n and res.first_row_s is None:
+                res.first_row_s, res.rows_at_first_poll, res.cpu_s_at_first_row = t, n, cpu
+                print(f"[{res.engine}] first rows after {t:.1f} s", flush=True)
+            if n >= done_at:
+                res.last_row_s, res.cpu_s_at_last_row = t, cpu
+                print(f"[{res.engine}] all {n} rows after {t:.1f} s", flush=True)
+                break
+            if proc.reap():
+                res.outcome = "exited early"
+                break
+            if t > settings.timeout_s:
+                res.outcome = "timeout"
+                break
+            if n and t - last_growth > settings.stall_timeout_s:
+                res.outcome = "stalled"
+                break
+            time.sleep(max(0.0, settings.poll_interval_s - (time.monotonic() - tick)))
+
+        if res.engine == "sluice" and res.outcome == "ok":
+            proc.wait(timeout_s=60)  # it exits once idle for 3 s
+        proc.stop(settings.stop_grace_s)
+    finally:
+        if not proc.reap():
+            proc.stop(settings.stop_grace_s)
+
+    res.wall_s = (proc.ended_at or time.monotonic()) - proc.started_at
+    res.returncode = proc.returncode
+    res.cpu_s_whole_run = proc.final_cpu_s
+    res.peak_rss_bytes = proc.peak_rss_bytes()
+    res.signals = proc.signals_sent
+    res.log = proc.log_tail()
+    if res.ready_s is not None:
+        res.busy_s = busy_from(res.timeline, res.ready_s)
+
+
 def run_engine(
     settings: Settings,
     conn: psycopg.Connection[Any],
@@ -382,59 +446,9 @@ def run_engine(
 
     argv = engine_argv(engine, toml_path)
     res = EngineResult(engine=engine, version=version, table=table, command=argv, group_id=group_id)
-    proc = common.MonitoredProcess(argv, log_path=settings.work_dir / f"{engine}.log")
-    print(f"[{engine}] {common.utc_now()} starting; log: {proc.log_path}", flush=True)
-    proc.start()
-    last_growth = proc.elapsed()
-    try:
-        while True:
-            tick = time.monotonic()
-            t = round(proc.elapsed(), 3)  # the count's snapshot is taken at (about) this time
-            n = count_rows(conn, table)
-            sample = proc.sample()
-            cpu = None if sample is None else round(sample.cpu_s, 3)
-            res.timeline.append((t, n, cpu))
-            if n > res.rows_seen:
-                last_growth = t
-            res.rows_seen = n
-            if res.ready_s is None and (n or group_stable(admin, group_id)):
-                res.ready_s, res.cpu_s_at_ready = t, cpu
-                print(f"[{engine}] consumer group ready after {t:.1f} s", flush=True)
-            if n and res.first_row_s is None:
-                res.first_row_s, res.rows_at_first_poll, res.cpu_s_at_first_row = t, n, cpu
-                print(f"[{engine}] first rows after {t:.1f} s", flush=True)
-            if n >= ds.rows:
-                res.last_row_s, res.cpu_s_at_last_row = t, cpu
-                print(f"[{engine}] all {n} rows after {t:.1f} s", flush=True)
-                break
-            if proc.reap():
-                res.outcome = "exited early"
-                break
-            if t > settings.timeout_s:
-                res.outcome = "timeout"
-                break
-            if n and t - last_growth > settings.stall_timeout_s:
-                res.outcome = "stalled"
-                break
-            time.sleep(max(0.0, settings.poll_interval_s - (time.monotonic() - tick)))
-
-        if engine == "sluice" and res.outcome == "ok":
-            proc.wait(timeout_s=60)  # it exits once idle for 3 s
-        proc.stop(settings.stop_grace_s)
-    finally:
-        if not proc.reap():
-            proc.stop(settings.stop_grace_s)
-
-    res.wall_s = (proc.ended_at or time.monotonic()) - proc.started_at
-    res.returncode = proc.returncode
-    res.cpu_s_whole_run = proc.final_cpu_s
-    res.peak_rss_bytes = proc.peak_rss_bytes()
-    res.signals = proc.signals_sent
-    res.log = proc.log_tail()
+    watch_engine(settings, admin, res, lambda: count_rows(conn, table), ds.rows)
     if res.outcome == "ok" and res.ingest_window_s:
         res.rows_per_s = ds.rows / res.ingest_window_s
-    if res.ready_s is not None:
-        res.busy_s = busy_from(res.timeline, res.ready_s)
     if res.outcome == "ok" and res.busy_s is not None and res.last_row_s is not None:
         res.busy_rows_per_s = ds.rows / (res.last_row_s - res.busy_s)
     if res.outcome == "ok" and res.landing_window_s:
