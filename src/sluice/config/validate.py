@@ -425,7 +425,7 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
     if isinstance(cdc, dict):
         _check_cdc(cdc, targets, add)
 
-    _check_dlq(data, transform, window, sources, add)
+    _check_dlq(data, transform, window, sources, targets, add)
 
     for t_at, t in targets:
         _check_url(t, t_at, add)
@@ -701,6 +701,7 @@ def _check_dlq(
     transform: dict[str, Any],
     window: Any,
     sources: list[tuple[str, dict[str, Any]]],
+    targets: list[tuple[str, dict[str, Any]]],
     add: Any,
 ) -> None:
     kafka_sources = [s for _, s in sources if s.get("kind") == "kafka"]
@@ -739,16 +740,18 @@ def _check_dlq(
             )
         )
     elif isinstance(store, str):
-        _check_dlq_store(data, store, kafka_sources, add)
+        _check_dlq_store(data, store, kafka_sources, targets, add)
 
 
 def _check_dlq_store(
-    data: dict[str, Any], store: str, kafka_sources: list[dict[str, Any]], add: Any
+    data: dict[str, Any],
+    store: str,
+    kafka_sources: list[dict[str, Any]],
+    targets: list[tuple[str, dict[str, Any]]],
+    add: Any,
 ) -> None:
     """The destination a dlq_store form names must exist in the pipeline."""
-    many = data.get("targets")
-    targets: list[Any] = many if isinstance(many, list) else [data.get("target")]
-    has_pg = any(isinstance(t, dict) and t.get("kind") == "postgres" for t in targets) or (
+    has_pg = any(t.get("kind") == "postgres" for _, t in targets) or (
         isinstance(data.get("state_store"), dict) and data["state_store"].get("kind") == "postgres"
     )
     topics = data.get("dead_letter_topic") or any(s.get("dead_letter_topic") for s in kafka_sources)
