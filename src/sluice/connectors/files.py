@@ -13,9 +13,6 @@ column.
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +26,7 @@ from sluice.config.spec import ObjectStoreLocalSource as LocalSpec
 from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, DecodeError
+from sluice.localstate import read_json, safe_name, state_dir, write_json
 
 _SUFFIXES = {
     "parquet": (".parquet", ".pq"),
@@ -37,15 +35,6 @@ _SUFFIXES = {
     "orc": (".orc",),
 }
 _SUFFIXES["jsonl"] = _SUFFIXES["json_lines"]
-
-
-def state_dir() -> Path:
-    """Where file-based checkpoints live."""
-    return Path(os.environ.get("SLUICE_STATE_DIR", ".sluice-state"))
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "source"
 
 
 class LocalFilesSource:
@@ -57,7 +46,7 @@ class LocalFilesSource:
         self.id = self.prefix
         self.root = Path(spec.path) / self.prefix
         self._checkpoint = (
-            state_dir() / _safe(ctx.pipeline.pipeline_name) / f"{_safe(self.prefix)}.json"
+            state_dir() / safe_name(ctx.pipeline.pipeline_name) / f"{safe_name(self.prefix)}.json"
         )
         self._cursor = ""  # last file handed out (read, maybe not committed)
         self.connected = False
@@ -65,8 +54,8 @@ class LocalFilesSource:
     def open(self, resume: Position | None) -> None:
         """Start after ``resume`` or after the last committed file."""
         last = (resume or {}).get(self.prefix)
-        if last is None and self._checkpoint.exists():
-            last = json.loads(self._checkpoint.read_text()).get("last_file")
+        if last is None:
+            last = (read_json(self._checkpoint) or {}).get("last_file")
         self._cursor = str(last or "")
         self.connected = True
 
@@ -128,13 +117,7 @@ class LocalFilesSource:
         last = position.get(self.prefix)
         if last is None:
             return
-        self._checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._checkpoint.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"last_file": last}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._checkpoint)
+        write_json(self._checkpoint, {"last_file": last})
 
 
 def build_source(spec: LocalSpec, ctx: Context) -> LocalFilesSource:

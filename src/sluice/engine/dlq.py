@@ -39,6 +39,7 @@ import msgspec
 from sluice.config.spec import KafkaSource, PipelineSpec, PostgresStateStore, PostgresTarget
 from sluice.connectors.base import RawRecord
 from sluice.errors import ConnectorError, TransientError
+from sluice.localstate import state_dir
 
 DEFAULT_TABLE = "sluice_dead_letters"
 
@@ -301,10 +302,6 @@ class FileDeadLetters:
 # Routing
 
 
-def _state_dir() -> Path:
-    return Path(os.environ.get("SLUICE_STATE_DIR", ".sluice-state"))
-
-
 def _postgres_url(spec: PipelineSpec) -> tuple[str, str] | None:
     """(url, schema) of the first Postgres target, else of a Postgres state store."""
     for target in spec.all_targets:
@@ -346,7 +343,7 @@ def _default_sink(spec: PipelineSpec) -> DeadLetterSink:
         return PostgresDeadLetters(found[0], found[1], DEFAULT_TABLE)
     if store == "table":
         raise ConnectorError('dlq_store = "table" needs a postgres target or state store')
-    return FileDeadLetters(_state_dir() / f"{spec.pipeline_name}.dlq.jsonl")
+    return FileDeadLetters(state_dir() / f"{spec.pipeline_name}.dlq.jsonl")
 
 
 def build_sinks(
