@@ -444,15 +444,3 @@ def test_dlq_max_attempts_retries_a_failing_batch_before_dead_lettering(tmp_path
     assert len(calls) == 3
     assert [r["x"] for r in target.rows] == [1, 2]
     assert not path.exists()
-
-
-def test_a_window_the_run_loop_cannot_run_yet_stops_it_loudly() -> None:
-    spec = load_text(
-        'pipeline_name = "w"\nsource_query = "mem"\n[source]\nkind = "kafka"\n'
-        'bootstrap_servers = "x:1"\n[target]\nkind = "sqlite"\npath = ":memory:"\n'
-        '[target.table]\nname = "t"\n[transform.window]\nkind = "tumbling"\n'
-        "duration_ms = 1000\nmax_groups_per_window = 10\n"
-        '[[transform.window.aggregations]]\nagg = "count"\nas = "n"\n'
-    )
-    with pytest.raises(sluice.SluiceError, match=r"\[transform.window\] is not implemented yet"):
-        Runner(spec, asyncio.Event(), sources=[RawSource([])], targets=[ListTarget()])

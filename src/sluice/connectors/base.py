@@ -60,7 +60,9 @@ class Batch:
     records when the source has them (for dead letters); ``bad`` lists the
     records that could not be decoded, by index into ``raw``, with the reason.
     ``rows`` maps each decoded row to its index in ``raw`` (``None``: one row
-    per record, in order).
+    per record, in order). ``epoch`` counts the source's partition
+    assignments: a batch of a newer epoch than the one before followed a
+    rebalance.
     """
 
     source_id: str
@@ -71,6 +73,7 @@ class Batch:
     raw: RawRecords | None = None
     bad: tuple[tuple[int, str], ...] = ()
     rows: tuple[int, ...] | None = None
+    epoch: int = 0
 
     @property
     def num_rows(self) -> int:

@@ -8,6 +8,10 @@
   callback first waits until the batch handed out before that read is
   committed: its offsets land before the partitions go.
 * On assignment with a resume position (state store), partitions seek to it.
+* Every assignment starts a new ``epoch``; batches carry the epoch they were
+  read in. A window pipeline holds offsets back for the open windows, so it
+  sets ``wait_on_revoke`` off and, after a rebalance, drops its windows and
+  calls :meth:`KafkaSource.rewind` to read again from the committed offsets.
 """
 
 from __future__ import annotations
@@ -100,6 +104,8 @@ class KafkaSource:
         # Batches handed out and not yet committed (the engine reads one ahead).
         self._in_flight = 0
         self._settled = threading.Condition()
+        self.wait_on_revoke = True  # off when offsets are held back (windows)
+        self.epoch = 0  # partition assignments so far
 
     # -- lifecycle --------------------------------------------------------
 
@@ -157,6 +163,7 @@ class KafkaSource:
             if isinstance(stored, int):
                 tp.offset = stored
         consumer.assign(partitions)
+        self.epoch += 1
         self.connected = True
 
     def _on_revoke(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
@@ -166,7 +173,9 @@ class KafkaSource:
         # re-delivered). Bounded: a batch stuck on a down target gives up the
         # partitions after _REVOKE_WAIT_S and is re-delivered to the new owner.
         with self._settled:
-            if not self._settled.wait_for(lambda: self._in_flight == 0, _REVOKE_WAIT_S):
+            if self.wait_on_revoke and not self._settled.wait_for(
+                lambda: self._in_flight == 0, _REVOKE_WAIT_S
+            ):
                 log.warning("kafka %s: giving up partitions with a batch still in flight", self.id)
         for tp in partitions:
             key = partition_key(tp.topic, tp.partition)
@@ -250,6 +259,7 @@ class KafkaSource:
             raw=_Records(msgs),
             bad=bad,
             rows=None if rows is None else tuple(rows),
+            epoch=self.epoch,
         )
 
     def _positions(self, consumer: ck.Consumer, msgs: list[Any]) -> Position:
@@ -272,6 +282,32 @@ class KafkaSource:
             last = {(m.topic(), m.partition()): m.offset() for m in msgs}
             position = {partition_key(t, p): o + 1 for (t, p), o in last.items()}
         return position
+
+    def rewind(self) -> None:
+        """Read every assigned partition again from its committed offset.
+
+        Partitions without a committed offset go to ``auto_offset_reset``.
+        Messages already fetched past that point are discarded by the consumer.
+        """
+        consumer = self._require()
+        tps = [ck.TopicPartition(*_split(k)) for k in sorted(self._assigned)]
+        if not tps:
+            return
+        try:
+            committed = consumer.committed(tps, timeout=30)
+        except ck.KafkaException as exc:
+            raise TransientError(f"kafka {self.id}: reading committed offsets: {exc}") from exc
+        reset = ck.OFFSET_BEGINNING if self.spec.auto_offset_reset == "earliest" else ck.OFFSET_END
+        for tp in committed:
+            target = ck.TopicPartition(
+                tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset
+            )
+            try:
+                consumer.seek(target)
+            except ck.KafkaException as exc:
+                raise TransientError(
+                    f"kafka {self.id}: seek {tp.topic}:{tp.partition}: {exc}"
+                ) from exc
 
     # -- committing ------------------------------------------------------------
 

@@ -12,25 +12,29 @@ in librdkafka, libpq and Arrow), so signals and timers stay responsive.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from sluice.config.spec import PipelineSpec
 from sluice.connectors import registry
-from sluice.connectors.base import EVENT_TS, Batch, RawRecord, Source, Target
+from sluice.connectors.base import EVENT_TS, Batch, Position, RawRecord, Source, Target
 from sluice.engine import dlq
 from sluice.engine import metrics as m
 from sluice.engine.lookups import LookupTables
 from sluice.engine.sql import SqlStage
+from sluice.engine.watermark import WatermarkFile, Watermarks, max_event_us
+from sluice.engine.window import WindowStage
 from sluice.errors import DecodeError, SluiceError, StageError, TransientError
 from sluice.functions import Function, collect
 
@@ -73,36 +77,6 @@ class RunOptions:
     stop_after_idle_ms: int | None = None  # stop cleanly once every source was idle this long
 
 
-@dataclass
-class _Watermarks:
-    """Per-source max event time (µs) and when each source last had rows."""
-
-    lateness_us: int
-    idle_after_s: float
-    max_us: dict[str, int] = field(default_factory=dict)
-    seen_at: dict[str, float] = field(default_factory=dict)
-
-    def observe(self, batch: Batch) -> None:
-        self.seen_at[batch.source_id] = time.monotonic()
-        if EVENT_TS in batch.data.column_names and batch.num_rows:
-            top = pc.max(batch.data[EVENT_TS]).value
-            if top is not None:
-                us = int(top.timestamp() * 1_000_000) if hasattr(top, "timestamp") else int(top)
-                self.max_us[batch.source_id] = max(us, self.max_us.get(batch.source_id, us))
-
-    def source(self, source_id: str) -> int | None:
-        top = self.max_us.get(source_id)
-        return None if top is None else top - self.lateness_us
-
-    def global_us(self) -> int | None:
-        now = time.monotonic()
-        active = [
-            s for s in self.max_us if now - self.seen_at.get(s, now) < self.idle_after_s
-        ] or list(self.max_us)
-        marks = [self.max_us[s] - self.lateness_us for s in active]
-        return min(marks) if marks else None
-
-
 class Runner:
     """Runs one pipeline until stopped or failed."""
 
@@ -130,16 +104,17 @@ class Runner:
             for i, t in enumerate(spec.all_targets)
         ]
         wm = spec.watermark
-        self._wm = _Watermarks(
-            lateness_us=(wm.lateness_ms if wm else 0) * 1000,
-            idle_after_s=(wm.source_idleness_ms if wm else 60_000) / 1000,
+        self._wm = Watermarks(
+            [s.id for s in self.sources],
+            lateness_ms=wm.lateness_ms if wm else 0,
+            idle_after_ms=wm.source_idleness_ms if wm else 60_000,
         )
         self._idle_since: float | None = None
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
         transform = spec.transform
         if transform is not None:
-            for key in ("window", "join", "cdc"):
+            for key in ("join", "cdc"):
                 if getattr(transform, key) is not None:
                     raise SluiceError(
                         f"[transform.{key}] is not implemented yet in flow consume; "
@@ -153,9 +128,17 @@ class Runner:
             functions_by_name = collect(functions, transform.udf_modules, file)
             lookups = LookupTables(transform.lookups, self.name) if transform.lookups else None
             self.stages.append(SqlStage(transform.sql, self.name, functions_by_name, lookups))
+        window = transform.window if transform else None
+        self._event_column = window.event_time_column if window else EVENT_TS
+        # A window holds offsets back until its windows are emitted (see _hold).
+        self._window = WindowStage(window, self.name) if window else None
+        self._window_file = WatermarkFile(self.name) if window else None
+        self._pending: dict[str, collections.deque[tuple[Position, int | None]]] = {
+            src.id: collections.deque() for src in self.sources
+        }
+        self._epochs: dict[str, int] = {}
         self._dlq_own: dict[str, dlq.DeadLetterSink] = {}
         self._dlq_default: dlq.DeadLetterSink | None = None
-        window = transform.window if transform else None
         if self.on_error == "dlq" or (window is not None and window.late_data == "dlq"):
             ids = {i: src.id for i, src in enumerate(self.sources)}
             self._dlq_own, self._dlq_default = dlq.build_sinks(spec, ids)
@@ -177,6 +160,11 @@ class Runner:
                     return
             for stage in self.stages:
                 await asyncio.to_thread(stage.open)
+            if self._window is not None:
+                await asyncio.to_thread(self._restore_window)
+                for source in self.sources:
+                    if hasattr(source, "wait_on_revoke"):
+                        source.wait_on_revoke = False  # held offsets are never waited for
             for source in self.sources:
                 await asyncio.to_thread(source.open, None)
             m.UP.labels(self.name).set(1)
@@ -195,6 +183,8 @@ class Runner:
                 await asyncio.to_thread(_quietly, sink.close)
             for stage in self.stages:
                 await asyncio.to_thread(_quietly, stage.close)
+            if self._window is not None:
+                await asyncio.to_thread(_quietly, self._window.close)
 
     async def _read(self) -> list[Batch | None]:
         wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
@@ -230,6 +220,9 @@ class Runner:
         self._update_ready()
         if not batches:
             return await self._idle()
+        if self._window is not None and self._rebalanced(batches):
+            await self._reset_window()
+            return True
         self._idle_since = None
         if not self.stop.is_set():
             # Read ahead: the next batch is read and decoded while this one is
@@ -241,18 +234,27 @@ class Runner:
         for b in batches:
             if b.bad:
                 letters.extend(self._undecodable(b))
-            self._wm.observe(b)
+            column = (
+                b.data[self._event_column] if self._event_column in b.data.column_names else None
+            )
+            self._wm.observe(b.source_id, column)
         decoded = [b for b in batches if b.num_rows]
+        tops: dict[int, int | None] = {}
         out: pa.Table | None = None
         if decoded:
-            out = await self._transform(self._union(decoded), decoded, letters)
+            out = await self._transform(decoded, letters, tops)
         if letters and not await self._dead_letter(letters):
             log.warning("stopping with unwritten dead letters; the batch will be read again")
             return False
         if out is not None and out.num_rows and not await self._deliver(out):
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             return False
-        await self._commit(batches)
+        if self._window is None:
+            await self._commit(batches)
+        else:
+            for b in batches:
+                self._pending[b.source_id].append((b.position, tops.get(id(b))))
+            await self._commit_emitted()
         m.BATCHES.labels(self.name).inc()
         if out is not None:
             m.ROWS_WRITTEN.labels(self.name).inc(out.num_rows)
@@ -289,16 +291,23 @@ class Runner:
         ]
 
     async def _transform(
-        self, data: pa.Table, batches: list[Batch], letters: list[dlq.DeadLetter]
+        self, batches: list[Batch], letters: list[dlq.DeadLetter], tops: dict[int, int | None]
     ) -> pa.Table | None:
-        """Run the stages; on failure apply on_error. None when the batch was set aside."""
-        if not self.stages:
-            return data
+        """Run the stages; on failure apply on_error. None when the batch was set aside.
+
+        A window pipeline fills ``tops`` (``id(batch)`` → the largest event
+        time of its rows that reached the window) and adds its late rows to
+        ``letters`` under ``late_data = "dlq"``.
+        """
+        if not self.stages and self._window is None:
+            return self._union(batches)
         attempts = self.spec.dlq_max_attempts or 1
         error: StageError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                out = data
+                if self._window is not None:
+                    return await self._windowed(batches, letters, tops)
+                out = self._union(batches)
                 for stage in self.stages:
                     out = await asyncio.to_thread(stage.process, out)
                 return out
@@ -312,12 +321,163 @@ class Runner:
         if self.on_error == "fail":
             raise StageError(f"{error} (batch from {spans})") from error
         if self.on_error == "drop":
-            m.ROWS_DROPPED.labels(self.name, "transform").inc(data.num_rows)
-            log.warning("dropped a batch of %d row(s) (%s): %s", data.num_rows, spans, error)
+            rows = sum(b.num_rows for b in batches)
+            m.ROWS_DROPPED.labels(self.name, "transform").inc(rows)
+            log.warning("dropped a batch of %d row(s) (%s): %s", rows, spans, error)
             return None
         for b in batches:
             letters.extend(self._batch_letters(b, str(error)))
         return None
+
+    # -- windows ------------------------------------------------------------------
+    #
+    # Restart safety without a state store. A batch's offsets are committed
+    # only once every window its rows joined was emitted for the last time:
+    # batches wait in self._pending (position, largest event time) and a
+    # prefix of them is committed when its event times fall below the
+    # stage's open floor. The stage's watermark is stored after every write
+    # (WatermarkFile) and restored before the first batch, so rows replayed
+    # after a crash that belong to windows already emitted are late, and the
+    # windows still open are rebuilt from their replayed rows alone.
+
+    async def _windowed(
+        self, batches: list[Batch], letters: list[dlq.DeadLetter], tops: dict[int, int | None]
+    ) -> pa.Table:
+        """SQL per source batch (each source's event times count for its own
+        watermark), then the window over all of them."""
+        window = self._window
+        assert window is not None
+        parts: list[pa.Table] = []
+        for b in batches:
+            out = b.data
+            for stage in self.stages:
+                out = await asyncio.to_thread(stage.process, out)
+            column = out[self._event_column] if self._event_column in out.column_names else None
+            if self._event_column not in b.data.column_names:  # computed by the SQL
+                self._wm.observe(b.source_id, column)
+            tops[id(b)] = None if column is None else max_event_us(column)
+            parts.append(out)
+        data = (
+            parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
+        )
+        result = await asyncio.to_thread(window.process, data, self._wm.global_us())
+        if len(result.late):
+            self._late_rows(result.late, batches, parts, letters)
+        m.WINDOWS_EMITTED.labels(self.name).inc(result.emitted.num_rows)
+        return result.emitted
+
+    def _late_rows(
+        self,
+        late: npt.NDArray[np.int64],
+        batches: list[Batch],
+        parts: list[pa.Table],
+        letters: list[dlq.DeadLetter],
+    ) -> None:
+        """Count late rows, or turn them into dead letters (``late_data = "dlq"``)."""
+        assert self._window is not None
+        policy = self._window.spec.late_data
+        if policy != "dlq":
+            m.LATE_ROWS_DROPPED.labels(self.name, policy).inc(len(late))
+            return
+        ends = np.cumsum([p.num_rows for p in parts])
+        owner = np.searchsorted(ends, late, side="right")
+        reason = f"late: event time before the watermark (late_data = dlq, {self._event_column})"
+        encoder = msgspec.json.Encoder()
+        for k, (b, part) in enumerate(zip(batches, parts, strict=True)):
+            local = late[owner == k] - (ends[k] - part.num_rows)
+            if not len(local):
+                continue
+            if not self.stages and b.raw is not None:  # window input rows are the decoded rows
+                index = b.rows
+                letters.extend(
+                    dlq.DeadLetter(
+                        self.name,
+                        b.source_id,
+                        "window",
+                        reason,
+                        b.raw.record(index[i] if index is not None else int(i)),
+                    )
+                    for i in local
+                )
+                continue
+            # After SQL a row has no single raw record: the row itself, as JSON.
+            partition = ",".join(b.partitions or tuple(b.position))
+            letters.extend(
+                dlq.DeadLetter(
+                    self.name,
+                    b.source_id,
+                    "window",
+                    reason,
+                    RawRecord(partition, None, None, None, encoder.encode(row)),
+                )
+                for row in part.take(pa.array(local)).to_pylist()
+            )
+
+    def _rebalanced(self, batches: list[Batch]) -> bool:
+        """Whether a batch comes from a newer partition assignment than the last one."""
+        changed = False
+        for b in batches:
+            if self._epochs.setdefault(b.source_id, b.epoch) != b.epoch:
+                changed = True
+        return changed
+
+    async def _reset_window(self) -> None:
+        """After a rebalance: forget the open windows and what was read since
+        the last commit, and read again from the committed offsets."""
+        log.warning(
+            "partitions were reassigned: dropping the open windows and reading again "
+            "from the committed offsets"
+        )
+        await self._drop_read_ahead()
+        for source in self.sources:
+            rewind = getattr(source, "rewind", None)
+            if rewind is not None:
+                await asyncio.to_thread(rewind)
+            self._epochs[source.id] = getattr(source, "epoch", 0)
+            self._pending[source.id].clear()
+        await asyncio.to_thread(self._restore_window)
+
+    def _restore_window(self) -> None:
+        """Start the window stage empty, at the watermark stored by the last run."""
+        assert self._window is not None and self._window_file is not None
+        self._window.close()
+        self._window.open()
+        stored = self._window_file.load()
+        if stored is not None:
+            self._window.advance(stored)
+            self._wm.restore(stored)
+
+    async def _window_tick(self) -> bool:
+        """Idle tick: emit what the watermark closed; False when stopped mid-write."""
+        window = self._window
+        assert window is not None
+        mark = self._wm.global_us()
+        if mark is None or (window.watermark_us is not None and mark <= window.watermark_us):
+            return True
+        emitted = (await asyncio.to_thread(window.advance, mark)).emitted
+        if emitted.num_rows:
+            m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
+            if not await self._deliver(emitted):
+                return False
+            m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
+        await self._commit_emitted()
+        return True
+
+    async def _commit_emitted(self) -> None:
+        """Store the window watermark, then commit each source's batches whose
+        rows are all in windows emitted for the last time (a prefix, in read order)."""
+        window, file = self._window, self._window_file
+        assert window is not None and file is not None
+        await asyncio.to_thread(file.save, window.watermark_us)
+        floor = window.open_floor_us()
+        by_id = {s.id: s for s in self.sources}
+        for source_id, queue in self._pending.items():
+            last: Position | None = None
+            while queue and (floor is None or queue[0][1] is None or queue[0][1] < floor):
+                last = queue.popleft()[0]
+            if last is not None:
+                await asyncio.to_thread(by_id[source_id].commit, last)
+                m.COMMITS.labels(self.name, source_id).inc()
 
     def _batch_letters(self, batch: Batch, error: str) -> list[dlq.DeadLetter]:
         """Dead letters for every decoded row of ``batch`` (raw when the source kept it)."""
@@ -364,6 +524,8 @@ class Runner:
 
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
+        if self._window is not None and not await self._window_tick():
+            return False
         now = time.monotonic()
         # Idleness counts only once every source is connected: a consumer
         # still joining its group has not seen the data yet.
@@ -472,6 +634,9 @@ class Runner:
         g = self._wm.global_us()
         if g is not None:
             m.WATERMARK.labels(self.name).set(g / 1e6)
+        if self._window is not None:
+            m.WINDOWS_ACTIVE.labels(self.name).set(self._window.active_windows())
+            m.STATE_GROUPS.labels(self.name).set(self._window.state_size())
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when a stop is requested."""

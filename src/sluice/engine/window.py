@@ -274,6 +274,11 @@ class WindowStage:
         self._wm = watermark_us if self._wm is None else max(self._wm, watermark_us)
         return WindowOutput(self._emit(), np.empty(0, np.int64))
 
+    @property
+    def watermark_us(self) -> int | None:
+        """The stage's watermark: the largest one it was given (µs), ``None`` before any."""
+        return self._wm
+
     def open_floor_us(self) -> int | None:
         """The smallest event time (µs) an open or reopen-retained window can contain.
 

@@ -1,0 +1,117 @@
+"""Event-time watermarks: per source, global, and kept across restarts.
+
+* A source's watermark is the largest event time it delivered minus
+  ``[watermark] lateness_ms``.
+* The global watermark is the smallest watermark of the sources that are
+  not idle. A source is idle once it has delivered no row for
+  ``source_idleness_ms``; a source that has delivered nothing yet counts from
+  the start of the run, so until then it holds the watermark back (a
+  consumer still joining its group must not let windows close under it).
+  When every source is idle the watermark stays where it is.
+* The global watermark never goes back: a source that wakes up with older
+  event times holds it, and does not lower it.
+* :class:`WatermarkFile` keeps a window pipeline's watermark across
+  restarts when there is no state store (see ``engine/runner.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sluice.localstate import read_json, safe_name, state_dir, write_json
+
+_US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1}
+
+
+def max_event_us(column: pa.ChunkedArray | pa.Array) -> int | None:
+    """The largest event time of ``column`` in µs since the epoch.
+
+    A timestamp of any unit, or an integer of µs (as the window stage reads
+    it). ``None`` when the column has no non-null value or another type.
+    """
+    t = column.type
+    if not (pa.types.is_timestamp(t) or pa.types.is_integer(t)) or len(column) == 0:
+        return None
+    top = pc.max(column.cast(pa.int64()) if pa.types.is_timestamp(t) else column).as_py()
+    if top is None:
+        return None
+    if pa.types.is_timestamp(t):
+        return int(top) // 1000 if t.unit == "ns" else int(top) * _US_PER[t.unit]
+    return int(top)
+
+
+class Watermarks:
+    """The watermarks of one pipeline's sources (times in µs since the epoch)."""
+
+    def __init__(
+        self,
+        sources: Iterable[str],
+        lateness_ms: int = 0,
+        idle_after_ms: int = 60_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._lateness_us = lateness_ms * 1000
+        self._idle_after_s = idle_after_ms / 1000
+        now = clock()
+        self._active_at: dict[str, float] = dict.fromkeys(sources, now)
+        self._max: dict[str, int] = {}
+        self._global: int | None = None
+
+    def observe(self, source_id: str, column: pa.ChunkedArray | pa.Array | None) -> int | None:
+        """Rows arrived from ``source_id``; ``column`` is their event time.
+
+        Returns the largest event time of ``column`` (µs), ``None`` when it
+        has none. The source counts as active either way.
+        """
+        self._active_at[source_id] = self._clock()
+        top = None if column is None else max_event_us(column)
+        if top is not None and top > self._max.get(source_id, top - 1):
+            self._max[source_id] = top
+        return top
+
+    def source(self, source_id: str) -> int | None:
+        """The watermark of one source, ``None`` before its first row."""
+        top = self._max.get(source_id)
+        return None if top is None else top - self._lateness_us
+
+    def global_us(self) -> int | None:
+        """The pipeline's watermark now (``None`` until every active source has one)."""
+        now = self._clock()
+        active = [s for s, at in self._active_at.items() if now - at < self._idle_after_s]
+        if active and all(s in self._max for s in active):
+            mark = min(self._max[s] for s in active) - self._lateness_us
+            if self._global is None or mark > self._global:
+                self._global = mark
+        return self._global
+
+    def restore(self, watermark_us: int) -> None:
+        """Start no lower than ``watermark_us`` (the watermark a previous run stored)."""
+        if self._global is None or watermark_us > self._global:
+            self._global = watermark_us
+
+
+class WatermarkFile:
+    """A pipeline's window watermark in ``$SLUICE_STATE_DIR/<pipeline>/watermark.json``."""
+
+    def __init__(self, pipeline: str, directory: Path | None = None) -> None:
+        self.path = (directory or state_dir()) / safe_name(pipeline) / "watermark.json"
+        self._saved: int | None = None
+
+    def load(self) -> int | None:
+        """The stored watermark (µs), ``None`` when nothing was stored."""
+        value = read_json(self.path)
+        self._saved = None if value is None else int(value["watermark_us"])
+        return self._saved
+
+    def save(self, watermark_us: int | None) -> None:
+        """Store ``watermark_us`` durably (fsynced) when it moved."""
+        if watermark_us is None or watermark_us == self._saved:
+            return
+        write_json(self.path, {"watermark_us": watermark_us})
+        self._saved = watermark_us
