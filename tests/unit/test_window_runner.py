@@ -385,3 +385,20 @@ def test_a_rebalance_drops_the_windows_and_reads_again_from_the_commit() -> None
     assert source.rewinds == 1
     wm = max(e["ts"] for e in events) - 5_000_000
     assert _got(target) == _expected(events, wm)
+
+
+def test_a_partition_behind_holds_its_source_back() -> None:
+    clock = [0.0]
+    marks = Watermarks(["k"], lateness_ms=1000, idle_after_ms=5000, clock=lambda: clock[0])
+    ts = pa.array([T0 + 50_000_000, T0 + 2_000_000], pa.int64()).cast(EVENT_TS_TYPE)
+    parts = pa.array(["t:0", "t:1"]).dictionary_encode()
+    marks.observe("k", ts.slice(0, 1), parts.slice(0, 1), ["t:0", "t:1", "t:2"])
+    assert marks.global_us() is None  # t:1 and t:2 have not delivered yet
+    marks.observe("k", ts, parts, ["t:0", "t:1", "t:2"])
+    assert marks.global_us() is None  # t:2 still holds
+    marks.observe("k", ts.slice(1), parts.slice(1), ["t:0", "t:1"])  # t:2 revoked
+    assert marks.global_us() == T0 + 1_000_000  # the partition behind decides
+    assert marks.source("k") == T0 + 1_000_000
+    clock[0] = 6.0
+    marks.observe("k", ts.slice(0, 1), parts.slice(0, 1), ["t:0", "t:1"])
+    assert marks.global_us() == T0 + 49_000_000  # t:1 idle

@@ -62,7 +62,9 @@ class Batch:
     ``rows`` maps each decoded row to its index in ``raw`` (``None``: one row
     per record, in order). ``epoch`` counts the source's partition
     assignments: a batch of a newer epoch than the one before followed a
-    rebalance.
+    rebalance. ``row_partitions``, when the source tracks them, names the
+    partition of each decoded row (for per-partition watermarks);
+    ``partitions`` lists every partition the source reads right now.
     """
 
     source_id: str
@@ -74,6 +76,7 @@ class Batch:
     bad: tuple[tuple[int, str], ...] = ()
     rows: tuple[int, ...] | None = None
     epoch: int = 0
+    row_partitions: pa.Array | None = None
 
     @property
     def num_rows(self) -> int:

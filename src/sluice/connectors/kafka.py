@@ -105,6 +105,7 @@ class KafkaSource:
         self._in_flight = 0
         self._settled = threading.Condition()
         self.wait_on_revoke = True  # off when offsets are held back (windows)
+        self.track_partitions = False  # name each row's partition (per-partition watermarks)
         self.epoch = 0  # partition assignments so far
 
     # -- lifecycle --------------------------------------------------------
@@ -244,8 +245,11 @@ class KafkaSource:
             raise ConnectorError(
                 f"payload_format '{self.spec.payload_format}' is not supported yet by sluice"
             )
+        row_partitions = self._row_partitions(msgs) if self.track_partitions else None
         if rows is not None:
             ts_ms = ts_ms[rows]
+            if row_partitions is not None:
+                row_partitions = row_partitions.take(pa.array(rows, pa.int64()))
         micros = pa.array(ts_ms * 1000, pa.int64(), mask=ts_ms < 0).cast(EVENT_TS_TYPE)
         if EVENT_TS in table.column_names:
             table = table.drop_columns([EVENT_TS])
@@ -260,7 +264,18 @@ class KafkaSource:
             bad=bad,
             rows=None if rows is None else tuple(rows),
             epoch=self.epoch,
+            row_partitions=row_partitions,
         )
+
+    def _row_partitions(self, msgs: list[Any]) -> pa.Array:
+        """The ``topic:partition`` of every message, dictionary-encoded."""
+        if len(self.topics) == 1:
+            parts = np.fromiter((m.partition() for m in msgs), dtype=np.int32, count=len(msgs))
+            top = int(parts.max()) if len(parts) else 0
+            names = pa.array([partition_key(self.topics[0], p) for p in range(top + 1)])
+            return pa.DictionaryArray.from_arrays(pa.array(parts), names)
+        keys = [partition_key(m.topic() or "", m.partition() or 0) for m in msgs]
+        return pa.array(keys).dictionary_encode()
 
     def _positions(self, consumer: ck.Consumer, msgs: list[Any]) -> Position:
         """Next offset to read per assigned partition, right after ``msgs`` were consumed.

@@ -165,6 +165,8 @@ class Runner:
                 for source in self.sources:
                     if hasattr(source, "wait_on_revoke"):
                         source.wait_on_revoke = False  # held offsets are never waited for
+                    if hasattr(source, "track_partitions"):
+                        source.track_partitions = True  # per-partition watermarks
             for source in self.sources:
                 await asyncio.to_thread(source.open, None)
             m.UP.labels(self.name).set(1)
@@ -237,7 +239,7 @@ class Runner:
             column = (
                 b.data[self._event_column] if self._event_column in b.data.column_names else None
             )
-            self._wm.observe(b.source_id, column)
+            self._wm.observe(b.source_id, column, b.row_partitions, b.partitions)
         decoded = [b for b in batches if b.num_rows]
         tops: dict[int, int | None] = {}
         out: pa.Table | None = None

@@ -1,7 +1,8 @@
 """Event-time watermarks: per source, global, and kept across restarts.
 
 * A source's watermark is the largest event time it delivered minus
-  ``[watermark] lateness_ms``.
+  ``[watermark] lateness_ms`` (per partition when the source names them:
+  the smallest partition watermark, see :class:`Watermarks`).
 * The global watermark is the smallest watermark of the sources that are
   not idle. A source is idle once it has delivered no row for
   ``source_idleness_ms``; a source that has delivered nothing yet counts from
@@ -38,15 +39,26 @@ def max_event_us(column: pa.ChunkedArray | pa.Array) -> int | None:
     if not (pa.types.is_timestamp(t) or pa.types.is_integer(t)) or len(column) == 0:
         return None
     top = pc.max(column.cast(pa.int64()) if pa.types.is_timestamp(t) else column).as_py()
-    if top is None:
-        return None
+    return None if top is None else _to_us(int(top), t)
+
+
+def _to_us(value: int, t: pa.DataType) -> int:
     if pa.types.is_timestamp(t):
-        return int(top) // 1000 if t.unit == "ns" else int(top) * _US_PER[t.unit]
-    return int(top)
+        return value // 1000 if t.unit == "ns" else value * _US_PER[t.unit]
+    return value
 
 
 class Watermarks:
-    """The watermarks of one pipeline's sources (times in µs since the epoch)."""
+    """The watermarks of one pipeline's sources (times in µs since the epoch).
+
+    A source that names the partition of each row (Kafka, in window
+    pipelines) gets one watermark per partition, and its own watermark is the
+    smallest of them, as in Flink and Kafka Streams: a consumer catching up
+    on a backlog reads partitions at different speeds, and rows of a partition
+    read late must not be late in event time because another partition ran
+    ahead. Each partition it reads counts from the moment it first appears,
+    and is idle, like a source, after ``source_idleness_ms`` without rows.
+    """
 
     def __init__(
         self,
@@ -59,33 +71,63 @@ class Watermarks:
         self._lateness_us = lateness_ms * 1000
         self._idle_after_s = idle_after_ms / 1000
         now = clock()
-        self._active_at: dict[str, float] = dict.fromkeys(sources, now)
-        self._max: dict[str, int] = {}
+        # Keyed by (source, partition); partition "" stands for the whole source.
+        self._active_at: dict[tuple[str, str], float] = {(s, ""): now for s in sources}
+        self._max: dict[tuple[str, str], int] = {}
         self._global: int | None = None
 
-    def observe(self, source_id: str, column: pa.ChunkedArray | pa.Array | None) -> int | None:
+    def observe(
+        self,
+        source_id: str,
+        column: pa.ChunkedArray | pa.Array | None,
+        partitions: pa.Array | None = None,
+        assigned: Iterable[str] = (),
+    ) -> int | None:
         """Rows arrived from ``source_id``; ``column`` is their event time.
 
+        ``partitions`` names each row's partition and ``assigned`` every
+        partition the source reads now (a partition that left stops counting).
         Returns the largest event time of ``column`` (µs), ``None`` when it
         has none. The source counts as active either way.
         """
-        self._active_at[source_id] = self._clock()
+        now = self._clock()
         top = None if column is None else max_event_us(column)
-        if top is not None and top > self._max.get(source_id, top - 1):
-            self._max[source_id] = top
+        if partitions is None or column is None:
+            self._raise((source_id, ""), top, now)
+            return top
+        self._active_at.pop((source_id, ""), None)
+        self._max.pop((source_id, ""), None)
+        keep = set(assigned)
+        for key in [k for k in self._active_at if k[0] == source_id and k[1] not in keep]:
+            self._active_at.pop(key, None)
+            self._max.pop(key, None)
+        for part in keep:
+            self._active_at.setdefault((source_id, part), now)
+        if top is None:
+            return top
+        times = column.cast(pa.int64()) if pa.types.is_timestamp(column.type) else column
+        table = pa.table({"p": partitions, "t": times})
+        for part, mx in zip(*table.group_by("p").aggregate([("t", "max")]).columns, strict=True):
+            if mx.as_py() is not None and part.as_py() is not None:
+                self._raise((source_id, part.as_py()), _to_us(mx.as_py(), column.type), now)
         return top
+
+    def _raise(self, key: tuple[str, str], top: int | None, now: float) -> None:
+        self._active_at[key] = now
+        if top is not None and top > self._max.get(key, top - 1):
+            self._max[key] = top
 
     def source(self, source_id: str) -> int | None:
         """The watermark of one source, ``None`` before its first row."""
-        top = self._max.get(source_id)
-        return None if top is None else top - self._lateness_us
+        marks = [v for (s, _), v in self._max.items() if s == source_id]
+        return min(marks) - self._lateness_us if marks else None
 
     def global_us(self) -> int | None:
         """The pipeline's watermark now (``None`` until every active source has one)."""
         now = self._clock()
-        active = [s for s, at in self._active_at.items() if now - at < self._idle_after_s]
-        if active and all(s in self._max for s in active):
-            mark = min(self._max[s] for s in active) - self._lateness_us
+        active = [k for k, at in self._active_at.items() if now - at < self._idle_after_s]
+        if active and all(k in self._max for k in active):
+            mark = min(self._max[k] for k in active) - self._lateness_us
             if self._global is None or mark > self._global:
                 self._global = mark
         return self._global
