@@ -78,9 +78,14 @@ class Produced:
 
 
 def produce(
-    topic: str, payloads: list[bytes], keys: list[bytes] | None = None, partition: int | None = None
+    topic: str,
+    payloads: list[bytes],
+    keys: list[bytes] | None = None,
+    partition: int | None = None,
+    timestamps_ms: list[int] | None = None,
 ) -> Produced:
-    """Produce ``payloads`` and wait for every delivery report."""
+    """Produce ``payloads`` (with message timestamps, when given) and wait for
+    every delivery report."""
     producer = Producer(
         {
             "bootstrap.servers": endpoints.KAFKA_BOOTSTRAP,
@@ -103,6 +108,8 @@ def produce(
             kwargs["key"] = keys[i]
         if partition is not None:
             kwargs["partition"] = partition
+        if timestamps_ms is not None:
+            kwargs["timestamp"] = timestamps_ms[i]
         while True:
             try:
                 producer.produce(topic, payload, **kwargs)

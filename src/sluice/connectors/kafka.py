@@ -259,7 +259,7 @@ class KafkaSource:
             table,
             position,
             raw_count=len(msgs),
-            partitions=tuple(position),
+            partitions=tuple(sorted(self._assigned)),
             raw=_Records(msgs),
             bad=bad,
             rows=None if rows is None else tuple(rows),

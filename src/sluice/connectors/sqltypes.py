@@ -13,6 +13,8 @@ def pg_type(t: pa.DataType) -> str:
         return "smallint"
     if pa.types.is_int32(t) or pa.types.is_uint16(t):
         return "integer"
+    if pa.types.is_uint64(t):
+        return "numeric(20,0)"  # a bigint stops at 2^63 - 1
     if pa.types.is_integer(t):
         return "bigint"
     if pa.types.is_float16(t) or pa.types.is_float32(t):

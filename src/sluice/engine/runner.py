@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
-from sluice.config.spec import PipelineSpec
+from sluice.config.spec import InMemoryStateStore, PipelineSpec
 from sluice.connectors import registry
 from sluice.connectors.base import EVENT_TS, Batch, Position, RawRecord, Source, Target
 from sluice.engine import dlq
@@ -120,8 +120,12 @@ class Runner:
                         f"[transform.{key}] is not implemented yet in flow consume; "
                         "the pipeline would run without it, so it does not run at all"
                     )
-        if spec.state_store is not None:
-            raise SluiceError("[state_store] is not implemented yet in flow consume")
+        # An in_memory store keeps state in the process, which the window stage
+        # does anyway; restarts are safe through the commit holdback.
+        if spec.state_store is not None and not isinstance(spec.state_store, InMemoryStateStore):
+            raise SluiceError(
+                "[state_store] kind 'postgres' is not implemented yet in flow consume"
+            )
         self.on_error = transform.on_error if transform else "fail"
         self.stages: list[Stage] = []
         if transform is not None and transform.sql:
@@ -611,6 +615,9 @@ class Runner:
     # -- observability ----------------------------------------------------------
 
     def _update_ready(self) -> None:
+        for source in self.sources:
+            if not getattr(source, "connected", True):
+                self._wm.touch(source.id)  # still joining: it holds the watermark, not idle
         connected = all(getattr(s, "connected", True) for s in self.sources)
         if connected:
             m.HEALTH.set_ready(True)

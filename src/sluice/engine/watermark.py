@@ -112,6 +112,13 @@ class Watermarks:
                 self._raise((source_id, part.as_py()), _to_us(mx.as_py(), column.type), now)
         return top
 
+    def touch(self, source_id: str) -> None:
+        """``source_id`` is not reading yet (e.g. joining its group): not idle."""
+        now = self._clock()
+        for key in self._active_at:
+            if key[0] == source_id:
+                self._active_at[key] = now
+
     def _raise(self, key: tuple[str, str], top: int | None, now: float) -> None:
         self._active_at[key] = now
         if top is not None and top > self._max.get(key, top - 1):

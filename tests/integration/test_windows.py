@@ -1,0 +1,394 @@
+"""Event-time windows through a real `flow consume`, the real broker and Postgres.
+
+Every expected result is computed by DuckDB SQL over the same events. The
+events are out of order by up to 4 s (inside ``lateness_ms`` = 5 s, so
+whatever the batch boundaries, none of them is late); the late rows are
+produced after the pipeline consumed the rest, far behind the watermark, so
+they are late whatever the batching too. A closing event per partition, two
+hours later, moves every partition's watermark past the last window.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import duckdb
+import psycopg
+import pyarrow as pa
+import pytest
+from tests import endpoints
+from tests.integration.conftest import Flow, committed, produce, unique, wait_until
+
+HOUR_MS = 3_600_000
+T0_MS = 1_700_000_000_000 // HOUR_MS * HOUR_MS
+PAGES = [f"/p{i}" for i in range(12)]
+PARTITIONS = 3
+AGGS = """
+[[transform.window.aggregations]]
+agg = "count"
+as = "n"
+[[transform.window.aggregations]]
+agg = "sum"
+column = "amount"
+as = "total"
+[[transform.window.aggregations]]
+agg = "avg"
+column = "amount"
+as = "mean"
+[[transform.window.aggregations]]
+agg = "min"
+column = "amount"
+as = "lo"
+[[transform.window.aggregations]]
+agg = "max"
+column = "amount"
+as = "hi"
+[[transform.window.aggregations]]
+agg = "first"
+column = "page"
+as = "entry"
+[[transform.window.aggregations]]
+agg = "last"
+column = "page"
+as = "exit"
+[[transform.window.aggregations]]
+agg = "count_distinct"
+column = "page"
+as = "pages"
+mode = "exact"
+max_distinct_values_per_group = 100
+[[transform.window.aggregations]]
+agg = "count_distinct"
+column = "page"
+as = "pages_hll"
+"""
+COLUMNS = "n, total, mean, lo, hi, first_page, last_page, pages"
+
+
+def history(n: int, seed: int, users: int = 40) -> list[dict[str, Any]]:
+    """``n`` events of ``users`` users: bursts 5-60 s apart, with 3-10 min pauses.
+
+    Each user's event times are distinct. The list is in production order:
+    event time plus up to 4 s of disorder.
+    """
+    rng = random.Random(seed)
+    out = []
+    for u in range(users):
+        t = T0_MS + rng.randint(0, 60_000)
+        for _ in range(n // users):
+            t += rng.randint(180_000, 600_000) if rng.random() < 0.1 else rng.randint(5_000, 60_000)
+            out.append(
+                {
+                    "user_id": u,
+                    "amount": rng.randint(1, 500),
+                    "page": rng.choice(PAGES),
+                    "ts_ms": t,
+                    "ts_us": t * 1000,
+                }
+            )
+    order = {id(e): e["ts_ms"] + rng.randint(0, 4_000) for e in out}
+    out.sort(key=lambda e: order[id(e)])
+    return out
+
+
+def send(topic: str, rows: list[dict[str, Any]], partition: int | None = None) -> None:
+    produce(
+        topic,
+        [json.dumps(r).encode() for r in rows],
+        keys=[str(r["user_id"]).encode() for r in rows],
+        partition=partition,
+        timestamps_ms=[r["ts_ms"] for r in rows],
+    )
+
+
+def close_all(topic: str, after_ms: int) -> None:
+    """One event per partition, two hours after ``after_ms``: every window before closes."""
+    for p in range(PARTITIONS):
+        row = {"user_id": 100_000 + p, "amount": 1, "page": "/end", "ts_ms": after_ms + 2 * HOUR_MS}
+        row["ts_us"] = row["ts_ms"] * 1000
+        send(topic, [row], partition=p)
+
+
+def late_rows(n: int) -> list[dict[str, Any]]:
+    """Rows a few minutes after T0, produced when the watermark is hours later."""
+    return [
+        {"user_id": i % 7, "amount": 999, "page": "/late", "ts_ms": T0_MS + 90_000 + i, "ts_us": 0}
+        for i in range(n)
+    ]
+
+
+def config(topic: str, table: str, window: str, key: str, extra: str = "") -> str:
+    return f"""
+pipeline_name = "{table}"
+source_query = "{topic}"
+idle_pause_ms = 100
+
+[source]
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+group_id = "{table}"
+session_timeout_ms = 6000
+max_batch_rows = 700
+
+[target]
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+mode = "merge"
+
+[target.table]
+schema = "public"
+name = "{table}"
+primary_key = ["user_id", "{key}"]
+
+[watermark]
+lateness_ms = 5000
+
+{extra}
+
+[transform.window]
+{window}
+group_by = ["user_id"]
+{AGGS}
+"""
+
+
+def expected(events: list[dict[str, Any]], kind: str) -> dict[tuple[int, int], tuple[Any, ...]]:
+    """Windows by DuckDB: (user_id, start ms) -> (end ms, aggregates...)."""
+    con = duckdb.connect()
+    con.register("ev", pa.Table.from_pylist(events))
+    aggs = """count(*), sum(amount), avg(amount), min(amount), max(amount),
+              arg_min(page, ts_ms), arg_max(page, ts_ms), count(DISTINCT page)"""
+    if kind == "tumbling":
+        sql = f"""SELECT user_id, ts_ms // 60000 * 60000 AS ws, ws + 60000, {aggs}
+                  FROM ev GROUP BY user_id, ws"""
+    elif kind == "hopping":
+        sql = f"""SELECT user_id, ws, ws + 300000, {aggs} FROM
+                    (SELECT ev.*, ts_ms // 60000 * 60000 - k * 60000 AS ws FROM ev, range(5) r(k))
+                  GROUP BY user_id, ws"""
+    else:
+        sql = f"""
+        WITH o AS (SELECT *, lag(ts_ms) OVER (PARTITION BY user_id ORDER BY ts_ms) AS prev FROM ev),
+        f AS (SELECT *, CASE WHEN prev IS NULL OR ts_ms - prev > 120000
+                                  OR ts_ms // {HOUR_MS} <> prev // {HOUR_MS}
+                             THEN 1 ELSE 0 END AS new FROM o),
+        s AS (SELECT *, sum(new) OVER (PARTITION BY user_id ORDER BY ts_ms) AS sid FROM f)
+        SELECT user_id, min(ts_ms), least(max(ts_ms) + 120000, (min(ts_ms) // {HOUR_MS} + 1) * {HOUR_MS}),
+               {aggs}
+        FROM s GROUP BY user_id, sid"""
+    return {(r[0], r[1]): tuple(r[2:]) for r in con.sql(sql).fetchall()}
+
+
+def table_rows(table: str) -> dict[tuple[int, int], tuple[Any, ...]]:
+    with psycopg.connect(endpoints.POSTGRES_URL) as conn:
+        rows = conn.execute(
+            f"""SELECT user_id, (extract(epoch FROM window_start) * 1000)::bigint,
+                       (extract(epoch FROM window_end) * 1000)::bigint,
+                       n, total, mean, lo, hi, entry, exit, pages, pages_hll
+                FROM public.{table} WHERE user_id < 100000"""
+        ).fetchall()
+    out = {}
+    for r in rows:
+        *exact, hll = r[2:]
+        assert abs(hll - exact[-1]) <= max(1, 0.05 * exact[-1]), r  # HLL: ~1.6 % rse
+        out[(r[0], r[1])] = tuple(exact)
+    return out
+
+
+def same(got: dict[Any, tuple[Any, ...]], want: dict[Any, tuple[Any, ...]]) -> bool:
+    if got.keys() != want.keys():
+        return False
+    for k, w in want.items():
+        g = got[k]
+        if g[:2] != w[:2] or g[3:] != w[3:] or abs(g[2] - w[2]) > 1e-9 * max(1, abs(w[2])):
+            return False
+    return True
+
+
+def wait_for_table(table: str, want: dict[Any, tuple[Any, ...]], flow: Flow) -> None:
+    def check() -> bool:
+        assert flow.proc.poll() is None, flow.output()
+        try:
+            return same(table_rows(table), want)
+        except psycopg.errors.UndefinedTable:
+            return False
+
+    try:
+        wait_until(check, 90, f"table {table} to equal DuckDB's {len(want)} windows", 0.5)
+    except AssertionError:
+        got = table_rows(table)
+        missing = [k for k in want if k not in got][:5]
+        wrong = [(k, got[k], want[k]) for k in want if k in got and got[k] != want[k]][:5]
+        extra = [k for k in got if k not in want][:5]
+        raise AssertionError(f"missing {missing} wrong {wrong} extra {extra}") from None
+
+
+WINDOWS = {
+    "tumbling": ('kind = "tumbling"\nduration_ms = 60000', "window_start", ""),
+    "hopping": (
+        'kind = "hopping"\nduration_ms = 300000\nhop_ms = 60000\nevent_time_column = "ts_us"',
+        "window_start",
+        "",
+    ),
+    "session": (
+        'kind = "session"\ngap_ms = 120000\nmax_session_duration_ms = 3600000',
+        "session_id",
+        '[state_store]\nkind = "in_memory"\n'
+        '[transform]\nsql = "SELECT user_id, amount, page, _event_ts FROM source WHERE amount > 0"',
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(WINDOWS))
+def test_windows_equal_duckdb_with_out_of_order_and_late_rows(
+    kind: str, kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    topic = kafka_topic(PARTITIONS)
+    table = unique(f"win_{kind}")
+    window, key, extra = WINDOWS[kind]
+    events = history(6000, seed=len(kind))
+    send(topic, events)
+    f = flow(config(topic, table, window, key, extra))
+    wait_until(lambda: f.metric("sluice_rows_consumed_total") >= len(events), 60, "phase 1")
+    wait_until(lambda: f.metric("sluice_windows_emitted_total") > 0, 30, "first windows")
+    assert f.metric("sluice_windows_active") > 0
+    assert f.metric("sluice_state_groups") > 0
+    late = late_rows(25)
+    send(topic, late)
+    wait_until(
+        lambda: f.metric("sluice_late_rows_dropped_total") >= len(late), 30, "late rows counted"
+    )
+    close_all(topic, max(e["ts_ms"] for e in events))
+    want = expected(events, kind)
+    wait_for_table(table, want, f)
+    assert f.metric("sluice_late_rows_dropped_total") == len(late)
+    assert f.metric("sluice_windows_emitted_total") == len(want)  # each window once
+    assert f.metric("sluice_windows_active") >= 1  # the closing events' windows
+    groups = PARTITIONS * (5 if kind == "hopping" else 1)  # the closing events' windows
+    wait_until(lambda: f.metric("sluice_state_groups") == groups, 10, f"{groups} groups open")
+    # Offsets stop before the closing events: their windows are still open.
+    wait_until(
+        lambda: committed(table, topic, PARTITIONS) == len(events) + len(late), 30, "commits"
+    )
+
+
+def test_a_tumbling_pipeline_killed_twice_still_equals_duckdb(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    topic = kafka_topic(PARTITIONS)
+    table = unique("win_kill")
+    window, key, _ = WINDOWS["tumbling"]
+    events = history(30_000, seed=42, users=200)
+    toml = config(topic, table, window, key).replace("max_batch_rows = 700", "max_batch_rows = 300")
+    send(topic, events[:10_000])
+    f = flow(toml)
+    for produced in (20_000, 30_000):
+        wait_until(lambda f=f: f.metric("sluice_windows_emitted_total") > 50, 60, "windows")
+        f.kill()
+        send(topic, events[produced - 10_000 : produced])
+        f = flow(toml)
+    close_all(topic, max(e["ts_ms"] for e in events))
+    wait_for_table(table, expected(events, "tumbling"), f)
+
+
+def test_reopen_re_emits_inside_the_allowed_lateness_and_drops_beyond(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    topic = kafka_topic(1)
+    table = unique("win_reopen")
+    window = (
+        'kind = "tumbling"\nduration_ms = 60000\nlate_data = "reopen"\nallowed_lateness_ms = 120000'
+    )
+    toml = config(topic, table, window, "window_start").replace(
+        "lateness_ms = 5000", "lateness_ms = 0"
+    )
+    minute = 60_000
+
+    def row(ts: int, amount: int) -> dict[str, Any]:
+        return {"user_id": 1, "amount": amount, "page": "/a", "ts_ms": T0_MS + ts, "ts_us": 0}
+
+    on_time = [row(m * minute + 10_000, 10 + m) for m in range(5)] + [row(4 * minute + 50_000, 1)]
+    send(topic, on_time)
+    f = flow(toml)
+    start = lambda m: (1, T0_MS + m * minute)  # noqa: E731
+
+    def emitted(n: int) -> Callable[[], bool]:
+        return lambda: f.metric("sluice_windows_emitted_total") >= n
+
+    wait_until(emitted(4), 60, "minutes 0-3 emitted (watermark at 4:50)")
+    assert table_rows(table)[start(3)][1:3] == (1, 13)
+    inside = row(3 * minute + 20_000, 100)  # window 3 ends at 4:00, kept until 6:00 > 4:50
+    beyond = row(1 * minute + 20_000, 100)  # window 1 ends at 2:00, kept until 4:00 <= 4:50
+    send(topic, [inside, beyond])
+    wait_until(emitted(5), 30, "the corrected re-emit of minute 3")
+    wait_until(
+        lambda: f.metric("sluice_late_rows_dropped_total") == 1, 30, "the row beyond to be counted"
+    )
+    got = table_rows(table)
+    assert got[start(3)][1:3] == (2, 113)
+    assert got[start(1)][1:3] == (1, 11)
+    assert 'policy="reopen"' in f.scrape()
+
+
+def test_an_idle_source_lets_the_windows_close(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    busy, quiet = kafka_topic(1), kafka_topic(1)
+    table = unique("win_idle")
+    toml = f"""
+pipeline_name = "{table}"
+idle_pause_ms = 100
+
+[[sources]]
+query = "{busy}"
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+group_id = "{table}"
+session_timeout_ms = 6000
+
+[[sources]]
+query = "{quiet}"
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+group_id = "{table}"
+session_timeout_ms = 6000
+
+[target]
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+mode = "merge"
+
+[target.table]
+schema = "public"
+name = "{table}"
+primary_key = ["user_id", "window_start"]
+
+[watermark]
+source_idleness_ms = 3000
+
+[transform.window]
+kind = "tumbling"
+duration_ms = 60000
+group_by = ["user_id"]
+{AGGS}
+"""
+    rows = [
+        {"user_id": 1, "amount": m, "page": "/x", "ts_ms": T0_MS + m * 60_000 + 1, "ts_us": 0}
+        for m in range(10)
+    ]
+    send(quiet, [{**rows[0], "user_id": 2}])
+    send(busy, rows[:2])
+    f = flow(toml)
+    wait_until(lambda: f.metric("sluice_rows_consumed_total") >= 3, 60, "both sources read")
+    time.sleep(4.0)  # both idle now: the watermark holds at the quiet source's minute 0
+    assert f.metric("sluice_windows_emitted_total") == 0
+    for m in range(2, 6):  # the busy source goes on; the quiet one stays idle
+        send(busy, [rows[m]])
+        time.sleep(0.5)
+    wait_until(lambda: f.metric("sluice_windows_emitted_total") >= 5, 30, "windows to close")
+    got = table_rows(table)
+    assert got[(1, T0_MS)][1] == 1 and got[(2, T0_MS)][1] == 1
+    assert (1, T0_MS + 60_000) in got
