@@ -169,3 +169,29 @@ def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="sluice-metrics", daemon=True).start()
     return server
+
+
+# CDC apply ([transform.cdc]); counted once per event, after the target commits
+# (skipped: when the envelopes are decoded).
+CDC_CREATES = Counter(
+    "sluice_cdc_creates",
+    "CDC create and read (snapshot) events applied.",
+    _P,
+    registry=REGISTRY,
+)
+CDC_UPDATES = Counter("sluice_cdc_updates", "CDC update events applied.", _P, registry=REGISTRY)
+CDC_DELETES = Counter(
+    "sluice_cdc_deletes", "CDC delete events applied (hard or soft).", _P, registry=REGISTRY
+)
+CDC_SKIPPED = Counter(
+    "sluice_cdc_skipped",
+    "CDC messages that are not row changes: tombstones, undecodable envelopes, markers.",
+    _P,
+    registry=REGISTRY,
+)
+CDC_IDEMPOTENT_SKIPPED = Counter(
+    "sluice_cdc_idempotent_skipped",
+    "CDC events not newer than the key's last applied change (redeliveries, re-sends).",
+    _P,
+    registry=REGISTRY,
+)
