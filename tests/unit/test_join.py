@@ -418,7 +418,7 @@ def test_snapshot_restore_round_trips_mid_stream() -> None:
         fresh.restore(blob)
         assert fresh.buffer_rows() == s.buffer_rows()
         assert fresh.open_floor_us() == s.open_floor_us()
-        assert fresh.watermark_us() == s.watermark_us()
+        assert fresh.watermark_us == s.watermark_us
         return fresh
 
     resumed = feed(stage(spec), left, right, seed=12, hook=swap)
@@ -449,7 +449,7 @@ def test_partitions_move_between_stages() -> None:
             rest = a.snapshot(["p1", "p2"])
             a.drop_partitions({"p0"})
             b.restore(moved)
-            assert b.watermark_us() == a.watermark_us()
+            assert b.watermark_us == a.watermark_us
             assert b.buffer_rows()[0] + a.buffer_rows()[0] == before[0]
             assert b.buffer_rows()[1] + a.buffer_rows()[1] == before[1]
             assert min(b.buffer_rows()) > 0
@@ -509,9 +509,9 @@ def test_restore_refuses_unknown_versions_and_damage() -> None:
         fresh.restore(b"garbage")
     with pytest.raises(StageError, match="truncated or damaged"):
         fresh.restore(blob[:-10])
-    assert fresh.buffer_rows() == (0, 0) and fresh.watermark_us() is None
+    assert fresh.buffer_rows() == (0, 0) and fresh.watermark_us is None
     fresh.restore(blob)
-    assert fresh.buffer_rows() == (1, 1) and fresh.watermark_us() == 0
+    assert fresh.buffer_rows() == (1, 1) and fresh.watermark_us == 0
 
 
 def test_restore_checks_the_schema_and_keeps_state_on_error() -> None:
@@ -535,12 +535,12 @@ def test_restore_checks_the_schema_and_keeps_state_on_error() -> None:
     )
     with pytest.raises(StageError, match="left column 'g' is int32 in this snapshot"):
         other.restore(blob)
-    assert other.buffer_rows() == (1, 0) and other.watermark_us() is None
+    assert other.buffer_rows() == (1, 0) and other.watermark_us is None
     # a stage with a higher watermark keeps it; one without takes the snapshot's
     higher = stage(spec)
     higher.advance(10 * MS)
     higher.restore(blob)
-    assert higher.watermark_us() == 10 * MS
+    assert higher.watermark_us == 10 * MS
 
 
 def test_snapshot_is_compact_and_keeps_the_matched_flags() -> None:
@@ -757,7 +757,7 @@ def test_the_cap_fails_loudly_and_keeps_state() -> None:
     s.process(side_table([0, 1, 2], ["a", "b", "c"], ids=[1, 2, 3]), None, None)
     with pytest.raises(StageError, match=r"^max_buffer_rows=4 reached: .* raise max_buffer_rows"):
         s.process(None, side_table([0, 50], ["a", "x"], right=True, ids=[11, 12]), None)
-    assert s.buffer_rows() == (3, 0) and s.watermark_us() is None
+    assert s.buffer_rows() == (3, 0) and s.watermark_us is None
     # the same rows fit when the watermark evicts in the same call
     out = s.process(None, side_table([0, 50], ["a", "x"], right=True, ids=[11, 12]), at(30))
     assert pairs(out.emitted) == [(1, 11), (2, None), (3, None)]
@@ -800,7 +800,7 @@ def test_bad_input_is_a_stage_error_and_fixes_nothing() -> None:
         s.process(side_table([0], ["a"]), bad, None)
     with pytest.raises(StageError, match="__partition must be a string"):
         s.process(side_table([0], ["a"]).append_column("__partition", pa.array([3])), None, None)
-    assert s.buffer_rows() == (0, 0) and s.watermark_us() is None
+    assert s.buffer_rows() == (0, 0) and s.watermark_us is None
     # nothing was fixed by the failed calls: a different left schema is still welcome
     out = s.process(
         side_table([0], ["a"]).drop_columns(["amount"]), side_table([0], ["a"], right=True), None

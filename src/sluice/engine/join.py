@@ -277,6 +277,7 @@ class JoinStage:
         left, right = self._bufs
         return (0 if left is None else left.rows, 0 if right is None else right.rows)
 
+    @property
     def watermark_us(self) -> int | None:
         """The stage's watermark: the largest one it was given (or restored)."""
         return self._wm

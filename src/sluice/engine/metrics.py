@@ -111,6 +111,12 @@ LATE_ROWS_DROPPED = Counter(
     [*_P, "policy"],
     registry=REGISTRY,
 )
+JOIN_BUFFER_ROWS = Gauge(
+    "sluice_join_buffer_rows",
+    "Rows buffered by the stream-stream join, by side.",
+    [*_P, "side"],
+    registry=REGISTRY,
+)
 
 
 class Health:

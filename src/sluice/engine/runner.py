@@ -31,10 +31,11 @@ from sluice.connectors import registry
 from sluice.connectors.base import EVENT_TS, Batch, Position, RawRecord, Source, Target
 from sluice.engine import dlq
 from sluice.engine import metrics as m
+from sluice.engine.join import JoinOutput, JoinStage
 from sluice.engine.lookups import LookupTables
 from sluice.engine.sql import SqlStage
 from sluice.engine.watermark import WatermarkFile, Watermarks, max_event_us
-from sluice.engine.window import WindowStage
+from sluice.engine.window import WindowOutput, WindowStage
 from sluice.errors import DecodeError, SluiceError, StageError, TransientError
 from sluice.functions import Function, collect
 
@@ -99,6 +100,10 @@ class Runner:
         self.sources: list[Source] = sources or [
             registry.build_source(s, registry.Context(spec)) for s in spec.all_sources
         ]
+        if targets is None and spec.transform is not None and spec.transform.cdc is not None:
+            from sluice.engine import cdc  # CDC targets apply change events (engine/cdc.py)
+
+            targets = cdc.build_targets(spec)
         self.targets: list[Target] = targets or [
             registry.build_target(t, registry.Context(spec), i)
             for i, t in enumerate(spec.all_targets)
@@ -113,15 +118,8 @@ class Runner:
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
         transform = spec.transform
-        if transform is not None:
-            for key in ("join", "cdc"):
-                if getattr(transform, key) is not None:
-                    raise SluiceError(
-                        f"[transform.{key}] is not implemented yet in flow consume; "
-                        "the pipeline would run without it, so it does not run at all"
-                    )
-        # An in_memory store keeps state in the process, which the window stage
-        # does anyway; restarts are safe through the commit holdback.
+        # An in_memory store keeps state in the process, which the window and
+        # join stages do anyway; restarts are safe through the commit holdback.
         if spec.state_store is not None and not isinstance(spec.state_store, InMemoryStateStore):
             raise SluiceError(
                 "[state_store] kind 'postgres' is not implemented yet in flow consume"
@@ -133,10 +131,15 @@ class Runner:
             lookups = LookupTables(transform.lookups, self.name) if transform.lookups else None
             self.stages.append(SqlStage(transform.sql, self.name, functions_by_name, lookups))
         window = transform.window if transform else None
-        self._event_column = window.event_time_column if window else EVENT_TS
-        # A window holds offsets back until its windows are emitted (see _hold).
+        join = transform.join if transform else None
+        timed = window or join
+        self._event_column = timed.event_time_column if timed else EVENT_TS
+        # Windows and joins hold offsets back until their state no longer
+        # needs the rows (see "Windows and joins" below).
         self._window = WindowStage(window, self.name) if window else None
-        self._window_file = WatermarkFile(self.name) if window else None
+        self._join = JoinStage(join, self.name) if join else None
+        self._timed: WindowStage | JoinStage | None = self._window or self._join
+        self._window_file = WatermarkFile(self.name) if timed else None
         self._pending: dict[str, collections.deque[tuple[Position, int | None]]] = {
             src.id: collections.deque() for src in self.sources
         }
@@ -164,7 +167,7 @@ class Runner:
                     return
             for stage in self.stages:
                 await asyncio.to_thread(stage.open)
-            if self._window is not None:
+            if self._timed is not None:
                 await asyncio.to_thread(self._restore_window)
                 for source in self.sources:
                     if hasattr(source, "wait_on_revoke"):
@@ -189,8 +192,8 @@ class Runner:
                 await asyncio.to_thread(_quietly, sink.close)
             for stage in self.stages:
                 await asyncio.to_thread(_quietly, stage.close)
-            if self._window is not None:
-                await asyncio.to_thread(_quietly, self._window.close)
+            if self._timed is not None:
+                await asyncio.to_thread(_quietly, self._timed.close)
 
     async def _read(self) -> list[Batch | None]:
         wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
@@ -226,7 +229,7 @@ class Runner:
         self._update_ready()
         if not batches:
             return await self._idle()
-        if self._window is not None and self._rebalanced(batches):
+        if self._timed is not None and self._rebalanced(batches):
             await self._reset_window()
             return True
         self._idle_since = None
@@ -255,7 +258,7 @@ class Runner:
         if out is not None and out.num_rows and not await self._deliver(out):
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             return False
-        if self._window is None:
+        if self._timed is None:
             await self._commit(batches)
         else:
             for b in batches:
@@ -305,7 +308,7 @@ class Runner:
         time of its rows that reached the window) and adds its late rows to
         ``letters`` under ``late_data = "dlq"``.
         """
-        if not self.stages and self._window is None:
+        if not self.stages and self._timed is None:
             return self._union(batches)
         attempts = self.spec.dlq_max_attempts or 1
         error: StageError | None = None
@@ -313,6 +316,8 @@ class Runner:
             try:
                 if self._window is not None:
                     return await self._windowed(batches, letters, tops)
+                if self._join is not None:
+                    return await self._joined(batches, letters, tops)
                 out = self._union(batches)
                 for stage in self.stages:
                     out = await asyncio.to_thread(stage.process, out)
@@ -372,6 +377,40 @@ class Runner:
         m.WINDOWS_EMITTED.labels(self.name).inc(result.emitted.num_rows)
         return result.emitted
 
+    async def _joined(
+        self, batches: list[Batch], letters: list[dlq.DeadLetter], tops: dict[int, int | None]
+    ) -> pa.Table:
+        """The join over this round's batches, each source on its side."""
+        join = self._join
+        assert join is not None
+        sides: tuple[list[Batch], list[Batch]] = ([], [])
+        for b in batches:
+            if b.source_id not in (join.spec.left_source, join.spec.right_source):
+                raise StageError(f"join: source '{b.source_id}' is on neither side of the join")
+            sides[b.source_id != join.spec.left_source].append(b)
+            column = (
+                b.data[self._event_column] if self._event_column in b.data.column_names else None
+            )
+            tops[id(b)] = None if column is None else max_event_us(column)
+
+        def side(group: list[Batch]) -> pa.Table | None:
+            if not group:
+                return None
+            tables = [b.data for b in group]
+            return (
+                tables[0]
+                if len(tables) == 1
+                else pa.concat_tables(tables, promote_options="permissive")
+            )
+
+        result = await asyncio.to_thread(
+            join.process, side(sides[0]), side(sides[1]), self._wm.global_us()
+        )
+        for group, late in zip(sides, (result.late_left, result.late_right), strict=True):
+            if len(late):
+                self._late_rows(late, group, [b.data for b in group], letters)
+        return result.emitted
+
     def _late_rows(
         self,
         late: npt.NDArray[np.int64],
@@ -380,8 +419,8 @@ class Runner:
         letters: list[dlq.DeadLetter],
     ) -> None:
         """Count late rows, or turn them into dead letters (``late_data = "dlq"``)."""
-        assert self._window is not None
-        policy = self._window.spec.late_data
+        assert self._timed is not None
+        policy = self._timed.spec.late_data
         if policy != "dlq":
             m.LATE_ROWS_DROPPED.labels(self.name, policy).inc(len(late))
             return
@@ -445,24 +484,26 @@ class Runner:
 
     def _restore_window(self) -> None:
         """Start the window stage empty, at the watermark stored by the last run."""
-        assert self._window is not None and self._window_file is not None
-        self._window.close()
-        self._window.open()
+        assert self._timed is not None and self._window_file is not None
+        self._timed.close()
+        self._timed.open()
         stored = self._window_file.load()
         if stored is not None:
-            self._window.advance(stored)
+            self._timed.advance(stored)
             self._wm.restore(stored)
 
     async def _window_tick(self) -> bool:
         """Idle tick: emit what the watermark closed; False when stopped mid-write."""
-        window = self._window
+        window = self._timed
         assert window is not None
         mark = self._wm.global_us()
         if mark is None or (window.watermark_us is not None and mark <= window.watermark_us):
             return True
-        emitted = (await asyncio.to_thread(window.advance, mark)).emitted
+        advance: Callable[[int], WindowOutput | JoinOutput] = window.advance
+        emitted = (await asyncio.to_thread(advance, mark)).emitted
         if emitted.num_rows:
-            m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
+            if self._window is not None:
+                m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
             if not await self._deliver(emitted):
                 return False
             m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
@@ -472,7 +513,7 @@ class Runner:
     async def _commit_emitted(self) -> None:
         """Store the window watermark, then commit each source's batches whose
         rows are all in windows emitted for the last time (a prefix, in read order)."""
-        window, file = self._window, self._window_file
+        window, file = self._timed, self._window_file
         assert window is not None and file is not None
         await asyncio.to_thread(file.save, window.watermark_us)
         floor = window.open_floor_us()
@@ -530,7 +571,7 @@ class Runner:
 
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
-        if self._window is not None and not await self._window_tick():
+        if self._timed is not None and not await self._window_tick():
             return False
         now = time.monotonic()
         # Idleness counts only once every source is connected: a consumer
@@ -646,6 +687,10 @@ class Runner:
         if self._window is not None:
             m.WINDOWS_ACTIVE.labels(self.name).set(self._window.active_windows())
             m.STATE_GROUPS.labels(self.name).set(self._window.state_size())
+        if self._join is not None:
+            left, right = self._join.buffer_rows()
+            m.JOIN_BUFFER_ROWS.labels(self.name, "left").set(left)
+            m.JOIN_BUFFER_ROWS.labels(self.name, "right").set(right)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when a stop is requested."""
