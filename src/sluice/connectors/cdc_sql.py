@@ -1,0 +1,758 @@
+"""CDC apply into SQL tables: Postgres, MySQL / MariaDB, SQLite, DuckDB.
+
+One batch is one transaction of the target database, set-based from start to
+end (no statement per row):
+
+1. The change events are bulk-loaded into a temporary table (Postgres: ADBC
+   binary COPY; MySQL: ``LOAD DATA``; DuckDB: Arrow scan; SQLite:
+   ``executemany``).
+2. The gate table (``_sluice_cdc_gate``, beside the mirror table, keyed by
+   pipeline, table and key) gets a row for each new key, and the batch's gate
+   rows are locked (``SELECT ... FOR UPDATE``; SQLite takes the database lock
+   at ``BEGIN IMMEDIATE``), so two processes never apply the same key at once.
+3. The events newer than their key's gate row are kept, ranked per key
+   (:mod:`sluice.connectors.cdc_apply` has the rules); counted by op.
+4. The newest event per key is converted to the table's column types by the
+   database's JSON functions — Postgres ``jsonb_populate_record``, MySQL
+   ``JSON_EXTRACT``, SQLite ``json_extract``, DuckDB ``json_extract`` plus a
+   cast — into a typed temporary table, and applied: delete (or set the soft
+   delete column), update the existing rows (the columns present in each
+   image), insert the missing ones.
+5. The gate rows take the applied versions; :meth:`flush` commits.
+
+The primary key is ``[target.table] primary_key`` or reflected from the table.
+A missing table is created from the first batch's images (types inferred from
+the JSON values) with that key, or the ``key_field`` column. A missing
+``soft_delete_column`` is added (a timestamp). MySQL commits DDL implicitly,
+so columns are added before the batch touches anything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+
+from sluice.config.spec import CdcSpec
+from sluice.config.spec import DuckDBTarget as DuckDBTargetSpec
+from sluice.config.spec import SQLiteTarget as SQLiteTargetSpec
+from sluice.connectors import cdc_envelope as env
+from sluice.connectors.cdc_apply import (
+    GATE_TABLE,
+    NEVER,
+    Applied,
+    Evolution,
+    changes_of,
+    image_columns,
+    infer_types,
+    key_columns,
+)
+from sluice.connectors.registry import Context
+from sluice.connectors.sqltypes import pg_type
+from sluice.errors import ConnectorError
+
+log = logging.getLogger(__name__)
+
+EV_TABLE = "_sluice_cdc_ev"  # the batch's events
+ACC_TABLE = "_sluice_cdc_acc"  # the events the gate accepted, ranked per key
+TYPED_TABLE = "_sluice_cdc_tw"  # the newest accepted event per key, typed as the table
+OP_COLUMN = "_sluice_op"
+IMAGE_COLUMN = "_sluice_img"
+
+EV_COLUMNS = ["k", "op", "ts", "seq", "hash", "n", "img"]
+
+
+def _events(changes: pa.Table) -> pa.Table:
+    """The change table as the staged events: short names plus read order ``n``."""
+    return pa.table(
+        [
+            changes[env.KEY],
+            changes[env.OP],
+            changes[env.TS],
+            changes[env.SEQ],
+            changes[env.HASH],
+            pa.array(range(changes.num_rows), pa.int64()),
+            changes[env.IMAGE],
+        ],
+        names=EV_COLUMNS,
+    )
+
+
+class SqlCdcTarget(ABC):
+    """The apply steps shared by the SQL databases; each subclass says how its
+    database connects, quotes, converts JSON and reports errors."""
+
+    id: str
+    #: Column names compare case-insensitively (MySQL).
+    casefold = False
+
+    def __init__(self, cdc: CdcSpec, ctx: Context, key: list[str] | None, *, count: bool) -> None:
+        """``key``: [target.table] primary_key (None: the table's, by reflection)."""
+        self.cdc = cdc
+        self._declared = list(key or [])
+        self.pipeline = ctx.pipeline.pipeline_name
+        self._decoder = env.EnvelopeDecoder(cdc, self.pipeline)
+        self._key_column = self._decoder.layout.key_column
+        self._evolution: Evolution | None = None
+        self._count = count
+        self._pending: Applied | None = None
+        self.pk: list[str] = []
+        #: name -> the database's type name; None while the table does not exist.
+        self.columns: dict[str, str] | None = None
+
+    # -- what each database provides -----------------------------------------------
+
+    @abstractmethod
+    def q(self, name: str) -> str:
+        """``name`` quoted as an identifier."""
+
+    @property
+    @abstractmethod
+    def ident(self) -> str:
+        """The mirror table, qualified and quoted."""
+
+    @property
+    @abstractmethod
+    def gate(self) -> str:
+        """The gate table, qualified and quoted."""
+
+    @property
+    @abstractmethod
+    def table_name(self) -> str:
+        """The mirror table as the gate rows name it (``schema.table``)."""
+
+    @abstractmethod
+    def run(self, statement: str) -> list[tuple[Any, ...]]:
+        """Execute one statement in the open transaction; its rows, if any."""
+
+    @abstractmethod
+    def stage(self, events: pa.Table) -> None:
+        """Load ``events`` into the temporary table ``EV_TABLE`` (replacing it)."""
+
+    @abstractmethod
+    def reflect(self) -> tuple[dict[str, str] | None, list[str]]:
+        """The table's columns (name -> type) or None when missing, and its primary key."""
+
+    @abstractmethod
+    def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
+        """The column type to create for an Arrow type."""
+
+    @abstractmethod
+    def typed(self, column: str, image: str) -> str:
+        """``column``'s value in the JSON ``image``, converted to the column's type."""
+
+    @abstractmethod
+    def present(self, column: str, image: str) -> str:
+        """True when the JSON ``image`` has the key ``column``."""
+
+    @abstractmethod
+    def now(self) -> str:
+        """The current time, for a soft delete."""
+
+    def literal(self, text: str) -> str:
+        """``text`` as a SQL string literal."""
+        return "'" + text.replace("'", "''") + "'"
+
+    def json_path(self, column: str) -> str:
+        """The JSON path of a top-level key, as a SQL literal (``'$."col"'``)."""
+        return self.literal("$." + msgspec.json.encode(column).decode())
+
+    def is_boolean(self, sql_type: str) -> bool:
+        """Whether a column of this type takes true / false (a boolean soft delete column)."""
+        return sql_type.lower() in ("boolean", "bool", "tinyint(1)")
+
+    def begin(self) -> None:  # noqa: B027 - a hook: most drivers begin on their own
+        """Start the batch's transaction (when the driver does not on its own)."""
+
+    def analyze(self, name: str) -> None:  # noqa: B027 - a hook: only Postgres needs it
+        """Give the planner statistics of a temporary table just filled."""
+
+    def lock_gate(self) -> None:
+        """Lock the batch's gate rows until the commit."""
+        self.run(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM {self.gate} g WHERE {self._gate_scope('g')} "
+            f"AND g.k IN (SELECT k FROM {EV_TABLE}) FOR UPDATE) x"
+        )
+
+    def insert_ignore(self, table: str, columns: str, select: str) -> str:
+        """INSERT of ``select`` that skips rows whose key exists."""
+        return f"INSERT INTO {table} ({columns}) {select} ON CONFLICT DO NOTHING"
+
+    def add_keys(self, select: str) -> None:
+        """Insert a gate row (version :data:`NEVER`) for each new key ``select`` gives."""
+        self.run(self.insert_ignore(self.gate, "pipeline, tbl, k, ts_ms, seq, hash", select))
+
+    def temp_table_as(self, name: str, select: str) -> str:
+        """CREATE a temporary table from a query (dropped by :meth:`drop_temp`)."""
+        return f"CREATE TEMP TABLE {name} AS {select}"
+
+    def drop_temp(self, name: str) -> None:
+        """Drop a temporary table if it exists."""
+        self.run(f"DROP TABLE IF EXISTS {name}")
+
+    def update_from(self, sets: list[str], source: str, where: str) -> str:
+        """UPDATE the mirror table (alias t) from ``source`` (alias w)."""
+        return f"UPDATE {self.ident} AS t SET {', '.join(sets)} FROM {source} w WHERE {where}"
+
+    def update_gate(self, where: str) -> str:
+        """Move the gate rows of the applied keys to their new version."""
+        return (
+            f"UPDATE {self.gate} AS g SET ts_ms = a.ts, seq = a.seq, hash = a.hash "
+            f"FROM {ACC_TABLE} a WHERE {where}"
+        )
+
+    def delete_from(self, source: str, where: str) -> str:
+        """DELETE the mirror rows matching ``source`` (alias w)."""
+        return f"DELETE FROM {self.ident} AS t USING {source} w WHERE {where}"
+
+    def set_target(self, column: str) -> str:
+        """A column on the left of SET in :meth:`update_from`."""
+        return self.q(column)
+
+    @abstractmethod
+    def gate_ddl(self) -> str:
+        """CREATE TABLE IF NOT EXISTS of the gate table."""
+
+    @abstractmethod
+    def create_typed(self, columns: list[str]) -> None:
+        """Create ``TYPED_TABLE`` from ``ACC_TABLE``'s newest events: the table's columns typed
+        (``columns`` from the images, the rest null) plus ``OP_COLUMN`` and ``IMAGE_COLUMN``."""
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Reflect the table and key, create the gate table, add a missing soft
+        delete column. Called by ``open`` after connecting; commits."""
+        self.columns, reflected = self.reflect()
+        declared = self._declared
+        if self.columns is not None:
+            self.pk = key_columns(
+                self.id,
+                declared,
+                reflected,
+                self.columns,
+                self._key_column,
+                casefold=self.casefold,
+            )
+            self._check_key_field()
+        else:
+            self.pk = key_columns(self.id, declared, [], None, self._key_column)
+        self._evolution = Evolution(self.cdc, self.id, casefold=self.casefold)
+        self.run(self.gate_ddl())
+        column = self.cdc.soft_delete_column
+        if self.columns is not None and column and self._find(column) is None:
+            self.add_columns({column: pa.timestamp("us", tz="UTC")})
+        self.commit()
+
+    def _check_key_field(self) -> None:
+        column = self._key_column
+        if column is not None and self.columns is not None and self._find(column) is None:
+            raise ConnectorError(
+                f"{self.id}: key_field '{self.cdc.key_field}' names column '{column}', which "
+                f"the table does not have (it has {', '.join(self.columns)})"
+            )
+
+    def _find(self, name: str) -> str | None:
+        """The table's spelling of column ``name`` (None when it has none)."""
+        if self.columns is None:
+            return None
+        if name in self.columns:
+            return name
+        if self.casefold:
+            for column in self.columns:
+                if column.lower() == name.lower():
+                    return column
+        return None
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Commit the open transaction."""
+
+    # -- one batch ----------------------------------------------------------------
+
+    def write(self, data: pa.Table) -> None:
+        """Apply the change events of ``data`` in the open transaction."""
+        changes = changes_of(data, self._decoder, self.id)
+        if changes.num_rows == 0:
+            return
+        assert self._evolution is not None
+        if self.columns is None:
+            self._create(changes)
+        assert self.columns is not None
+        present, added = self._evolution.check(changes, self.columns)
+        if added:
+            self.add_columns(added)
+            present = [*present, *added]
+        self.begin()
+        self.stage(_events(changes))
+        applied = Applied()
+        self._apply(present, changes.num_rows, applied)
+        self._pending = applied
+
+    def _create(self, changes: pa.Table) -> None:
+        """Create the missing table from the images of ``changes``: their columns,
+        typed from their JSON values, keyed on :attr:`pk`."""
+        images = changes[env.IMAGE].combine_chunks()
+        types = infer_types(images, image_columns(images))
+        missing = [k for k in self.pk if k not in types]
+        if missing:
+            raise ConnectorError(
+                f"{self.id}: cannot create the table: primary key column(s) {missing} are not "
+                "in the change events"
+            )
+        column = self.cdc.soft_delete_column
+        if column and column not in types:
+            types[column] = pa.timestamp("us", tz="UTC")
+        defs = [f"{self.q(n)} {self.sql_type(t, key=n in self.pk)}" for n, t in types.items()]
+        defs.append(f"PRIMARY KEY ({', '.join(self.q(k) for k in self.pk)})")
+        self.create_table(defs)
+        self.columns, _ = self.reflect()
+        if self.columns is None:
+            raise ConnectorError(f"{self.id}: the table was created but cannot be found")
+
+    def create_table(self, definitions: list[str]) -> None:
+        """CREATE the mirror table with these column / key definitions."""
+        self.run(f"CREATE TABLE IF NOT EXISTS {self.ident} ({', '.join(definitions)})")
+
+    def add_columns(self, types: dict[str, pa.DataType]) -> None:
+        """ALTER the mirror table: add nullable columns."""
+        for name, t in types.items():
+            self.run(f"ALTER TABLE {self.ident} ADD COLUMN {self.q(name)} {self.sql_type(t)}")
+        self.columns, _ = self.reflect()
+
+    def _gate_scope(self, alias: str) -> str:
+        return (
+            f"{alias}.pipeline = {self.literal(self.pipeline)} "
+            f"AND {alias}.tbl = {self.literal(self.table_name)}"
+        )
+
+    def _apply(self, present: list[str], total: int, applied: Applied) -> None:
+        """Gate, rank and apply the staged events (steps 2-5 of the module docstring)."""
+        q = self.q
+        self.analyze(EV_TABLE)
+        self.add_keys(
+            f"SELECT DISTINCT {self.literal(self.pipeline)}, {self.literal(self.table_name)}, "
+            f"k, {NEVER}, -1, 0 FROM {EV_TABLE}"
+        )
+        self.lock_gate()
+        self.drop_temp(ACC_TABLE)
+        newer = "e.ts > g.ts_ms OR (e.ts = g.ts_ms AND e.seq > g.seq AND e.hash <> g.hash)"
+        self.run(
+            self.temp_table_as(
+                ACC_TABLE,
+                "SELECT e.k, e.op, e.ts, e.seq, e.hash, e.img, ROW_NUMBER() OVER "
+                "(PARTITION BY e.k ORDER BY e.ts DESC, e.seq DESC, e.n DESC) AS rk "
+                f"FROM {EV_TABLE} e JOIN {self.gate} g ON {self._gate_scope('g')} AND g.k = e.k "
+                f"WHERE {newer}",
+            )
+        )
+        self.analyze(ACC_TABLE)
+        counts = {
+            str(op): int(n)
+            for op, n in self.run(f"SELECT op, COUNT(*) FROM {ACC_TABLE} GROUP BY op")
+        }
+        applied.add_ops(counts, total)
+        if not counts:
+            return
+        assert self.columns is not None
+        table_columns = list(self.columns)
+        pk = [self._find(k) or k for k in self.pk]
+        soft = self._find(self.cdc.soft_delete_column) if self.cdc.soft_delete_column else None
+        wanted = [c for c in dict.fromkeys([*pk, *(self._find(c) or c for c in present)])]
+        if soft and soft not in wanted:
+            wanted.append(soft)
+        self.drop_temp(TYPED_TABLE)
+        self.create_typed([c for c in table_columns if c in wanted])
+        match = " AND ".join(f"t.{q(k)} = w.{q(k)}" for k in pk)
+        is_delete = f"w.{OP_COLUMN} = 'd'"
+        if counts.get("d"):
+            if self.cdc.delete_mode == "soft":
+                assert soft is not None
+                mark = "TRUE" if self.is_boolean(self.columns[soft]) else self.now()
+                self.run(
+                    self.update_from(
+                        [f"{self.set_target(soft)} = {mark}"],
+                        TYPED_TABLE,
+                        f"{match} AND {is_delete}",
+                    )
+                )
+            else:
+                self.run(self.delete_from(TYPED_TABLE, f"{match} AND {is_delete}"))
+        if sum(counts.values()) > counts.get("d", 0):
+            others = [c for c in wanted if c not in pk]
+            sets = []
+            for c in others:
+                if c == soft:
+                    cleared = "FALSE" if self.is_boolean(self.columns[c]) else "NULL"
+                    value = f"CASE WHEN {self.present(c, 'w.' + IMAGE_COLUMN)} THEN w.{q(c)} ELSE {cleared} END"
+                else:
+                    value = f"CASE WHEN {self.present(c, 'w.' + IMAGE_COLUMN)} THEN w.{q(c)} ELSE t.{q(c)} END"
+                sets.append(f"{self.set_target(c)} = {value}")
+            if sets:
+                self.run(self.update_from(sets, TYPED_TABLE, f"{match} AND NOT {is_delete}"))
+            cols = ", ".join(q(c) for c in wanted)
+            self.run(
+                f"INSERT INTO {self.ident} ({cols}) SELECT {', '.join('w.' + q(c) for c in wanted)} "
+                f"FROM {TYPED_TABLE} w WHERE NOT {is_delete} AND NOT EXISTS "
+                f"(SELECT 1 FROM {self.ident} t WHERE {match})"
+            )
+        self.run(self.update_gate(f"{self._gate_scope('g')} AND g.k = a.k AND a.rk = 1"))
+
+    def done(self) -> None:
+        """After the commit: count what the batch did."""
+        applied, self._pending = self._pending, None
+        if applied is not None and self._count:
+            applied.record(self.pipeline)
+
+
+# -- SQLite -----------------------------------------------------------------------
+
+
+class SQLiteCdcTarget(SqlCdcTarget):
+    """CDC into a SQLite table; JSON converted by ``json_extract``.
+
+    A batch holds the database's write lock from ``BEGIN IMMEDIATE`` to the
+    commit (WAL, ``synchronous = FULL``).
+    """
+
+    def __init__(
+        self, spec: SQLiteTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
+    ) -> None:
+        super().__init__(cdc, ctx, spec.table.primary_key, count=count)
+        self.spec = spec
+        self.table = spec.table.name
+        self.id = f"sqlite:{spec.path}:{self.table}"
+        self._conn: sqlite3.Connection | None = None
+
+    def q(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    @property
+    def ident(self) -> str:
+        return self.q(self.table)
+
+    @property
+    def gate(self) -> str:
+        return self.q(GATE_TABLE)
+
+    @property
+    def table_name(self) -> str:
+        return f"main.{self.table}"
+
+    def open(self) -> None:
+        """Open the database file (created when missing), reflect, create the gate table."""
+        Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.spec.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        self._conn = conn
+        try:
+            self.prepare()
+        except sqlite3.Error as exc:
+            self.close()
+            raise ConnectorError(f"{self.id}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close; an uncommitted batch is rolled back."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ConnectorError(f"{self.id} is not open")
+        return self._conn
+
+    def run(self, statement: str) -> list[tuple[Any, ...]]:
+        return list(self._require().execute(statement).fetchall())
+
+    def begin(self) -> None:
+        conn = self._require()
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        conn = self._require()
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+    def reflect(self) -> tuple[dict[str, str] | None, list[str]]:
+        info = self.run(f"PRAGMA table_info({self.q(self.table)})")
+        if not info:
+            return None, []
+        columns = {str(r[1]): str(r[2]) for r in info}
+        key = [str(r[1]) for r in sorted(info, key=lambda r: int(r[5])) if int(r[5]) > 0]
+        return columns, key
+
+    def stage(self, events: pa.Table) -> None:
+        self.drop_temp(EV_TABLE)
+        self.run(
+            f"CREATE TEMP TABLE {EV_TABLE} (k TEXT, op TEXT, ts INTEGER, seq INTEGER, "
+            "hash INTEGER, n INTEGER, img TEXT)"
+        )
+        marks = ", ".join("?" for _ in EV_COLUMNS)
+        # executemany over C-level zip of the columns: sqlite3 has no bulk Arrow path.
+        self._require().executemany(
+            f"INSERT INTO {EV_TABLE} VALUES ({marks})",
+            zip(*(c.to_pylist() for c in events.columns), strict=True),
+        )
+
+    def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
+        from sluice.connectors.embedded import sqlite_type
+
+        return "BOOLEAN" if pa.types.is_boolean(t) else sqlite_type(t)
+
+    def typed(self, column: str, image: str) -> str:
+        return f"json_extract({image}, {self.json_path(column)})"
+
+    def present(self, column: str, image: str) -> str:
+        return f"(json_type({image}, {self.json_path(column)}) IS NOT NULL)"
+
+    def now(self) -> str:
+        return "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+    def lock_gate(self) -> None:
+        """BEGIN IMMEDIATE holds the database's write lock already."""
+
+    def insert_ignore(self, table: str, columns: str, select: str) -> str:
+        return f"INSERT OR IGNORE INTO {table} ({columns}) {select}"
+
+    def drop_temp(self, name: str) -> None:
+        self.run(f"DROP TABLE IF EXISTS temp.{name}")
+
+    def delete_from(self, source: str, where: str) -> str:
+        return (
+            f"DELETE FROM {self.ident} AS t WHERE EXISTS (SELECT 1 FROM {source} w WHERE {where})"
+        )
+
+    def gate_ddl(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline TEXT NOT NULL, tbl TEXT NOT NULL, "
+            "k TEXT NOT NULL, ts_ms INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "hash INTEGER NOT NULL, PRIMARY KEY (pipeline, tbl, k)) WITHOUT ROWID"
+        )
+
+    def create_typed(self, columns: list[str]) -> None:
+        values = ", ".join(f"{self.typed(c, 'a.img')} AS {self.q(c)}" for c in columns)
+        self.run(
+            self.temp_table_as(
+                TYPED_TABLE,
+                f"SELECT {values}, a.op AS {OP_COLUMN}, a.img AS {IMAGE_COLUMN} FROM {ACC_TABLE} a WHERE a.rk = 1",
+            )
+        )
+
+    def write(self, data: pa.Table) -> None:
+        """Apply the batch in one transaction (committed by :meth:`flush`)."""
+        try:
+            super().write(data)
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise ConnectorError(f"{self.id}: {exc}") from exc
+        except ConnectorError:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        with contextlib.suppress(sqlite3.Error, ConnectorError):
+            self.columns, _ = self.reflect()  # an ALTER of the batch rolled back too
+
+    def flush(self) -> None:
+        """Commit (durable: WAL with synchronous=FULL), then count."""
+        try:
+            self.commit()
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise ConnectorError(f"{self.id}: commit failed: {exc}") from exc
+        self.done()
+
+
+# -- DuckDB -----------------------------------------------------------------------
+
+
+class DuckDBCdcTarget(SqlCdcTarget):
+    """CDC into a DuckDB table; JSON converted by ``json_extract`` and a cast to the
+    column's type."""
+
+    def __init__(
+        self, spec: DuckDBTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
+    ) -> None:
+        super().__init__(cdc, ctx, spec.table.primary_key, count=count)
+        self.spec = spec
+        self.schema = spec.table.schema or "main"
+        self.table = spec.table.name
+        self.id = f"duckdb:{spec.path}:{self.schema}.{self.table}"
+        self._conn: Any = None
+        self._in_tx = False
+
+    def q(self, name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    @property
+    def ident(self) -> str:
+        return f"{self.q(self.schema)}.{self.q(self.table)}"
+
+    @property
+    def gate(self) -> str:
+        return f"{self.q(self.schema)}.{self.q(GATE_TABLE)}"
+
+    @property
+    def table_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    def open(self) -> None:
+        """Open the database (created when missing), reflect, create the gate table."""
+        import duckdb
+
+        if self.spec.path != ":memory:":
+            Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = duckdb.connect(self.spec.path)
+            self.run(f"CREATE SCHEMA IF NOT EXISTS {self.q(self.schema)}")
+            self.prepare()
+        except duckdb.Error as exc:
+            self.close()
+            raise ConnectorError(f"{self.id}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close; an uncommitted batch is rolled back."""
+        conn, self._conn = self._conn, None
+        self._in_tx = False
+        if conn is not None:
+            conn.close()
+
+    def _require(self) -> Any:
+        if self._conn is None:
+            raise ConnectorError(f"{self.id} is not open")
+        return self._conn
+
+    def run(self, statement: str) -> list[tuple[Any, ...]]:
+        return list(self._require().execute(statement).fetchall())
+
+    def begin(self) -> None:
+        if not self._in_tx:
+            self.run("BEGIN TRANSACTION")
+            self._in_tx = True
+
+    def commit(self) -> None:
+        if self._in_tx:
+            self.run("COMMIT")
+            self._in_tx = False
+
+    def reflect(self) -> tuple[dict[str, str] | None, list[str]]:
+        rows = self.run(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE "
+            f"table_schema = {self.literal(self.schema)} AND table_name = {self.literal(self.table)} "
+            "ORDER BY ordinal_position"
+        )
+        if not rows:
+            return None, []
+        cons = self.run(
+            "SELECT constraint_column_names FROM duckdb_constraints() WHERE "
+            f"schema_name = {self.literal(self.schema)} AND table_name = {self.literal(self.table)} "
+            "AND constraint_type = 'PRIMARY KEY'"
+        )
+        return {str(r[0]): str(r[1]) for r in rows}, list(cons[0][0]) if cons else []
+
+    def stage(self, events: pa.Table) -> None:
+        conn = self._require()
+        conn.register("_sluice_cdc_batch", events)
+        try:
+            self.run(f"CREATE OR REPLACE TEMP TABLE {EV_TABLE} AS SELECT * FROM _sluice_cdc_batch")
+        finally:
+            conn.unregister("_sluice_cdc_batch")
+
+    def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
+        text = pg_type(t)
+        return {
+            "jsonb": "JSON",
+            "bytea": "BLOB",
+            "timestamptz": "TIMESTAMPTZ",
+            "double precision": "DOUBLE",
+        }.get(text, text.upper())
+
+    def typed(self, column: str, image: str) -> str:
+        assert self.columns is not None
+        kind = self.columns[column]
+        path = self.json_path(column)
+        if kind == "VARCHAR":
+            return f"json_extract_string({image}, {path})"
+        if kind == "JSON":
+            return f"json_extract({image}, {path})"
+        if kind.endswith("]") or kind.startswith(("STRUCT", "MAP", "UNION")):
+            return f"CAST(json_extract({image}, {path}) AS {kind})"
+        return f"CAST(json_extract_string({image}, {path}) AS {kind})"
+
+    def present(self, column: str, image: str) -> str:
+        return f"json_exists({image}, {self.json_path(column)})"
+
+    def now(self) -> str:
+        return "now()"
+
+    def lock_gate(self) -> None:
+        """One process holds a DuckDB file: nothing to lock."""
+
+    def insert_ignore(self, table: str, columns: str, select: str) -> str:
+        return f"INSERT OR IGNORE INTO {table} ({columns}) {select}"
+
+    def drop_temp(self, name: str) -> None:
+        self.run(f"DROP TABLE IF EXISTS temp.{name}")
+
+    def gate_ddl(self) -> str:
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline VARCHAR NOT NULL, "
+            "tbl VARCHAR NOT NULL, k VARCHAR NOT NULL, ts_ms BIGINT NOT NULL, "
+            "seq BIGINT NOT NULL, hash BIGINT NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
+        )
+
+    def create_typed(self, columns: list[str]) -> None:
+        values = ", ".join(f"{self.typed(c, 'a.img')} AS {self.q(c)}" for c in columns)
+        self.run(
+            self.temp_table_as(
+                TYPED_TABLE,
+                f"SELECT {values}, a.op AS {OP_COLUMN}, a.img AS {IMAGE_COLUMN} FROM {ACC_TABLE} a WHERE a.rk = 1",
+            )
+        )
+
+    def write(self, data: pa.Table) -> None:
+        """Apply the batch in one transaction (committed by :meth:`flush`)."""
+        import duckdb
+
+        try:
+            super().write(data)
+        except duckdb.Error as exc:
+            self._rollback()
+            raise ConnectorError(f"{self.id}: {exc}") from exc
+        except ConnectorError:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        import duckdb
+
+        if self._in_tx:
+            self._in_tx = False
+            with contextlib.suppress(duckdb.Error, ConnectorError):
+                self.run("ROLLBACK")
+        with contextlib.suppress(duckdb.Error, ConnectorError):
+            self.columns, _ = self.reflect()
+
+    def flush(self) -> None:
+        """Commit, then count."""
+        import duckdb
+
+        try:
+            self.commit()
+        except duckdb.Error as exc:
+            self._rollback()
+            raise ConnectorError(f"{self.id}: commit failed: {exc}") from exc
+        self.done()
