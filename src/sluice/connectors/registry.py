@@ -27,6 +27,8 @@ _TARGETS: dict[str, tuple[str, str]] = {
     "mysql": ("sluice.connectors.mysql", "mysql"),
     "sqlite": ("sluice.connectors.embedded", "all"),
     "duckdb": ("sluice.connectors.embedded", "duckdb"),
+    "delta_local": ("sluice.connectors.delta", "delta"),
+    "delta_s3": ("sluice.connectors.delta", "delta"),
 }
 
 

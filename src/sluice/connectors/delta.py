@@ -1,0 +1,555 @@
+"""Delta Lake targets (``delta_local``, ``delta_s3``) through the ``deltalake`` package.
+
+**Plain targets** (:class:`DeltaTarget`): ``append`` adds each batch as one
+commit (``write_deltalake``; a column the table lacks is added);
+``merge`` runs one ``MERGE`` per batch on ``[target.table] primary_key`` (the
+last row of a key in a batch wins). A missing table is created by the first
+batch, partitioned by ``partition_by``. Every flush is one Delta commit:
+durable when it returns.
+
+**CDC** (:class:`DeltaCdcTarget`) applies a change table
+(:mod:`sluice.connectors.cdc_apply` has the rules) with one ``MERGE`` per
+batch. Where the idempotency gate lives, so that it commits with the data:
+
+* Each row carries its gate in three hidden columns, ``_sluice_cdc_ts_ms``,
+  ``_sluice_cdc_seq`` and ``_sluice_cdc_hash``, written by the same MERGE as
+  the row (and re-checked by its predicates). A Delta commit is atomic, so a
+  live row and its gate never disagree.
+* A hard-deleted row is gone, and its gate with it; yet an old create re-sent
+  after the delete must not bring it back. Delta has no second table in one
+  commit, so the deleted keys' versions are kept in a companion Delta table,
+  ``<table>/_sluice_cdc_deletes`` (Delta readers and VACUUM ignore folders
+  starting with ``_``), written by a second commit *after* the MERGE. A crash
+  between the two commits leaves the markers one batch behind the table;
+  the offsets of that batch were not committed, so it is read again and its
+  deletes are applied (no-ops) and marked again before anything later. The
+  only trace: a re-read that splits the batch differently may briefly show a
+  deleted row again until the rest of the batch is applied.
+
+The alternative, keeping deleted rows as hidden tombstone rows in the table,
+commits in one step but leaves rows every reader has to filter out; a mirror
+should be the source table, so the markers live beside it.
+
+Decisions (which events pass the gate, the newest per key) are made in Arrow
+from the versions read for the batch's keys; the MERGE predicates check the
+versions again, so even a concurrent writer never makes a row older.
+
+The key comes from ``[target.table] primary_key`` (Delta tables carry no key);
+a key column the table does not have fails :meth:`open` naming it. Updates
+write every column present in some image of the batch (a column an image
+lacks becomes null) and leave the other columns as they are.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
+
+from sluice.config.spec import CdcSpec
+from sluice.config.spec import DeltaLocalTarget as DeltaLocalSpec
+from sluice.config.spec import DeltaS3Target as DeltaS3Spec
+from sluice.connectors import cdc_envelope as env
+from sluice.connectors.cdc_apply import (
+    Applied,
+    Evolution,
+    changes_of,
+    image_columns,
+    infer_types,
+)
+from sluice.connectors.registry import Context
+from sluice.errors import ConnectorError, TransientError
+
+try:
+    import deltalake
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+    from deltalake.schema import PrimitiveType
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
+    raise ModuleNotFoundError("deltalake", name="deltalake") from exc
+
+log = logging.getLogger(__name__)
+
+DeltaSpec = DeltaLocalSpec | DeltaS3Spec
+
+#: The hidden gate columns of a CDC mirror row.
+TS_COLUMN = "_sluice_cdc_ts_ms"
+SEQ_COLUMN = "_sluice_cdc_seq"
+HASH_COLUMN = "_sluice_cdc_hash"
+GATE_COLUMNS = (TS_COLUMN, SEQ_COLUMN, HASH_COLUMN)
+#: Folder (inside the table) of the deleted keys' versions.
+DELETES_DIR = "_sluice_cdc_deletes"
+
+_OP = "_sluice_op"
+_N = "_sluice_n"
+#: Up to this many keys, a batch reads the stored versions with an IN list;
+#: beyond, the keys' range (an IN list of 10k integers costs ~0.15 s to plan).
+_IN_LIST_KEYS = 1_000
+
+
+def location(spec: DeltaSpec) -> tuple[str, dict[str, str] | None]:
+    """The table URI and the object-store options of ``spec``."""
+    if isinstance(spec, DeltaLocalSpec):
+        return spec.path, None
+    prefix = (spec.prefix or "").strip("/")
+    uri = f"s3://{spec.bucket}/{prefix}" if prefix else f"s3://{spec.bucket}"
+    options: dict[str, str] = {}
+    if spec.endpoint:
+        options["AWS_ENDPOINT_URL"] = spec.endpoint
+        if spec.endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    if spec.region:
+        options["AWS_REGION"] = spec.region
+    if spec.access_key_id:
+        options["AWS_ACCESS_KEY_ID"] = spec.access_key_id
+    if spec.secret_access_key:
+        options["AWS_SECRET_ACCESS_KEY"] = spec.secret_access_key
+    return uri, options or None
+
+
+def _fail(target_id: str, what: str, exc: Exception) -> Exception:
+    """A Delta failure as a sluice error: a lost commit race or I/O is transient."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, CommitFailedError | OSError):
+        return TransientError(f"{target_id}: {what}: {text}")
+    return ConnectorError(f"{target_id}: {what}: {text}")
+
+
+def _arrow_schema(table: DeltaTable) -> pa.Schema:
+    return pa.schema(table.schema().to_arrow())
+
+
+def _quote(name: str) -> str:
+    """A column name for a deltalake (DataFusion SQL) expression."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def _last_per_key(data: pa.Table, key: list[str], order: list[str]) -> pa.Table:
+    """The last row of each key, ``order`` ascending (vectorised: sort, then compare neighbours)."""
+    if data.num_rows <= 1:
+        return data
+    data = data.sort_by([(k, "ascending") for k in key] + [(o, "ascending") for o in order])
+    last = np.zeros(data.num_rows, dtype=bool)
+    last[-1] = True
+    for k in key:
+        col = data[k].combine_chunks()
+        head, tail = col.slice(0, len(col) - 1), col.slice(1)
+        differs = pc.fill_null(pc.not_equal(head, tail), True)
+        both_null = pc.and_(pc.is_null(head), pc.is_null(tail))
+        last[:-1] |= np.asarray(pc.and_not(differs, both_null))
+    return data.filter(pa.array(last))
+
+
+class DeltaTarget:
+    """Appends or merges batches into one Delta table, one commit per flush."""
+
+    def __init__(self, spec: DeltaSpec, ctx: Context, index: int) -> None:
+        self.spec = spec
+        self.uri, self.options = location(spec)
+        self.id = f"{spec.kind}:{self.uri}"
+        self.key = list(spec.table.primary_key or []) if spec.table else []
+        self._pending: list[pa.Table] = []
+        if spec.mode not in ("append", "merge"):
+            raise ConnectorError(
+                f"mode '{spec.mode}' on a streaming Delta target is not implemented yet "
+                "(use append or merge)"
+            )
+        if spec.mode == "merge" and not self.key:
+            raise ConnectorError(f'{self.id}: mode = "merge" needs [target.table] primary_key')
+
+    def open(self) -> None:
+        """Check the table (when it exists) has the key columns."""
+        table = self._table()
+        if table is not None and self.key:
+            names = set(_arrow_schema(table).names)
+            missing = [k for k in self.key if k not in names]
+            if missing:
+                raise ConnectorError(
+                    f"{self.id}: primary_key column(s) {missing} are not columns of the table "
+                    f"(it has {', '.join(sorted(names))})"
+                )
+
+    def close(self) -> None:
+        """Forget what was not flushed."""
+        self._pending = []
+
+    def _table(self) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.uri, storage_options=self.options)
+        except TableNotFoundError:
+            return None
+        except (DeltaError, OSError) as exc:
+            raise _fail(self.id, "cannot open the table", exc) from exc
+
+    def write(self, data: pa.Table) -> None:
+        """Keep ``data`` for the next flush."""
+        if data.num_rows:
+            names = [
+                n for n in data.column_names if not pa.types.is_null(data.schema.field(n).type)
+            ]
+            self._pending.append(data.select(names))
+
+    def flush(self) -> None:
+        """Commit what was written since the last flush (one Delta commit)."""
+        if not self._pending:
+            return
+        data = pa.concat_tables(self._pending, promote_options="permissive")
+        try:
+            table = self._table()
+            if self.spec.mode == "merge" and table is not None:
+                self._merge(table, data)
+            else:
+                write_deltalake(
+                    self.uri,
+                    data,
+                    mode="append",
+                    partition_by=self.spec.partition_by or None,
+                    schema_mode="merge",
+                    storage_options=self.options,
+                )
+        except (DeltaError, OSError) as exc:
+            raise _fail(self.id, "write failed", exc) from exc
+        self._pending = []
+
+    def _merge(self, table: DeltaTable, data: pa.Table) -> None:
+        data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
+        data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
+        on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.key)
+        (
+            table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True)
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+
+
+class DeltaCdcTarget:
+    """Applies change tables to one Delta table: one MERGE (one commit) per batch."""
+
+    def __init__(
+        self, spec: DeltaSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
+    ) -> None:
+        self.spec = spec
+        self.cdc = cdc
+        self.pipeline = ctx.pipeline.pipeline_name
+        self.uri, self.options = location(spec)
+        self.deletes_uri = self.uri.rstrip("/") + "/" + DELETES_DIR
+        self.id = f"{spec.kind}:{self.uri}"
+        self.key = list(spec.table.primary_key or []) if spec.table else []
+        if not self.key:
+            raise ConnectorError(
+                f"{self.id}: [transform.cdc] into Delta needs [target.table] primary_key"
+            )
+        self._decoder = env.EnvelopeDecoder(cdc, self.pipeline)
+        self._evolution = Evolution(cdc, self.id)
+        self._count = count
+        self._pending: list[pa.Table] = []
+        self._schema: pa.Schema | None = None  # the table's data columns (no gate columns)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def open(self) -> None:
+        """Read the table's schema; a primary key column it lacks fails here, named."""
+        table = self._table(self.uri)
+        self._schema = None if table is None else self._data_schema(table)
+        if self._schema is not None:
+            self._check_key(self._schema.names)
+
+    def close(self) -> None:
+        """Forget what was not flushed."""
+        self._pending = []
+
+    def _check_key(self, names: list[str]) -> None:
+        missing = [k for k in self.key if k not in names]
+        if missing:
+            raise ConnectorError(
+                f"{self.id}: primary_key column(s) {', '.join(repr(k) for k in missing)} are not "
+                f"columns of the table (it has {', '.join(names)})"
+            )
+
+    def _table(self, uri: str) -> DeltaTable | None:
+        try:
+            return DeltaTable(uri, storage_options=self.options)
+        except TableNotFoundError:
+            return None
+        except (DeltaError, OSError) as exc:
+            raise _fail(self.id, "cannot open the table", exc) from exc
+
+    @staticmethod
+    def _data_schema(table: DeltaTable) -> pa.Schema:
+        schema = _arrow_schema(table)
+        return pa.schema([f for f in schema if f.name not in GATE_COLUMNS])
+
+    # -- one batch --------------------------------------------------------------
+
+    def write(self, data: pa.Table) -> None:
+        """Keep the batch's changes for :meth:`flush` (Delta commits are the MERGE itself)."""
+        changes = changes_of(data, self._decoder, self.id)
+        if changes.num_rows:
+            self._pending.append(changes)
+
+    def flush(self) -> None:
+        """Apply the changes written since the last flush: MERGE, then the delete markers."""
+        if not self._pending:
+            return
+        changes = pa.concat_tables(self._pending)
+        applied = Applied()
+        try:
+            self._apply(changes, applied)
+        except (DeltaError, OSError) as exc:
+            raise _fail(self.id, "apply failed", exc) from exc
+        except pa.ArrowInvalid as exc:
+            raise ConnectorError(
+                f"{self.id}: the change events do not fit the table's columns: {exc}"
+            ) from exc
+        self._pending = []
+        if self._count:
+            applied.record(self.pipeline)
+
+    def _apply(self, changes: pa.Table, applied: Applied) -> None:
+        table = self._table(self.uri)
+        if table is None:
+            table = self._create(changes)
+        have = set(_arrow_schema(table).names)
+        hidden = [c for c in GATE_COLUMNS if c not in have]
+        if hidden:  # a table written before CDC: its rows have no gate yet
+            table.alter.add_columns([deltalake.Field(c, PrimitiveType("long")) for c in hidden])
+        schema = self._data_schema(table)
+        self._check_key(schema.names)
+        present, added = self._evolution.check(changes, schema.names)
+        if added:
+            table.alter.add_columns(
+                [deltalake.Field.from_arrow(pa.field(n, t)) for n, t in added.items()]
+            )
+            schema = self._data_schema(table)
+            present = [*present, *added]
+        self._schema = schema
+        rows = self._rows(changes, schema)
+        events = pa.table(
+            {
+                **{k: rows[k] for k in self.key},
+                _OP: changes[env.OP],
+                TS_COLUMN: changes[env.TS],
+                SEQ_COLUMN: changes[env.SEQ],
+                HASH_COLUMN: changes[env.HASH],
+                _N: pa.array(np.arange(changes.num_rows, dtype=np.int64)),
+            }
+        )
+        state, marked = self._versions(table, events)
+        accepted = self._newer(events, state)
+        ops = events[_OP].filter(accepted)
+        counts = {op: int(n) for op, n in zip(*_value_counts(ops), strict=True)}
+        applied.add_ops(counts, changes.num_rows)
+        if not counts:
+            return
+        columns = [c for c in schema.names if c in set(present) | set(self.key)]
+        soft = self.cdc.soft_delete_column if self.cdc.delete_mode == "soft" else None
+        winners = rows.select(columns).append_column(_OP, changes[env.OP])
+        for name in (TS_COLUMN, SEQ_COLUMN, HASH_COLUMN, _N):
+            winners = winners.append_column(name, events[name])
+        winners = _last_per_key(
+            winners.filter(accepted), self.key, [TS_COLUMN, SEQ_COLUMN, _N]
+        ).drop_columns([_N])
+        self._merge(table, winners, columns, soft, schema)
+        self._mark_deletes(winners, marked)
+
+    def _create(self, changes: pa.Table) -> DeltaTable:
+        """Create the missing table from the images' columns (types inferred from JSON)."""
+        images = changes[env.IMAGE].combine_chunks()
+        types = infer_types(images, image_columns(images))
+        self._check_key(list(types))
+        if self.cdc.soft_delete_column and self.cdc.soft_delete_column not in types:
+            types[self.cdc.soft_delete_column] = pa.timestamp("us", tz="UTC")
+        fields = [pa.field(n, t) for n, t in types.items()]
+        fields += [pa.field(c, pa.int64()) for c in GATE_COLUMNS]
+        return DeltaTable.create(
+            self.uri,
+            pa.schema(fields),
+            partition_by=self.spec.partition_by or None,
+            storage_options=self.options,
+        )
+
+    def _rows(self, changes: pa.Table, schema: pa.Schema) -> pa.Table:
+        """The images as typed rows of the table's schema (pyarrow's JSON reader, one call)."""
+        images = changes[env.IMAGE].combine_chunks()
+        buffer = pc.binary_join(pa.array([images], pa.list_(pa.string())), "\n")[0].as_py()
+        parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        read = pajson.ReadOptions(block_size=max(1 << 20, len(buffer) + 1))
+        rows = pajson.read_json(io.BytesIO(buffer.encode()), read_options=read, parse_options=parse)
+        if rows.num_rows != changes.num_rows:  # pragma: no cover - one image per line
+            raise ConnectorError(f"{self.id}: {rows.num_rows} rows from {changes.num_rows} images")
+        return rows.select(schema.names)
+
+    def _versions(self, table: DeltaTable, events: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """The stored version of each key of ``events``: its row's hidden columns or,
+        for a deleted key, its marker. Also the keys that have a marker."""
+        wanted = [*self.key, *GATE_COLUMNS]
+        keys = events.select(self.key)
+        found = [self._lookup(table, keys, wanted)]
+        markers = self._table(self.deletes_uri)
+        marked = (
+            self._lookup(markers, keys, wanted)
+            if markers is not None
+            else pa.schema([events.schema.field(c) for c in wanted]).empty_table()
+        )
+        found.append(marked)
+        state = pa.concat_tables([f.cast(found[0].schema) for f in found])
+        state = _last_per_key(state, self.key, [TS_COLUMN, SEQ_COLUMN])
+        return state, marked.select(self.key)
+
+    def _lookup(self, table: DeltaTable, keys: pa.Table, columns: list[str]) -> pa.Table:
+        """``columns`` of the rows whose key is in ``keys``.
+
+        Read with deltalake's own engine (``DeltaTable.scan``), not a pyarrow
+        dataset: a process that made one aborts at exit ("terminate called
+        without an active exception"), which would turn every clean stop into
+        a crash. The scan is narrowed by the batch's keys (an IN list for up
+        to :data:`_IN_LIST_KEYS` keys, else their range), then joined in Arrow.
+        """
+        first = self.key[0]
+        values = pc.unique(keys[first].combine_chunks()).drop_null()
+        predicate = _key_predicate(first, values)
+        found = pa.table(table.scan(columns=columns, predicate=predicate))
+        if found.num_rows:
+            wanted = keys.group_by(self.key).aggregate([])
+            found = found.join(wanted, self.key, join_type="inner")
+        return found.select(columns)
+
+    def _newer(self, events: pa.Table, state: pa.Table) -> pa.Array:
+        """Which events pass the gate (see :mod:`sluice.connectors.cdc_apply`)."""
+        stored = state.rename_columns([*self.key, "_g_ts", "_g_seq", "_g_hash"])
+        joined = events.join(stored, self.key, join_type="left outer").sort_by(_N)
+        ts, seq, h = joined[TS_COLUMN], joined[SEQ_COLUMN], joined[HASH_COLUMN]
+        g_ts, g_seq, g_hash = joined["_g_ts"], joined["_g_seq"], joined["_g_hash"]
+        newer = pc.or_(
+            pc.greater(ts, g_ts),
+            pc.and_(
+                pc.equal(ts, g_ts),
+                pc.and_(pc.greater(seq, g_seq), pc.not_equal(h, g_hash)),
+            ),
+        )
+        accepted = pc.or_(pc.is_null(g_ts), pc.fill_null(newer, False))
+        return accepted.combine_chunks() if isinstance(accepted, pa.ChunkedArray) else accepted
+
+    def _merge(
+        self,
+        table: DeltaTable,
+        winners: pa.Table,
+        columns: list[str],
+        soft: str | None,
+        schema: pa.Schema,
+    ) -> None:
+        on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.key)
+        ts, seq, h = (_quote(c) for c in GATE_COLUMNS)
+        newer = (
+            f"(t.{ts} IS NULL OR s.{ts} > t.{ts} OR "
+            f"(s.{ts} = t.{ts} AND s.{seq} > t.{seq} AND s.{h} <> t.{h}))"
+        )
+        gate = {c: f"s.{_quote(c)}" for c in GATE_COLUMNS}
+        data = {c: f"s.{_quote(c)}" for c in columns if c not in self.key}
+        is_delete = f"s.{_quote(_OP)} = 'd'"
+        if soft is not None:
+            flag = pa.types.is_boolean(schema.field(soft).type)
+            stamp = (
+                pa.scalar(True)
+                if flag
+                else pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
+            )
+            winners = winners.append_column("_sluice_deleted", pa.repeat(stamp, winners.num_rows))
+            data.setdefault(soft, "false" if flag else "NULL")
+        merger = table.merge(winners, on, source_alias="s", target_alias="t")
+        if soft is None:
+            merger = merger.when_matched_delete(predicate=f"{is_delete} AND {newer}")
+        else:
+            merger = merger.when_matched_update(
+                updates={soft: "s._sluice_deleted", **gate}, predicate=f"{is_delete} AND {newer}"
+            )
+        merger = merger.when_matched_update(
+            updates={**data, **gate}, predicate=f"NOT {is_delete} AND {newer}"
+        )
+        inserts = {c: f"s.{_quote(c)}" for c in self.key} | data | gate
+        merger = merger.when_not_matched_insert(updates=inserts, predicate=f"NOT {is_delete}")
+        merger.execute()
+
+    def _mark_deletes(self, winners: pa.Table, marked: pa.Table) -> None:
+        """After the MERGE: keep the versions of hard-deleted keys, forget re-created ones."""
+        if self.cdc.delete_mode == "soft":
+            return
+        ops = winners[_OP]
+        deletes = winners.filter(pc.equal(ops, "d"))
+        recreated = pa.table({})
+        if marked.num_rows:
+            upserted = winners.filter(pc.not_equal(ops, "d"))
+            recreated = upserted.join(marked, self.key, join_type="inner")
+        if deletes.num_rows == 0 and recreated.num_rows == 0:
+            return
+        columns = [*self.key, *GATE_COLUMNS]
+        source = pa.concat_tables(
+            [t.select([*columns, _OP]) for t in (deletes, recreated) if t.num_rows]
+        )
+        markers = self._table(self.deletes_uri)
+        if markers is None:
+            if deletes.num_rows == 0:
+                return
+            write_deltalake(
+                self.deletes_uri,
+                deletes.select(columns),
+                mode="append",
+                storage_options=self.options,
+            )
+            return
+        on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.key)
+        is_delete = f"s.{_quote(_OP)} = 'd'"
+        values = {c: f"s.{_quote(c)}" for c in columns}
+        (
+            markers.merge(source, on, source_alias="s", target_alias="t")
+            .when_matched_update(updates=values, predicate=is_delete)
+            .when_matched_delete(predicate=f"NOT {is_delete}")
+            .when_not_matched_insert(updates=values, predicate=is_delete)
+            .execute()
+        )
+
+
+def _key_predicate(column: str, values: pa.Array) -> str | None:
+    """A scan predicate selecting ``values`` of ``column`` (None: read every row)."""
+    t = values.type
+    if len(values) == 0:
+        return "false"
+    if pa.types.is_integer(t):
+        render: Any = str
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+
+        def render(v: str) -> str:
+            return "'" + v.replace("'", "''") + "'"
+
+    else:
+        return None
+    name = _quote(column)
+    if len(values) <= _IN_LIST_KEYS:
+        return f"{name} IN ({', '.join(map(render, values.to_pylist()))})"
+    bounds = pc.min_max(values)
+    return (
+        f"{name} >= {render(bounds['min'].as_py())} AND {name} <= {render(bounds['max'].as_py())}"
+    )
+
+
+def _value_counts(values: pa.Array | pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counted = pc.value_counts(values)
+    return (
+        counted.field("values").to_pylist(),
+        counted.field("counts").to_pylist(),
+    )
+
+
+def build_target(spec: DeltaSpec, ctx: Context, index: int) -> DeltaTarget:
+    """Registry hook."""
+    return DeltaTarget(spec, ctx, index)
+
+
+__all__ = ["DeltaCdcTarget", "DeltaTarget", "build_target", "location"]
