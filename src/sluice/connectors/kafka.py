@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from sluice.config.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
+from sluice.connectors.cdc_envelope import EnvelopeDecoder
 from sluice.connectors.decode import JsonDecoder
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
@@ -95,6 +96,12 @@ class KafkaSource:
         self.group_id = spec.group_id or ctx.pipeline.pipeline_name
         self._consumer: ck.Consumer | None = None
         self._decoder = JsonDecoder()
+        # [transform.cdc]: envelopes decode into change rows here, so a bad one
+        # follows on_error with its offset and payload like any bad message.
+        cdc = ctx.pipeline.transform.cdc if ctx.pipeline.transform else None
+        self._cdc = EnvelopeDecoder(cdc, ctx.pipeline.pipeline_name) if cdc else None
+        if cdc is not None and spec.payload_format != "json":
+            raise ConnectorError('[transform.cdc] reads JSON envelopes: payload_format = "json"')
         self._resume: Position = {}
         self._assigned: set[str] = set()
         self._revoked: set[str] = set()
@@ -239,7 +246,12 @@ class KafkaSource:
             table = pa.table({"value": pa.array([m.value() for m in msgs], pa.binary())})
             rows = None
         elif self.spec.payload_format == "json":
-            decoded = self._decoder.decode([m.value() for m in msgs])
+            values = [m.value() for m in msgs]
+            decoded = (
+                self._decoder.decode(values)
+                if self._cdc is None
+                else self._cdc.decode(values, [m.offset() for m in msgs])
+            )
             table, rows, bad = decoded.table, decoded.rows, tuple(decoded.bad)
         else:
             raise ConnectorError(
