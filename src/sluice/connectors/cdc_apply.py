@@ -32,6 +32,7 @@ Counts (``sluice_cdc_*_total``) are added once the target committed.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -98,8 +99,7 @@ def changes_of(data: pa.Table, decoder: env.EnvelopeDecoder, target_id: str) -> 
     rows = pa.StructArray.from_arrays(
         [c.combine_chunks() for c in data.columns], names=data.column_names
     )
-    payloads = [t.encode() for t in to_json_text(rows).to_pylist()]
-    decoded = decoder.decode(payloads)
+    decoded = decoder.decode(to_json_text(rows).cast(pa.binary()).to_pylist())
     if decoded.bad:
         index, why = decoded.bad[0]
         raise ConnectorError(
@@ -119,12 +119,10 @@ def image_columns(images: pa.Array) -> list[str]:
     """Every key of the JSON object ``images``, in first-seen order.
 
     msgspec reads each image's keys without parsing the values (``Raw``);
-    the union is built by dict updates in C.
+    the union is one ``dict.fromkeys`` over the chained keys, in C.
     """
-    seen: dict[str, None] = {}
-    for keys in map(_image_keys, images.to_pylist()):
-        seen.update(dict.fromkeys(keys))
-    return list(seen)
+    parsed = map(_image_keys, images.to_pylist())
+    return list(dict.fromkeys(itertools.chain.from_iterable(parsed)))
 
 
 class Evolution:

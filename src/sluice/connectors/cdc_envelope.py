@@ -27,11 +27,16 @@ dead-letter the raw payload).
 
 **Cost.** msgspec decodes each envelope once into a Struct built from the
 configured paths; the row images stay undecoded (``msgspec.Raw``: their bytes
-are copied, not parsed) and the key is read by a second decode of the images
-that skips every field but the key. Columns are pulled out with
-``map(attrgetter(...))`` and joined into Arrow buffers, so no Python bytecode
-runs per message. Measured on 2 shared cores, 200k Debezium envelopes of
-~230 bytes: 0.4 s to decode, 0.2 s to build the columns.
+are scanned and copied, never turned into Python objects) and the key is
+read by a second decode of the images that skips every field but the key.
+Columns are pulled out with ``map(attrgetter(...))`` and joined into Arrow
+buffers, so no Python bytecode runs per message. Measured on 2 shared cores,
+220k Debezium envelopes of ~370 bytes (a real connector's ``source`` block):
+1.0-1.2 s, of which msgspec's decode is 0.65 s; pyarrow's JSON reader takes
+0.3 s for the same payloads on two threads, but infers nested structs from
+whatever a batch holds (a column null in a whole batch has no type, a
+tombstone fails the batch). The decode runs in the source's read-ahead,
+beside the previous batch's write.
 """
 
 from __future__ import annotations
@@ -460,8 +465,9 @@ def _one_line(images: pa.Array) -> pa.Array:
     Outside strings a line break is whitespace; inside a JSON string it cannot
     appear raw. So this keeps the document's meaning.
     """
-    if pc.any(pc.match_substring_regex(images, "[\r\n]")).as_py():
-        images = pc.replace_substring_regex(images, "[\r\n]", " ")
+    for brk in ("\n", "\r"):  # plain substring search: a regex costs 5x more
+        if pc.any(pc.match_substring(images, brk)).as_py():
+            images = pc.replace_substring(images, brk, " ")
     return images
 
 
