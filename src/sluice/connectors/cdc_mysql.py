@@ -136,7 +136,7 @@ class MySQLCdcTarget(SqlCdcTarget, mysql.MySQLTarget):
     def lock_gate(self) -> None:
         self.run(
             f"SELECT COUNT(*) FROM {self.gate} g JOIN {EV_TABLE} e ON g.k = e.k "
-            f"WHERE {self._gate_scope('g')} FOR UPDATE"
+            f"WHERE {self._gate_scope('g')} ORDER BY g.k FOR UPDATE"
         )
 
     def insert_ignore(self, table: str, columns: str, select: str) -> str:

@@ -30,10 +30,12 @@ from sluice.connectors.cdc_sql import (
 )
 from sluice.connectors.registry import Context
 from sluice.connectors.sqltypes import pg_type
-from sluice.errors import ConnectorError
+from sluice.errors import ConnectorError, TransientError
 
 #: New gate keys that trigger an ANALYZE of the gate table (see add_keys).
 _ANALYZE_AFTER_KEYS = 1000
+#: SQLSTATEs that a retry of the batch resolves: deadlock, serialization failure.
+_RETRY_STATES = frozenset({"40P01", "40001"})
 
 
 class PostgresCdcTarget(SqlCdcTarget, postgres.PostgresTarget):
@@ -164,6 +166,15 @@ class PostgresCdcTarget(SqlCdcTarget, postgres.PostgresTarget):
             with contextlib.suppress(adbc_driver_manager.Error, ConnectorError):
                 self._require().rollback()
             raise
+
+    def _fail(self, exc: Exception) -> None:
+        """A deadlock or a serialization failure is worth a retry (two owners of a
+        key during a rebalance); otherwise as the Postgres target classifies it."""
+        if getattr(exc, "sqlstate", None) in _RETRY_STATES:
+            with contextlib.suppress(adbc_driver_manager.Error, TransientError):
+                self._require().rollback()
+            raise TransientError(f"{self.id}: {postgres._first_line(exc)}") from exc
+        postgres.PostgresTarget._fail(self, exc)
 
     def flush(self) -> None:
         """Commit, then count."""

@@ -174,10 +174,12 @@ class SqlCdcTarget(ABC):
         """Give the planner statistics of a temporary table just filled."""
 
     def lock_gate(self) -> None:
-        """Lock the batch's gate rows until the commit."""
+        """Lock the batch's gate rows until the commit, in key order (two
+        processes owning the same keys for a moment, during a rebalance, then
+        wait for each other instead of deadlocking)."""
         self.run(
             f"SELECT COUNT(*) FROM (SELECT 1 FROM {self.gate} g WHERE {self._gate_scope('g')} "
-            f"AND g.k IN (SELECT k FROM {EV_TABLE}) FOR UPDATE) x"
+            f"AND g.k IN (SELECT k FROM {EV_TABLE}) ORDER BY g.k FOR UPDATE) x"
         )
 
     def insert_ignore(self, table: str, columns: str, select: str) -> str:
@@ -338,7 +340,7 @@ class SqlCdcTarget(ABC):
         self.analyze(EV_TABLE)
         self.add_keys(
             f"SELECT DISTINCT {self.literal(self.pipeline)}, {self.literal(self.table_name)}, "
-            f"k, {NEVER}, -1, 0 FROM {EV_TABLE}"
+            f"k, {NEVER}, -1, 0 FROM {EV_TABLE} ORDER BY k"
         )
         self.lock_gate()
         self.drop_temp(ACC_TABLE)
