@@ -314,6 +314,9 @@ class SqlCdcTarget(ABC):
         defs = [f"{self.q(n)} {self.sql_type(t, key=n in self.pk)}" for n, t in types.items()]
         defs.append(f"PRIMARY KEY ({', '.join(self.q(k) for k in self.pk)})")
         self.create_table(defs)
+        # A new table holds nothing: versions kept for a table of that name
+        # (dropped to be rebuilt from the topic's start) would gate out its rows.
+        self.run(f"DELETE FROM {self.gate} WHERE {self._gate_scope()}")
         self.columns, _ = self.reflect()
         if self.columns is None:
             raise ConnectorError(f"{self.id}: the table was created but cannot be found")
@@ -328,10 +331,12 @@ class SqlCdcTarget(ABC):
             self.run(f"ALTER TABLE {self.ident} ADD COLUMN {self.q(name)} {self.sql_type(t)}")
         self.columns, _ = self.reflect()
 
-    def _gate_scope(self, alias: str) -> str:
+    def _gate_scope(self, alias: str = "") -> str:
+        """The condition selecting this pipeline's gate rows of this table."""
+        at = f"{alias}." if alias else ""
         return (
-            f"{alias}.pipeline = {self.literal(self.pipeline)} "
-            f"AND {alias}.tbl = {self.literal(self.table_name)}"
+            f"{at}pipeline = {self.literal(self.pipeline)} "
+            f"AND {at}tbl = {self.literal(self.table_name)}"
         )
 
     def _apply(self, present: list[str], total: int, applied: Applied) -> None:
