@@ -22,9 +22,15 @@ end (no statement per row):
 
 The primary key is ``[target.table] primary_key`` or reflected from the table.
 A missing table is created from the first batch's images (types inferred from
-the JSON values) with that key, or the ``key_field`` column. A missing
+the JSON values) with that key, or the ``key_field`` column, and the gate rows
+a former table of that name left are forgotten. A missing
 ``soft_delete_column`` is added (a timestamp). MySQL commits DDL implicitly,
 so columns are added before the batch touches anything else.
+
+The gate keeps one row per key ever seen, deleted keys included (that is what
+stops an old create from bringing a deleted row back). To rebuild a mirror
+from the start of its topic, drop the table (sluice creates it again) or
+delete its rows from ``_sluice_cdc_gate`` along with the table's.
 """
 
 from __future__ import annotations
@@ -341,7 +347,15 @@ class SqlCdcTarget(ABC):
 
     def _apply(self, present: list[str], total: int, applied: Applied) -> None:
         """Gate, rank and apply the staged events (steps 2-5 of the module docstring)."""
-        q = self.q
+        counts = self._gate()
+        applied.add_ops(counts, total)
+        if counts:
+            self._write_newest(present, counts)
+            self.run(self.update_gate(f"{self._gate_scope('g')} AND g.k = a.k AND a.rk = 1"))
+
+    def _gate(self) -> dict[str, int]:
+        """Fill ``ACC_TABLE`` with the events newer than their key's gate row,
+        ranked per key (1 = newest); the accepted events by op letter."""
         self.analyze(EV_TABLE)
         self.add_keys(
             f"SELECT DISTINCT {self.literal(self.pipeline)}, {self.literal(self.table_name)}, "
@@ -360,56 +374,55 @@ class SqlCdcTarget(ABC):
             )
         )
         self.analyze(ACC_TABLE)
-        counts = {
-            str(op): int(n)
-            for op, n in self.run(f"SELECT op, COUNT(*) FROM {ACC_TABLE} GROUP BY op")
-        }
-        applied.add_ops(counts, total)
-        if not counts:
-            return
+        rows = self.run(f"SELECT op, COUNT(*) FROM {ACC_TABLE} GROUP BY op")
+        return {str(op): int(n) for op, n in rows}
+
+    def _write_newest(self, present: list[str], counts: dict[str, int]) -> None:
+        """Delete, update and insert the newest accepted event of each key.
+
+        ``present``: the table columns some upsert image of the batch has;
+        only they (and the key, and the soft delete column) are written.
+        """
         assert self.columns is not None
-        table_columns = list(self.columns)
+        q = self.q
         pk = [self._find(k) or k for k in self.pk]
         soft = self._find(self.cdc.soft_delete_column) if self.cdc.soft_delete_column else None
-        wanted = [c for c in dict.fromkeys([*pk, *(self._find(c) or c for c in present)])]
+        wanted = list(dict.fromkeys([*pk, *(self._find(c) or c for c in present)]))
         if soft and soft not in wanted:
             wanted.append(soft)
         self.drop_temp(TYPED_TABLE)
-        self.create_typed([c for c in table_columns if c in wanted])
+        self.create_typed([c for c in self.columns if c in wanted])
         match = " AND ".join(f"t.{q(k)} = w.{q(k)}" for k in pk)
         is_delete = f"w.{OP_COLUMN} = 'd'"
         if counts.get("d"):
             if self.cdc.delete_mode == "soft":
                 assert soft is not None
                 mark = "TRUE" if self.is_boolean(self.columns[soft]) else self.now()
-                self.run(
-                    self.update_from(
-                        [f"{self.set_target(soft)} = {mark}"],
-                        TYPED_TABLE,
-                        f"{match} AND {is_delete}",
-                    )
-                )
+                sets = [f"{self.set_target(soft)} = {mark}"]
+                self.run(self.update_from(sets, TYPED_TABLE, f"{match} AND {is_delete}"))
             else:
                 self.run(self.delete_from(TYPED_TABLE, f"{match} AND {is_delete}"))
-        if sum(counts.values()) > counts.get("d", 0):
-            others = [c for c in wanted if c not in pk]
-            sets = []
-            for c in others:
-                if c == soft:
-                    cleared = "FALSE" if self.is_boolean(self.columns[c]) else "NULL"
-                    value = f"CASE WHEN {self.present(c, 'w.' + IMAGE_COLUMN)} THEN w.{q(c)} ELSE {cleared} END"
-                else:
-                    value = f"CASE WHEN {self.present(c, 'w.' + IMAGE_COLUMN)} THEN w.{q(c)} ELSE t.{q(c)} END"
-                sets.append(f"{self.set_target(c)} = {value}")
-            if sets:
-                self.run(self.update_from(sets, TYPED_TABLE, f"{match} AND NOT {is_delete}"))
-            cols = ", ".join(q(c) for c in wanted)
-            self.run(
-                f"INSERT INTO {self.ident} ({cols}) SELECT {', '.join('w.' + q(c) for c in wanted)} "
-                f"FROM {TYPED_TABLE} w WHERE NOT {is_delete} AND NOT EXISTS "
-                f"(SELECT 1 FROM {self.ident} t WHERE {match})"
-            )
-        self.run(self.update_gate(f"{self._gate_scope('g')} AND g.k = a.k AND a.rk = 1"))
+        if sum(counts.values()) == counts.get("d", 0):
+            return
+        sets = []
+        for c in wanted:
+            if c in pk:
+                continue
+            # A key missing from the image keeps the column's value; a write
+            # after a soft delete clears the mark.
+            kept = f"t.{q(c)}"
+            if c == soft:
+                kept = "FALSE" if self.is_boolean(self.columns[c]) else "NULL"
+            given = self.present(c, f"w.{IMAGE_COLUMN}")
+            sets.append(f"{self.set_target(c)} = CASE WHEN {given} THEN w.{q(c)} ELSE {kept} END")
+        if sets:
+            self.run(self.update_from(sets, TYPED_TABLE, f"{match} AND NOT {is_delete}"))
+        cols = ", ".join(q(c) for c in wanted)
+        self.run(
+            f"INSERT INTO {self.ident} ({cols}) SELECT {', '.join('w.' + q(c) for c in wanted)} "
+            f"FROM {TYPED_TABLE} w WHERE NOT {is_delete} AND NOT EXISTS "
+            f"(SELECT 1 FROM {self.ident} t WHERE {match})"
+        )
 
     def done(self) -> None:
         """After the commit: count what the batch did."""
