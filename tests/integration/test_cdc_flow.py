@@ -97,6 +97,12 @@ def pg(statement: str) -> None:
         conn.execute(statement)
 
 
+def pg_drop(table: str) -> None:
+    """Drop a mirror and the gate rows its pipelines kept."""
+    pg(f"DROP TABLE IF EXISTS {table}")
+    pg(f"DELETE FROM _sluice_cdc_gate WHERE tbl = 'public.{table}'")
+
+
 def mysql(statement: str) -> list[tuple[Any, ...]]:
     url = parse_url(endpoints.MYSQL_URL)
     conn = pymysql.connect(
@@ -161,7 +167,7 @@ def test_debezium_200k_into_postgres_then_every_message_again(
         assert f.stop() == 0, f.output()
         assert pg_rows(table) == want
     finally:
-        pg(f"DROP TABLE IF EXISTS {table}")
+        pg_drop(table)
 
 
 def test_maxwell_200k_into_mariadb(
@@ -231,7 +237,7 @@ primary_key = ["id"]
         assert got == want, hist.diff(got, want)
     finally:
         if kind == "postgres":
-            pg(f"DROP TABLE IF EXISTS {table}")
+            pg_drop(table)
 
 
 def test_schema_and_payload_form_into_duckdb_and_sqlite_at_once(
@@ -310,7 +316,7 @@ def test_undecodable_envelopes_go_to_the_dead_letters_and_the_rest_applies(
         assert [d["payload"].encode() for d in dead] == bad
         assert [d["offset"] for d in dead] == [50, len(messages) - 1]
     finally:
-        pg(f"DROP TABLE IF EXISTS {table}")
+        pg_drop(table)
 
 
 def test_an_undecodable_envelope_stops_the_pipeline_naming_its_offset(
@@ -330,4 +336,4 @@ def test_an_undecodable_envelope_stops_the_pipeline_naming_its_offset(
         assert "not a Debezium JSON envelope" in out
         assert committed(table, topic, 1) <= 50, "nothing at or after the bad message committed"
     finally:
-        pg(f"DROP TABLE IF EXISTS {table}")
+        pg_drop(table)
