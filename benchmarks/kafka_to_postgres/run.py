@@ -25,7 +25,7 @@ import secrets
 import string
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -133,8 +133,18 @@ class Dataset:
     expected_user_id_sum: int = 0
 
 
-def produce(settings: Settings, topic: str) -> Dataset:
-    """Create ``topic`` and fill it with ``settings.rows`` events (key = user_id)."""
+#: What :func:`produce` sends: ``(user_id, JSON payload, message timestamp in ms
+#: since the epoch or None for the producer's clock)``.
+Message = tuple[int, bytes, int | None]
+
+
+def produce(settings: Settings, topic: str, messages: Iterable[Message] | None = None) -> Dataset:
+    """Create ``topic`` and fill it with ``settings.rows`` events (key = user_id).
+
+    ``messages`` (``settings.rows`` of them) replaces :func:`events` for a
+    benchmark that needs other payloads or explicit message timestamps;
+    without it every message gets the producer's clock as its timestamp.
+    """
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     for fut in admin.create_topics([NewTopic(topic, settings.partitions, 1)]).values():
         fut.result(timeout=30)
@@ -159,12 +169,18 @@ def produce(settings: Settings, topic: str) -> Dataset:
     )
     total_bytes = 0
     started = time.monotonic()
-    for user_id, payload in events(settings.rows, settings.seed):
+    if messages is None:
+        messages = ((uid, payload, None) for uid, payload in events(settings.rows, settings.seed))
+    for user_id, payload, timestamp_ms in messages:
         ds.expected_user_id_sum += user_id
         total_bytes += len(payload)
+        # timestamp 0 is confluent-kafka's "now", what the producer does without one.
+        ts = 0 if timestamp_ms is None else timestamp_ms
         while True:
             try:
-                producer.produce(topic, payload, key=str(user_id).encode(), on_delivery=on_delivery)
+                producer.produce(
+                    topic, payload, key=str(user_id).encode(), timestamp=ts, on_delivery=on_delivery
+                )
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -192,16 +208,26 @@ def delete_topic(settings: Settings, topic: str) -> None:
 # ---------------------------------------------------------------- engines
 
 
-def engine_argv(engine: str, toml_path: Path) -> list[str]:
-    """The command that runs ``toml_path`` with ``engine`` until stopped."""
+def engine_argv(engine: str, toml_path: Path, metrics_port: int | None = None) -> list[str]:
+    """The command that runs ``toml_path`` with ``engine`` until stopped; with
+    ``metrics_port``, the engine serves its Prometheus ``/metrics`` there."""
     if engine == "sluice":
         # The console script next to this interpreter: never /opt/ematix/bin/flow.
         flow = Path(sys.executable).with_name("flow")
-        return [str(flow), "consume", str(toml_path), "--stop-after-idle-ms", "3000"]
+        argv = [str(flow), "consume", str(toml_path), "--stop-after-idle-ms", "3000"]
+        return argv if metrics_port is None else [*argv, "--metrics-port", str(metrics_port)]
+    if metrics_port is None:
+        code = (
+            "import sys, ematix_flow\n"
+            "print(ematix_flow.run_pipeline(config=sys.argv[1]), flush=True)\n"
+        )
+        return [str(common.REFERENCE_PYTHON), "-c", code, str(toml_path)]
     code = (
-        "import sys, ematix_flow\nprint(ematix_flow.run_pipeline(config=sys.argv[1]), flush=True)\n"
+        "import sys, ematix_flow\n"
+        "print(ematix_flow.run_pipeline(config=sys.argv[1], metrics_port=int(sys.argv[2])), "
+        "flush=True)\n"
     )
-    return [str(common.REFERENCE_PYTHON), "-c", code, str(toml_path)]
+    return [str(common.REFERENCE_PYTHON), "-c", code, str(toml_path), str(metrics_port)]
 
 
 def check_engine(engine: str) -> str:
@@ -371,12 +397,18 @@ def watch_engine(
     res: EngineResult,
     count: Callable[[], int],
     done_at: int,
+    what: str = "rows",
+    env: Mapping[str, str] | None = None,
 ) -> None:
     """Run ``res.command`` and poll ``count()`` until it reaches ``done_at`` (or the
     engine exits, stalls or times out); record the timeline and process figures
-    in ``res``. Shared by every Kafka benchmark.
+    in ``res``. Shared by every Kafka benchmark; ``what`` names what ``count()``
+    counts in the progress lines it prints, ``env`` replaces the engine's
+    environment (default: this process's).
     """
-    proc = common.MonitoredProcess(res.command, log_path=settings.work_dir / f"{res.engine}.log")
+    proc = common.MonitoredProcess(
+        res.command, log_path=settings.work_dir / f"{res.engine}.log", env=env
+    )
     print(f"[{res.engine}] {common.utc_now()} starting; log: {proc.log_path}", flush=True)
     proc.start()
     last_growth = proc.elapsed()
@@ -396,10 +428,10 @@ def watch_engine(
                 print(f"[{res.engine}] consumer group ready after {t:.1f} s", flush=True)
             if n and res.first_row_s is None:
                 res.first_row_s, res.rows_at_first_poll, res.cpu_s_at_first_row = t, n, cpu
-                print(f"[{res.engine}] first rows after {t:.1f} s", flush=True)
+                print(f"[{res.engine}] first {what} after {t:.1f} s", flush=True)
             if n >= done_at:
                 res.last_row_s, res.cpu_s_at_last_row = t, cpu
-                print(f"[{res.engine}] all {n} rows after {t:.1f} s", flush=True)
+                print(f"[{res.engine}] all {n} {what} after {t:.1f} s", flush=True)
                 break
             if proc.reap():
                 res.outcome = "exited early"
@@ -412,8 +444,8 @@ def watch_engine(
                 break
             time.sleep(max(0.0, settings.poll_interval_s - (time.monotonic() - tick)))
 
-        if res.engine == "sluice" and res.outcome == "ok":
-            proc.wait(timeout_s=60)  # it exits once idle for 3 s
+        if res.outcome == "ok" and "--stop-after-idle-ms" in res.command:
+            proc.wait(timeout_s=60)  # sluice: it exits once idle for 3 s
         proc.stop(settings.stop_grace_s)
     finally:
         if not proc.reap():
