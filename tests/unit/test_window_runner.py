@@ -20,7 +20,7 @@ import pytest
 from sluice.config import load_text
 from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
 from sluice.engine import metrics as m
-from sluice.engine.runner import Runner, RunOptions
+from sluice.engine.runner import Runner, RunOptions, _source_names
 from sluice.engine.watermark import WatermarkFile, Watermarks
 
 MIN_US = 60_000_000
@@ -260,11 +260,13 @@ def test_without_the_stored_watermark_a_replay_would_rewrite_windows_partially()
     source = LogSource(events, batch=20)
     _run(spec, [source], target)
     good = dict(target.rows)
-    assert WatermarkFile("w-file").load() == max(e["ts"] for e in events)
+    stored = WatermarkFile("w-file", _source_names(spec))
+    assert stored.load() == max(e["ts"] for e in events)
+    assert WatermarkFile("w-file", "kafka:another-topic:g").load() is None  # not these sources
     # A replay of everything after the commit: rows of emitted windows are late.
     _run(spec, [LogSource(events, batch=20, committed=0)], target)
     assert target.rows == good
-    WatermarkFile("w-file").path.unlink()
+    stored.path.unlink()
     _run(spec, [LogSource(events, batch=20, committed=source.committed - 5)], target)
     assert target.rows != good  # a window rebuilt from its last 5 rows only
 

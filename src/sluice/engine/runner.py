@@ -139,7 +139,7 @@ class Runner:
         self._window = WindowStage(window, self.name) if window else None
         self._join = JoinStage(join, self.name) if join else None
         self._timed: WindowStage | JoinStage | None = self._window or self._join
-        self._window_file = WatermarkFile(self.name) if timed else None
+        self._window_file = WatermarkFile(self.name, _source_names(spec)) if timed else None
         self._pending: dict[str, collections.deque[tuple[Position, int | None]]] = {
             src.id: collections.deque() for src in self.sources
         }
@@ -696,6 +696,15 @@ class Runner:
         """Sleep, waking early when a stop is requested."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+
+
+def _source_names(spec: PipelineSpec) -> str:
+    """What a stored watermark was measured on: each source's kind, query and group."""
+    names = []
+    for src in spec.all_sources:
+        group = getattr(src, "group_id", None) or spec.pipeline_name
+        names.append(f"{src.kind}:{spec.query_of(src)}:{group}")
+    return ";".join(sorted(names))
 
 
 def _quietly(action: Callable[[], None]) -> None:

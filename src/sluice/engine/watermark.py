@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.localstate import read_json, safe_name, state_dir, write_json
+
+log = logging.getLogger("sluice")
 
 _US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1}
 
@@ -146,21 +149,37 @@ class Watermarks:
 
 
 class WatermarkFile:
-    """A pipeline's window watermark in ``$SLUICE_STATE_DIR/<pipeline>/watermark.json``."""
+    """A pipeline's window watermark in ``$SLUICE_STATE_DIR/<pipeline>/watermark.json``.
 
-    def __init__(self, pipeline: str, directory: Path | None = None) -> None:
+    The file also names what the watermark was measured on (``sources``: the
+    sources' kinds, queries and consumer groups). A stored watermark of other
+    sources (the same pipeline name pointed at a new topic or group) is not
+    restored: it would make every row of the new input late.
+    """
+
+    def __init__(self, pipeline: str, sources: str = "", directory: Path | None = None) -> None:
         self.path = (directory or state_dir()) / safe_name(pipeline) / "watermark.json"
+        self.sources = sources
         self._saved: int | None = None
 
     def load(self) -> int | None:
-        """The stored watermark (µs), ``None`` when nothing was stored."""
+        """The stored watermark (µs), ``None`` when nothing was stored for these sources."""
         value = read_json(self.path)
-        self._saved = None if value is None else int(value["watermark_us"])
+        if value is None or value.get("sources", "") != self.sources:
+            if value is not None:
+                log.warning(
+                    "%s holds the watermark of other sources (%s); starting without one",
+                    self.path,
+                    value.get("sources"),
+                )
+            self._saved = None
+            return None
+        self._saved = int(value["watermark_us"])
         return self._saved
 
     def save(self, watermark_us: int | None) -> None:
         """Store ``watermark_us`` durably (fsynced) when it moved."""
         if watermark_us is None or watermark_us == self._saved:
             return
-        write_json(self.path, {"watermark_us": watermark_us})
+        write_json(self.path, {"watermark_us": watermark_us, "sources": self.sources})
         self._saved = watermark_us
