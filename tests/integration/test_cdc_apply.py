@@ -230,6 +230,29 @@ def _one(event: hist.Event, envelope: str) -> bytes:
 
 @pytest.mark.parametrize("envelope", ["debezium", "maxwell"])
 @pytest.mark.parametrize("kind", KINDS)
+def test_the_full_history_of_10k_keys_and_200k_events_equals_the_expected_table(
+    kind: str, envelope: str, mirror: Callable[[str], Mirror]
+) -> None:
+    """The issue's full-size history, applied to every target in 20k-message batches."""
+    mm = mirror(kind)
+    mm.create()
+    h = hist.generate(10_000, 200_000, snapshot=1_000, seed=29)
+    values = [v for _, v in hist.encode(h, envelope)]
+    feed = Feed(pipeline(mm, envelope))
+    try:
+        for start in range(0, len(values), 20_000):
+            feed.send(values[start : start + 20_000])
+        got, want = mm.table(), hist.expected(h.events)
+        assert got == want, hist.diff(got, want)
+        counts = h.counts()
+        assert feed.metric("creates") == counts["creates"]
+        assert feed.metric("deletes") == counts["deletes"]
+    finally:
+        feed.close()
+
+
+@pytest.mark.parametrize("envelope", ["debezium", "maxwell"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_history_twice_delivered_with_old_events_resent_equals_the_expected_table(
     kind: str, envelope: str, mirror: Callable[[str], Mirror]
 ) -> None:
