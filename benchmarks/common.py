@@ -336,6 +336,37 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(out)
 
 
+def report_tail(
+    methodology: Iterable[str], facts: Mapping[str, Any], results: Iterable[Any]
+) -> list[str]:
+    """The closing sections of a results file: how it was measured, the command,
+    the machine and the versions (``results``: objects with ``engine`` and ``version``)."""
+    return [
+        "## How it was measured",
+        "",
+        *(f"* {m}" for m in methodology),
+        "",
+        "## Command",
+        "",
+        "```",
+        facts["command"],
+        "```",
+        "",
+        "## Machine",
+        "",
+        *(f"* {k}: {v}" for k, v in facts.items() if k not in {"command", "packages"}),
+        "",
+        "## Versions",
+        "",
+        *(
+            f"* {env}: " + ", ".join(f"{k} {v}" for k, v in pkgs.items())
+            for env, pkgs in facts["packages"].items()
+        ),
+        *(f"* {r.engine} engine: {r.version}" for r in results),
+        "",
+    ]
+
+
 def write_results(directory: Path, stem: str, markdown: str, data: Mapping[str, Any]) -> Path:
     """Write ``STEM.md`` and ``STEM.json`` into ``directory``; returns the .md path."""
     directory.mkdir(parents=True, exist_ok=True)

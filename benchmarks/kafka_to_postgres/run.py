@@ -622,28 +622,7 @@ def render_markdown(
         "",
         common.markdown_table(DETAIL_HEADERS, detail_rows(results)),
         "",
-        "## How it was measured",
-        "",
-        *(f"* {m}" for m in methodology(settings)),
-        "",
-        "## Command",
-        "",
-        "```",
-        facts["command"],
-        "```",
-        "",
-        "## Machine",
-        "",
-        *(f"* {k}: {v}" for k, v in facts.items() if k not in {"command", "packages"}),
-        "",
-        "## Versions",
-        "",
-        *(
-            f"* {env}: " + ", ".join(f"{k} {v}" for k, v in pkgs.items())
-            for env, pkgs in facts["packages"].items()
-        ),
-        *(f"* {r.engine} engine: {r.version}" for r in results),
-        "",
+        *common.report_tail(methodology(settings), facts, results),
     ]
     return "\n".join(lines)
 
@@ -652,45 +631,57 @@ def render_markdown(
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.kafka_to_postgres.run",
+    return parse_settings(
+        argv,
+        benchmark=BENCHMARK,
         description="Kafka -> Postgres throughput, CPU and memory: sluice vs ematix-flow 1.0.0.",
+    )
+
+
+def parse_settings(
+    argv: Sequence[str] | None,
+    *,
+    benchmark: str,
+    description: str,
+    engines: Sequence[str] = ENGINES,
+    keep_help: str = "keep the tables and the topic",
+    stall_help: str = "give up after this long without new rows",
+) -> Settings:
+    """The command line every Kafka -> Postgres benchmark takes."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{benchmark}.run", description=description
     )
     p.add_argument("--rows", type=int, default=1_000_000, help="events to produce (default 1M)")
     p.add_argument(
         "--engines",
-        default=",".join(ENGINES),
-        help="comma-separated, run in this order (default sluice,reference)",
+        default=",".join(engines),
+        help=f"comma-separated, run in this order (default {','.join(engines)})",
     )
     p.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
     p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:55432/postgres")
     p.add_argument("--partitions", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument(
-        "--poll-interval", type=float, default=0.5, help="seconds between count(*) polls"
-    )
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls")
     p.add_argument(
         "--timeout", type=float, default=1800, help="seconds per engine before giving up"
     )
-    p.add_argument(
-        "--stall-timeout", type=float, default=120, help="give up after this long without new rows"
-    )
+    p.add_argument("--stall-timeout", type=float, default=120, help=stall_help)
     p.add_argument("--stop-grace", type=float, default=60, help="SIGTERM -> SIGKILL delay")
     p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument(
         "--work-dir", type=Path, default=None, help="rendered TOMLs and engine logs (default /tmp)"
     )
-    p.add_argument("--keep", action="store_true", help="keep the tables and the topic")
+    p.add_argument("--keep", action="store_true", help=keep_help)
     a = p.parse_args(argv)
-    engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
-    unknown = sorted(set(engines) - set(ENGINES))
-    if unknown or not engines:
-        p.error(f"--engines: unknown {unknown}; choose from {','.join(ENGINES)}")
+    chosen = tuple(e.strip() for e in a.engines.split(",") if e.strip())
+    unknown = sorted(set(chosen) - set(engines))
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        p.error(f"--engines: unknown or repeated {unknown}; choose from {','.join(engines)}")
     if a.rows < 1:
         p.error("--rows must be >= 1")
     return Settings(
         rows=a.rows,
-        engines=engines,
+        engines=chosen,
         bootstrap_servers=a.bootstrap_servers,
         postgres_url=a.postgres_url,
         partitions=a.partitions,

@@ -29,7 +29,6 @@ what each figure means.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -976,28 +975,7 @@ def render_markdown(
         common.markdown_table(VERIFY_HEADERS, verify_rows(results, exp)),
         "",
         *problems_section(results),
-        "## How it was measured",
-        "",
-        *(f"* {m}" for m in methodology(settings, exp, sql)),
-        "",
-        "## Command",
-        "",
-        "```",
-        facts["command"],
-        "```",
-        "",
-        "## Machine",
-        "",
-        *(f"* {k}: {v}" for k, v in facts.items() if k not in {"command", "packages"}),
-        "",
-        "## Versions",
-        "",
-        *(
-            f"* {env}: " + ", ".join(f"{k} {v}" for k, v in pkgs.items())
-            for env, pkgs in facts["packages"].items()
-        ),
-        *(f"* {r.engine} engine: {r.version}" for r in results),
-        "",
+        *common.report_tail(methodology(settings, exp, sql), facts, results),
     ]
     return "\n".join(lines)
 
@@ -1006,64 +984,16 @@ def render_markdown(
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
-    p = argparse.ArgumentParser(
-        prog=f"python -m benchmarks.{BENCHMARK}.run",
+    return k2pg.parse_settings(
+        argv,
+        benchmark=BENCHMARK,
         description=(
             "Kafka -> 60 s tumbling window -> Postgres input rate, CPU and memory: "
             "sluice vs ematix-flow 1.0.0."
         ),
-    )
-    p.add_argument("--rows", type=int, default=1_000_000, help="events to produce (default 1M)")
-    p.add_argument(
-        "--engines",
-        default=",".join(ENGINES),
-        help=f"comma-separated, run in this order (default {','.join(ENGINES)})",
-    )
-    p.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
-    p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:55432/postgres")
-    p.add_argument("--partitions", type=int, default=3)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between polls")
-    p.add_argument(
-        "--timeout", type=float, default=1800, help="seconds per engine before giving up"
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=120,
-        help="give up after this long without progress (input or windows)",
-    )
-    p.add_argument("--stop-grace", type=float, default=60, help="SIGTERM -> SIGKILL delay")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
-    p.add_argument(
-        "--work-dir", type=Path, default=None, help="rendered TOMLs and engine logs (default /tmp)"
-    )
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the schema (tables, raw events), topic and offsets",
-    )
-    a = p.parse_args(argv)
-    engines = tuple(e.strip() for e in a.engines.split(",") if e.strip())
-    unknown = sorted(set(engines) - set(ENGINES))
-    if unknown or not engines or len(set(engines)) != len(engines):
-        p.error(f"--engines: unknown or repeated {unknown}; choose from {','.join(ENGINES)}")
-    if a.rows < 1:
-        p.error("--rows must be >= 1")
-    return Settings(
-        rows=a.rows,
-        engines=engines,
-        bootstrap_servers=a.bootstrap_servers,
-        postgres_url=a.postgres_url,
-        partitions=a.partitions,
-        seed=a.seed,
-        poll_interval_s=a.poll_interval,
-        timeout_s=a.timeout,
-        stall_timeout_s=a.stall_timeout,
-        stop_grace_s=a.stop_grace,
-        results_dir=a.results_dir,
-        work_dir=a.work_dir or Path("/tmp"),
-        keep=a.keep,
+        engines=ENGINES,
+        keep_help="keep the schema (tables, raw events), topic and offsets",
+        stall_help="give up after this long without progress (input or windows)",
     )
 
 
