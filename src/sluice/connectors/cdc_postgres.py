@@ -19,13 +19,13 @@ import pyarrow as pa
 from sluice.config.spec import CdcSpec
 from sluice.config.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors import postgres
-from sluice.connectors.cdc_apply import GATE_TABLE
 from sluice.connectors.cdc_sql import (
     ACC_TABLE,
     EV_TABLE,
     IMAGE_COLUMN,
     OP_COLUMN,
     TYPED_TABLE,
+    SchemaQualified,
     SqlCdcTarget,
 )
 from sluice.connectors.registry import Context
@@ -38,7 +38,7 @@ _ANALYZE_AFTER_KEYS = 1000
 _RETRY_STATES = frozenset({"40P01", "40001"})
 
 
-class PostgresCdcTarget(SqlCdcTarget, postgres.PostgresTarget):
+class PostgresCdcTarget(SchemaQualified, SqlCdcTarget, postgres.PostgresTarget):
     """CDC into one Postgres table, one transaction per batch.
 
     Connection handling and failure classification are the Postgres
@@ -54,21 +54,6 @@ class PostgresCdcTarget(SqlCdcTarget, postgres.PostgresTarget):
         SqlCdcTarget.__init__(self, cdc, ctx, spec.table.primary_key, count=count)
         self._gate_keys = 0  # keys in the gate when it was last analyzed (about)
         self._new_keys = 0  # keys added since
-
-    def q(self, name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
-    @property
-    def ident(self) -> str:
-        return f"{self.q(self.schema)}.{self.q(self.table)}"
-
-    @property
-    def gate(self) -> str:
-        return f"{self.q(self.schema)}.{self.q(GATE_TABLE)}"
-
-    @property
-    def table_name(self) -> str:
-        return f"{self.schema}.{self.table}"
 
     def open(self) -> None:
         """Connect, reflect the table and its key, create the gate table."""

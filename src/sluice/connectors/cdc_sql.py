@@ -227,10 +227,16 @@ class SqlCdcTarget(ABC):
     def gate_ddl(self) -> str:
         """CREATE TABLE IF NOT EXISTS of the gate table."""
 
-    @abstractmethod
     def create_typed(self, columns: list[str]) -> None:
         """Create ``TYPED_TABLE`` from ``ACC_TABLE``'s newest events: the table's columns typed
         (``columns`` from the images, the rest null) plus ``OP_COLUMN`` and ``IMAGE_COLUMN``."""
+        values = ", ".join(f"{self.typed(c, 'a.img')} AS {self.q(c)}" for c in columns)
+        self.run(
+            self.temp_table_as(
+                TYPED_TABLE,
+                f"SELECT {values}, a.op AS {OP_COLUMN}, a.img AS {IMAGE_COLUMN} FROM {ACC_TABLE} a WHERE a.rk = 1",
+            )
+        )
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -558,15 +564,6 @@ class SQLiteCdcTarget(SqlCdcTarget):
             "hash INTEGER NOT NULL, PRIMARY KEY (pipeline, tbl, k)) WITHOUT ROWID"
         )
 
-    def create_typed(self, columns: list[str]) -> None:
-        values = ", ".join(f"{self.typed(c, 'a.img')} AS {self.q(c)}" for c in columns)
-        self.run(
-            self.temp_table_as(
-                TYPED_TABLE,
-                f"SELECT {values}, a.op AS {OP_COLUMN}, a.img AS {IMAGE_COLUMN} FROM {ACC_TABLE} a WHERE a.rk = 1",
-            )
-        )
-
     def write(self, data: pa.Table) -> None:
         """Apply the batch in one transaction (committed by :meth:`flush`)."""
         try:
@@ -599,20 +596,11 @@ class SQLiteCdcTarget(SqlCdcTarget):
 # -- DuckDB -----------------------------------------------------------------------
 
 
-class DuckDBCdcTarget(SqlCdcTarget):
-    """CDC into a DuckDB table; JSON converted by ``json_extract`` and a cast to the
-    column's type."""
+class SchemaQualified:
+    """Double-quoted, schema-qualified names (Postgres, DuckDB)."""
 
-    def __init__(
-        self, spec: DuckDBTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
-    ) -> None:
-        super().__init__(cdc, ctx, spec.table.primary_key, count=count)
-        self.spec = spec
-        self.schema = spec.table.schema or "main"
-        self.table = spec.table.name
-        self.id = f"duckdb:{spec.path}:{self.schema}.{self.table}"
-        self._conn: Any = None
-        self._in_tx = False
+    schema: str
+    table: str
 
     def q(self, name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
@@ -628,6 +616,22 @@ class DuckDBCdcTarget(SqlCdcTarget):
     @property
     def table_name(self) -> str:
         return f"{self.schema}.{self.table}"
+
+
+class DuckDBCdcTarget(SchemaQualified, SqlCdcTarget):
+    """CDC into a DuckDB table; JSON converted by ``json_extract`` and a cast to the
+    column's type."""
+
+    def __init__(
+        self, spec: DuckDBTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
+    ) -> None:
+        super().__init__(cdc, ctx, spec.table.primary_key, count=count)
+        self.spec = spec
+        self.schema = spec.table.schema or "main"
+        self.table = spec.table.name
+        self.id = f"duckdb:{spec.path}:{self.schema}.{self.table}"
+        self._conn: Any = None
+        self._in_tx = False
 
     def open(self) -> None:
         """Open the database (created when missing), reflect, create the gate table."""
@@ -732,15 +736,6 @@ class DuckDBCdcTarget(SqlCdcTarget):
             f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline VARCHAR NOT NULL, "
             "tbl VARCHAR NOT NULL, k VARCHAR NOT NULL, ts_ms BIGINT NOT NULL, "
             "seq BIGINT NOT NULL, hash BIGINT NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
-        )
-
-    def create_typed(self, columns: list[str]) -> None:
-        values = ", ".join(f"{self.typed(c, 'a.img')} AS {self.q(c)}" for c in columns)
-        self.run(
-            self.temp_table_as(
-                TYPED_TABLE,
-                f"SELECT {values}, a.op AS {OP_COLUMN}, a.img AS {IMAGE_COLUMN} FROM {ACC_TABLE} a WHERE a.rk = 1",
-            )
         )
 
     def write(self, data: pa.Table) -> None:
