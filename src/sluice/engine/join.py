@@ -117,6 +117,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import JoinSpec
+from sluice.engine.watermark import to_micros
 from sluice.errors import StageError
 
 I64 = npt.NDArray[np.int64]
@@ -125,7 +126,6 @@ Mask = npt.NDArray[np.bool_]
 PARTITION = "__partition"
 """The optional input column naming the source partition of each row."""
 
-_US = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1}  # ns divides by 1000 instead
 _NO_ROW = np.iinfo(np.int64).max  # sorts a null side last
 _MAX_CHUNKS = 64  # a buffer gets one chunk per call; past this, one copy makes it one chunk again
 # Time buckets join the key once the probed rows span more than this many window
@@ -547,13 +547,7 @@ class JoinStage:
                 f"join: {col.null_count} {_SIDES[side]} row(s) without an event time "
                 f"('{self.spec.event_time_column}' is null)"
             )
-        t = col.type
-        raw: I64 = np.asarray(col.cast(pa.int64()).to_numpy(), dtype=np.int64)
-        if pa.types.is_timestamp(t):
-            if t.unit == "ns":
-                return raw // 1000
-            return raw * _US[t.unit]
-        return raw
+        return to_micros(col)
 
     def _resolve_keys(self, schemas: list[pa.Schema | None]) -> list[pa.DataType] | None:
         """The type each key pair is compared in, once both schemas are known.

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -30,6 +32,16 @@ from sluice.localstate import read_json, safe_name, state_dir, write_json
 log = logging.getLogger("sluice")
 
 _US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1}
+
+
+def to_micros(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.int64]:
+    """Event times as µs since the epoch: a timestamp of any unit, or an
+    integer already in µs (nulls must have been refused before)."""
+    t = column.type
+    raw: npt.NDArray[np.int64] = np.asarray(column.cast(pa.int64()).to_numpy(), dtype=np.int64)
+    if pa.types.is_timestamp(t):
+        return raw // 1000 if t.unit == "ns" else raw * _US_PER[t.unit]
+    return raw
 
 
 def max_event_us(column: pa.ChunkedArray | pa.Array) -> int | None:

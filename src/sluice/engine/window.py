@@ -105,6 +105,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import Aggregation, HoppingWindow, SessionWindow, Window
+from sluice.engine.watermark import to_micros
 from sluice.errors import MissingDependencyError, StageError
 
 I64 = npt.NDArray[np.int64]
@@ -118,7 +119,6 @@ _FTS, _FSEQ, _LTS, _LSEQ = "__fts", "__fseq", "__lts", "__lseq"
 _RF, _RL, _ORD, _SESS, _VAL = "__rf", "__rl", "__ord", "__sess", "__v"
 
 _HLL_LG_K = 12  # 4096 registers: relative standard error ≈ 1.04 / 64 ≈ 1.6 %, ≤ 4 KiB a group
-_US = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1}  # ns divides by 1000 instead
 
 
 @dataclass
@@ -341,13 +341,7 @@ class WindowStage:
             raise StageError(
                 f"window: {col.null_count} row(s) without an event time ('{self.spec.event_time_column}' is null)"
             )
-        t = col.type
-        raw: I64 = np.asarray(col.cast(pa.int64()).to_numpy(), dtype=np.int64)
-        if pa.types.is_timestamp(t):
-            if t.unit == "ns":
-                return raw // 1000
-            return raw * _US[t.unit]
-        return raw
+        return to_micros(col)
 
     # -- folding ------------------------------------------------------------------
 
