@@ -59,8 +59,8 @@ from sluice.connectors.cdc_apply import (
     infer_types,
     key_columns,
 )
+from sluice.connectors.embedded import duck_type
 from sluice.connectors.registry import Context
-from sluice.connectors.sqltypes import pg_type
 from sluice.errors import ConnectorError
 
 log = logging.getLogger(__name__)
@@ -696,13 +696,7 @@ class DuckDBCdcTarget(SchemaQualified, SqlCdcTarget):
             conn.unregister("_sluice_cdc_batch")
 
     def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
-        text = pg_type(t)
-        return {
-            "jsonb": "JSON",
-            "bytea": "BLOB",
-            "timestamptz": "TIMESTAMPTZ",
-            "double precision": "DOUBLE",
-        }.get(text, text.upper())
+        return duck_type(t)
 
     def typed(self, column: str, image: str) -> str:
         assert self.columns is not None

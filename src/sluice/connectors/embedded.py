@@ -224,7 +224,7 @@ class DuckDBTarget:
             for f in batch.schema:
                 if f.name not in self._columns:
                     conn.execute(
-                        f"ALTER TABLE {self._ident} ADD COLUMN {_q(f.name)} {_duck_type(f.type)}"
+                        f"ALTER TABLE {self._ident} ADD COLUMN {_q(f.name)} {duck_type(f.type)}"
                     )
                     self._columns.add(f.name)
             if self.spec.mode == "merge":
@@ -251,7 +251,8 @@ class DuckDBTarget:
         return self._conn
 
 
-def _duck_type(t: pa.DataType) -> str:
+def duck_type(t: pa.DataType) -> str:
+    """The DuckDB column type for an Arrow type."""
     text = pg_type(t)
     return {
         "jsonb": "JSON",
