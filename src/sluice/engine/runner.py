@@ -427,7 +427,6 @@ class Runner:
         ends = np.cumsum([p.num_rows for p in parts])
         owner = np.searchsorted(ends, late, side="right")
         reason = f"late: event time before the watermark (late_data = dlq, {self._event_column})"
-        encoder = msgspec.json.Encoder()
         for k, (b, part) in enumerate(zip(batches, parts, strict=True)):
             local = late[owner == k] - (ends[k] - part.num_rows)
             if not len(local):
@@ -446,17 +445,7 @@ class Runner:
                 )
                 continue
             # After SQL a row has no single raw record: the row itself, as JSON.
-            partition = ",".join(b.partitions or tuple(b.position))
-            letters.extend(
-                dlq.DeadLetter(
-                    self.name,
-                    b.source_id,
-                    "window",
-                    reason,
-                    RawRecord(partition, None, None, None, encoder.encode(row)),
-                )
-                for row in part.take(pa.array(local)).to_pylist()
-            )
+            letters.extend(self._row_letters(b, "window", reason, part.take(pa.array(local))))
 
     def _rebalanced(self, batches: list[Batch]) -> bool:
         """Whether a batch comes from a newer partition assignment than the last one."""
@@ -538,17 +527,23 @@ class Runner:
                 if i not in bad
             ]
         # No raw payloads (e.g. files): the decoded row, as JSON, is the payload.
+        return self._row_letters(batch, "transform", error, batch.data)
+
+    def _row_letters(
+        self, batch: Batch, stage: str, error: str, rows: pa.Table
+    ) -> list[dlq.DeadLetter]:
+        """Dead letters whose payloads are ``rows`` (of ``batch``) as JSON."""
         encoder = msgspec.json.Encoder()
         partition = ",".join(batch.partitions or tuple(batch.position))
         return [
             dlq.DeadLetter(
                 self.name,
                 batch.source_id,
-                "transform",
+                stage,
                 error,
                 RawRecord(partition, None, None, None, encoder.encode(row)),
             )
-            for row in batch.data.to_pylist()
+            for row in rows.to_pylist()
         ]
 
     async def _dead_letter(self, letters: list[dlq.DeadLetter]) -> bool:
