@@ -258,12 +258,9 @@ class Runner:
         if out is not None and out.num_rows and not await self._deliver(out):
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             return False
-        if self._timed is None:
-            await self._commit(batches)
-        else:
-            for b in batches:
-                self._pending[b.source_id].append((b.position, tops.get(id(b))))
-            await self._commit_emitted()
+        for b in batches:
+            self._pending[b.source_id].append((b.position, tops.get(id(b))))
+        await self._commit()
         m.BATCHES.labels(self.name).inc()
         if out is not None:
             m.ROWS_WRITTEN.labels(self.name).inc(out.num_rows)
@@ -496,24 +493,8 @@ class Runner:
             if not await self._deliver(emitted):
                 return False
             m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
-        await self._commit_emitted()
+        await self._commit()
         return True
-
-    async def _commit_emitted(self) -> None:
-        """Store the window watermark, then commit each source's batches whose
-        rows are all in windows emitted for the last time (a prefix, in read order)."""
-        window, file = self._timed, self._window_file
-        assert window is not None and file is not None
-        await asyncio.to_thread(file.save, window.watermark_us)
-        floor = window.open_floor_us()
-        by_id = {s.id: s for s in self.sources}
-        for source_id, queue in self._pending.items():
-            last: Position | None = None
-            while queue and (floor is None or queue[0][1] is None or queue[0][1] < floor):
-                last = queue.popleft()[0]
-            if last is not None:
-                await asyncio.to_thread(by_id[source_id].commit, last)
-                m.COMMITS.labels(self.name, source_id).inc()
 
     def _batch_letters(self, batch: Batch, error: str) -> list[dlq.DeadLetter]:
         """Dead letters for every decoded row of ``batch`` (raw when the source kept it)."""
@@ -640,13 +621,27 @@ class Runner:
                 continue
             return True
 
-    async def _commit(self, batches: list[Batch]) -> None:
-        """Acknowledge every batch's position to its source. The only commit."""
+    async def _commit(self) -> None:
+        """Acknowledge to each source the batches it may forget, in read order.
+        The only commit.
+
+        Without a window or join that is every batch written. With one, the
+        stage's watermark is stored first, then each source's longest prefix
+        of batches whose rows lie before every open window or buffered row
+        (a batch without such rows never holds back).
+        """
+        floor: int | None = None
+        if self._timed is not None and self._window_file is not None:
+            await asyncio.to_thread(self._window_file.save, self._timed.watermark_us)
+            floor = self._timed.open_floor_us()
         by_id = {s.id: s for s in self.sources}
-        for batch in batches:
-            source = by_id[batch.source_id]
-            await asyncio.to_thread(source.commit, batch.position)
-            m.COMMITS.labels(self.name, batch.source_id).inc()
+        for source_id, queue in self._pending.items():
+            last: Position | None = None
+            while queue and (floor is None or queue[0][1] is None or queue[0][1] < floor):
+                last = queue.popleft()[0]
+            if last is not None:
+                await asyncio.to_thread(by_id[source_id].commit, last)
+                m.COMMITS.labels(self.name, source_id).inc()
 
     # -- observability ----------------------------------------------------------
 
