@@ -1,4 +1,5 @@
-"""The stream-stream join through a real `flow consume`, broker and Postgres.
+"""The stream-stream join through a real `flow consume`, broker and Postgres,
+with its buffers in the Postgres state store.
 
 Orders and payments on two topics; the expected rows are the same interval
 join computed by DuckDB SQL over the same events. Arrival is out of order by
@@ -60,7 +61,12 @@ def expected(orders: list[dict[str, Any]], payments: list[dict[str, Any]], kind:
     con = duckdb.connect()
     con.register("o", pa.Table.from_pylist(orders))
     con.register("p", pa.Table.from_pylist(payments))
-    how = {"inner": "JOIN", "left_outer": "LEFT JOIN", "full_outer": "FULL JOIN"}[kind]
+    how = {
+        "inner": "JOIN",
+        "left_outer": "LEFT JOIN",
+        "right_outer": "RIGHT JOIN",
+        "full_outer": "FULL JOIN",
+    }[kind]
     rows = con.sql(
         f"""SELECT o.order_id, o.amount, p.order_id, p.paid FROM o {how} p
             ON o.order_id = p.order_id AND abs(p.ts_ms - o.ts_ms) <= {WINDOW_MS}"""
@@ -77,7 +83,7 @@ def got(table: str) -> Any:
     return collections.Counter(rows)
 
 
-@pytest.mark.parametrize("kind", ["inner", "left_outer", "full_outer"])
+@pytest.mark.parametrize("kind", ["inner", "left_outer", "right_outer", "full_outer"])
 def test_join_kinds_equal_duckdb(
     kind: str, kafka_topic: Callable[..., str], flow: Callable[..., Flow]
 ) -> None:
@@ -118,7 +124,10 @@ name = "{table}"
 lateness_ms = 5000
 
 [state_store]
-kind = "in_memory"
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+schema = "{table}_state"
+checkpoint_interval_ms = 1000
 
 [transform.join]
 kind = "{kind}"

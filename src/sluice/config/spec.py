@@ -607,6 +607,9 @@ class JoinSpec(Spec, frozen=True, kw_only=True):
     allowed_lateness_ms: Annotated[Ms | None, _d("reopen: extra buffer retention")] = None
     left_column_prefix: Annotated[str, _d("prefix of left output columns")] = "left_"
     right_column_prefix: Annotated[str, _d("prefix of right output columns")] = "right_"
+    max_buffer_rows: Annotated[
+        PositiveInt, _d("(ours) fail-loud cap on the rows buffered by both sides together")
+    ] = 10_000_000
 
 
 CdcOp = Literal["create", "update", "delete", "read"]

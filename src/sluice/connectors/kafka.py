@@ -310,13 +310,17 @@ class KafkaSource:
             position = {partition_key(t, p): o + 1 for (t, p), o in last.items()}
         return position
 
-    def rewind(self) -> None:
-        """Read every assigned partition again from its committed offset.
+    def rewind(self, positions: Position | None = None) -> None:
+        """Read every assigned partition again from ``positions`` (a state
+        store's checkpoint; from now on also where a new assignment starts),
+        else from its committed offset.
 
-        Partitions without a committed offset go to ``auto_offset_reset``.
-        Messages already fetched past that point are discarded by the consumer.
+        Partitions in neither go to ``auto_offset_reset``. Messages already
+        fetched past that point are discarded by the consumer.
         """
         consumer = self._require()
+        if positions is not None:
+            self._resume = dict(positions)
         tps = [ck.TopicPartition(*_split(k)) for k in sorted(self._assigned)]
         if not tps:
             return
@@ -326,9 +330,9 @@ class KafkaSource:
             raise TransientError(f"kafka {self.id}: reading committed offsets: {exc}") from exc
         reset = ck.OFFSET_BEGINNING if self.spec.auto_offset_reset == "earliest" else ck.OFFSET_END
         for tp in committed:
-            target = ck.TopicPartition(
-                tp.topic, tp.partition, tp.offset if tp.offset >= 0 else reset
-            )
+            stored = self._resume.get(partition_key(tp.topic, tp.partition))
+            offset = stored if isinstance(stored, int) else tp.offset
+            target = ck.TopicPartition(tp.topic, tp.partition, offset if offset >= 0 else reset)
             try:
                 consumer.seek(target)
             except ck.KafkaException as exc:

@@ -277,6 +277,14 @@ class JoinStage:
         left, right = self._bufs
         return (0 if left is None else left.rows, 0 if right is None else right.rows)
 
+    def partitions(self) -> set[str]:
+        """The ``__partition`` values of the buffered rows (rows without one: none)."""
+        found: set[str] = set()
+        for buf in self._bufs:
+            if buf is not None and buf.rows:
+                found.update(v for v in pc.unique(buf.table[PARTITION]).to_pylist() if v)
+        return found
+
     @property
     def watermark_us(self) -> int | None:
         """The stage's watermark: the largest one it was given (or restored)."""

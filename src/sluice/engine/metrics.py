@@ -117,6 +117,21 @@ JOIN_BUFFER_ROWS = Gauge(
     [*_P, "side"],
     registry=REGISTRY,
 )
+CHECKPOINTS = Counter(
+    "sluice_checkpoints",
+    "State store commits (stage state, source positions and watermark in one transaction).",
+    _P,
+    registry=REGISTRY,
+)
+CHECKPOINT_SECONDS = Histogram(
+    "sluice_checkpoint_duration_seconds",
+    "Time to snapshot the stage state and commit it to the state store.",
+    _P,
+    registry=REGISTRY,
+)
+STATE_BYTES = Gauge(
+    "sluice_state_bytes", "Size of the stage state at the last checkpoint.", _P, registry=REGISTRY
+)
 
 
 class Health:

@@ -31,13 +31,14 @@ from sluice.connectors import registry
 from sluice.connectors.base import EVENT_TS, Batch, Position, RawRecord, Source, Target
 from sluice.engine import dlq
 from sluice.engine import metrics as m
-from sluice.engine.join import JoinOutput, JoinStage
+from sluice.engine.join import PARTITION, JoinOutput, JoinStage
 from sluice.engine.lookups import LookupTables
 from sluice.engine.sql import SqlStage
 from sluice.engine.watermark import WatermarkFile, Watermarks, max_event_us
 from sluice.engine.window import WindowOutput, WindowStage
 from sluice.errors import DecodeError, SluiceError, StageError, TransientError
 from sluice.functions import Function, collect
+from sluice.state import Checkpoint, StateStore, build_store
 
 log = logging.getLogger("sluice")
 
@@ -90,8 +91,10 @@ class Runner:
         targets: list[Target] | None = None,
         functions: Iterable[Function] = (),
         file: str = "<pipeline>",
+        store: StateStore | None = None,
     ) -> None:
-        """``sources`` / ``targets`` replace the ones the spec names (unit tests);
+        """``sources`` / ``targets`` / ``store`` replace the ones the spec names
+        (unit tests; a ``store`` given is used as a durable one);
         ``functions`` are UDFs / UDAFs registered besides ``udf_modules``."""
         self.spec = spec
         self.stop = stop
@@ -118,12 +121,22 @@ class Runner:
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
         transform = spec.transform
-        # An in_memory store keeps state in the process, which the window and
-        # join stages do anyway; restarts are safe through the commit holdback.
-        if spec.state_store is not None and not isinstance(spec.state_store, InMemoryStateStore):
-            raise SluiceError(
-                "[state_store] kind 'postgres' is not implemented yet in flow consume"
-            )
+        # A durable store (postgres) holds the stage state and the source
+        # positions (see "State store" below). An in_memory store keeps state
+        # in the process, which the window and join stages do anyway: restarts
+        # are then safe through the commit holdback and the watermark file.
+        store_spec = spec.state_store
+        durable = store_spec is not None and not isinstance(store_spec, InMemoryStateStore)
+        self._store: StateStore | None = store or (build_store(store_spec) if durable else None)
+        self._checkpoint_s = (store_spec.checkpoint_interval_ms if store_spec else 60_000) / 1000
+        self._version = 0  # the store's checkpoint version this process continues
+        self._checkpoint_at = time.monotonic()
+        self._dirty = False  # batches processed since the last checkpoint
+        self._state_keys: set[str] = set()  # state keys the store holds for this pipeline
+        self._positions: dict[str, Position] = {src.id: {} for src in self.sources}
+        # False once a batch was processed but not written: its effect on the
+        # stage state must then not be checkpointed.
+        self._consistent = True
         self.on_error = transform.on_error if transform else "fail"
         self.stages: list[Stage] = []
         if transform is not None and transform.sql:
@@ -137,9 +150,13 @@ class Runner:
         # Windows and joins hold offsets back until their state no longer
         # needs the rows (see "Windows and joins" below).
         self._window = WindowStage(window, self.name) if window else None
-        self._join = JoinStage(join, self.name) if join else None
+        self._join = JoinStage(join, self.name, join.max_buffer_rows) if join else None
         self._timed: WindowStage | JoinStage | None = self._window or self._join
-        self._window_file = WatermarkFile(self.name, _source_names(spec)) if timed else None
+        self._window_file = (
+            WatermarkFile(self.name, _source_names(spec))
+            if timed and self._store is None
+            else None
+        )
         self._pending: dict[str, collections.deque[tuple[Position, int | None]]] = {
             src.id: collections.deque() for src in self.sources
         }
@@ -167,19 +184,28 @@ class Runner:
                     return
             for stage in self.stages:
                 await asyncio.to_thread(stage.open)
-            if self._timed is not None:
+            resume: dict[str, Position] = {}
+            if self._store is not None:
+                checkpoint = await self._load()
+                if checkpoint is None:
+                    return
+                resume = checkpoint.positions
+            elif self._timed is not None:
                 await asyncio.to_thread(self._restore_window)
+            if self._timed is not None or self._store is not None:
                 for source in self.sources:
                     if hasattr(source, "wait_on_revoke"):
                         source.wait_on_revoke = False  # held offsets are never waited for
-                    if hasattr(source, "track_partitions"):
-                        source.track_partitions = True  # per-partition watermarks
+                    if hasattr(source, "track_partitions") and self._timed is not None:
+                        source.track_partitions = True  # per-partition watermarks and state
             for source in self.sources:
-                await asyncio.to_thread(source.open, None)
+                await asyncio.to_thread(source.open, resume.get(source.id))
             m.UP.labels(self.name).set(1)
             while not self.stop.is_set():
                 if not await self._iteration():
                     break
+            if self._consistent:
+                await self._commit(final=True)  # a clean stop leaves nothing to replay
         finally:
             m.UP.labels(self.name).set(0)
             m.HEALTH.set_ready(False, "stopped")
@@ -194,6 +220,8 @@ class Runner:
                 await asyncio.to_thread(_quietly, stage.close)
             if self._timed is not None:
                 await asyncio.to_thread(_quietly, self._timed.close)
+            if self._store is not None:
+                await asyncio.to_thread(self._store.close)
 
     async def _read(self) -> list[Batch | None]:
         wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000
@@ -229,9 +257,8 @@ class Runner:
         self._update_ready()
         if not batches:
             return await self._idle()
-        if self._timed is not None and self._rebalanced(batches):
-            await self._reset_window()
-            return True
+        if (self._timed is not None or self._store is not None) and self._rebalanced(batches):
+            return await self._reset_window()
         self._idle_since = None
         if not self.stop.is_set():
             # Read ahead: the next batch is read and decoded while this one is
@@ -254,13 +281,20 @@ class Runner:
             out = await self._transform(decoded, letters, tops)
         if letters and not await self._dead_letter(letters):
             log.warning("stopping with unwritten dead letters; the batch will be read again")
+            self._consistent = False
             return False
         if out is not None and out.num_rows and not await self._deliver(out):
             log.warning("stopping with an unwritten batch; it will be read again on restart")
+            self._consistent = False
             return False
         for b in batches:
-            self._pending[b.source_id].append((b.position, tops.get(id(b))))
-        await self._commit()
+            if self._store is not None:
+                self._positions[b.source_id].update(b.position)
+            else:
+                self._pending[b.source_id].append((b.position, tops.get(id(b))))
+        self._dirty = True
+        if not await self._commit(emitted=out is not None and out.num_rows > 0):
+            return False
         m.BATCHES.labels(self.name).inc()
         if out is not None:
             m.ROWS_WRITTEN.labels(self.name).inc(out.num_rows)
@@ -393,7 +427,9 @@ class Runner:
         def side(group: list[Batch]) -> pa.Table | None:
             if not group:
                 return None
-            tables = [b.data for b in group]
+            # With a store, buffered rows carry their source partition: the
+            # state is stored per partition.
+            tables = [_tagged(b) if self._store is not None else b.data for b in group]
             return (
                 tables[0]
                 if len(tables) == 1
@@ -452,21 +488,34 @@ class Runner:
                 changed = True
         return changed
 
-    async def _reset_window(self) -> None:
-        """After a rebalance: forget the open windows and what was read since
-        the last commit, and read again from the committed offsets."""
+    async def _reset_window(self) -> bool:
+        """After a rebalance: forget the stage state and what was read since
+        the last commit, and read again from the committed offsets (with a
+        state store: from its last checkpoint, state and positions). False
+        when stopped while the store was down."""
         log.warning(
-            "partitions were reassigned: dropping the open windows and reading again "
-            "from the committed offsets"
+            "partitions were reassigned: dropping the state read since the last commit and "
+            "reading again from there"
         )
         await self._drop_read_ahead()
+        positions: dict[str, Position] = {}
+        if self._store is not None:
+            checkpoint = await self._load()
+            if checkpoint is None:
+                return False
+            positions = checkpoint.positions
         for source in self.sources:
             rewind = getattr(source, "rewind", None)
             if rewind is not None:
-                await asyncio.to_thread(rewind)
+                if self._store is not None:
+                    await asyncio.to_thread(rewind, positions.get(source.id, {}))
+                else:
+                    await asyncio.to_thread(rewind)
             self._epochs[source.id] = getattr(source, "epoch", 0)
             self._pending[source.id].clear()
-        await asyncio.to_thread(self._restore_window)
+        if self._store is None:
+            await asyncio.to_thread(self._restore_window)
+        return True
 
     def _restore_window(self) -> None:
         """Start the window stage empty, at the watermark stored by the last run."""
@@ -487,14 +536,15 @@ class Runner:
             return True
         advance: Callable[[int], WindowOutput | JoinOutput] = window.advance
         emitted = (await asyncio.to_thread(advance, mark)).emitted
+        self._dirty = True  # the watermark moved; a join evicted
         if emitted.num_rows:
             if self._window is not None:
                 m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
             if not await self._deliver(emitted):
+                self._consistent = False
                 return False
             m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
-        await self._commit()
-        return True
+        return await self._commit(emitted=emitted.num_rows > 0)
 
     def _batch_letters(self, batch: Batch, error: str) -> list[dlq.DeadLetter]:
         """Dead letters for every decoded row of ``batch`` (raw when the source kept it)."""
@@ -548,6 +598,8 @@ class Runner:
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
         if self._timed is not None and not await self._window_tick():
+            return False
+        if self._store is not None and not await self._commit():  # interval checkpoint
             return False
         now = time.monotonic()
         # Idleness counts only once every source is connected: a consumer
@@ -621,15 +673,23 @@ class Runner:
                 continue
             return True
 
-    async def _commit(self) -> None:
+    async def _commit(self, emitted: bool = False, final: bool = False) -> bool:
         """Acknowledge to each source the batches it may forget, in read order.
-        The only commit.
+        The only commit; False when stopped while the state store was down.
 
-        Without a window or join that is every batch written. With one, the
+        With a durable state store: a checkpoint (see :meth:`_checkpoint`)
+        when this round ``emitted`` rows, on the ``final`` call, or once
+        ``checkpoint_interval_ms`` passed. Without a store and without a
+        window or join: every batch written. With a window or join: the
         stage's watermark is stored first, then each source's longest prefix
-        of batches whose rows lie before every open window or buffered row
-        (a batch without such rows never holds back).
+        of batches whose rows lie before every open window or buffered row (a
+        batch without such rows never holds back).
         """
+        if self._store is not None:
+            due = time.monotonic() - self._checkpoint_at >= self._checkpoint_s
+            if self._dirty and (emitted or final or due):
+                return await self._checkpoint()
+            return True
         floor: int | None = None
         if self._timed is not None and self._window_file is not None:
             await asyncio.to_thread(self._window_file.save, self._timed.watermark_us)
@@ -642,6 +702,121 @@ class Runner:
             if last is not None:
                 await asyncio.to_thread(by_id[source_id].commit, last)
                 m.COMMITS.labels(self.name, source_id).inc()
+        return True
+
+    # -- state store ----------------------------------------------------------------
+    #
+    # With a durable store the store, not the broker, is the source of truth.
+    # A checkpoint writes the stage state (as versioned blobs: "window", or
+    # "join/<partition>" per source partition), the position after the last
+    # batch processed of every source, and the stage watermark, in one
+    # transaction fenced on the version this process loaded; the broker
+    # commit of the same positions follows (for lag monitoring and for
+    # sources that acknowledge). Rows read after the checkpoint only live in
+    # the stage: after a crash or a rebalance the stage is restored from the
+    # checkpoint and the sources seek back to its positions, so every row
+    # reaches the state exactly once. Output emitted after the checkpoint is
+    # emitted again on replay, which is why every emit checkpoints at once.
+
+    async def _load(self) -> Checkpoint | None:
+        """Connect the store and restore the stage from the last checkpoint;
+        None when stopped while the store was down."""
+        store = self._store
+        assert store is not None
+        if not await self._retry(store, store.open, "open"):
+            return None
+        loaded: list[Checkpoint] = []
+
+        def load() -> None:
+            loaded.append(store.load(self.name))
+
+        if not await self._retry(store, load, "load"):
+            return None
+        checkpoint = loaded[0]
+        await asyncio.to_thread(self._restore, checkpoint)
+        if checkpoint.version:
+            log.info(
+                "resuming from checkpoint %d (%d state keys, positions of %d sources)",
+                checkpoint.version,
+                len(checkpoint.state),
+                len(checkpoint.positions),
+            )
+        return checkpoint
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """Start the stage from ``checkpoint``'s state and watermark."""
+        self._version = checkpoint.version
+        self._state_keys = set(checkpoint.state)
+        self._positions = {src.id: {} for src in self.sources}
+        self._dirty = False
+        self._checkpoint_at = time.monotonic()
+        stage = self._timed
+        if stage is None:
+            return
+        stage.close()
+        stage.open()
+        if isinstance(stage, WindowStage):
+            blob = checkpoint.state.get("window")
+            if blob is not None:
+                stage.restore(blob)
+        else:
+            for key in sorted(checkpoint.state):
+                if key.startswith("join/"):
+                    stage.restore(checkpoint.state[key])
+        wm = checkpoint.watermark_us
+        if wm is not None:
+            if stage.watermark_us is None or stage.watermark_us < wm:
+                stage.advance(wm)  # nothing is open that it could close
+            self._wm.restore(wm)
+
+    def _snapshot(self) -> tuple[dict[str, bytes], set[str]]:
+        """The stage state as store keys: (upserts, deletes of keys now empty)."""
+        stage = self._timed
+        if stage is None:
+            return {}, set()
+        if isinstance(stage, WindowStage):
+            return {"window": stage.snapshot()}, set()
+        upserts = {f"join/{p}": stage.snapshot([p]) for p in sorted(stage.partitions())}
+        return upserts, {k for k in self._state_keys if k not in upserts}
+
+    async def _checkpoint(self) -> bool:
+        """Commit state, positions and watermark to the store in one
+        transaction (retrying while it is down), then to the sources."""
+        store = self._store
+        assert store is not None
+        started = time.perf_counter()
+        upserts, deletes = await asyncio.to_thread(self._snapshot)
+        positions = {k: dict(v) for k, v in self._positions.items() if v}
+        watermark = self._timed.watermark_us if self._timed is not None else None
+        versions: list[int] = []
+
+        def commit() -> None:
+            versions.append(
+                store.commit(
+                    self.name,
+                    upserts,
+                    deletes,
+                    positions,
+                    watermark,
+                    expected_version=self._version,
+                )
+            )
+
+        if not await self._retry(store, commit, "commit"):
+            return False
+        self._version = versions[-1]
+        self._state_keys = (self._state_keys | set(upserts)) - deletes
+        self._dirty = False
+        self._checkpoint_at = time.monotonic()
+        m.CHECKPOINTS.labels(self.name).inc()
+        m.CHECKPOINT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
+        m.STATE_BYTES.labels(self.name).set(sum(len(v) for v in upserts.values()))
+        by_id = {s.id: s for s in self.sources}
+        for source_id, position in positions.items():
+            await asyncio.to_thread(by_id[source_id].commit, position)
+            m.COMMITS.labels(self.name, source_id).inc()
+            self._positions[source_id] = {}
+        return True
 
     # -- observability ----------------------------------------------------------
 
@@ -695,6 +870,16 @@ def _source_names(spec: PipelineSpec) -> str:
         group = getattr(src, "group_id", None) or spec.pipeline_name
         names.append(f"{src.kind}:{spec.query_of(src)}:{group}")
     return ";".join(sorted(names))
+
+
+def _tagged(batch: Batch) -> pa.Table:
+    """``batch``'s rows with their source partition in ``__partition`` (the
+    source id when the source does not name partitions)."""
+    if batch.row_partitions is not None:
+        parts = batch.row_partitions.cast(pa.string())
+    else:
+        parts = pa.array([batch.source_id] * batch.num_rows, pa.string())
+    return batch.data.append_column(PARTITION, parts)
 
 
 def _quietly(action: Callable[[], None]) -> None:

@@ -46,8 +46,11 @@ class StateStore(Protocol):
     """Where operator state and source positions of pipelines live.
 
     Calls come from one thread at a time (the run loop); an implementation
-    may serialise them but need not run them concurrently.
+    may serialise them but need not run them concurrently. ``id`` names the
+    store in logs and metrics (never with a password).
     """
+
+    id: str
 
     def open(self) -> None:
         """Connect and make the storage ready (create or migrate tables, check

@@ -23,6 +23,7 @@ class InMemoryStore:
     """
 
     def __init__(self) -> None:
+        self.id = "in_memory state store"
         self._lock = threading.Lock()
         self._checkpoints: dict[str, Checkpoint] = {}
 
