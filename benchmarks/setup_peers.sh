@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install the peer engines the window and join benchmarks compare with, each
+# into its own venv under $PEERS_DIR (default /opt/peers).
+#
+#   bash benchmarks/setup_peers.sh        # idempotent
+#
+# * quixstreams: Quix Streams 3.28.1 with psycopg2-binary for its community
+#   PostgreSQLSink, in $PEERS_DIR/quixstreams.
+#
+# Never install a peer into the project's environment: each brings its own
+# confluent-kafka pin and state-store wheels (rocksdict).
+set -euo pipefail
+
+PEERS_DIR=${PEERS_DIR:-/opt/peers}
+PY=${PYTHON:-python3}
+QUIX_VERSION=3.28.1
+PSYCOPG2_VERSION=2.9.13
+
+quix_installed() {
+  local venv=$PEERS_DIR/quixstreams
+  [[ -x $venv/bin/python ]] &&
+    "$venv/bin/python" - "$QUIX_VERSION" <<'EOF' 2>/dev/null
+import sys
+from importlib import metadata
+import psycopg2  # noqa: F401
+import quixstreams.sinks.community.postgresql  # noqa: F401
+sys.exit(metadata.version("quixstreams") != sys.argv[1])
+EOF
+}
+
+venv=$PEERS_DIR/quixstreams
+if quix_installed; then
+  echo "quixstreams $QUIX_VERSION already installed in $venv"
+else
+  if [[ ! -x $venv/bin/python ]]; then
+    echo "creating venv $venv with $($PY --version)"
+    mkdir -p "$PEERS_DIR"
+    "$PY" -m venv "$venv"
+  fi
+  "$venv/bin/python" -m pip install --quiet \
+    "quixstreams==$QUIX_VERSION" "psycopg2-binary==$PSYCOPG2_VERSION"
+  quix_installed || { echo "setup_peers.sh: quixstreams $QUIX_VERSION did not install in $venv" >&2; exit 1; }
+  echo "quixstreams $QUIX_VERSION installed in $venv"
+fi
