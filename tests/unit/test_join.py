@@ -774,12 +774,22 @@ def test_schema_is_fixed_by_the_first_batch() -> None:
         StageError, match="left column 'amount' is string in this batch, but double"
     ):
         s.process(retyped, None, None)
-    with pytest.raises(StageError, match="right batch has no column 'id'"):
-        s.process(None, side_table([1], ["a"], right=True).drop_columns(["id"]), None)
+    with pytest.raises(StageError, match="right batch has no column 'k'"):
+        s.process(None, side_table([1], ["a"], right=True).drop_columns(["k"]), None)
     extra = side_table([1], ["a"], right=True).append_column("new", pa.array([1]))
     with pytest.raises(StageError, match="a new column 'new'"):
         s.process(None, extra, None)
     assert s.buffer_rows() == (2, 1)
+    # A field no JSON message of a batch had: missing, or typed null. It is null.
+    no_id = side_table([1], ["a"], right=True, ids=[21]).drop_columns(["id"])
+    out = s.process(None, no_id, None).emitted
+    assert out.num_rows == 2 and out["right_id"].null_count == 2
+    null_id = side_table([1], ["a"], right=True, ids=[22])
+    null_id = null_id.set_column(
+        null_id.schema.get_field_index("id"), "id", pa.nulls(1, pa.null())
+    )
+    assert s.process(None, null_id, None).emitted["right_id"].null_count == 2
+    assert s.buffer_rows() == (2, 3)
 
 
 def test_bad_input_is_a_stage_error_and_fixes_nothing() -> None:

@@ -79,8 +79,10 @@ right row's event time in µs):
   empty output has no columns.
 * **Schemas.** A side's first batch with rows fixes its schema (columns and
   types; ``__partition`` is not part of it). A later batch must have the same
-  columns with the same types, in any order; a missing, extra or retyped
-  column fails the call, naming it. Batches with no rows are ignored.
+  columns with the same types, in any order; an extra or retyped column, or
+  a missing key or event-time column, fails the call, naming it. Another
+  column missing or all-null-typed in a batch (JSON leaves out a field no
+  message of the batch has) is null there. Batches with no rows are ignored.
 * **Cap.** When more than ``max_buffer_rows`` rows (left + right) would stay
   buffered after the call's eviction, the call fails.
 * **Partitions.** An input table may carry a string column ``__partition``
@@ -516,6 +518,17 @@ class JoinStage:
             schema = pa.schema([pa.field(f.name, f.type) for f in user])
         else:
             have = {f.name for f in user}
+            required = {self.spec.event_time_column, *self._keys[side]}
+            absent = [c for c in schema.names if c not in have and c not in required]
+            if absent:
+                # JSON leaves out a field no message of the batch has: null.
+                for c in absent:
+                    data = data.append_column(
+                        schema.field(c), pa.nulls(data.num_rows, schema.field(c).type)
+                    )
+                cols = data.column_names
+                user = [f for f in data.schema if f.name != PARTITION]
+                have = {f.name for f in user}
             missing = [c for c in schema.names if c not in have]
             extra = [f.name for f in user if f.name not in schema.names]
             if missing or extra:
@@ -530,6 +543,11 @@ class JoinStage:
                 )
             for f in schema:
                 got = data.schema.field(f.name).type
+                if pa.types.is_null(got) and f.name not in required:  # all null in this batch
+                    data = data.set_column(
+                        data.schema.get_field_index(f.name), f, pa.nulls(data.num_rows, f.type)
+                    )
+                    continue
                 if not got.equals(f.type):
                     raise StageError(
                         f"join: {name} column '{f.name}' is {got} in this {source}, "
