@@ -86,15 +86,24 @@ Semantics (``wm`` is the watermark in µs since the epoch):
   it before the first batch, so replayed rows of windows that were already
   emitted are late instead of re-emitting those windows without their
   committed rows.
+* **Snapshots.** Alternatively the caller stores :meth:`WindowStage.snapshot`
+  (the whole state and the watermark) with the source positions in one
+  transaction and feeds it to :meth:`WindowStage.restore` on start, before the
+  first batch: the restored stage then emits exactly what the snapshotting one
+  would have for the rows read after it, and nothing needs replaying.
 
-Every failure of :meth:`~WindowStage.process` is a :class:`StageError` and
-leaves the state as it was before the call, so the run loop may apply
-``on_error`` to the batch and go on.
+Every failure of :meth:`~WindowStage.process` and :meth:`~WindowStage.restore`
+is a :class:`StageError` and leaves the state as it was before the call, so
+the run loop may apply ``on_error`` to the batch and go on (or, for a
+snapshot it cannot restore, stop with the message).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -105,6 +114,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import Aggregation, HoppingWindow, SessionWindow, Window
+from sluice.engine.snapshots import ipc_stream
 from sluice.engine.watermark import to_micros
 from sluice.errors import MissingDependencyError, StageError
 
@@ -117,8 +127,22 @@ _WS, _WE, _LAST = "__ws", "__we", "__last"
 _DIRTY, _ID = "__dirty", "__id"
 _FTS, _FSEQ, _LTS, _LSEQ = "__fts", "__fseq", "__lts", "__lseq"
 _RF, _RL, _ORD, _SESS, _VAL = "__rf", "__rl", "__ord", "__sess", "__v"
+_SKETCH = "__sketch"
 
 _HLL_LG_K = 12  # 4096 registers: relative standard error ≈ 1.04 / 64 ≈ 1.6 %, ≤ 4 KiB a group
+
+# Snapshot format 1: this header, then ``meta`` (UTF-8 JSON), then the pieces
+# it lists, each an Arrow IPC stream. The header is magic, format version,
+# the length of ``meta`` and a CRC-32 of everything after the header. ``meta``
+# holds "config" (what the state's meaning depends on, see _config_facts),
+# "watermark_us", "seq", "next_id", "tz" and "pieces": [name, length] in blob
+# order. The pieces: "state" (the open (window, group) table, absent before
+# the first fold), "distinct<i>" (the (__id, __v) pairs of exact count_distinct
+# aggregation i, absent until its first fold) and "hll<i>" (__id, __sketch:
+# the compact HLL sketch of each group of approximate aggregation i, by id).
+_MAGIC = b"SWN"
+_VERSION = 1
+_HEADER = struct.Struct("<3sBII")
 
 
 @dataclass
@@ -204,7 +228,8 @@ class WindowStage:
         self._hll: dict[int, dict[int, Any]] = {a.index: {} for a in self._hll_aggs}
         self._checked: pa.Schema | None = None
         self._tz: str | None = "UTC"
-        self._out_schema: tuple[pa.Schema, pa.Schema] | None = None  # (state, output)
+        # the output schema, cached for the state schema and time zone it was made for
+        self._out_schema: tuple[pa.Schema, str | None, pa.Schema] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -256,8 +281,7 @@ class WindowStage:
                 else:
                     late = self._fold_fixed(data, ts, seq)
             except pa.ArrowException as exc:  # e.g. min over a type Arrow cannot order
-                text = str(exc).strip().splitlines()
-                raise StageError(f"window: {text[0] if text else type(exc).__name__}") from exc
+                raise StageError(f"window: {_first_line(exc)}") from exc
             self._seq += n
         if watermark_us is not None:
             self._wm = watermark_us if self._wm is None else max(self._wm, watermark_us)
@@ -302,6 +326,185 @@ class WindowStage:
             return int(self._state.num_rows)
         return int(pc.count_distinct(self._state[_WS]).as_py())
 
+    # -- snapshots --------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Everything :meth:`restore` needs to go on where this stage is: the open
+        (window, group) table, the exact count_distinct values, the HLL sketches,
+        the watermark, the arrival counter, the next group id and the event
+        time's time zone, with the window configuration they depend on. A
+        versioned binary format (see ``_HEADER``), the tables as Arrow IPC,
+        zstd-compressed when available.
+
+        Does not change the state. Vectorised but for one ``serialize_compact``
+        call per HLL sketch (one per open group of each approximate
+        ``count_distinct``). Raises :class:`StageError` when the stage is not open.
+        """
+        if not self._open:
+            raise StageError("window: the stage is not open")
+        pieces: list[tuple[str, bytes]] = []
+        if self._state is not None:
+            pieces.append(("state", ipc_stream(self._state)))
+        for a in self._distinct:
+            side = self._sides.get(a.index)
+            if side is not None:
+                pieces.append((f"distinct{a.index}", ipc_stream(side)))
+        for a in self._hll_aggs:
+            sketches = self._hll[a.index]
+            ids = np.fromiter(sketches, np.int64, len(sketches))
+            blobs = pa.array([s.serialize_compact() for s in sketches.values()], pa.large_binary())
+            order = np.argsort(ids, kind="stable")  # by id: equal states, equal snapshots
+            table = pa.table({_ID: pa.array(ids[order]), _SKETCH: blobs.take(pa.array(order))})
+            pieces.append((f"hll{a.index}", ipc_stream(table)))
+        meta = {
+            "config": self._config_facts(),
+            "watermark_us": self._wm,
+            "seq": self._seq,
+            "next_id": self._next_id,
+            "tz": self._tz,
+            "pieces": [[name, len(piece)] for name, piece in pieces],
+        }
+        text = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        crc = zlib.crc32(text)
+        for _, piece in pieces:
+            crc = zlib.crc32(piece, crc)
+        head = _HEADER.pack(_MAGIC, _VERSION, len(text), crc)
+        return b"".join([head, text, *(piece for _, piece in pieces)])  # one copy
+
+    def restore(self, blob: bytes) -> None:
+        """Load a :meth:`snapshot` into this open stage, which must not have
+        folded a row yet (a watermark alone is fine: the stage keeps the larger
+        of its own and the snapshot's, as watermarks only advance).
+
+        After it the stage behaves as the snapshotting stage did right after
+        :meth:`snapshot`: the same rows in, the same rows and late indices out.
+        Emits nothing; a raised watermark emits on the next call. Raises
+        :class:`StageError` for a stage that is not open or has folded rows,
+        a blob that is no window snapshot, an unknown format version, a
+        truncated or damaged blob, or a snapshot of another window
+        configuration (kind, durations, group_by, aggregations), and then
+        leaves the state untouched.
+        """
+        if not self._open:
+            raise StageError("window: the stage is not open")
+        if self._seq or self._state is not None:
+            raise StageError(
+                "window: restore needs a stage that has not folded any rows yet; "
+                "restore a snapshot before the first batch"
+            )
+        if len(blob) < 4 or blob[:3] != _MAGIC:
+            raise StageError("window: not a window snapshot")
+        if blob[3] != _VERSION:
+            raise StageError(
+                f"window: snapshot format version {blob[3]} is not supported "
+                f"(this sluice reads version {_VERSION}); was it written by a newer sluice?"
+            )
+        if len(blob) < _HEADER.size:
+            raise StageError("window: the snapshot is truncated or damaged")
+        _, _, n_meta, crc = _HEADER.unpack_from(blob)
+        body = memoryview(blob)[_HEADER.size :]
+        if zlib.crc32(body) != crc or n_meta > len(body):
+            raise StageError("window: the snapshot is truncated or damaged (checksum mismatch)")
+        try:
+            meta = json.loads(bytes(body[:n_meta]))
+            config, tz = meta["config"], meta["tz"]
+            wm, seq, next_id = meta["watermark_us"], meta["seq"], meta["next_id"]
+            lengths = [(str(name), int(size)) for name, size in meta["pieces"]]
+            if not (
+                isinstance(config, dict)
+                and (tz is None or isinstance(tz, str))
+                and (wm is None or isinstance(wm, int))
+                and isinstance(seq, int)
+                and isinstance(next_id, int)
+            ):
+                raise ValueError("a field has the wrong type")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StageError(f"window: the snapshot is damaged: {_first_line(exc)}") from exc
+        self._check_config(config)
+        if n_meta + sum(size for _, size in lengths) != len(body):
+            raise StageError("window: the snapshot is truncated or damaged (piece lengths)")
+        pieces: dict[str, memoryview] = {}
+        at = n_meta
+        for name, size in lengths:
+            pieces[name], at = body[at : at + size], at + size
+        try:
+            state, sides, hll = self._read_pieces(pieces)
+        except (pa.ArrowException, OSError, ValueError, IndexError, RuntimeError) as exc:
+            raise StageError(f"window: the snapshot is damaged: {_first_line(exc)}") from exc
+        # -- nothing below raises: commit ------------------------------------------
+        self._state, self._sides, self._hll = state, sides, hll
+        self._seq, self._next_id, self._tz = seq, next_id, tz
+        self._checked = self._out_schema = None  # caches: the next batch checks its schema again
+        if wm is not None:
+            self._wm = wm if self._wm is None else max(self._wm, wm)
+
+    def _config_facts(self) -> dict[str, Any]:
+        """What the meaning of the state depends on. Not the caps, lateness or
+        column names: a restart may change those (raise a cap that was hit)."""
+        spec = self.spec
+        facts: dict[str, Any]
+        if isinstance(spec, SessionWindow):
+            facts = {
+                "kind": "session",
+                "gap_ms": spec.gap_ms,
+                "max_session_duration_ms": spec.max_session_duration_ms,
+            }
+        elif isinstance(spec, HoppingWindow):
+            facts = {"kind": "hopping", "duration_ms": spec.duration_ms, "hop_ms": spec.hop_ms}
+        else:
+            facts = {"kind": "tumbling", "duration_ms": spec.duration_ms}
+        facts["group_by"] = self._keys
+        modes = {"distinct": "count_distinct exact", "hll": "count_distinct approximate"}
+        facts["aggregations"] = [
+            f"{modes.get(a.kind, a.kind)}({a.column or ''})" for a in self._aggs
+        ]
+        return facts
+
+    def _check_config(self, stored: dict[str, Any]) -> None:
+        mine = self._config_facts()
+        diffs = [
+            f"{key} {json.dumps(stored.get(key))} in the snapshot, {json.dumps(mine.get(key))} here"
+            for key in sorted(mine.keys() | stored.keys())
+            if stored.get(key) != mine.get(key)
+        ]
+        if diffs:
+            raise StageError(
+                "window: the snapshot was taken with another window configuration "
+                f"({'; '.join(diffs)}); it cannot be restored into this one"
+            )
+
+    def _read_pieces(
+        self, pieces: dict[str, memoryview]
+    ) -> tuple[pa.Table | None, dict[int, pa.Table], dict[int, dict[int, Any]]]:
+        """The snapshot's tables, checked against this stage's layout."""
+        known = {"state", *(f"distinct{a.index}" for a in self._distinct)}
+        known |= {f"hll{a.index}" for a in self._hll_aggs}
+        unknown = sorted(set(pieces) - known)
+        if unknown:
+            raise ValueError(f"unknown piece(s) {', '.join(unknown)}")
+        state = None
+        if "state" in pieces:
+            state = _read_ipc(pieces["state"])
+            _expect(state, "state", self._state_names(), {_WS, _WE, _ID})
+        sides = {}
+        for a in self._distinct:
+            if (piece := pieces.get(f"distinct{a.index}")) is not None:
+                sides[a.index] = _expect(_read_ipc(piece), a.name, [_ID, _VAL], {_ID})
+        hll: dict[int, dict[int, Any]] = {a.index: {} for a in self._hll_aggs}
+        for a in self._hll_aggs:
+            if (piece := pieces.get(f"hll{a.index}")) is None:
+                continue
+            import datasketches as ds
+
+            table = _expect(_read_ipc(piece), a.name, [_ID, _SKETCH], {_ID})
+            sketches = hll[a.index]
+            for gid, raw in zip(_np(table[_ID]).tolist(), table[_SKETCH].to_pylist(), strict=True):
+                sketch = ds.hll_sketch.deserialize(raw)
+                if sketch.lg_config_k != _HLL_LG_K:
+                    raise ValueError(f"'{a.name}' has a sketch of lg_k {sketch.lg_config_k}")
+                sketches[gid] = sketch
+        return state, sides, hll
+
     # -- input ------------------------------------------------------------------
 
     def _check(self, data: pa.Table) -> None:
@@ -316,9 +519,9 @@ class WindowStage:
             raise StageError(f"window: the batch has no column {', '.join(map(repr, missing))}")
         t = data.schema.field(spec.event_time_column).type
         if pa.types.is_timestamp(t):
-            self._tz = t.tz
+            tz = t.tz
         elif pa.types.is_integer(t):
-            self._tz = "UTC"
+            tz = "UTC"
         else:
             raise StageError(
                 f"window: event_time_column '{spec.event_time_column}' must be a timestamp or µs integer, got {t}"
@@ -333,6 +536,7 @@ class WindowStage:
                 raise StageError(
                     f"window: count_distinct '{a.name}': column '{a.column}' of type {vt} cannot be sketched"
                 )
+        self._tz = tz  # set with the check, not before: a failed check changes nothing
         self._checked = data.schema
 
     def _event_us(self, data: pa.Table) -> I64:
@@ -548,7 +752,13 @@ class WindowStage:
         old_ids = g[f"{_ID}_min"]
         fresh = _np(pc.is_null(old_ids)).astype(bool)
         new_ids = np.array(_np(old_ids.fill_null(0)), dtype=np.int64)  # a writable copy
-        new_ids[fresh] = np.arange(self._next_id, self._next_id + int(fresh.sum()))
+        fresh_at = np.flatnonzero(fresh)
+        if self._session:
+            # Threads make the group order vary: number new sessions in session
+            # order, so ids, and with them which id a bridge keeps and the order of
+            # an HLL union, are the same on every run.
+            fresh_at = fresh_at[np.argsort(_np(g[_SESS])[fresh_at], kind="stable")]
+        new_ids[fresh_at] = np.arange(self._next_id, self._next_id + len(fresh_at))
         out[_ID] = pa.array(new_ids)
         if self._firstlast:
             fi = pa.array(fo[_np(g[f"{_RF}_min"])])
@@ -671,7 +881,9 @@ class WindowStage:
         pairs = pa.table({_ID: pa.array(row_ids), _VAL: values}).filter(pc.is_valid(values))
         if pairs.num_rows == 0:
             return
-        pairs = pairs.group_by([_ID, _VAL]).aggregate([])
+        # One thread: the pairs come out in first-seen order, so the sketches see the
+        # same updates in the same order on every run (the HIP estimate depends on it).
+        pairs = pairs.group_by([_ID, _VAL], use_threads=False).aggregate([])
         pyvals = _hll_values(pairs[_VAL].combine_chunks())
         assert pyvals is not None  # checked per schema in _check
         sketch = None
@@ -758,9 +970,11 @@ class WindowStage:
         state = self._state
         if state is None:
             return pa.table({})
-        if self._out_schema is None or not self._out_schema[0].equals(state.schema):
-            self._out_schema = (state.schema, self._finalise(state.slice(0, 0)).schema)
-        return self._out_schema[1].empty_table()
+        cached = self._out_schema
+        if cached is None or cached[1] != self._tz or not cached[0].equals(state.schema):
+            cached = (state.schema, self._tz, self._finalise(state.slice(0, 0)).schema)
+            self._out_schema = cached
+        return cached[2].empty_table()
 
     def _finalise(self, rows: pa.Table) -> pa.Table:
         """State rows → output rows (names, types, order)."""
@@ -941,3 +1155,22 @@ def _session_ids(keys: list[Any], start: I64) -> U64:
 
 def _iso(us: int) -> str:
     return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat()
+
+
+def _read_ipc(piece: memoryview) -> pa.Table:
+    return pa.ipc.open_stream(pa.py_buffer(piece)).read_all()
+
+
+def _expect(table: pa.Table, what: str, names: list[str], ints: set[str]) -> pa.Table:
+    """``table`` when it has these columns, ``ints`` of them int64; else ValueError."""
+    if table.column_names != names:
+        raise ValueError(f"'{what}' has columns {table.column_names}, expected {names}")
+    for name in ints:
+        if table.schema.field(name).type != pa.int64():
+            raise ValueError(f"'{what}' column {name} is {table.schema.field(name).type}")
+    return table
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
