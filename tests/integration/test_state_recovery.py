@@ -183,8 +183,9 @@ def kill_five_times(
         f = start()
         target = rng.randint(per_run // 4, per_run)
         wait_until(
-            lambda f=f, t=target: f.proc.poll() is not None
-            or f.metric("sluice_rows_consumed_total") >= t,
+            lambda f=f, t=target: (
+                f.proc.poll() is not None or f.metric("sluice_rows_consumed_total") >= t
+            ),
             90,
             f"run {kill + 1} to consume {target} rows",
             0.05,
@@ -363,4 +364,3 @@ name = "pairs"
     wait_for(pairs, joins.expected(orders, payments, "inner"), f, "every pair, once", 60)
     assert committed(name, orders_t, 2) + committed(name, payments_t, 2) == total
     assert f.stop() == 0
-

@@ -785,9 +785,7 @@ def test_schema_is_fixed_by_the_first_batch() -> None:
     out = s.process(None, no_id, None).emitted
     assert out.num_rows == 2 and out["right_id"].null_count == 2
     null_id = side_table([1], ["a"], right=True, ids=[22])
-    null_id = null_id.set_column(
-        null_id.schema.get_field_index("id"), "id", pa.nulls(1, pa.null())
-    )
+    null_id = null_id.set_column(null_id.schema.get_field_index("id"), "id", pa.nulls(1, pa.null()))
     assert s.process(None, null_id, None).emitted["right_id"].null_count == 2
     assert s.buffer_rows() == (2, 3)
 

@@ -119,6 +119,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import JoinSpec
+from sluice.engine.snapshots import ipc_stream
 from sluice.engine.watermark import to_micros
 from sluice.errors import StageError
 
@@ -831,14 +832,7 @@ def _ipc(table: pa.Table, names: list[str]) -> bytes:
     """``table`` as an Arrow IPC stream; columns stored by position (a user column
     may be called ``matched``), their names in the schema metadata."""
     table = table.rename_columns([f"c{i}" for i in range(table.num_columns)])
-    table = table.replace_schema_metadata({"names": json.dumps(names)})
-    codec = "zstd" if pa.Codec.is_available("zstd") else None
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(
-        sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=codec)
-    ) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
+    return ipc_stream(table.replace_schema_metadata({"names": json.dumps(names)}))
 
 
 def _value_type(t: pa.DataType) -> pa.DataType:

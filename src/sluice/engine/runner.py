@@ -153,9 +153,7 @@ class Runner:
         self._join = JoinStage(join, self.name, join.max_buffer_rows) if join else None
         self._timed: WindowStage | JoinStage | None = self._window or self._join
         self._window_file = (
-            WatermarkFile(self.name, _source_names(spec))
-            if timed and self._store is None
-            else None
+            WatermarkFile(self.name, _source_names(spec)) if timed and self._store is None else None
         )
         self._pending: dict[str, collections.deque[tuple[Position, int | None]]] = {
             src.id: collections.deque() for src in self.sources
