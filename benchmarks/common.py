@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: process accounting, machine facts, results.
+"""Helpers shared by the benchmarks: process accounting, engine metrics, machine
+facts, results.
 
 Process accounting reads ``/proc`` (Linux only) so it needs no extra package:
 
@@ -18,11 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -212,6 +215,29 @@ class MonitoredProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
+# ---------------------------------------------------------------- metrics
+
+
+def scrape_metrics(port: int, prefix: str, names: Collection[str]) -> dict[str, float] | None:
+    """The Prometheus metrics ``<prefix><name>`` for each of ``names`` that an
+    engine serves on ``port``, each summed over its label sets; None when it
+    does not answer. A labelled counter has no sample until it first moves."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+            text = resp.read().decode()
+    except (OSError, urllib.error.URLError):
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0].removeprefix(prefix)
+        if name in names:
+            found[name] = found.get(name, 0.0) + float(value)
+    return found
+
+
 # ---------------------------------------------------------------- facts
 
 
@@ -300,6 +326,23 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def run_facts(date: str) -> dict[str, Any]:
+    """What a results file's ``machine`` starts with: ``date``, :func:`machine_facts`,
+    the :func:`command_line` and the :func:`git_revision`."""
+    return {"date": date, **machine_facts(), "command": command_line(), "git": git_revision()}
+
+
+def engine_packages(
+    project: Iterable[str], engines: Collection[str]
+) -> dict[str, dict[str, str | None]]:
+    """Versions of the ``project`` packages in this environment and, when
+    ``engines`` include the reference, of the reference's own venv."""
+    packages = {"project env": package_versions(sys.executable, project)}
+    if "reference" in engines:
+        packages["/opt/ematix"] = package_versions(REFERENCE_PYTHON, ["ematix-flow", "pyarrow"])
+    return packages
+
+
 def command_line() -> str:
     """The command that started this process, as it could be re-typed."""
     return shlex.join([Path(sys.executable).name, "-m", _module_name(), *sys.argv[1:]])
@@ -314,6 +357,66 @@ def _module_name() -> str:
 
 
 # ---------------------------------------------------------------- output
+
+
+class EngineRun(Protocol):
+    """What the report needs of an engine's result (every scenario's ``EngineResult``).
+
+    ``verification`` holds ``ok`` (True, False, or None when the table was
+    not verified), ``problems`` and, optionally, ``examples``.
+    """
+
+    engine: str
+    outcome: str  # ok | exited early | timeout | stalled
+    verification: dict[str, Any]
+    log: str  # the last lines of the engine's log
+
+
+def failed(r: EngineRun) -> bool:
+    """Whether the engine did not end ``ok`` or its table failed verification
+    (a table that was not verified, ``ok`` None, is no failure)."""
+    return r.outcome != "ok" or r.verification.get("ok") is False
+
+
+def print_problem(r: EngineRun) -> None:
+    """If the engine :func:`failed`, say so on stdout with its log tail."""
+    if failed(r):
+        print(f"[{r.engine}] PROBLEM: {r.outcome}; {r.verification['problems']}", flush=True)
+        print(f"[{r.engine}] log tail:\n{r.log}", flush=True)
+
+
+def problems_section(results: Iterable[EngineRun]) -> list[str]:
+    """The ``## Problems`` section of a results file: each failed engine's
+    outcome, verification problems and examples, and log tail; no lines when
+    none failed."""
+    lines: list[str] = []
+    for r in results:
+        if not failed(r):
+            continue
+        lines += [
+            f"### {r.engine}: {r.outcome}",
+            "",
+            *(f"* {p}" for p in r.verification.get("problems", [])),
+            *(f"* e.g. {e}" for e in r.verification.get("examples", [])),
+            "",
+            "Last lines of its log:",
+            "",
+            "```",
+            r.log,
+            "```",
+            "",
+        ]
+    return ["## Problems", "", *lines] if lines else []
+
+
+def num(value: float | None, fmt: str) -> str:
+    """A figure for a table: ``value`` in ``fmt``, ``n/a`` when unknown."""
+    return "n/a" if value is None else format(value, fmt)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    """``a / b`` for a table, as ``1.23x``; ``n/a`` when either is unknown or ``b`` is 0."""
+    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

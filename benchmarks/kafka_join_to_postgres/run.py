@@ -32,13 +32,10 @@ import json
 import os
 import random
 import re
-import secrets
 import string
 import sys
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -69,6 +66,8 @@ BENCHMARK = "kafka_join_to_postgres"
 #: Prefix of the topics, the schema, the pipeline_name, the group ids and the work dir.
 PREFIX = "bench-join"
 ENGINES = ("sluice", "reference", "quix")
+#: The packages of this environment that the results record.
+PACKAGES = ("sluice", "confluent-kafka", "psycopg", "pyarrow", "adbc-driver-postgresql", "duckdb")
 STATE_STORES = ("postgres", "in_memory")
 
 #: Where ``benchmarks/setup_peers.sh`` installs the peers, one venv each.
@@ -104,6 +103,8 @@ CLOSE_AFTER_MS = 2 * 3_600_000
 #: tuples; every payload also has ``ts``, the event time in ISO 8601 (ms, UTC).
 ORDER_FIELDS = ("order_id", "user_id", "amount", "currency")
 PAYMENT_FIELDS = ("payment_id", "order_id", "amount", "method")
+#: The Arrow types of those fields, for an order and a payment alike.
+FIELD_TYPES = (pa.int64(), pa.int64(), pa.float64(), pa.string())
 
 #: Each engine's table: sluice's join output for these payloads, in its order
 #: (left columns, then right ones, each prefixed, ``_event_ts`` last).
@@ -136,11 +137,6 @@ METRICS = (
 #: consumed every message (sluice: its rows-consumed counter; the others:
 #: their group's committed offsets on the broker at the end of both topics).
 SETTLE_S = 5.0
-
-
-def iso_ms(ts_ms: int) -> str:
-    """``ts_ms`` as ``2026-01-01T00:00:00.020Z``."""
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 @dataclass
@@ -198,7 +194,7 @@ def generate(rows: int, seed: int) -> Events:
 def payload(names: Sequence[str], event: Sequence[Any]) -> bytes:
     """The JSON of one generated event (``names`` with its values, then ``ts``)."""
     obj = dict(zip(names, event[:-1], strict=True))
-    obj["ts"] = iso_ms(event[-1])
+    obj["ts"] = tumbling.iso_ms(event[-1])
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -292,31 +288,25 @@ class Expected:
     query_s: float = 0.0
 
 
+def arrow_events(names: Sequence[str], events: Sequence[Sequence[Any]]) -> pa.Table:
+    """Generated events (tuples in the order of ``names``, event time in ms
+    last) as an Arrow table: ``names``, ``ts`` as in the payload, ``event_ms``."""
+    cols: list[list[Any]] = [[e[k] for e in events] for k in range(len(names) + 1)]
+    fields = zip(names, cols[:-1], FIELD_TYPES, strict=True)
+    return pa.table(
+        {
+            **{name: pa.array(col, type_) for name, col, type_ in fields},
+            "ts": pa.array([tumbling.iso_ms(t) for t in cols[-1]], pa.string()),
+            "event_ms": pa.array(cols[-1], pa.int64()),
+        }
+    )
+
+
 def expected_rows(con: duckdb.DuckDBPyConnection, ev: Events, exp: Expected) -> None:
     """Register the events in ``con`` and create its ``expected`` table."""
     started = time.monotonic()
-    cols: list[list[Any]] = [[o[k] for o in ev.orders] for k in range(5)]
-    orders = pa.table(
-        {
-            "order_id": pa.array(cols[0], pa.int64()),
-            "user_id": pa.array(cols[1], pa.int64()),
-            "amount": pa.array(cols[2], pa.float64()),
-            "currency": pa.array(cols[3], pa.string()),
-            "ts": pa.array([iso_ms(t) for t in cols[4]], pa.string()),
-            "event_ms": pa.array(cols[4], pa.int64()),
-        }
-    )
-    cols = [[p[k] for p in ev.payments] for k in range(5)]
-    payments = pa.table(
-        {
-            "payment_id": pa.array(cols[0], pa.int64()),
-            "order_id": pa.array(cols[1], pa.int64()),
-            "amount": pa.array(cols[2], pa.float64()),
-            "method": pa.array(cols[3], pa.string()),
-            "ts": pa.array([iso_ms(t) for t in cols[4]], pa.string()),
-            "event_ms": pa.array(cols[4], pa.int64()),
-        }
-    )
+    orders = arrow_events(ORDER_FIELDS, ev.orders)
+    payments = arrow_events(PAYMENT_FIELDS, ev.payments)
     con.register("orders", orders)
     con.register("payments", payments)
     con.execute(
@@ -491,32 +481,6 @@ def check_engine(engine: str) -> str:
     return version
 
 
-def create_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {schema}.{table}")
-    cols = ", ".join(f"{col} {sqltype}" for col, sqltype in OUTPUT_COLUMNS)
-    conn.execute(f"CREATE TABLE {schema}.{table} ({cols})")
-    # Start each engine with the previous one's dirty pages written out.
-    conn.execute("CHECKPOINT")
-
-
-def scrape(port: int) -> dict[str, float] | None:
-    """sluice's :data:`METRICS` on ``port`` (None when it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except (OSError, urllib.error.URLError):
-        return None
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("sluice_"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0].removeprefix("sluice_")
-        if name in METRICS:
-            found[name] = found.get(name, 0.0) + float(value)
-    return found
-
-
 @dataclass
 class Progress:
     """The ``count`` that ``watch_engine`` polls: ``count(*)`` of the engine's
@@ -545,7 +509,7 @@ class Progress:
     def __call__(self) -> int:
         n = self.count_rows()
         if self.port is not None:
-            scraped = scrape(self.port)
+            scraped = common.scrape_metrics(self.port, "sluice_", METRICS)
             if scraped is not None:  # keep the last answer once the engine exits
                 self.last = scraped
         self.polls.append(n)
@@ -623,7 +587,7 @@ def run_engine(
     schema = schema_name(run_id)
     table = f"out_{engine}"
     group_id = f"{PREFIX}-{run_id}-{engine}"
-    create_table(conn, schema, table)
+    k2pg.recreate_table(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
     port: int | None = None
     env: dict[str, str] | None = None
     if engine == "quix":
@@ -652,7 +616,7 @@ def run_engine(
         return committed(settings, group_id, topics) == messages
 
     progress = Progress(
-        count_rows=lambda: tumbling.count_rows(conn, schema, table),
+        count_rows=lambda: k2pg.count_rows(conn, f"{schema}.{table}"),
         expected=exp.pairs,
         consumed_all=consumed_all,
         port=port if engine == "sluice" else None,
@@ -661,16 +625,14 @@ def run_engine(
     k2pg.watch_engine(settings, admin, res, progress, progress.done_at, what=what, env=env)
     summarise(res, progress, settings.rows)
     res.committed_at_end = committed(settings, group_id, topics)
-    res.rows_in_table = tumbling.count_rows(conn, schema, table)
+    res.rows_in_table = k2pg.count_rows(conn, f"{schema}.{table}")
     if res.outcome == "exited early" and not res.rows_in_table:
         res.did_not_run = failure_reason(settings.work_dir / f"{engine}.log")
     if res.rows_in_table or engine == "sluice":
         res.verification = verify(con, settings, f"{schema}.{table}", exp)
     else:
         res.verification = {"ok": None, "problems": []}
-    if res.outcome != "ok" or res.verification["ok"] is False:
-        print(f"[{engine}] PROBLEM: {res.outcome}; {res.verification['problems']}", flush=True)
-        print(f"[{engine}] log tail:\n{res.log}", flush=True)
+    common.print_problem(res)
     if not settings.keep:
         conn.execute(f"DROP TABLE IF EXISTS {schema}.{table}")
     return res
@@ -702,12 +664,7 @@ def cleanup(settings: Settings, admin: AdminClient, run_id: str, topics: Sequenc
         with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=10) as conn:
             conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             conn.execute(f"DROP SCHEMA IF EXISTS {schema}_state CASCADE")
-            row = conn.execute("SELECT to_regclass(%s)", (k2pg.REFERENCE_OFFSETS,)).fetchone()
-            if row and row[0]:
-                conn.execute(
-                    f"DELETE FROM {k2pg.REFERENCE_OFFSETS} WHERE pipeline_id = %s",
-                    (pipeline_name(run_id),),
-                )
+            k2pg.forget_reference_offsets(conn, pipeline_name(run_id))
     except psycopg.Error as exc:
         print(f"note: could not drop schema {schema}(_state): {exc}", file=sys.stderr)
     try:
@@ -720,14 +677,6 @@ def cleanup(settings: Settings, admin: AdminClient, run_id: str, topics: Sequenc
 
 
 # ---------------------------------------------------------------- report
-
-
-def _num(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
 SUMMARY_HEADERS = (
@@ -761,13 +710,13 @@ def summary_rows(results: Sequence[JoinResult], rows: int) -> list[list[str]]:
             [
                 r.engine,
                 r.state_store,
-                _num(r.input_rows_per_s, ",.0f"),
-                _num(r.cpu_s_per_million(rows), ".1f"),
-                _num(
+                common.num(r.input_rows_per_s, ",.0f"),
+                common.num(r.cpu_s_per_million(rows), ".1f"),
+                common.num(
                     None if r.done_s is None or r.ready_s is None else r.done_s - r.ready_s, ".1f"
                 ),
                 f"{r.rows_in_table:,}",
-                _num(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, ".0f"),
+                common.num(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, ".0f"),
                 _verdict(r),
             ]
         )
@@ -784,11 +733,11 @@ def summary_rows(results: Sequence[JoinResult], rows: int) -> list[list[str]]:
             [
                 f"sluice/{other}",
                 "-",
-                _ratio(s.input_rows_per_s, o.input_rows_per_s),
-                _ratio(s.cpu_s_per_million(rows), o.cpu_s_per_million(rows)),
+                common.ratio(s.input_rows_per_s, o.input_rows_per_s),
+                common.ratio(s.cpu_s_per_million(rows), o.cpu_s_per_million(rows)),
                 "-",
                 "-",
-                _ratio(s.peak_rss_bytes or None, o.peak_rss_bytes or None),
+                common.ratio(s.peak_rss_bytes or None, o.peak_rss_bytes or None),
                 "-",
             ]
         )
@@ -815,15 +764,15 @@ def detail_rows(results: Sequence[JoinResult]) -> list[list[str]]:
     return [
         [
             r.engine,
-            _num(r.ready_s, ".1f"),
-            _num(r.first_row_s, ".1f"),
-            _num(r.done_s, ".1f"),
+            common.num(r.ready_s, ".1f"),
+            common.num(r.first_row_s, ".1f"),
+            common.num(r.done_s, ".1f"),
             r.done_by or "n/a",
-            _num(r.busy_s, ".1f"),
-            _num(r.cpu_s_at_ready, ".2f"),
-            _num(r.cpu_s_at_done, ".2f"),
-            _num(r.cpu_s_whole_run, ".2f"),
-            _num(r.wall_s, ".1f"),
+            common.num(r.busy_s, ".1f"),
+            common.num(r.cpu_s_at_ready, ".2f"),
+            common.num(r.cpu_s_at_done, ".2f"),
+            common.num(r.cpu_s_whole_run, ".2f"),
+            common.num(r.wall_s, ".1f"),
             ", ".join(r.signals) or f"itself (exit {r.returncode})",
             r.outcome,
         ]
@@ -898,7 +847,7 @@ def behaviour_rows(results: Sequence[JoinResult], messages: int) -> list[list[st
                     "state_bytes",
                 )
             ),
-            f"{_num(r.committed_at_end, ',.0f')} of {messages:,}",
+            f"{common.num(r.committed_at_end, ',.0f')} of {messages:,}",
         ]
         for r in results
     ]
@@ -957,27 +906,6 @@ def methodology(settings: Settings, exp: Expected, state_store: str) -> list[str
     ]
 
 
-def problems_section(results: Sequence[JoinResult]) -> list[str]:
-    lines: list[str] = []
-    for r in results:
-        if r.outcome == "ok" and r.verification.get("ok") is not False:
-            continue
-        lines += [
-            f"### {r.engine}: {r.outcome}",
-            "",
-            *(f"* {p}" for p in r.verification.get("problems", [])),
-            *(f"* e.g. {e}" for e in r.verification.get("examples", [])),
-            "",
-            "Last lines of its log:",
-            "",
-            "```",
-            r.log,
-            "```",
-            "",
-        ]
-    return ["## Problems", "", *lines] if lines else []
-
-
 def render_markdown(
     settings: Settings,
     sets: Sequence[Dataset],
@@ -1014,7 +942,7 @@ def render_markdown(
         "",
         common.markdown_table(BEHAVIOUR_HEADERS, behaviour_rows(results, messages(sets))),
         "",
-        *problems_section(results),
+        *common.problems_section(results),
         *common.report_tail(methodology(settings, exp, state_store), facts, results),
     ]
     return "\n".join(lines)
@@ -1051,9 +979,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, state_store = parse_args(argv)
-    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
-    settings = replace(settings, work_dir=settings.work_dir / f"{PREFIX}-{run_id}")
-    settings.work_dir.mkdir(parents=True)
+    settings, run_id = k2pg.start_run(settings, PREFIX)
     date = common.utc_date()
     window_ms, lateness_ms = pipeline_facts(settings)
     if lateness_ms <= DISORDER_MS:
@@ -1061,20 +987,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     k2pg.check_services(settings)
     versions = {engine: check_engine(engine) for engine in settings.engines}
-    facts: dict[str, Any] = {"date": date, **common.machine_facts()}
-    facts["command"] = common.command_line()
-    facts["git"] = common.git_revision()
+    facts = common.run_facts(date)
     facts["state_store"] = state_store
-    packages = {
-        "project env": common.package_versions(
-            sys.executable,
-            ["sluice", "confluent-kafka", "psycopg", "pyarrow", "adbc-driver-postgresql", "duckdb"],
-        )
-    }
-    if "reference" in settings.engines:
-        packages["/opt/ematix"] = common.package_versions(
-            common.REFERENCE_PYTHON, ["ematix-flow", "pyarrow"]
-        )
+    packages = common.engine_packages(PACKAGES, settings.engines)
     if "quix" in settings.engines:
         packages[str(QUIX_PYTHON.parents[1])] = common.package_versions(
             QUIX_PYTHON, ["quixstreams", "confluent-kafka", "rocksdict", "psycopg2-binary"]
@@ -1148,11 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_id": run_id,
         "date": date,
         "state_store": state_store,
-        "settings": {
-            **asdict(settings),
-            "results_dir": str(settings.results_dir),
-            "work_dir": str(settings.work_dir),
-        },
+        "settings": settings.as_json(),
         "datasets": [asdict(ds) for ds in sets],
         "events": {
             "t0_ms": T0_MS,

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import random
-import secrets
 import string
 import sys
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,11 @@ BENCHMARK = "kafka_sql_lookup_to_postgres"
 ENGINES = k2pg.ENGINES
 #: Prefix of the topic, the schema, the pipeline_name, the group ids and the work dir.
 PREFIX = "bench-sqlk"
+#: The packages of this environment that the results record.
+PACKAGES = (
+    "sluice", "confluent-kafka", "psycopg", "pyarrow", "adbc-driver-postgresql", "datafusion",
+    "msgspec",
+)  # fmt: skip
 
 #: The lookup table: one row per user_id the event generator draws (1..USERS).
 #: ``signup_date`` is a timestamptz at midnight UTC, not a ``date``: the
@@ -137,23 +141,6 @@ class Expected:
         return self.rows / max(self.checksums.get("input_rows", 0), 1)
 
 
-def _create(conn: psycopg.Connection[Any], name: str, columns: Sequence[tuple[str, str]]) -> None:
-    cols = ", ".join(f"{col} {sqltype}" for col, sqltype in columns)
-    conn.execute(f"CREATE TABLE {name} ({cols})")
-
-
-def _copy(
-    conn: psycopg.Connection[Any],
-    name: str,
-    columns: Sequence[tuple[str, str]],
-    rows: Iterator[tuple[Any, ...]],
-) -> None:
-    cols = ", ".join(col for col, _ in columns)
-    with conn.cursor() as cur, cur.copy(f"COPY {name} ({cols}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
 def expected_cte(schema: str, sql: str) -> str:
     """``WITH`` clauses that bind the pipeline's ``source`` and ``users`` to the
     raw tables and name the statement's result ``expected``."""
@@ -171,10 +158,12 @@ def prepare_postgres(
     exp = Expected(schema=schema)
     started = time.monotonic()
     conn.execute(f"CREATE SCHEMA {schema}")
-    _create(conn, f"{schema}.users", USERS_COLUMNS)
-    _copy(conn, f"{schema}.users", USERS_COLUMNS, users(settings.seed))
-    _create(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
-    _copy(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS, raw_rows(settings.rows, settings.seed))
+    k2pg.create_table(conn, f"{schema}.users", USERS_COLUMNS)
+    k2pg.copy_rows(conn, f"{schema}.users", USERS_COLUMNS, users(settings.seed))
+    k2pg.create_table(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
+    k2pg.copy_rows(
+        conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS, raw_rows(settings.rows, settings.seed)
+    )
     conn.execute(f"ANALYZE {schema}.users")
     conn.execute(f"ANALYZE {schema}.{RAW_TABLE}")
     exp.load_s = time.monotonic() - started
@@ -232,43 +221,6 @@ def pipeline_sql(settings: Settings) -> str:
     return sql
 
 
-def forget_reference_offsets(conn: psycopg.Connection[Any], run_id: str) -> None:
-    """Delete this run's row from the reference's offsets table, if it has one."""
-    row = conn.execute("SELECT to_regclass(%s)", (k2pg.REFERENCE_OFFSETS,)).fetchone()
-    if row and row[0]:
-        conn.execute(
-            f"DELETE FROM {k2pg.REFERENCE_OFFSETS} WHERE pipeline_id = %s",
-            (pipeline_name(run_id),),
-        )
-
-
-def drop_schema(settings: Settings, schema: str, run_id: str) -> None:
-    """Drop this run's schema and offsets row, on a new connection (the run's
-    may be the reason we got here); say what is left over if that fails."""
-    try:
-        with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            forget_reference_offsets(conn, run_id)
-    except psycopg.Error as exc:
-        print(
-            f"note: could not drop schema {schema} or delete the offsets row of "
-            f"{pipeline_name(run_id)} in {k2pg.REFERENCE_OFFSETS}: {exc}",
-            file=sys.stderr,
-        )
-
-
-def create_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {schema}.{table}")
-    _create(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
-    # Start each engine with the previous one's dirty pages written out.
-    conn.execute("CHECKPOINT")
-
-
-def count_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> int:
-    row = conn.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone()
-    return int(row[0]) if row else 0
-
-
 def verify(conn: psycopg.Connection[Any], sql: str, exp: Expected, table: str) -> dict[str, Any]:
     """Compare ``table`` with the expected rows: its columns, the checksums and
     the rows missing from it or not expected in it (EXCEPT ALL, duplicates count)."""
@@ -322,7 +274,7 @@ def run_engine(
     toml_path = settings.work_dir / f"{engine}.toml"
     group_id = f"{PREFIX}-{run_id}-{engine}"
     toml_path.write_text(render_pipeline(settings, run_id, ds.topic, group_id, exp.schema, table))
-    create_table(conn, exp.schema, table)
+    k2pg.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS)
 
     argv = k2pg.engine_argv(engine, toml_path)
     res = EngineResult(
@@ -332,7 +284,9 @@ def run_engine(
         command=argv,
         group_id=group_id,
     )
-    k2pg.watch_engine(settings, admin, res, lambda: count_rows(conn, exp.schema, table), exp.rows)
+    k2pg.watch_engine(
+        settings, admin, res, lambda: k2pg.count_rows(conn, f"{exp.schema}.{table}"), exp.rows
+    )
     if res.outcome == "ok" and res.ingest_window_s:
         res.rows_per_s = ds.rows / res.ingest_window_s
     if res.outcome == "ok" and res.busy_s is not None and res.last_row_s is not None:
@@ -343,9 +297,7 @@ def run_engine(
         left = 1 - res.rows_at_first_poll / exp.rows
         res.landing_rows_per_s = ds.rows * left / res.landing_window_s
     res.verification = verify(conn, sql, exp, table)
-    if res.outcome != "ok" or not res.verification["ok"]:
-        print(f"[{engine}] PROBLEM: {res.outcome}; {res.verification['problems']}", flush=True)
-        print(f"[{engine}] log tail:\n{res.log}", flush=True)
+    common.print_problem(res)
     if not settings.keep:
         conn.execute(f"DROP TABLE IF EXISTS {exp.schema}.{table}")
     return res
@@ -429,27 +381,6 @@ def methodology(settings: Settings, exp: Expected) -> list[str]:
     ]
 
 
-def problems_section(results: Sequence[EngineResult]) -> list[str]:
-    """Each failed engine's outcome, verification problems and log tail."""
-    lines: list[str] = []
-    for r in results:
-        if r.outcome == "ok" and r.verification.get("ok"):
-            continue
-        lines += [
-            f"### {r.engine}: {r.outcome}",
-            "",
-            *(f"* {p}" for p in r.verification.get("problems", [])),
-            "",
-            "Last lines of its log:",
-            "",
-            "```",
-            r.log,
-            "```",
-            "",
-        ]
-    return ["## Problems", "", *lines] if lines else []
-
-
 def render_markdown(
     settings: Settings,
     ds: Dataset,
@@ -474,7 +405,7 @@ def render_markdown(
         "",
         common.markdown_table(OUTPUT_HEADERS, output_rows(results, ds, exp)),
         "",
-        *problems_section(results),
+        *common.problems_section(results),
         "## The SQL",
         "",
         "```sql",
@@ -503,50 +434,18 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
-    settings = replace(settings, work_dir=settings.work_dir / f"{PREFIX}-{run_id}")
-    settings.work_dir.mkdir(parents=True)
+    settings, run_id = k2pg.start_run(parse_args(argv), PREFIX)
     date = common.utc_date()
     sql = pipeline_sql(settings)
 
     k2pg.check_services(settings)
     versions = {engine: k2pg.check_engine(engine) for engine in settings.engines}
-    facts: dict[str, Any] = {"date": date, **common.machine_facts()}
-    facts["command"] = common.command_line()
-    facts["git"] = common.git_revision()
-    packages = {
-        "project env": common.package_versions(
-            sys.executable,
-            [
-                "sluice",
-                "confluent-kafka",
-                "psycopg",
-                "pyarrow",
-                "adbc-driver-postgresql",
-                "datafusion",
-                "msgspec",
-            ],
-        )
-    }
-    if "reference" in settings.engines:
-        packages["/opt/ematix"] = common.package_versions(
-            common.REFERENCE_PYTHON, ["ematix-flow", "pyarrow"]
-        )
-    facts["packages"] = packages
+    facts = common.run_facts(date)
+    facts["packages"] = common.engine_packages(PACKAGES, settings.engines)
 
     topic = f"{PREFIX}-{run_id}"
     schema = schema_name(run_id)
-    print(
-        f"producing {settings.rows:,} events to {topic} ({settings.partitions} partitions)",
-        flush=True,
-    )
-    ds = k2pg.produce(settings, topic)
-    print(
-        f"produced in {ds.produce_s:.1f} s ({settings.rows / ds.produce_s:,.0f} msgs/s, "
-        f"avg {ds.payload_bytes_avg:.0f} bytes)",
-        flush=True,
-    )
+    ds = k2pg.produce_events(settings, topic)
 
     results: list[EngineResult] = []
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
@@ -572,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     finally:
         if not settings.keep:
-            drop_schema(settings, schema, run_id)
+            k2pg.drop_schema(settings, schema, pipeline_name(run_id))
             k2pg.delete_topic(settings, topic)
 
     print()
@@ -588,26 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": BENCHMARK,
         "run_id": run_id,
         "date": date,
-        "settings": {
-            **asdict(settings),
-            "results_dir": str(settings.results_dir),
-            "work_dir": str(settings.work_dir),
-        },
+        "settings": settings.as_json(),
         "dataset": asdict(ds),
         "expected": {**asdict(exp), "selectivity": exp.selectivity},
         "sql": sql,
         "machine": facts,
         "methodology": methodology(settings, exp),
-        "results": [
-            {
-                **asdict(r),
-                "ingest_window_s": r.ingest_window_s,
-                "landing_window_s": r.landing_window_s,
-                "cpu_s_per_million_rows": r.cpu_s_per_million(ds.rows),
-                "peak_rss_mb": r.peak_rss_bytes / 2**20,
-            }
-            for r in results
-        ],
+        "results": k2pg.results_json(results, ds.rows),
     }
     md = common.write_results(
         settings.results_dir,
@@ -616,8 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data,
     )
     print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
-    ok = all(r.outcome == "ok" and r.verification.get("ok") for r in results)
-    return 0 if ok else 1
+    return 1 if any(common.failed(r) for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ REFERENCE_OFFSETS = "public._ematix_offsets"
 BUSY_CORES = 0.2
 BENCHMARK = "kafka_to_postgres"
 ENGINES = ("sluice", "reference")
+#: The packages of this environment that the results record.
+PACKAGES = ("sluice", "confluent-kafka", "psycopg", "pyarrow", "adbc-driver-postgresql", "msgspec")
 
 USERS = 10_000
 EVENT_TYPES = (
@@ -99,6 +101,14 @@ class Settings:
     results_dir: Path
     work_dir: Path
     keep: bool
+
+    def as_json(self) -> dict[str, Any]:
+        """The settings as a results file records them (paths as strings)."""
+        return {
+            **asdict(self),
+            "results_dir": str(self.results_dir),
+            "work_dir": str(self.work_dir),
+        }
 
 
 # ---------------------------------------------------------------- data
@@ -252,12 +262,27 @@ def pipeline_name(run_id: str) -> str:
     return f"bench-k2pg-{run_id}"
 
 
-def forget_reference_offsets(conn: psycopg.Connection[Any], run_id: str) -> None:
-    """Delete this run's row from the reference's offsets table, if it has one."""
+def forget_reference_offsets(conn: psycopg.Connection[Any], pipeline: str) -> None:
+    """Delete the row of ``pipeline`` (the TOML's pipeline_name) from the
+    reference's offsets table, if it has one."""
     row = conn.execute("SELECT to_regclass(%s)", (REFERENCE_OFFSETS,)).fetchone()
     if row and row[0]:
-        conn.execute(
-            f"DELETE FROM {REFERENCE_OFFSETS} WHERE pipeline_id = %s", (pipeline_name(run_id),)
+        conn.execute(f"DELETE FROM {REFERENCE_OFFSETS} WHERE pipeline_id = %s", (pipeline,))
+
+
+def drop_schema(settings: Settings, schema: str, pipeline: str) -> None:
+    """Drop this run's ``schema`` and the reference's offsets row of ``pipeline``,
+    on a new connection (the run's may be the reason we got here); say what is
+    left over if that fails."""
+    try:
+        with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            forget_reference_offsets(conn, pipeline)
+    except psycopg.Error as exc:
+        print(
+            f"note: could not drop schema {schema} or delete the offsets row of "
+            f"{pipeline} in {REFERENCE_OFFSETS}: {exc}",
+            file=sys.stderr,
         )
 
 
@@ -335,16 +360,49 @@ def busy_from(timeline: Sequence[tuple[float, int, float | None]], after: float)
     return None
 
 
-def create_table(conn: psycopg.Connection[Any], table: str) -> None:
-    cols = ", ".join(f"{name} {sqltype}" for name, sqltype in TABLE_COLUMNS)
-    conn.execute(f"DROP TABLE IF EXISTS public.{table}")
-    conn.execute(f"CREATE TABLE public.{table} ({cols})")
+def create_table(
+    conn: psycopg.Connection[Any],
+    name: str,
+    columns: Sequence[tuple[str, str]],
+    primary_key: Sequence[str] = (),
+) -> None:
+    """Create the table ``name`` (schema-qualified) with ``columns``, each
+    ``(name, SQL type)``, and ``primary_key`` if any."""
+    cols = ", ".join(f"{col} {sqltype}" for col, sqltype in columns)
+    key = f", PRIMARY KEY ({', '.join(primary_key)})" if primary_key else ""
+    conn.execute(f"CREATE TABLE {name} ({cols}{key})")
+
+
+def recreate_table(
+    conn: psycopg.Connection[Any],
+    name: str,
+    columns: Sequence[tuple[str, str]],
+    primary_key: Sequence[str] = (),
+) -> None:
+    """An engine's empty target table: drop ``name`` if it exists, then
+    :func:`create_table`, then CHECKPOINT."""
+    conn.execute(f"DROP TABLE IF EXISTS {name}")
+    create_table(conn, name, columns, primary_key)
     # Start each engine with the previous one's dirty pages written out.
     conn.execute("CHECKPOINT")
 
 
-def count_rows(conn: psycopg.Connection[Any], table: str) -> int:
-    row = conn.execute(f"SELECT count(*) FROM public.{table}").fetchone()
+def copy_rows(
+    conn: psycopg.Connection[Any],
+    name: str,
+    columns: Sequence[tuple[str, str]],
+    rows: Iterable[Sequence[Any]],
+) -> None:
+    """COPY ``rows`` (values in the order of ``columns``) into the table ``name``."""
+    cols = ", ".join(col for col, _ in columns)
+    with conn.cursor() as cur, cur.copy(f"COPY {name} ({cols}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def count_rows(conn: psycopg.Connection[Any], name: str) -> int:
+    """``count(*)`` of the table ``name`` (schema-qualified)."""
+    row = conn.execute(f"SELECT count(*) FROM {name}").fetchone()
     return int(row[0]) if row else 0
 
 
@@ -474,11 +532,11 @@ def run_engine(
     toml_path = settings.work_dir / f"{engine}.toml"
     group_id = f"bench-k2pg-{run_id}-{engine}"
     toml_path.write_text(render_pipeline(settings, run_id, ds.topic, group_id, table))
-    create_table(conn, table)
+    recreate_table(conn, f"public.{table}", TABLE_COLUMNS)
 
     argv = engine_argv(engine, toml_path)
     res = EngineResult(engine=engine, version=version, table=table, command=argv, group_id=group_id)
-    watch_engine(settings, admin, res, lambda: count_rows(conn, table), ds.rows)
+    watch_engine(settings, admin, res, lambda: count_rows(conn, f"public.{table}"), ds.rows)
     if res.outcome == "ok" and res.ingest_window_s:
         res.rows_per_s = ds.rows / res.ingest_window_s
     if res.outcome == "ok" and res.busy_s is not None and res.last_row_s is not None:
@@ -488,9 +546,7 @@ def run_engine(
         # an unknown earlier moment: they are left out, not credited.
         res.landing_rows_per_s = (ds.rows - res.rows_at_first_poll) / res.landing_window_s
     res.verification = verify(conn, table, ds)
-    if res.outcome != "ok" or not res.verification["ok"]:
-        print(f"[{engine}] PROBLEM: {res.outcome}; {res.verification['problems']}", flush=True)
-        print(f"[{engine}] log tail:\n{res.log}", flush=True)
+    common.print_problem(res)
     if not settings.keep:
         conn.execute(f"DROP TABLE IF EXISTS public.{table}")
     return res
@@ -499,21 +555,13 @@ def run_engine(
 # ---------------------------------------------------------------- report
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
-
-
 def summary_rows(results: Sequence[EngineResult], rows: int) -> list[list[str]]:
     out = [
         [
             r.engine,
-            _num(r.rows_per_s, ",.0f"),
-            _num(r.cpu_s_per_million(rows), ".1f"),
-            _num(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, ".0f"),
+            common.num(r.rows_per_s, ",.0f"),
+            common.num(r.cpu_s_per_million(rows), ".1f"),
+            common.num(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, ".0f"),
         ]
         for r in results
     ]
@@ -523,9 +571,9 @@ def summary_rows(results: Sequence[EngineResult], rows: int) -> list[list[str]]:
         out.append(
             [
                 "sluice/reference",
-                _ratio(s.rows_per_s, ref.rows_per_s),
-                _ratio(s.cpu_s_per_million(rows), ref.cpu_s_per_million(rows)),
-                _ratio(s.peak_rss_bytes or None, ref.peak_rss_bytes or None),
+                common.ratio(s.rows_per_s, ref.rows_per_s),
+                common.ratio(s.cpu_s_per_million(rows), ref.cpu_s_per_million(rows)),
+                common.ratio(s.peak_rss_bytes or None, ref.peak_rss_bytes or None),
             ]
         )
     return out
@@ -555,18 +603,18 @@ def detail_rows(results: Sequence[EngineResult]) -> list[list[str]]:
     return [
         [
             r.engine,
-            _num(r.ready_s, ".1f"),
-            _num(r.first_row_s, ".1f"),
-            _num(r.last_row_s, ".1f"),
-            _num(r.ingest_window_s, ".2f"),
-            _num(r.busy_s, ".1f"),
-            _num(r.busy_rows_per_s, ",.0f"),
-            _num(r.landing_rows_per_s, ",.0f")
+            common.num(r.ready_s, ".1f"),
+            common.num(r.first_row_s, ".1f"),
+            common.num(r.last_row_s, ".1f"),
+            common.num(r.ingest_window_s, ".2f"),
+            common.num(r.busy_s, ".1f"),
+            common.num(r.busy_rows_per_s, ",.0f"),
+            common.num(r.landing_rows_per_s, ",.0f")
             + ("" if r.landing_rows_per_s else f" (1st poll: {r.rows_at_first_poll:,} rows)"),
-            _num(r.cpu_s_at_ready, ".2f"),
-            _num(r.cpu_s_at_last_row, ".2f"),
-            _num(r.cpu_s_whole_run, ".2f"),
-            _num(r.wall_s, ".1f"),
+            common.num(r.cpu_s_at_ready, ".2f"),
+            common.num(r.cpu_s_at_last_row, ".2f"),
+            common.num(r.cpu_s_whole_run, ".2f"),
+            common.num(r.wall_s, ".1f"),
             ", ".join(r.signals) or f"itself (exit {r.returncode})",
             r.outcome,
             "yes" if r.verification.get("ok") else "NO: " + "; ".join(r.verification["problems"]),
@@ -709,48 +757,60 @@ def check_services(settings: Settings) -> None:
         raise SystemExit(f"Postgres at {settings.postgres_url}: {exc}; {hint}") from exc
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
+def start_run(settings: Settings, prefix: str) -> tuple[Settings, str]:
+    """A new run id (UTC time and 4 random hex digits), and ``settings`` with
+    ``work_dir`` set to the run's own new ``<work_dir>/<prefix>-<run id>``."""
     run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
-    settings = replace(settings, work_dir=settings.work_dir / f"bench-k2pg-{run_id}")
+    settings = replace(settings, work_dir=settings.work_dir / f"{prefix}-{run_id}")
     settings.work_dir.mkdir(parents=True)
-    date = common.utc_date()
+    return settings, run_id
 
-    check_services(settings)
-    versions = {engine: check_engine(engine) for engine in settings.engines}
-    facts: dict[str, Any] = {"date": date, **common.machine_facts()}
-    facts["command"] = common.command_line()
-    facts["git"] = common.git_revision()
-    packages = {
-        "project env": common.package_versions(
-            sys.executable,
-            [
-                "sluice",
-                "confluent-kafka",
-                "psycopg",
-                "pyarrow",
-                "adbc-driver-postgresql",
-                "msgspec",
-            ],
-        )
-    }
-    if "reference" in settings.engines:
-        packages["/opt/ematix"] = common.package_versions(
-            common.REFERENCE_PYTHON, ["ematix-flow", "pyarrow"]
-        )
-    facts["packages"] = packages
 
-    topic = f"bench-k2pg-{run_id}"
+def print_produced(ds: Dataset) -> None:
+    """Say on stdout how long producing ``ds`` took."""
+    print(
+        f"produced in {ds.produce_s:.1f} s ({ds.rows / ds.produce_s:,.0f} msgs/s, "
+        f"avg {ds.payload_bytes_avg:.0f} bytes)",
+        flush=True,
+    )
+
+
+def produce_events(settings: Settings, topic: str) -> Dataset:
+    """:func:`produce` the benchmark's events to ``topic``, saying so on stdout."""
     print(
         f"producing {settings.rows:,} events to {topic} ({settings.partitions} partitions)",
         flush=True,
     )
     ds = produce(settings, topic)
-    print(
-        f"produced in {ds.produce_s:.1f} s ({settings.rows / ds.produce_s:,.0f} msgs/s, "
-        f"avg {ds.payload_bytes_avg:.0f} bytes)",
-        flush=True,
-    )
+    print_produced(ds)
+    return ds
+
+
+def results_json(results: Sequence[EngineResult], rows: int) -> list[dict[str, Any]]:
+    """``results`` as a results file records them, with the derived figures."""
+    return [
+        {
+            **asdict(r),
+            "ingest_window_s": r.ingest_window_s,
+            "landing_window_s": r.landing_window_s,
+            "cpu_s_per_million_rows": r.cpu_s_per_million(rows),
+            "peak_rss_mb": r.peak_rss_bytes / 2**20,
+        }
+        for r in results
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, run_id = start_run(parse_args(argv), "bench-k2pg")
+    date = common.utc_date()
+
+    check_services(settings)
+    versions = {engine: check_engine(engine) for engine in settings.engines}
+    facts = common.run_facts(date)
+    facts["packages"] = common.engine_packages(PACKAGES, settings.engines)
+
+    topic = f"bench-k2pg-{run_id}"
+    ds = produce_events(settings, topic)
 
     results: list[EngineResult] = []
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
@@ -764,7 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_engine(settings, conn, admin, ds, run_id, engine, versions[engine])
                 )
             if not settings.keep:
-                forget_reference_offsets(conn, run_id)
+                forget_reference_offsets(conn, pipeline_name(run_id))
     finally:
         if not settings.keep:
             delete_topic(settings, topic)
@@ -780,24 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": BENCHMARK,
         "run_id": run_id,
         "date": date,
-        "settings": {
-            **asdict(settings),
-            "results_dir": str(settings.results_dir),
-            "work_dir": str(settings.work_dir),
-        },
+        "settings": settings.as_json(),
         "dataset": asdict(ds),
         "machine": facts,
         "methodology": methodology(settings),
-        "results": [
-            {
-                **asdict(r),
-                "ingest_window_s": r.ingest_window_s,
-                "landing_window_s": r.landing_window_s,
-                "cpu_s_per_million_rows": r.cpu_s_per_million(ds.rows),
-                "peak_rss_mb": r.peak_rss_bytes / 2**20,
-            }
-            for r in results
-        ],
+        "results": results_json(results, ds.rows),
     }
     md = common.write_results(
         settings.results_dir,
@@ -806,8 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data,
     )
     print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
-    ok = all(r.outcome == "ok" and r.verification.get("ok") for r in results)
-    return 0 if ok else 1
+    return 1 if any(common.failed(r) for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -32,16 +32,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import socket
 import string
 import sys
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +56,11 @@ TEMPLATE = HERE / "pipeline.toml.tmpl"
 BENCHMARK = "kafka_tumbling_to_postgres"
 #: Prefix of the topic, the schema, the pipeline_name, the group ids and the work dir.
 PREFIX = "bench-tumb"
+#: The packages of this environment that the results record.
+PACKAGES = (
+    "sluice", "confluent-kafka", "psycopg", "pyarrow", "adbc-driver-postgresql", "datafusion",
+    "msgspec",
+)  # fmt: skip
 
 #: ``sluice`` and ``reference`` run the template as it is. ``sluice-kafka-ts``
 #: is sluice on the template without its ``[transform] sql`` line: the window
@@ -217,21 +219,15 @@ class Expected:
     max_event_ms: int = 0
 
 
-def _create(conn: psycopg.Connection[Any], name: str, columns: Sequence[tuple[str, str]]) -> None:
-    cols = ", ".join(f"{col} {sqltype}" for col, sqltype in columns)
-    conn.execute(f"CREATE TABLE {name} ({cols})")
-
-
 def prepare_postgres(conn: psycopg.Connection[Any], settings: Settings, exp: Expected) -> None:
     """Create ``exp.schema`` with the raw events and the expected windows."""
     schema = exp.schema
     started = time.monotonic()
     conn.execute(f"CREATE SCHEMA {schema}")
-    _create(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
-    cols = ", ".join(name for name, _ in RAW_COLUMNS)
-    with conn.cursor() as cur, cur.copy(f"COPY {schema}.{RAW_TABLE} ({cols}) FROM STDIN") as copy:
-        for raw in raw_rows(settings.rows, settings.seed):
-            copy.write_row(raw)
+    k2pg.create_table(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
+    k2pg.copy_rows(
+        conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS, raw_rows(settings.rows, settings.seed)
+    )
     exp.load_s = time.monotonic() - started
 
     started = time.monotonic()
@@ -304,16 +300,6 @@ def pipeline_facts(settings: Settings) -> tuple[str, int, int]:
     return cfg["transform"]["sql"], int(window["duration_ms"]), int(cfg["watermark"]["lateness_ms"])
 
 
-def forget_reference_offsets(conn: psycopg.Connection[Any], run_id: str) -> None:
-    """Delete this run's row from the reference's offsets table, if it has one."""
-    row = conn.execute("SELECT to_regclass(%s)", (k2pg.REFERENCE_OFFSETS,)).fetchone()
-    if row and row[0]:
-        conn.execute(
-            f"DELETE FROM {k2pg.REFERENCE_OFFSETS} WHERE pipeline_id = %s",
-            (pipeline_name(run_id),),
-        )
-
-
 def reference_offsets_row(conn: psycopg.Connection[Any], run_id: str) -> str | None:
     """This run's row of the reference's offsets table, as text, if any."""
     row = conn.execute("SELECT to_regclass(%s)", (k2pg.REFERENCE_OFFSETS,)).fetchone()
@@ -326,59 +312,12 @@ def reference_offsets_row(conn: psycopg.Connection[Any], run_id: str) -> str | N
     return None if found is None else str(found[0])
 
 
-def drop_schema(settings: Settings, schema: str, run_id: str) -> None:
-    """Drop this run's schema and offsets row, on a new connection (the run's
-    may be the reason we got here); say what is left over if that fails."""
-    try:
-        with psycopg.connect(settings.postgres_url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-            forget_reference_offsets(conn, run_id)
-    except psycopg.Error as exc:
-        print(
-            f"note: could not drop schema {schema} or delete the offsets row of "
-            f"{pipeline_name(run_id)} in {k2pg.REFERENCE_OFFSETS}: {exc}",
-            file=sys.stderr,
-        )
-
-
-def create_table(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
-    conn.execute(f"DROP TABLE IF EXISTS {schema}.{table}")
-    cols = ", ".join(f"{col} {sqltype}" for col, sqltype in OUTPUT_COLUMNS)
-    key = ", ".join(PRIMARY_KEY)
-    conn.execute(f"CREATE TABLE {schema}.{table} ({cols}, PRIMARY KEY ({key}))")
-    # Start each engine with the previous one's dirty pages written out.
-    conn.execute("CHECKPOINT")
-
-
-def count_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> int:
-    row = conn.execute(f"SELECT count(*) FROM {schema}.{table}").fetchone()
-    return int(row[0]) if row else 0
-
-
 def free_port() -> int:
     """A TCP port nobody listens on right now, for an engine's /metrics."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def scrape(port: int, prefix: str) -> dict[str, float] | None:
-    """The :data:`METRICS` an engine serves on ``port`` (None when it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except (OSError, urllib.error.URLError):
-        return None
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith(prefix):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0].removeprefix(prefix)
-        if name in METRICS:
-            found[name] = found.get(name, 0.0) + float(value)
-    return found
 
 
 def committed_offsets(settings: Settings, group_id: str, topic: str) -> int | None:
@@ -441,7 +380,7 @@ class Progress:
         return self.inputs + 1
 
     def __call__(self) -> int:
-        scraped = scrape(self.port, self.prefix)
+        scraped = common.scrape_metrics(self.port, self.prefix, METRICS)
         if scraped is not None:  # counters only grow: keep the last ones once it exits
             self.last = scraped
         consumed = int(self.last.get("rows_consumed_total", 0))
@@ -579,7 +518,7 @@ def run_engine(
     toml_path.write_text(
         render_pipeline(settings, run_id, ds.topic, group_id, exp.schema, table, engine)
     )
-    create_table(conn, exp.schema, table)
+    k2pg.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS, PRIMARY_KEY)
 
     port = free_port()
     argv = k2pg.engine_argv(kind, toml_path, metrics_port=port)
@@ -599,7 +538,7 @@ def run_engine(
         windows=exp.windows if kind == "sluice" else 0,
         # The reference never emits a window: wait for its input to be in its state.
         groups=exp.windows + ds.partitions if kind == "reference" else 0,
-        count_windows=lambda: count_rows(conn, exp.schema, table),
+        count_windows=lambda: k2pg.count_rows(conn, f"{exp.schema}.{table}"),
     )
     what = "progress steps (one per message consumed, one for done)"
     # sluice stores a window pipeline's watermark under $SLUICE_STATE_DIR/<pipeline_name>
@@ -610,14 +549,12 @@ def run_engine(
     summarise(res, progress, ds)
     res.committed_at_end = committed_offsets(settings, group_id, ds.topic)
     res.reference_offsets_row = reference_offsets_row(conn, run_id)
-    res.table_rows = count_rows(conn, exp.schema, table)
+    res.table_rows = k2pg.count_rows(conn, f"{exp.schema}.{table}")
     if res.table_rows or kind == "sluice":
         res.verification = verify(conn, exp, table)
     else:
         res.verification = {"ok": None, "problems": [], "windows": 0}
-    if res.outcome != "ok" or res.verification["ok"] is False:
-        print(f"[{engine}] PROBLEM: {res.outcome}; {res.verification['problems']}", flush=True)
-        print(f"[{engine}] log tail:\n{res.log}", flush=True)
+    common.print_problem(res)
     if not settings.keep:
         conn.execute(f"DROP TABLE IF EXISTS {exp.schema}.{table}")
     return res
@@ -661,14 +598,6 @@ def summarise(res: TumblingResult, progress: Progress, ds: Dataset) -> None:
 # ---------------------------------------------------------------- report
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
-
-
 def _count(value: float | None) -> str:
     return "n/a" if value is None else f"{int(value):,}"
 
@@ -693,12 +622,14 @@ def summary_rows(results: Sequence[TumblingResult], rows: int) -> list[list[str]
     out = [
         [
             r.engine,
-            _num(r.input_rows_per_s, ",.0f"),
-            _num(r.cpu_s_per_million_input(rows), ".1f"),
-            _num(None if r.done_s is None or r.ready_s is None else r.done_s - r.ready_s, ".1f"),
-            _num(r.done_rows_per_s, ",.0f"),
-            _num(r.cpu_s_per_million_done(rows), ".1f"),
-            _num(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, ".0f"),
+            common.num(r.input_rows_per_s, ",.0f"),
+            common.num(r.cpu_s_per_million_input(rows), ".1f"),
+            common.num(
+                None if r.done_s is None or r.ready_s is None else r.done_s - r.ready_s, ".1f"
+            ),
+            common.num(r.done_rows_per_s, ",.0f"),
+            common.num(r.cpu_s_per_million_done(rows), ".1f"),
+            common.num(r.peak_rss_bytes / 2**20 if r.peak_rss_bytes else None, ".0f"),
         ]
         for r in results
     ]
@@ -711,12 +642,12 @@ def summary_rows(results: Sequence[TumblingResult], rows: int) -> list[list[str]
         out.append(
             [
                 f"{name}/reference" + (" (not the same TOML)" if name == KAFKA_TS else ""),
-                _ratio(s.input_rows_per_s, ref.input_rows_per_s),
-                _ratio(s.cpu_s_per_million_input(rows), ref.cpu_s_per_million_input(rows)),
+                common.ratio(s.input_rows_per_s, ref.input_rows_per_s),
+                common.ratio(s.cpu_s_per_million_input(rows), ref.cpu_s_per_million_input(rows)),
                 "-",
-                _ratio(s.done_rows_per_s, ref.done_rows_per_s),
-                _ratio(s.cpu_s_per_million_done(rows), ref.cpu_s_per_million_done(rows)),
-                _ratio(s.peak_rss_bytes or None, ref.peak_rss_bytes or None),
+                common.ratio(s.done_rows_per_s, ref.done_rows_per_s),
+                common.ratio(s.cpu_s_per_million_done(rows), ref.cpu_s_per_million_done(rows)),
+                common.ratio(s.peak_rss_bytes or None, ref.peak_rss_bytes or None),
             ]
         )
     return out
@@ -747,20 +678,20 @@ def detail_rows(results: Sequence[TumblingResult]) -> list[list[str]]:
     return [
         [
             r.engine,
-            _num(r.ready_s, ".1f"),
-            _num(r.first_input_s, ".1f"),
-            _num(r.all_input_s, ".1f"),
-            _num(r.input_window_s, ".2f"),
-            _num(r.busy_s, ".1f"),
-            _num(r.busy_input_rows_per_s, ",.0f"),
-            _num(r.done_s, ".1f"),
-            _num(r.done_after_input_s, ".2f"),
+            common.num(r.ready_s, ".1f"),
+            common.num(r.first_input_s, ".1f"),
+            common.num(r.all_input_s, ".1f"),
+            common.num(r.input_window_s, ".2f"),
+            common.num(r.busy_s, ".1f"),
+            common.num(r.busy_input_rows_per_s, ",.0f"),
+            common.num(r.done_s, ".1f"),
+            common.num(r.done_after_input_s, ".2f"),
             r.done_by or "n/a",
-            _num(r.cpu_s_at_ready, ".2f"),
-            _num(r.cpu_s_at_all_input, ".2f"),
-            _num(r.cpu_s_at_done, ".2f"),
-            _num(r.cpu_s_whole_run, ".2f"),
-            _num(r.wall_s, ".1f"),
+            common.num(r.cpu_s_at_ready, ".2f"),
+            common.num(r.cpu_s_at_all_input, ".2f"),
+            common.num(r.cpu_s_at_done, ".2f"),
+            common.num(r.cpu_s_whole_run, ".2f"),
+            common.num(r.wall_s, ".1f"),
             ", ".join(r.signals) or f"itself (exit {r.returncode})",
             r.outcome,
         ]
@@ -919,28 +850,6 @@ def methodology(settings: Settings, exp: Expected, sql: str) -> list[str]:
     ]
 
 
-def problems_section(results: Sequence[TumblingResult]) -> list[str]:
-    """Each failed engine's outcome, verification problems and log tail."""
-    lines: list[str] = []
-    for r in results:
-        if r.outcome == "ok" and r.verification.get("ok") is not False:
-            continue
-        lines += [
-            f"### {r.engine}: {r.outcome}",
-            "",
-            *(f"* {p}" for p in r.verification.get("problems", [])),
-            *(f"* e.g. {e}" for e in r.verification.get("examples", [])),
-            "",
-            "Last lines of its log:",
-            "",
-            "```",
-            r.log,
-            "```",
-            "",
-        ]
-    return ["## Problems", "", *lines] if lines else []
-
-
 def render_markdown(
     settings: Settings,
     ds: Dataset,
@@ -974,7 +883,7 @@ def render_markdown(
         "",
         common.markdown_table(VERIFY_HEADERS, verify_rows(results, exp)),
         "",
-        *problems_section(results),
+        *common.problems_section(results),
         *common.report_tail(methodology(settings, exp, sql), facts, results),
     ]
     return "\n".join(lines)
@@ -998,10 +907,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
-    settings = replace(settings, work_dir=settings.work_dir / f"{PREFIX}-{run_id}")
-    settings.work_dir.mkdir(parents=True)
+    settings, run_id = k2pg.start_run(parse_args(argv), PREFIX)
     date = common.utc_date()
     sql, window_ms, lateness_ms = pipeline_facts(settings)
     if lateness_ms <= DISORDER_MS:
@@ -1011,28 +917,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = sorted({engine_kind(e) for e in settings.engines})
     kind_versions = {kind: k2pg.check_engine(kind) for kind in kinds}
     versions = {engine: kind_versions[engine_kind(engine)] for engine in settings.engines}
-    facts: dict[str, Any] = {"date": date, **common.machine_facts()}
-    facts["command"] = common.command_line()
-    facts["git"] = common.git_revision()
-    packages = {
-        "project env": common.package_versions(
-            sys.executable,
-            [
-                "sluice",
-                "confluent-kafka",
-                "psycopg",
-                "pyarrow",
-                "adbc-driver-postgresql",
-                "datafusion",
-                "msgspec",
-            ],
-        )
-    }
-    if "reference" in kinds:
-        packages["/opt/ematix"] = common.package_versions(
-            common.REFERENCE_PYTHON, ["ematix-flow", "pyarrow"]
-        )
-    facts["packages"] = packages
+    facts = common.run_facts(date)
+    facts["packages"] = common.engine_packages(PACKAGES, kinds)
 
     topic = f"{PREFIX}-{run_id}"
     exp = Expected(schema=schema_name(run_id), window_ms=window_ms, lateness_ms=lateness_ms)
@@ -1043,11 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ds = k2pg.produce(settings, topic, timed_events(settings.rows, settings.seed))
     exp.closers_ts_ms = produce_closers(settings, topic, settings.rows)
-    print(
-        f"produced in {ds.produce_s:.1f} s ({settings.rows / ds.produce_s:,.0f} msgs/s, "
-        f"avg {ds.payload_bytes_avg:.0f} bytes)",
-        flush=True,
-    )
+    k2pg.print_produced(ds)
 
     results: list[TumblingResult] = []
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
@@ -1069,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     finally:
         if not settings.keep:
-            drop_schema(settings, exp.schema, run_id)
+            k2pg.drop_schema(settings, exp.schema, pipeline_name(run_id))
             k2pg.delete_topic(settings, topic)
 
     print()
@@ -1088,11 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": BENCHMARK,
         "run_id": run_id,
         "date": date,
-        "settings": {
-            **asdict(settings),
-            "results_dir": str(settings.results_dir),
-            "work_dir": str(settings.work_dir),
-        },
+        "settings": settings.as_json(),
         "dataset": asdict(ds),
         "events": {
             "t0_ms": T0_MS,
@@ -1125,7 +1003,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data,
     )
     print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
-    ok = all(r.outcome == "ok" and r.verification.get("ok") is not False for r in results)
+    ok = not any(common.failed(r) for r in results)
     # sluice must also have written and verified every window.
     ok = ok and all(r.verification.get("ok") for r in results if engine_kind(r.engine) == "sluice")
     return 0 if ok else 1
