@@ -33,8 +33,10 @@ test-unit: ## unit tests only (no services)
 
 bench: services ## run the benchmarks (sluice beside the reference engine)
 	bash benchmarks/setup_reference.sh
+	bash benchmarks/setup_peers.sh
 	$(PY) -m benchmarks.kafka_to_postgres.run
 	$(PY) -m benchmarks.kafka_sql_lookup_to_postgres.run
 	$(PY) -m benchmarks.kafka_tumbling_to_postgres.run
+	$(PY) -m benchmarks.kafka_join_to_postgres.run
 
 .PHONY: help install services stop fmt lint typecheck test test-unit bench
