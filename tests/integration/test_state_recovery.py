@@ -52,7 +52,7 @@ query = "{topic}"
 kind = "kafka"
 bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
 group_id = "{name}"
-session_timeout_ms = 6000
+session_timeout_ms = 3000
 max_batch_rows = {batch}
 """
         for topic in (orders_t, payments_t)
@@ -180,15 +180,22 @@ def wait_for(check: Callable[[], Any], want: Any, flow: Flow, what: str, timeout
 
 
 def kill_five_times(
-    start: Callable[[], Flow], schema: str, pipeline: str, rng: random.Random, per_run: int
+    start: Callable[[], Flow],
+    feed: Callable[[int], int],
+    schema: str,
+    pipeline: str,
+    rng: random.Random,
 ) -> tuple[Flow, int]:
-    """Start, let it consume a random number of rows up to ``per_run``,
-    SIGKILL; five times. Returns the sixth process and the stored total it
-    started from. Every restart must find the positions stored before."""
+    """Five times: ``feed`` the next part of the input (it returns its row
+    count), start, let the process consume a random number of rows up to that
+    many, SIGKILL. Then feed the last part and return the sixth process with
+    the stored total it started from. Every restart must find the positions
+    stored before, and the input never runs out before the last run."""
     before = 0
     for kill in range(5):
+        fed = feed(kill)
         f = start()
-        target = rng.randint(per_run // 4, per_run)
+        target = rng.randint(1, fed)
         wait_until(
             lambda f=f, t=target: (
                 f.proc.poll() is not None or f.metric("sluice_rows_consumed_total") >= t
@@ -204,7 +211,14 @@ def kill_five_times(
         assert now >= before, f"stored positions went back after kill {kill + 1}"
         before = now
     assert before > 0, "five runs stored no position"
+    feed(5)
     return start(), before
+
+
+def parts(rows: list[dict[str, Any]], n: int = 6) -> list[list[dict[str, Any]]]:
+    """``rows`` in ``n`` consecutive parts."""
+    step = -(-len(rows) // n)
+    return [rows[i * step : (i + 1) * step] for i in range(n)]
 
 
 def assert_resumed(f: Flow, total: int, resumed_at: int) -> None:
@@ -267,11 +281,16 @@ def test_a_join_killed_five_times_resumes_at_stored_positions_and_equals_duckdb(
     orders_t, payments_t = kafka_topic(2, "orders"), kafka_topic(2, "payments")
     name = unique("jkill")
     orders, payments = joins.history(8000, seed=11)
-    joins.send(orders_t, orders)
-    joins.send(payments_t, payments)
+    chunks = list(zip(parts(orders), parts(payments), strict=True))
+
+    def feed(i: int) -> int:
+        joins.send(orders_t, chunks[i][0])
+        joins.send(payments_t, chunks[i][1])
+        return len(chunks[i][0]) + len(chunks[i][1])
+
     toml = join_config(orders_t, payments_t, name, pg_merge_target(name, "left_order_id"), 200)
     f, resumed_at = kill_five_times(
-        lambda: flow(toml), f"{name}_state", name, random.Random(5), per_run=1800
+        lambda: flow(toml), feed, f"{name}_state", name, random.Random(5)
     )
     close_join(orders_t, payments_t, max(e["ts_ms"] for e in orders + payments) + 7_200_000)
     want = joins.expected(orders, payments, "inner")
@@ -284,8 +303,10 @@ def test_a_join_killed_five_times_resumes_at_stored_positions_and_equals_duckdb(
 
 def session_config(topic: str, name: str) -> str:
     window, key, _ = windows.WINDOWS["session"]
-    return windows.config(topic, name, window, key, store_block(name)).replace(
-        "max_batch_rows = 700", "max_batch_rows = 200"
+    return (
+        windows.config(topic, name, window, key, store_block(name))
+        .replace("max_batch_rows = 700", "max_batch_rows = 200")
+        .replace("session_timeout_ms = 6000", "session_timeout_ms = 3000")
     )
 
 
@@ -295,10 +316,15 @@ def test_a_session_pipeline_killed_five_times_resumes_at_stored_positions_and_eq
     topic = kafka_topic(windows.PARTITIONS)
     name = unique("skill")
     events = windows.history(12_000, seed=3, users=60)
-    windows.send(topic, events)
+    chunks = parts(events)
+
+    def feed(i: int) -> int:
+        windows.send(topic, chunks[i])
+        return len(chunks[i])
+
     toml = session_config(topic, name)
     f, resumed_at = kill_five_times(
-        lambda: flow(toml), f"{name}_state", name, random.Random(9), per_run=1500
+        lambda: flow(toml), feed, f"{name}_state", name, random.Random(9)
     )
     windows.close_all(topic, max(e["ts_ms"] for e in events))
     windows.wait_for_table(name, windows.expected(events, "session"), f)
