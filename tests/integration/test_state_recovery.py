@@ -242,9 +242,16 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
     wait_until(lambda: f.metric("sluice_rows_consumed_total") >= total, 60, "the input")
     # Everything read is checkpointed within checkpoint_interval_ms.
     wait_until(lambda: stored_total(f"{name}_state", name) == total, 30, "stored positions")
-    got = store(f"{name}_state", name)
+
+    # Once every partition has rows the watermark is known; an idle tick
+    # checkpoints it within checkpoint_interval_ms.
+    def settled() -> dict[str, Any] | None:
+        got = store(f"{name}_state", name)
+        known = got["watermark_us"] is not None
+        return got if known and got["version"] == f.metric("sluice_checkpoints_total") else None
+
+    got = wait_until(settled, 90, "a checkpoint with a watermark")
     assert got["version"] >= 1
-    assert got["version"] == f.metric("sluice_checkpoints_total")
     assert got["offsets"] == {(t, k): o for t, by in ends.items() for k, o in by.items()}
     # The broker commit follows the store commit, with the same positions.
     wait_until(
@@ -266,12 +273,20 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
         right_keys=["order_id"],
         time_window_ms=WINDOW_MS,
     )
-    stage = JoinStage(spec, name)
-    stage.open()
-    for blob in got["state"].values():
-        stage.restore(bytes(blob))
-    assert sum(stage.buffer_rows()) == f.metric("sluice_join_buffer_rows") > 0
-    assert stage.watermark_us == got["watermark_us"]
+
+    def restored() -> JoinStage:
+        stage = JoinStage(spec, name)
+        stage.open()
+        for blob in store(f"{name}_state", name)["state"].values():
+            stage.restore(bytes(blob))
+        return stage
+
+    wait_until(
+        lambda: sum(restored().buffer_rows()) == f.metric("sluice_join_buffer_rows") > 0,
+        30,
+        "the stored buffers to hold the rows the gauge reports",
+    )
+    assert restored().watermark_us == store(f"{name}_state", name)["watermark_us"]
     assert f.stop() == 0
 
 
@@ -353,6 +368,11 @@ name = "pairs"
     f = flow(join_config(orders_t, payments_t, name, target))
     wait_until(
         lambda: stored_total(f"{name}_state", name) == sum(half), 60, "the first half stored"
+    )
+    wait_until(  # the broker commit follows the store's
+        lambda: committed(name, orders_t, 2) + committed(name, payments_t, 2) == sum(half),
+        30,
+        "the first half committed to the broker",
     )
     services = ["bash", str(REPO / "scripts" / "services.sh")]
     subprocess.run([*services, "stop", "postgres"], check=True, capture_output=True)
