@@ -197,16 +197,16 @@ class MySQLCdcTarget(SqlCdcTarget, mysql.MySQLTarget):
         self.run(f"ALTER TABLE {self.ident} {clauses}")
         self.columns, _ = self.reflect()
 
-    def write(self, data: pa.Table) -> None:
-        """Apply the batch in the open transaction (committed by :meth:`flush`)."""
-        try:
-            SqlCdcTarget.write(self, data)
-        except pymysql.Error as exc:
-            self._fail(exc)
-        except ConnectorError:
-            with contextlib.suppress(pymysql.Error, ConnectorError):
-                self._require().rollback()
-            raise
+    def _driver_error(self) -> type[Exception]:
+        return pymysql.Error  # type: ignore[no-any-return]
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(pymysql.Error, ConnectorError):
+            self._require().rollback()
+
+    def _failed(self, exc: Exception) -> None:
+        assert isinstance(exc, pymysql.Error)
+        self._fail(exc)
 
     def flush(self) -> None:
         """Commit, then count."""

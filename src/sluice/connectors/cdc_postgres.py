@@ -141,16 +141,15 @@ class PostgresCdcTarget(SchemaQualified, SqlCdcTarget, postgres.PostgresTarget):
             )
         )
 
-    def write(self, data: pa.Table) -> None:
-        """Apply the batch in the open transaction (committed by :meth:`flush`)."""
-        try:
-            SqlCdcTarget.write(self, data)
-        except adbc_driver_manager.Error as exc:
-            self._fail(exc)
-        except ConnectorError:
-            with contextlib.suppress(adbc_driver_manager.Error, ConnectorError):
-                self._require().rollback()
-            raise
+    def _driver_error(self) -> type[Exception]:
+        return adbc_driver_manager.Error
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(adbc_driver_manager.Error, ConnectorError):
+            self._require().rollback()
+
+    def _failed(self, exc: Exception) -> None:
+        self._fail(exc)
 
     def _fail(self, exc: Exception) -> None:
         """A deadlock or a serialization failure is worth a retry (two owners of a

@@ -291,7 +291,31 @@ class SqlCdcTarget(ABC):
     # -- one batch ----------------------------------------------------------------
 
     def write(self, data: pa.Table) -> None:
-        """Apply the change events of ``data`` in the open transaction."""
+        """Apply the change events of ``data`` in the open transaction (committed
+        by ``flush``). On a failure the transaction is rolled back and the
+        error raised as the target classifies it (:meth:`_failed`)."""
+        try:
+            self._write_changes(data)
+        except ConnectorError:
+            self._rollback()
+            raise
+        except self._driver_error() as exc:
+            self._failed(exc)
+
+    @abstractmethod
+    def _driver_error(self) -> type[Exception]:
+        """The base class of the database driver's errors."""
+
+    @abstractmethod
+    def _rollback(self) -> None:
+        """Roll the open transaction back; never raises."""
+
+    def _failed(self, exc: Exception) -> None:
+        """A driver error during :meth:`write`: roll back, raise a ConnectorError."""
+        self._rollback()
+        raise ConnectorError(f"{self.id}: {exc}") from exc
+
+    def _write_changes(self, data: pa.Table) -> None:
         changes = changes_of(data, self._decoder, self.id)
         if changes.num_rows == 0:
             return
@@ -564,16 +588,8 @@ class SQLiteCdcTarget(SqlCdcTarget):
             "hash INTEGER NOT NULL, PRIMARY KEY (pipeline, tbl, k)) WITHOUT ROWID"
         )
 
-    def write(self, data: pa.Table) -> None:
-        """Apply the batch in one transaction (committed by :meth:`flush`)."""
-        try:
-            super().write(data)
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise ConnectorError(f"{self.id}: {exc}") from exc
-        except ConnectorError:
-            self._rollback()
-            raise
+    def _driver_error(self) -> type[Exception]:
+        return sqlite3.Error
 
     def _rollback(self) -> None:
         conn = self._conn
@@ -732,18 +748,10 @@ class DuckDBCdcTarget(SchemaQualified, SqlCdcTarget):
             "seq BIGINT NOT NULL, hash BIGINT NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
         )
 
-    def write(self, data: pa.Table) -> None:
-        """Apply the batch in one transaction (committed by :meth:`flush`)."""
+    def _driver_error(self) -> type[Exception]:
         import duckdb
 
-        try:
-            super().write(data)
-        except duckdb.Error as exc:
-            self._rollback()
-            raise ConnectorError(f"{self.id}: {exc}") from exc
-        except ConnectorError:
-            self._rollback()
-            raise
+        return duckdb.Error
 
     def _rollback(self) -> None:
         import duckdb
