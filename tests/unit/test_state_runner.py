@@ -48,7 +48,7 @@ class ResumingLog(LogSource):
             self.read_rows += batch.num_rows
         return batch
 
-    def rewind(self, positions: Position | None = None) -> None:  # type: ignore[override]
+    def rewind(self, positions: Position | None = None) -> None:
         self.rewinds += 1
         offset = (positions or {}).get("log:0", self.committed)
         assert isinstance(offset, int)

@@ -97,7 +97,8 @@ class LogSource:
         assert isinstance(offset, int) and offset >= self.committed, "commits go forward"
         self.committed = offset
 
-    def rewind(self) -> None:
+    def rewind(self, positions: Position | None = None) -> None:
+        assert positions is None, "without a state store the committed offset is the start"
         self.rewinds += 1
         self.next = self.committed
 

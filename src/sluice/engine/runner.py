@@ -504,11 +504,8 @@ class Runner:
             positions = checkpoint.positions
         for source in self.sources:
             rewind = getattr(source, "rewind", None)
-            if rewind is not None:
-                if self._store is not None:
-                    await asyncio.to_thread(rewind, positions.get(source.id, {}))
-                else:
-                    await asyncio.to_thread(rewind)
+            if rewind is not None:  # to the checkpoint's positions, else the committed ones
+                await asyncio.to_thread(rewind, positions.get(source.id))
             self._epochs[source.id] = getattr(source, "epoch", 0)
             self._pending[source.id].clear()
         if self._store is None:
@@ -698,9 +695,13 @@ class Runner:
             while queue and (floor is None or queue[0][1] is None or queue[0][1] < floor):
                 last = queue.popleft()[0]
             if last is not None:
-                await asyncio.to_thread(by_id[source_id].commit, last)
-                m.COMMITS.labels(self.name, source_id).inc()
+                await self._acknowledge(by_id[source_id], last)
         return True
+
+    async def _acknowledge(self, source: Source, position: Position) -> None:
+        """Commit ``position`` to the source (the broker), after the durable writes."""
+        await asyncio.to_thread(source.commit, position)
+        m.COMMITS.labels(self.name, source.id).inc()
 
     # -- state store ----------------------------------------------------------------
     #
@@ -811,8 +812,7 @@ class Runner:
         m.STATE_BYTES.labels(self.name).set(sum(len(v) for v in upserts.values()))
         by_id = {s.id: s for s in self.sources}
         for source_id, position in positions.items():
-            await asyncio.to_thread(by_id[source_id].commit, position)
-            m.COMMITS.labels(self.name, source_id).inc()
+            await self._acknowledge(by_id[source_id], position)
             self._positions[source_id] = {}
         return True
 
@@ -876,7 +876,7 @@ def _tagged(batch: Batch) -> pa.Table:
     if batch.row_partitions is not None:
         parts = batch.row_partitions.cast(pa.string())
     else:
-        parts = pa.array([batch.source_id] * batch.num_rows, pa.string())
+        parts = pa.repeat(pa.scalar(batch.source_id, pa.string()), batch.num_rows)
     return batch.data.append_column(PARTITION, parts)
 
 
