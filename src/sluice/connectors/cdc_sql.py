@@ -464,7 +464,26 @@ class SqlCdcTarget(ABC):
 # -- SQLite -----------------------------------------------------------------------
 
 
-class SQLiteCdcTarget(SqlCdcTarget):
+class Embedded(SqlCdcTarget):
+    """What the SQLite and DuckDB targets share: one file, one process."""
+
+    def insert_ignore(self, table: str, columns: str, select: str) -> str:
+        return f"INSERT OR IGNORE INTO {table} ({columns}) {select}"
+
+    def drop_temp(self, name: str) -> None:
+        self.run(f"DROP TABLE IF EXISTS temp.{name}")
+
+    def flush(self) -> None:
+        """Commit (SQLite: durable, WAL with synchronous=FULL), then count."""
+        try:
+            self.commit()
+        except self._driver_error() as exc:
+            self._rollback()
+            raise ConnectorError(f"{self.id}: commit failed: {exc}") from exc
+        self.done()
+
+
+class SQLiteCdcTarget(Embedded):
     """CDC into a SQLite table; JSON converted by ``json_extract``.
 
     A batch holds the database's write lock from ``BEGIN IMMEDIATE`` to the
@@ -570,12 +589,6 @@ class SQLiteCdcTarget(SqlCdcTarget):
     def lock_gate(self) -> None:
         """BEGIN IMMEDIATE holds the database's write lock already."""
 
-    def insert_ignore(self, table: str, columns: str, select: str) -> str:
-        return f"INSERT OR IGNORE INTO {table} ({columns}) {select}"
-
-    def drop_temp(self, name: str) -> None:
-        self.run(f"DROP TABLE IF EXISTS temp.{name}")
-
     def delete_from(self, source: str, where: str) -> str:
         return (
             f"DELETE FROM {self.ident} AS t WHERE EXISTS (SELECT 1 FROM {source} w WHERE {where})"
@@ -598,15 +611,6 @@ class SQLiteCdcTarget(SqlCdcTarget):
                 conn.execute("ROLLBACK")
         with contextlib.suppress(sqlite3.Error, ConnectorError):
             self.columns, _ = self.reflect()  # an ALTER of the batch rolled back too
-
-    def flush(self) -> None:
-        """Commit (durable: WAL with synchronous=FULL), then count."""
-        try:
-            self.commit()
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise ConnectorError(f"{self.id}: commit failed: {exc}") from exc
-        self.done()
 
 
 # -- DuckDB -----------------------------------------------------------------------
@@ -634,7 +638,7 @@ class SchemaQualified:
         return f"{self.schema}.{self.table}"
 
 
-class DuckDBCdcTarget(SchemaQualified, SqlCdcTarget):
+class DuckDBCdcTarget(SchemaQualified, Embedded):
     """CDC into a DuckDB table; JSON converted by ``json_extract`` and a cast to the
     column's type."""
 
@@ -735,12 +739,6 @@ class DuckDBCdcTarget(SchemaQualified, SqlCdcTarget):
     def lock_gate(self) -> None:
         """One process holds a DuckDB file: nothing to lock."""
 
-    def insert_ignore(self, table: str, columns: str, select: str) -> str:
-        return f"INSERT OR IGNORE INTO {table} ({columns}) {select}"
-
-    def drop_temp(self, name: str) -> None:
-        self.run(f"DROP TABLE IF EXISTS temp.{name}")
-
     def gate_ddl(self) -> str:
         return (
             f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline VARCHAR NOT NULL, "
@@ -762,14 +760,3 @@ class DuckDBCdcTarget(SchemaQualified, SqlCdcTarget):
                 self.run("ROLLBACK")
         with contextlib.suppress(duckdb.Error, ConnectorError):
             self.columns, _ = self.reflect()
-
-    def flush(self) -> None:
-        """Commit, then count."""
-        import duckdb
-
-        try:
-            self.commit()
-        except duckdb.Error as exc:
-            self._rollback()
-            raise ConnectorError(f"{self.id}: commit failed: {exc}") from exc
-        self.done()
