@@ -30,11 +30,11 @@ from tests.integration import cdc_history as hist
 from tests.integration.conftest import unique
 
 from sluice.config import load_text
-from sluice.connectors.cdc_envelope import EnvelopeDecoder
-from sluice.connectors.mysql import parse_url
+from sluice.connectors.mysql.target import parse_url
 from sluice.engine import metrics as m
 from sluice.engine.cdc import build_targets
 from sluice.errors import ConnectorError
+from sluice.formats.cdc import EnvelopeDecoder
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from tests import endpoints
 from tests.integration import cdc_history as hist
 from tests.integration.conftest import Flow, committed, produce, unique, wait_until
 
-from sluice.connectors.mysql import parse_url
+from sluice.connectors.mysql.target import parse_url
 
 pytestmark = pytest.mark.integration
 

@@ -26,8 +26,8 @@ from tests import endpoints
 from tests.integration.conftest import REPO, events, produce, unique, wait_until
 
 from sluice.config.load import load_text
-from sluice.connectors.base import Target
-from sluice.connectors.mysql import MySQLUrl, load_table, parse_url
+from sluice.connectors.api import Target
+from sluice.connectors.mysql.target import MySQLUrl, load_table, parse_url
 from sluice.connectors.registry import Context, build_target
 from sluice.errors import ConnectorError, TransientError
 

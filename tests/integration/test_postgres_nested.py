@@ -19,10 +19,10 @@ from tests.integration.conftest import unique
 
 from sluice.config import load_text
 from sluice.config.spec import PostgresTarget as PostgresTargetSpec
-from sluice.connectors.jsontext import to_json_text
-from sluice.connectors.postgres import PostgresTarget
+from sluice.connectors.postgres.target import PostgresTarget
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError
+from sluice.formats.jsontext import to_json_text
 
 pytestmark = pytest.mark.integration
 

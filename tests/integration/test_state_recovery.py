@@ -26,7 +26,7 @@ from tests.integration import test_windows as windows
 from tests.integration.conftest import Flow, committed, produce, unique, wait_until
 
 from sluice.config.spec import JoinSpec
-from sluice.engine.join import JoinStage
+from sluice.engine.stages.join import JoinStage
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW_MS = joins.WINDOW_MS

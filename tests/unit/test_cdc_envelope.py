@@ -9,7 +9,9 @@ import pytest
 
 from sluice.config import load_text
 from sluice.config.spec import CdcSpec
-from sluice.connectors.cdc_envelope import (
+from sluice.engine import metrics as m
+from sluice.errors import ConnectorError
+from sluice.formats.cdc import (
     HASH,
     IMAGE,
     KEY,
@@ -18,8 +20,6 @@ from sluice.connectors.cdc_envelope import (
     TS,
     EnvelopeDecoder,
 )
-from sluice.engine import metrics as m
-from sluice.errors import ConnectorError
 
 enc = msgspec.json.encode
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from sluice.connectors.decode import JsonDecoder
+from sluice.formats.json import JsonDecoder
 
 
 def test_a_batch_decodes_in_one_call_with_inferred_types() -> None:

@@ -9,8 +9,8 @@ import pytest
 from deltalake import DeltaTable
 
 from sluice.config import load_text
-from sluice.connectors.base import Target
-from sluice.connectors.delta import location
+from sluice.connectors.api import Target
+from sluice.connectors.delta.target import location
 from sluice.connectors.registry import Context, build_target
 from sluice.errors import ConnectorError
 

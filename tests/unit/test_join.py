@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-import sluice.engine.join as join_module
+import sluice.engine.stages.join as join_module
 from sluice.config.spec import JoinSpec
-from sluice.engine.join import JoinStage
+from sluice.engine.stages.join import JoinStage
 from sluice.errors import StageError
 
 MS = 1000  # µs per ms

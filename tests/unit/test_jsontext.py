@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from sluice.connectors.jsontext import to_json_text
+from sluice.formats.jsontext import to_json_text
 
 # -- the reference ------------------------------------------------------------
 

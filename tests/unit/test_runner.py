@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from sluice.config import load_text
-from sluice.connectors.base import Batch, Position
+from sluice.connectors.api import Batch, Position
 from sluice.engine.runner import Runner, RunOptions
 from sluice.errors import ConnectorError, DecodeError, TransientError
 

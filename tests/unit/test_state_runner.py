@@ -20,7 +20,7 @@ from tests.unit.test_window_runner import (
     _spec,
 )
 
-from sluice.connectors.base import Position
+from sluice.connectors.api import Position
 from sluice.engine.runner import Runner, RunOptions
 from sluice.errors import ConnectorError, TransientError
 from sluice.state import InMemoryStore

@@ -16,11 +16,11 @@ import pytest
 
 import sluice
 from sluice.config import load_text
-from sluice.connectors.base import Batch, Position, RawRecord
+from sluice.connectors.api import Batch, Position, RawRecord
 from sluice.engine import metrics as m
 from sluice.engine.lookups import LookupTables
 from sluice.engine.runner import Runner, RunOptions
-from sluice.engine.sql import SqlStage
+from sluice.engine.stages.sql import SqlStage
 from sluice.errors import ConfigError, DecodeError, StageError
 from sluice.functions import collect
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 
 from sluice.config.spec import Aggregation, HoppingWindow, SessionWindow, TumblingWindow, Window
-from sluice.engine.window import WindowStage
+from sluice.engine.stages.window import WindowStage
 from sluice.errors import StageError
 
 MS = 1000  # µs per ms

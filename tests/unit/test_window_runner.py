@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from sluice.config import load_text
-from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
+from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
 from sluice.engine import metrics as m
 from sluice.engine.runner import Runner, RunOptions, _source_names
 from sluice.engine.watermark import WatermarkFile, Watermarks

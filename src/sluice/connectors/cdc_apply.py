@@ -1,7 +1,7 @@
 """What every CDC target shares: the change table, schema evolution, counts.
 
 A CDC target receives the change table of
-:mod:`sluice.connectors.cdc_envelope` (one row per change event, in read
+:mod:`sluice.formats.cdc` (one row per change event, in read
 order) and applies it in one transaction of its system. Every target follows
 the same rules:
 
@@ -43,10 +43,10 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from sluice.config.spec import CdcSpec
-from sluice.connectors import cdc_envelope as env
-from sluice.connectors.jsontext import to_json_text
 from sluice.engine import metrics as m
 from sluice.errors import ConnectorError
+from sluice.formats import cdc as env
+from sluice.formats.jsontext import to_json_text
 
 log = logging.getLogger(__name__)
 

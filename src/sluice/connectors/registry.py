@@ -14,21 +14,21 @@ from typing import Any
 from sluice.config.spec import PipelineSpec
 from sluice.config.spec import Source as SourceSpecT
 from sluice.config.spec import Target as TargetSpecT
-from sluice.connectors.base import Source, Target
+from sluice.connectors.api import Source, Target
 from sluice.errors import MissingDependencyError, SluiceError
 
 # kind -> (module, extra that installs its library)
 _SOURCES: dict[str, tuple[str, str]] = {
-    "kafka": ("sluice.connectors.kafka", "kafka"),
-    "object_store_local": ("sluice.connectors.files", "all"),
+    "kafka": ("sluice.connectors.kafka.source", "kafka"),
+    "object_store_local": ("sluice.connectors.files.source", "all"),
 }
 _TARGETS: dict[str, tuple[str, str]] = {
-    "postgres": ("sluice.connectors.postgres", "postgres"),
-    "mysql": ("sluice.connectors.mysql", "mysql"),
-    "sqlite": ("sluice.connectors.embedded", "all"),
-    "duckdb": ("sluice.connectors.embedded", "duckdb"),
-    "delta_local": ("sluice.connectors.delta", "delta"),
-    "delta_s3": ("sluice.connectors.delta", "delta"),
+    "postgres": ("sluice.connectors.postgres.target", "postgres"),
+    "mysql": ("sluice.connectors.mysql.target", "mysql"),
+    "sqlite": ("sluice.connectors.sql.embedded", "all"),
+    "duckdb": ("sluice.connectors.sql.embedded", "duckdb"),
+    "delta_local": ("sluice.connectors.delta.target", "delta"),
+    "delta_s3": ("sluice.connectors.delta.target", "delta"),
 }
 
 

@@ -2,12 +2,12 @@
 
 CDC is not a stage between the sources and the targets: the apply *is* the
 write, one transaction of the target per batch, so each CDC target implements
-the :class:`~sluice.connectors.base.Target` protocol itself and the run loop
+the :class:`~sluice.connectors.api.Target` protocol itself and the run loop
 treats it like any other target (``write`` + ``flush``, then the offsets
 commit).
 
 The envelopes are decoded where the messages are read (the Kafka source
-builds a :class:`~sluice.connectors.cdc_envelope.EnvelopeDecoder` when the
+builds a :class:`~sluice.formats.cdc.EnvelopeDecoder` when the
 pipeline has ``[transform.cdc]``), so an undecodable envelope follows
 ``on_error`` with its offset and raw payload like any undecodable message.
 The targets receive the change table; the rules they share are in
@@ -28,18 +28,18 @@ from sluice.config.spec import (
     SQLiteTarget,
 )
 from sluice.config.spec import Target as TargetSpec
-from sluice.connectors.base import Target
+from sluice.connectors.api import Target
 from sluice.connectors.registry import Context
 from sluice.errors import MissingDependencyError, SluiceError
 
 # target kind -> (module, class, extra that installs its library)
 _TARGETS: dict[str, tuple[str, str, str]] = {
-    "postgres": ("sluice.connectors.cdc_postgres", "PostgresCdcTarget", "postgres"),
-    "mysql": ("sluice.connectors.cdc_mysql", "MySQLCdcTarget", "mysql"),
-    "sqlite": ("sluice.connectors.cdc_sql", "SQLiteCdcTarget", "all"),
-    "duckdb": ("sluice.connectors.cdc_sql", "DuckDBCdcTarget", "duckdb"),
-    "delta_local": ("sluice.connectors.delta", "DeltaCdcTarget", "delta"),
-    "delta_s3": ("sluice.connectors.delta", "DeltaCdcTarget", "delta"),
+    "postgres": ("sluice.connectors.postgres.cdc", "PostgresCdcTarget", "postgres"),
+    "mysql": ("sluice.connectors.mysql.cdc", "MySQLCdcTarget", "mysql"),
+    "sqlite": ("sluice.connectors.sql.cdc", "SQLiteCdcTarget", "all"),
+    "duckdb": ("sluice.connectors.sql.cdc", "DuckDBCdcTarget", "duckdb"),
+    "delta_local": ("sluice.connectors.delta.target", "DeltaCdcTarget", "delta"),
+    "delta_s3": ("sluice.connectors.delta.target", "DeltaCdcTarget", "delta"),
 }
 
 _SUPPORTED = (

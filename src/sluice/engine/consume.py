@@ -125,7 +125,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("sluice.connectors.kafka").setLevel(logging.ERROR)
+    logging.getLogger("sluice.connectors.kafka.source").setLevel(logging.ERROR)
     try:
         spec = load_file(args.config)
     except ConfigError as exc:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import msgspec
 
 from sluice.config.spec import KafkaSource, PipelineSpec, PostgresStateStore, PostgresTarget
-from sluice.connectors.base import RawRecord
+from sluice.connectors.api import RawRecord
 from sluice.errors import ConnectorError, TransientError
 from sluice.localstate import state_dir
 
@@ -101,7 +101,7 @@ class KafkaDeadLetters:
         """Create the producer (connections are made on first send)."""
         import confluent_kafka as ck
 
-        from sluice.connectors.kafka import client_config
+        from sluice.connectors.kafka.source import client_config
 
         conf = client_config(self.source)
         conf.update({"acks": "all", "enable.idempotence": True, "linger.ms": 5, "log_level": 3})

@@ -109,7 +109,7 @@ def _load_duckdb(spec: DuckDBLookup) -> pa.Table:
 
 
 def _load_mysql(spec: MySQLLookup) -> pa.Table:
-    from sluice.connectors import mysql
+    from sluice.connectors.mysql import target as mysql
 
     return mysql.load_table(spec.url, spec.schema, spec.table)
 

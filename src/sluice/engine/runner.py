@@ -28,14 +28,14 @@ import pyarrow as pa
 
 from sluice.config.spec import InMemoryStateStore, PipelineSpec
 from sluice.connectors import registry
-from sluice.connectors.base import EVENT_TS, Batch, Position, RawRecord, Source, Target
+from sluice.connectors.api import EVENT_TS, Batch, Position, RawRecord, Source, Target
 from sluice.engine import dlq
 from sluice.engine import metrics as m
-from sluice.engine.join import PARTITION, JoinOutput, JoinStage
 from sluice.engine.lookups import LookupTables
-from sluice.engine.sql import SqlStage
+from sluice.engine.stages.join import PARTITION, JoinOutput, JoinStage
+from sluice.engine.stages.sql import SqlStage
+from sluice.engine.stages.window import WindowOutput, WindowStage
 from sluice.engine.watermark import WatermarkFile, Watermarks, max_event_us
-from sluice.engine.window import WindowOutput, WindowStage
 from sluice.errors import DecodeError, SluiceError, StageError, TransientError
 from sluice.functions import Function, collect
 from sluice.state import Checkpoint, StateStore, build_store

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from sluice.connectors.base import Position
+from sluice.connectors.api import Position
 from sluice.errors import ConnectorError
 
 #: Bounds of a Postgres ``bigint``; an integer position outside them cannot be stored.

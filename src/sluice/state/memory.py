@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Mapping
 
-from sluice.connectors.base import Position
+from sluice.connectors.api import Position
 from sluice.state.base import Checkpoint, check_commit, fenced
 
 

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sluice.config.redact import redact_text
-from sluice.connectors.base import Position
+from sluice.connectors.api import Position
 from sluice.errors import ConnectorError, SluiceError, TransientError
 from sluice.state.base import Checkpoint, check_commit, fenced
 

@@ -31,7 +31,7 @@ every batch, and a crash before the offset commit redelivers them).
 **Types.** Timestamps go to ``DATETIME(6)`` as UTC wall time (tz-aware
 values converted, nanoseconds truncated); booleans ``BOOLEAN``; durations
 ``BIGINT`` counts of their unit; binary ``LONGBLOB`` (sent as hex);
-lists / structs / maps as JSON text by :func:`~sluice.connectors.jsontext.to_json_text`
+lists / structs / maps as JSON text by :func:`~sluice.formats.jsontext.to_json_text`
 (a MariaDB ``JSON`` column is ``LONGTEXT``). MySQL has no NaN: NaN becomes NULL; an infinite value fails
 the batch.
 
@@ -59,9 +59,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from sluice.config.spec import MySQLTarget as MySQLTargetSpec
-from sluice.connectors.jsontext import to_json_text
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
+from sluice.formats.jsontext import to_json_text
 
 try:
     import pymysql

@@ -1,4 +1,4 @@
-"""CDC into a MySQL / MariaDB table (see :mod:`sluice.connectors.cdc_sql` for the steps).
+"""CDC into a MySQL / MariaDB table (see :mod:`sluice.connectors.sql.cdc` for the steps).
 
 The events are staged with ``LOAD DATA LOCAL INFILE`` (the MySQL target's
 bulk path). Each image is converted column by column: ``JSON_EXTRACT``, JSON
@@ -24,9 +24,10 @@ import pymysql
 
 from sluice.config.spec import CdcSpec
 from sluice.config.spec import MySQLTarget as MySQLTargetSpec
-from sluice.connectors import mysql
 from sluice.connectors.cdc_apply import GATE_TABLE
-from sluice.connectors.cdc_sql import (
+from sluice.connectors.mysql import target as mysql
+from sluice.connectors.registry import Context
+from sluice.connectors.sql.cdc import (
     ACC_TABLE,
     EV_TABLE,
     IMAGE_COLUMN,
@@ -34,7 +35,6 @@ from sluice.connectors.cdc_sql import (
     TYPED_TABLE,
     SqlCdcTarget,
 )
-from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError
 
 

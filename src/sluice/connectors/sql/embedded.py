@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from sluice.config.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.config.spec import SQLiteTarget as SQLiteTargetSpec
 from sluice.connectors.registry import Context
-from sluice.connectors.sqltypes import pg_type
+from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError
 
 _SEQ = "__sluice_seq"

@@ -16,7 +16,7 @@ C++ straight from the Arrow buffers) inside one transaction that
 
 A missing table is created from the batch schema (with the configured
 primary key); a column the table lacks is added. A nested column (list,
-struct, map) is written as JSON text (:mod:`sluice.connectors.jsontext`,
+struct, map) is written as JSON text (:mod:`sluice.formats.jsontext`,
 which documents the exact JSON) and may only go to a ``json`` or ``jsonb``
 column (or a domain over one); a new one is created as ``jsonb``. A batch
 giving nested values to any other column is refused before anything of it
@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import PostgresTarget as PostgresTargetSpec
-from sluice.connectors.jsontext import to_json_text
 from sluice.connectors.registry import Context
-from sluice.connectors.sqltypes import pg_type
+from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError
+from sluice.formats.jsontext import to_json_text
 
 try:
     import adbc_driver_manager

@@ -1,4 +1,4 @@
-"""CDC into a Postgres table (see :mod:`sluice.connectors.cdc_sql` for the steps).
+"""CDC into a Postgres table (see :mod:`sluice.connectors.sql.cdc` for the steps).
 
 The events are staged by ADBC's binary COPY; each image is converted with
 ``jsonb_populate_record(NULL::<table>, image)``, which gives every key to the
@@ -18,8 +18,9 @@ import pyarrow as pa
 
 from sluice.config.spec import CdcSpec
 from sluice.config.spec import PostgresTarget as PostgresTargetSpec
-from sluice.connectors import postgres
-from sluice.connectors.cdc_sql import (
+from sluice.connectors.postgres import target as postgres
+from sluice.connectors.registry import Context
+from sluice.connectors.sql.cdc import (
     ACC_TABLE,
     EV_TABLE,
     IMAGE_COLUMN,
@@ -28,8 +29,7 @@ from sluice.connectors.cdc_sql import (
     SchemaQualified,
     SqlCdcTarget,
 )
-from sluice.connectors.registry import Context
-from sluice.connectors.sqltypes import pg_type
+from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError
 
 #: New gate keys that trigger an ANALYZE of the gate table (see add_keys).

@@ -54,7 +54,6 @@ import pyarrow.json as pajson
 from sluice.config.spec import CdcSpec
 from sluice.config.spec import DeltaLocalTarget as DeltaLocalSpec
 from sluice.config.spec import DeltaS3Target as DeltaS3Spec
-from sluice.connectors import cdc_envelope as env
 from sluice.connectors.cdc_apply import (
     Applied,
     Evolution,
@@ -64,6 +63,7 @@ from sluice.connectors.cdc_apply import (
 )
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
+from sluice.formats import cdc as env
 
 try:
     import deltalake

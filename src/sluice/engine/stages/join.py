@@ -119,7 +119,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import JoinSpec
-from sluice.engine.snapshots import ipc_stream
+from sluice.engine.stages.snapshots import ipc_stream
 from sluice.engine.watermark import to_micros
 from sluice.errors import StageError
 

@@ -55,9 +55,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.config.spec import CdcSpec
-from sluice.connectors.decode import Decoded
 from sluice.engine import metrics as m
 from sluice.errors import ConnectorError
+from sluice.formats.json import Decoded
 
 KEY = "_cdc_key"
 OP = "_cdc_op"

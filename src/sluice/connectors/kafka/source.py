@@ -25,11 +25,11 @@ import numpy as np
 import pyarrow as pa
 
 from sluice.config.spec import KafkaSource as KafkaSourceSpec
-from sluice.connectors.base import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
-from sluice.connectors.cdc_envelope import EnvelopeDecoder
-from sluice.connectors.decode import JsonDecoder
+from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
+from sluice.formats.cdc import EnvelopeDecoder
+from sluice.formats.json import JsonDecoder
 
 try:
     import confluent_kafka as ck

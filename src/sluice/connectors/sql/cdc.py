@@ -48,7 +48,6 @@ import pyarrow as pa
 from sluice.config.spec import CdcSpec
 from sluice.config.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.config.spec import SQLiteTarget as SQLiteTargetSpec
-from sluice.connectors import cdc_envelope as env
 from sluice.connectors.cdc_apply import (
     GATE_TABLE,
     NEVER,
@@ -59,9 +58,10 @@ from sluice.connectors.cdc_apply import (
     infer_types,
     key_columns,
 )
-from sluice.connectors.embedded import duck_type
 from sluice.connectors.registry import Context
+from sluice.connectors.sql.embedded import duck_type
 from sluice.errors import ConnectorError
+from sluice.formats import cdc as env
 
 log = logging.getLogger(__name__)
 
@@ -573,7 +573,7 @@ class SQLiteCdcTarget(Embedded):
         )
 
     def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
-        from sluice.connectors.embedded import sqlite_type
+        from sluice.connectors.sql.embedded import sqlite_type
 
         return "BOOLEAN" if pa.types.is_boolean(t) else sqlite_type(t)
 

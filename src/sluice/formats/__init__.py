@@ -1,0 +1,1 @@
+"""Payload formats: decoders and encoders shared by every broker source and target."""
