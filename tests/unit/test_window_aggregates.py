@@ -197,7 +197,7 @@ OLD_BLOB = base64.b64decode(
 def test_a_snapshot_written_before_the_split_restores() -> None:
     stage = WindowStage(OLD_SPEC, "test")
     stage.open()
-    stage.restore(OLD_BLOB)
+    stage.restore({"window": OLD_BLOB})
     assert stage.state_size() == 4
     assert stage.watermark_us == (T0 - 1) * MS
     # a late-arriving row of key b bridges nothing: it extends b's second session

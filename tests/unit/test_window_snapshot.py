@@ -167,7 +167,7 @@ def fed(spec: Window, ops: list[Op]) -> WindowStage:
 
 def restored(spec: Window, blob: bytes) -> WindowStage:
     s = stage(spec)
-    s.restore(blob)
+    s.restore({"window": blob})
     return s
 
 
@@ -212,11 +212,11 @@ def test_a_restored_stage_goes_on_as_the_uninterrupted_one(name: str) -> None:
     for k in split_points(ops, straight):
         a = stage(spec)
         same(run(a, ops[:k]), straight[:k], loose)
-        blob = a.snapshot()
-        assert a.snapshot() == blob  # taking one changes nothing
+        blob = a.snapshot()["window"]
+        assert a.snapshot()["window"] == blob  # taking one changes nothing
         b = restored(spec, blob)
         same_position(a, b)
-        c = restored(spec, b.snapshot())  # the snapshot of a restored stage
+        c = restored(spec, b.snapshot()["window"])  # the snapshot of a restored stage
         same_position(a, c)
         same(run(b, ops[k:]), straight[k:], loose)
         same(run(c, ops[k:]), straight[k:], loose)
@@ -230,10 +230,10 @@ def test_the_snapshot_of_a_restored_stage_is_the_same_bytes(name: str) -> None:
     spec = msgspec.structs.replace(SPECS[name], aggregations=NO_HLL)
     ops = ops_for(events(seed=3), seed=8)
     for k in (0, 5, len(ops) // 2):
-        blob = fed(spec, ops[:k]).snapshot()
-        again = restored(spec, blob).snapshot()
+        blob = fed(spec, ops[:k]).snapshot()["window"]
+        again = restored(spec, blob).snapshot()["window"]
         assert again == blob
-        assert restored(spec, again).snapshot() == blob
+        assert restored(spec, again).snapshot()["window"] == blob
 
 
 def test_hll_sketches_round_trip_exactly() -> None:
@@ -280,8 +280,8 @@ def test_hll_sketches_round_trip_exactly() -> None:
     assert 10_000 < big < 40_000  # the sketch is in HLL mode
     for k in (1, 4, 7):
         a = fed(spec, ops[:k])
-        b = restored(spec, a.snapshot())
-        c = restored(spec, b.snapshot())
+        b = restored(spec, a.snapshot()["window"])
+        c = restored(spec, b.snapshot()["window"])
         same(run(b, ops[k:]), straight[k:])
         same(run(c, ops[k:]), straight[k:])
 
@@ -310,7 +310,7 @@ def test_first_and_last_ties_keep_arrival_order_across_a_restore(spec: Window) -
 
     a = stage(spec)
     a.process(rows([30, 20, 10, 40], ["o0", "o1", "o2", "o3"]), None)
-    b = restored(spec, a.snapshot())
+    b = restored(spec, a.snapshot()["window"])
     # the same event times as the first and the last row, arriving later: an
     # earlier arrival stays first, a later one becomes last
     for s in (a, b):
@@ -333,7 +333,7 @@ def test_the_time_zone_survives_a_restore(ts_type: pa.DataType, values: list[int
     )
     a = stage(spec)
     a.process(pa.table({"_event_ts": pa.array(values, ts_type), "k": ["a", "b"]}), None)
-    b = restored(spec, a.snapshot())
+    b = restored(spec, a.snapshot()["window"])
     # nothing closed yet: an empty table, in the output schema
     empty = b.advance(0).emitted
     assert empty.num_rows == 0 and empty.num_columns == 4
@@ -347,7 +347,7 @@ def test_the_time_zone_survives_a_restore(ts_type: pa.DataType, values: list[int
 
 def test_an_empty_stage_round_trips() -> None:
     spec = SPECS["hopping"]
-    blob = stage(spec).snapshot()
+    blob = stage(spec).snapshot()["window"]
     b = restored(spec, blob)
     assert b.watermark_us is None and b.state_size() == 0 and b.open_floor_us() is None
     assert b.advance(5).emitted.num_rows == 0
@@ -361,16 +361,34 @@ def test_a_stage_with_only_a_watermark_keeps_the_larger_one() -> None:
     ops = ops_for(events(seed=6), seed=10)
     a = fed(spec, ops[:6])
     assert a.watermark_us is not None
-    blob = a.snapshot()
+    blob = a.snapshot()["window"]
     lower = stage(spec)
     lower.advance(a.watermark_us - 10**6)
-    lower.restore(blob)
+    lower.restore({"window": blob})
     assert lower.watermark_us == a.watermark_us
     higher = stage(spec)
     higher.advance(a.watermark_us + 10**6)
-    higher.restore(blob)
+    higher.restore({"window": blob})
     assert higher.watermark_us == a.watermark_us + 10**6
     assert higher.state_size() == a.state_size()
+
+
+def test_the_state_is_one_key_and_restore_ignores_the_keys_of_others() -> None:
+    spec = SPECS["session"]
+    ops = ops_for(events(seed=23), seed=24)
+    a = fed(spec, ops[:6])
+    state = a.snapshot()
+    assert list(state) == ["window"]
+    b = stage(spec)
+    b.restore({"join/orders:0": b"not ours", **state, "zzz": b""})
+    same_position(a, b)
+    same(run(b, ops[6:]), run(a, ops[6:]), loose=("sx",))  # sessions sum floats on threads
+    # nothing of ours: the stage stays as it is, rows folded or not
+    busy = fed(spec, ops[:3])
+    before = busy.snapshot()
+    busy.restore({})
+    busy.restore({"join/orders:0": b"not ours"})
+    assert busy.snapshot() == before
 
 
 # -- refusals ----------------------------------------------------------------------
@@ -379,8 +397,8 @@ def test_a_stage_with_only_a_watermark_keeps_the_larger_one() -> None:
 def test_restore_refuses_what_is_not_a_matching_snapshot_and_keeps_the_state() -> None:
     spec = SPECS["session"]
     ops = ops_for(events(seed=11), seed=12)
-    blob = fed(spec, ops[:8]).snapshot()
-    empty = stage(spec).snapshot()
+    blob = fed(spec, ops[:8]).snapshot()["window"]
+    empty = stage(spec).snapshot()["window"]
     fresh = stage(spec)
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0x40
@@ -393,8 +411,8 @@ def test_restore_refuses_what_is_not_a_matching_snapshot_and_keeps_the_state() -
     for message, blobs in bad.items():
         for wrong in blobs:
             with pytest.raises(StageError, match=message):
-                fresh.restore(wrong)
-            assert fresh.snapshot() == empty
+                fresh.restore({"window": wrong})
+            assert fresh.snapshot()["window"] == empty
     # a damaged blob whose checksum was made to match: still refused
     head = struct.Struct("<3sBII")
     _, _, n_meta, _ = head.unpack_from(blob)
@@ -402,10 +420,10 @@ def test_restore_refuses_what_is_not_a_matching_snapshot_and_keeps_the_state() -
     body[n_meta + 40 : n_meta + 60] = b"\x00" * 20
     forged = head.pack(b"SWN", 1, n_meta, zlib.crc32(body)) + bytes(body)
     with pytest.raises(StageError, match="damaged"):
-        fresh.restore(forged)
-    assert fresh.snapshot() == empty
-    fresh.restore(blob)  # untouched: the real one still goes in
-    assert fresh.snapshot() == restored(spec, blob).snapshot()
+        fresh.restore({"window": forged})
+    assert fresh.snapshot()["window"] == empty
+    fresh.restore({"window": blob})  # untouched: the real one still goes in
+    assert fresh.snapshot()["window"] == restored(spec, blob).snapshot()["window"]
 
 
 @pytest.mark.parametrize(
@@ -435,17 +453,17 @@ def test_restore_refuses_what_is_not_a_matching_snapshot_and_keeps_the_state() -
 )
 def test_restore_refuses_another_window_configuration(other: Window, message: str) -> None:
     spec = SPECS["tumbling"]
-    blob = fed(spec, ops_for(events(seed=13), seed=14)[:6]).snapshot()
+    blob = fed(spec, ops_for(events(seed=13), seed=14)[:6]).snapshot()["window"]
     s = stage(other)
-    empty = s.snapshot()
+    empty = s.snapshot()["window"]
     with pytest.raises(StageError, match=f"another window configuration.*{message}"):
-        s.restore(blob)
-    assert s.snapshot() == empty
+        s.restore({"window": blob})
+    assert s.snapshot()["window"] == empty
 
 
 def test_caps_lateness_and_output_names_may_change_across_a_restore() -> None:
     spec = SPECS["tumbling"]
-    blob = fed(spec, ops_for(events(seed=15), seed=16)[:6]).snapshot()
+    blob = fed(spec, ops_for(events(seed=15), seed=16)[:6]).snapshot()["window"]
     renamed = [
         Aggregation(
             agg=a.agg,
@@ -471,23 +489,23 @@ def test_caps_lateness_and_output_names_may_change_across_a_restore() -> None:
 def test_restore_needs_an_open_stage_without_rows() -> None:
     spec = SPECS["tumbling"]
     ops = ops_for(events(seed=17), seed=18)
-    blob = fed(spec, ops[:4]).snapshot()
+    blob = fed(spec, ops[:4]).snapshot()["window"]
     busy = fed(spec, ops[:2])
-    before = busy.snapshot()
+    before = busy.snapshot()["window"]
     with pytest.raises(StageError, match="has not folded any rows"):
-        busy.restore(blob)
-    assert busy.snapshot() == before
+        busy.restore({"window": blob})
+    assert busy.snapshot()["window"] == before
     # rows that were all late count as folded too: they moved the arrival counter
     late = stage(spec)
     late.advance(10**18)
     assert len(late.process(ops[0].data, None).late) > 0  # type: ignore[arg-type]
     with pytest.raises(StageError, match="has not folded any rows"):
-        late.restore(blob)
+        late.restore({"window": blob})
     closed = WindowStage(spec, "test")
     with pytest.raises(StageError, match="not open"):
-        closed.restore(blob)
+        closed.restore({"window": blob})
     with pytest.raises(StageError, match="not open"):
-        closed.snapshot()
+        closed.snapshot()["window"]
 
 
 # -- size --------------------------------------------------------------------------
@@ -522,7 +540,7 @@ def test_a_snapshot_of_100k_open_groups_is_compact() -> None:
     a = stage(spec)
     a.process(data, None)
     assert a.state_size() == groups
-    blob = a.snapshot()
+    blob = a.snapshot()["window"]
     # the state uncompressed: window start and end, key, id, first/last event
     # time and arrival, 7 accumulators (avg has two): 15 int64s and a bool a group
     raw = groups * (15 * 8 + 1)

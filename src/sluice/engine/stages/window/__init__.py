@@ -92,10 +92,11 @@ Semantics (``wm`` is the watermark in µs since the epoch):
   emitted are late instead of re-emitting those windows without their
   committed rows.
 * **Snapshots.** Alternatively the caller stores :meth:`WindowStage.snapshot`
-  (the whole state and the watermark) with the source positions in one
-  transaction and feeds it to :meth:`WindowStage.restore` on start, before the
-  first batch: the restored stage then emits exactly what the snapshotting one
-  would have for the rows read after it, and nothing needs replaying.
+  (state key ``"window"`` → the whole state and the watermark) with the source
+  positions in one transaction and feeds it to :meth:`WindowStage.restore` on
+  start, before the first batch: the restored stage then emits exactly what
+  the snapshotting one would have for the rows read after it, and nothing
+  needs replaying.
 
 Every failure of :meth:`~WindowStage.process` and :meth:`~WindowStage.restore`
 is a :class:`StageError` and leaves the state as it was before the call, so

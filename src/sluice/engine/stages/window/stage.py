@@ -4,8 +4,9 @@ package docstring)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -57,6 +58,9 @@ class WindowStage:
     Not thread-safe: the run loop calls it from one task at a time. Call
     :meth:`open` before the first batch; :meth:`close` drops the state.
     """
+
+    STATE_KEY: ClassVar[str] = "window"
+    """The one key of :meth:`snapshot`'s mapping."""
 
     def __init__(self, spec: Window, pipeline: str) -> None:
         self.spec = spec
@@ -168,8 +172,9 @@ class WindowStage:
 
     # -- snapshots --------------------------------------------------------------
 
-    def snapshot(self) -> bytes:
-        """Everything :meth:`restore` needs to go on where this stage is.
+    def snapshot(self) -> dict[str, bytes]:
+        """Everything :meth:`restore` needs to go on where this stage is, as
+        state key → blob: ``{"window": blob}``.
 
         The blob (format in :mod:`.snapshot`) holds the open (window, group)
         table, the aggregates' side state (exact count_distinct values, HLL
@@ -198,14 +203,15 @@ class WindowStage:
             "next_id": store.next_id,
             "tz": self._tz,
         }
-        return snapshot.encode(meta, pieces)
+        return {self.STATE_KEY: snapshot.encode(meta, pieces)}
 
-    def restore(self, blob: bytes) -> None:
+    def restore(self, state: Mapping[str, bytes]) -> None:
         """Load a :meth:`snapshot` into this open stage, which must not have
         folded a row yet (a watermark alone is fine: the stage keeps the larger
         of its own and the snapshot's, as watermarks only advance).
 
-        After it the stage behaves as the
+        Reads ``state["window"]`` and ignores every other key; without that
+        key the stage stays as it is. After it the stage behaves as the
         snapshotting stage did right after :meth:`snapshot`: the same rows in,
         the same rows and late indices out. Emits nothing; a raised watermark
         emits on the next call. Raises :class:`StageError` for a stage that is
@@ -216,6 +222,9 @@ class WindowStage:
         """
         if not self._open:
             raise StageError("window: the stage is not open")
+        blob = state.get(self.STATE_KEY)
+        if blob is None:
+            return
         store = self._store
         if self._seq or store.table is not None:
             raise StageError(
