@@ -22,7 +22,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 
 KAFKA = 'kind = "kafka"\nbootstrap_servers = "127.0.0.1:19092"\n'
 PG = 'kind = "postgres"\nurl = "postgresql://postgres@127.0.0.1:55432/postgres"\n'
-TARGET = f"[target]\n{PG}[target.table]\nname = \"out\"\n"
+TARGET = f'[target]\n{PG}[target.table]\nname = "out"\n'
 WINDOW = """
 [transform.window]
 kind = "tumbling"
@@ -139,10 +139,7 @@ _PLAN_LACKS = pytest.mark.xfail(
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=_PLAN_LACKS) if n == "window-late-dlq" else n
-        for n in sorted(VARIANTS)
-    ],
+    [pytest.param(n, marks=_PLAN_LACKS) if n == "window-late-dlq" else n for n in sorted(VARIANTS)],
 )
 def test_every_edge_of_a_variant_is_in_the_plan(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
