@@ -278,7 +278,7 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
         stage = JoinStage(spec, name)
         stage.open()
         for blob in store(f"{name}_state", name)["state"].values():
-            stage.restore(bytes(blob))
+            stage.restore_blob(bytes(blob))
         return stage
 
     wait_until(

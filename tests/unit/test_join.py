@@ -412,10 +412,10 @@ def test_snapshot_restore_round_trips_mid_stream() -> None:
     def swap(call: int, s: JoinStage) -> JoinStage:
         if call not in (5, 17):
             return s
-        blob = s.snapshot()
+        blob = s.snapshot_blob()
         sizes.append((sum(s.buffer_rows()), len(blob)))
         fresh = stage(spec)
-        fresh.restore(blob)
+        fresh.restore_blob(blob)
         assert fresh.buffer_rows() == s.buffer_rows()
         assert fresh.open_floor_us() == s.open_floor_us()
         assert fresh.watermark_us == s.watermark_us
@@ -445,17 +445,17 @@ def test_partitions_move_between_stages() -> None:
     for call in range(30):
         if call == 10:
             before = a.buffer_rows()
-            moved = a.snapshot({"p0"})
-            rest = a.snapshot(["p1", "p2"])
+            moved = a.snapshot_blob({"p0"})
+            rest = a.snapshot_blob(["p1", "p2"])
             a.drop_partitions({"p0"})
-            b.restore(moved)
+            b.restore_blob(moved)
             assert b.watermark_us == a.watermark_us
             assert b.buffer_rows()[0] + a.buffer_rows()[0] == before[0]
             assert b.buffer_rows()[1] + a.buffer_rows()[1] == before[1]
             assert min(b.buffer_rows()) > 0
             check = stage(spec)  # both halves restored into one stage: the whole state
-            check.restore(rest)
-            check.restore(moved)
+            check.restore_blob(rest)
+            check.restore_blob(moved)
             assert check.buffer_rows() == before
         batch: list[list[pa.Table | None]] = [[None, None], [None, None]]  # [stage][side]
         for side in (0, 1):
@@ -487,30 +487,48 @@ def test_rows_without_a_partition_stay_on_drop() -> None:
     s = stage(spec)
     s.process(side_table([0, 1, 2], ["a", "b", "c"], partition=["p0", None, "p1"]), None, None)
     assert s.buffer_rows() == (3, 0)
-    only_p0 = s.snapshot({"p0"})
+    only_p0 = s.snapshot_blob({"p0"})
     s.drop_partitions({"p0", "p9"})
     assert s.buffer_rows() == (2, 0)
     fresh = stage(spec)
-    fresh.restore(only_p0)
+    fresh.restore_blob(only_p0)
     assert fresh.buffer_rows() == (1, 0)
-    fresh.restore(s.snapshot())
+    fresh.restore_blob(s.snapshot_blob())
     assert fresh.buffer_rows() == (3, 0)
+
+
+def test_the_state_contract_keys_each_partition_and_restores_only_its_own_keys() -> None:
+    spec = join_spec("left_outer")
+    s = stage(spec)
+    s.process(side_table([0, 1, 2], ["a", "b", "c"], partition=["p0", None, "p1"]), None, 5 * MS)
+    state = s.snapshot()
+    assert sorted(state) == ["join", "join/p0", "join/p1"]
+    fresh = stage(spec)
+    fresh.restore({**state, "window": b"not ours"})
+    assert fresh.buffer_rows() == (3, 0) and fresh.watermark_us == 5 * MS
+    assert fresh.snapshot().keys() == state.keys()
+    s.drop_partitions({"p0"})
+    assert sorted(s.snapshot()) == ["join", "join/p1"]  # a checkpoint deletes join/p0
+    damaged = stage(spec)
+    with pytest.raises(StageError, match="not a join snapshot"):
+        damaged.restore({"join/p0": state["join/p0"], "join/p1": b"garbage"})
+    assert damaged.buffer_rows() == (0, 0) and damaged.watermark_us is None  # all or nothing
 
 
 def test_restore_refuses_unknown_versions_and_damage() -> None:
     spec = join_spec("full_outer")
     s = stage(spec)
     s.process(side_table([0], ["a"]), side_table([100], ["a"], right=True), 0)
-    blob = s.snapshot()
+    blob = s.snapshot_blob()
     fresh = stage(spec)
     with pytest.raises(StageError, match="format version 9 is not supported"):
-        fresh.restore(blob[:3] + bytes([9]) + blob[4:])
+        fresh.restore_blob(blob[:3] + bytes([9]) + blob[4:])
     with pytest.raises(StageError, match="not a join snapshot"):
-        fresh.restore(b"garbage")
+        fresh.restore_blob(b"garbage")
     with pytest.raises(StageError, match="truncated or damaged"):
-        fresh.restore(blob[:-10])
+        fresh.restore_blob(blob[:-10])
     assert fresh.buffer_rows() == (0, 0) and fresh.watermark_us is None
-    fresh.restore(blob)
+    fresh.restore_blob(blob)
     assert fresh.buffer_rows() == (1, 1) and fresh.watermark_us == 0
 
 
@@ -518,7 +536,7 @@ def test_restore_checks_the_schema_and_keeps_state_on_error() -> None:
     spec = join_spec("inner")
     s = stage(spec)
     s.process(side_table([0], ["a"]), None, 5 * MS)
-    blob = s.snapshot()
+    blob = s.snapshot_blob()
     other = stage(spec)
     other.process(
         pa.table(
@@ -534,12 +552,12 @@ def test_restore_checks_the_schema_and_keeps_state_on_error() -> None:
         None,
     )
     with pytest.raises(StageError, match="left column 'g' is int32 in this snapshot"):
-        other.restore(blob)
+        other.restore_blob(blob)
     assert other.buffer_rows() == (1, 0) and other.watermark_us is None
     # a stage with a higher watermark keeps it; one without takes the snapshot's
     higher = stage(spec)
     higher.advance(10 * MS)
-    higher.restore(blob)
+    higher.restore_blob(blob)
     assert higher.watermark_us == 10 * MS
 
 
@@ -548,10 +566,10 @@ def test_snapshot_is_compact_and_keeps_the_matched_flags() -> None:
     left, right = streams(15, n=20_000, span_ms=1_000_000)
     s = stage(spec)
     joined = s.process(left, right, None).emitted.num_rows
-    blob = s.snapshot()
+    blob = s.snapshot_blob()
     assert len(blob) < (left.nbytes + right.nbytes) / 2  # zstd-compressed IPC
     fresh = stage(spec)
-    fresh.restore(blob)
+    fresh.restore_blob(blob)
     assert fresh.buffer_rows() == (20_000, 20_000)
     unmatched = fresh.advance(BIG).emitted
     assert unmatched.equals(s.advance(BIG).emitted)

@@ -165,7 +165,7 @@ def test_a_transient_failure_retries_the_same_batch_without_committing_early() -
 def test_a_reconnect_that_fails_is_retried_before_the_write(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("sluice.engine.runner._RETRY_FIRST_S", 0.001)
+    monkeypatch.setattr("sluice.engine.retry.FIRST_WAIT_S", 0.001)
 
     @dataclass
     class Flaky(MemTarget):

@@ -88,8 +88,14 @@ class LogSource:
         table = pa.Table.from_pylist(rows)
         ts = pa.array([r["ts"] for r in rows], pa.int64()).cast(EVENT_TS_TYPE)
         table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), ts)
+        position: Position = {"log:0": self.next}
         return Batch(
-            self.id, table, {"log:0": self.next}, raw=_Records(payloads, first), epoch=self.epoch
+            self.id,
+            table,
+            position,
+            position=position,
+            raw=_Records(payloads, first),
+            epoch=self.epoch,
         )
 
     def commit(self, position: Position) -> None:
@@ -101,6 +107,12 @@ class LogSource:
         assert positions is None, "without a state store the committed offset is the start"
         self.rewinds += 1
         self.next = self.committed
+
+    def track(self, *, row_partitions: bool, wait_on_revoke: bool) -> None:
+        """One partition, no revokes to wait on: nothing to configure."""
+
+    def release_in_flight(self) -> None:
+        """Nothing waits on the batches handed out."""
 
     def close(self) -> None:
         pass

@@ -2,8 +2,12 @@
 
 One iteration handles one batch per source, start to finish; the next batch
 is read (and decoded) meanwhile, so at most two batches per source are in
-memory and a slow target slows the reads. Commits happen in exactly one
-place, :meth:`Runner._commit`, after every target flushed, in read order.
+memory and a slow target slows the reads. When and what the sources
+acknowledge is the commit policy's (``engine/commit.py``), chosen once per
+run; the loop tells it what was written and asks it to commit.
+
+The loop executes the graph ``flow plan`` prints: :meth:`Runner.edges` lists
+the edges it wired, with the plan's node ids.
 
 Connectors block; the loop runs them in worker threads (they release the GIL
 in librdkafka, libpq and Arrow), so signals and timers stay responsive.
@@ -12,14 +16,12 @@ in librdkafka, libpq and Arrow), so signals and timers stay responsive.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import functools
 import logging
-import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
@@ -28,48 +30,48 @@ import pyarrow as pa
 
 from sluice.config.spec import InMemoryStateStore, PipelineSpec
 from sluice.connectors import registry
-from sluice.connectors.api import EVENT_TS, Batch, Position, RawRecord, Source, Target
-from sluice.engine import dlq
+from sluice.connectors.api import (
+    EVENT_TS,
+    Batch,
+    Observable,
+    Partitioned,
+    RawRecord,
+    Seekable,
+    Source,
+    Target,
+)
+from sluice.engine import commit, dlq
 from sluice.engine import metrics as m
 from sluice.engine.lookups import LookupTables
-from sluice.engine.stages.join import PARTITION, JoinOutput, JoinStage
+from sluice.engine.retry import FIRST_WAIT_S, MAX_WAIT_S, STOPPED, Retry, quietly
+from sluice.engine.stages.base import Stage, TimedStage
+from sluice.engine.stages.join import PARTITION, JoinStage
 from sluice.engine.stages.sql import SqlStage
-from sluice.engine.stages.window import WindowOutput, WindowStage
+from sluice.engine.stages.window import WindowStage
 from sluice.engine.watermark import WatermarkFile, Watermarks, max_event_us
-from sluice.errors import DecodeError, SluiceError, StageError, TransientError
+from sluice.errors import DecodeError, SluiceError, StageError
 from sluice.functions import Function, collect
-from sluice.state import Checkpoint, StateStore, build_store
+from sluice.state import StateStore, build_store
 
 log = logging.getLogger("sluice")
 
-_RETRY_FIRST_S = 0.5  # first wait after a transient target failure
-_RETRY_MAX_S = 30.0  # waits double up to this; the batch is held, not re-read
-_NOT_READY_AFTER_S = 60.0  # /readyz turns 503 when a write has been failing this long
+#: Node id of the dead letters in the plan.
+DLQ_NODE = "dlq"
 
 
-class Stage(Protocol):
-    """A transform between the sources and the targets (SQL, window, join, cdc)."""
+@dataclass(frozen=True, slots=True)
+class _Transformed:
+    """What the stages made of one round's batches.
 
-    def open(self) -> None:
-        """Prepare (load lookups, connect to state)."""
+    ``out``: the rows to write (``None``: the round was set aside by
+    ``on_error``). ``letters``: dead letters the round produced (late rows).
+    ``tops_us``: per input batch, the largest event time of its rows that
+    reached the window or join (``None``: none did).
+    """
 
-    def process(self, data: pa.Table) -> pa.Table:
-        """Transform one batch; a failure is a :class:`StageError`."""
-
-    def close(self) -> None:
-        """Release what open() took."""
-
-
-class _Endpoint(Protocol):
-    """What the retry loop needs of a target or a dead-letter sink."""
-
-    id: str
-
-    def open(self) -> None:
-        """Connect."""
-
-    def close(self) -> None:
-        """Disconnect."""
+    out: pa.Table | None
+    letters: list[dlq.DeadLetter] = field(default_factory=list)
+    tops_us: tuple[int | None, ...] = ()
 
 
 @dataclass
@@ -117,26 +119,15 @@ class Runner:
             lateness_ms=wm.lateness_ms if wm else 0,
             idle_after_ms=wm.source_idleness_ms if wm else 60_000,
         )
+        # What each source can do, asked once (isinstance on a protocol is not free).
+        self._partitioned = [s for s in self.sources if isinstance(s, Partitioned)]
+        self._seekable = [s for s in self.sources if isinstance(s, Seekable)]
+        self._observable = [s for s in self.sources if isinstance(s, Observable)]
         self._idle_since: float | None = None
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
+        self._retry = Retry(self.name, stop)
         transform = spec.transform
-        # A durable store (postgres) holds the stage state and the source
-        # positions (see "State store" below). An in_memory store keeps state
-        # in the process, which the window and join stages do anyway: restarts
-        # are then safe through the commit holdback and the watermark file.
-        store_spec = spec.state_store
-        durable = store_spec is not None and not isinstance(store_spec, InMemoryStateStore)
-        self._store: StateStore | None = store or (build_store(store_spec) if durable else None)
-        self._checkpoint_s = (store_spec.checkpoint_interval_ms if store_spec else 60_000) / 1000
-        self._version = 0  # the store's checkpoint version this process continues
-        self._checkpoint_at = time.monotonic()
-        self._dirty = False  # batches processed since the last checkpoint
-        self._state_keys: set[str] = set()  # state keys the store holds for this pipeline
-        self._positions: dict[str, Position] = {src.id: {} for src in self.sources}
-        # False once a batch was processed but not written: its effect on the
-        # stage state must then not be checkpointed.
-        self._consistent = True
         self.on_error = transform.on_error if transform else "fail"
         self.stages: list[Stage] = []
         if transform is not None and transform.sql:
@@ -147,23 +138,81 @@ class Runner:
         join = transform.join if transform else None
         timed = window or join
         self._event_column = timed.event_time_column if timed else EVENT_TS
-        # Windows and joins hold offsets back until their state no longer
-        # needs the rows (see "Windows and joins" below).
         self._window = WindowStage(window, self.name) if window else None
         self._join = JoinStage(join, self.name, join.max_buffer_rows) if join else None
-        self._timed: WindowStage | JoinStage | None = self._window or self._join
-        self._window_file = (
-            WatermarkFile(self.name, _source_names(spec)) if timed and self._store is None else None
+        self._timed: TimedStage | None = self._window or self._join
+        # A durable store (postgres) holds the stage state and the source
+        # positions. An in_memory store keeps state in the process, which the
+        # window and join stages do anyway: restarts are then safe through the
+        # hold-back policy and the watermark file.
+        store_spec = spec.state_store
+        durable = store_spec is not None and not isinstance(store_spec, InMemoryStateStore)
+        self._store: StateStore | None = store or (build_store(store_spec) if durable else None)
+        self._policy = commit.choose(
+            self.name,
+            self.sources,
+            self._timed,
+            self._wm,
+            self._retry,
+            self._store,
+            store_spec.checkpoint_interval_ms if store_spec else 60_000,
+            WatermarkFile(self.name, _source_names(spec))
+            if timed and self._store is None
+            else None,
         )
-        self._pending: dict[str, collections.deque[tuple[Position, int | None]]] = {
-            src.id: collections.deque() for src in self.sources
-        }
+        # False once a batch was processed but not written: its effect on the
+        # stage state must then not be committed.
+        self._consistent = True
         self._epochs: dict[str, int] = {}
         self._dlq_own: dict[str, dlq.DeadLetterSink] = {}
         self._dlq_default: dlq.DeadLetterSink | None = None
         if self.on_error == "dlq" or (window is not None and window.late_data == "dlq"):
             ids = {i: src.id for i, src in enumerate(self.sources)}
             self._dlq_own, self._dlq_default = dlq.build_sinks(spec, ids)
+
+    def edges(self) -> list[tuple[str, str]]:
+        """The edges this runner wires, as (from, to) node ids of the plan
+        (``engine/plan.py``): sources → stages → targets, and what leaves for
+        the dead letters.
+
+        SQL runs per source batch before a window (each source's event
+        times count for its own watermark) and on the union otherwise; both
+        are the plan's union → sql, as the rows are the same.
+        """
+        spec = self.spec
+        names = (
+            [f"source:{spec.query_of(s)}" for s in spec.all_sources]
+            if len(spec.all_sources) == len(self.sources)
+            else [f"source:{s.id}" for s in self.sources]
+        )
+        edges: list[tuple[str, str]] = []
+        upstream = names
+        chain: list[str] = []
+        if self._join is not None:
+            chain.append("stage:join")
+        elif len(names) > 1:
+            chain.append("stage:union")
+        if self.stages:
+            chain.append("stage:sql")
+        if self._window is not None:
+            chain.append("stage:window")
+        if spec.transform is not None and spec.transform.cdc is not None:
+            chain.append("stage:cdc")  # applied by the CDC targets (engine/cdc.py)
+        for node in chain:
+            edges.extend((up, node) for up in upstream)
+            upstream = [node]
+        for i in range(len(self.targets)):
+            edges.extend((up, f"target:{i}") for up in upstream)
+        if self._dlq_default is not None or self._dlq_own:
+            if self.on_error == "dlq":
+                edges.extend((n, DLQ_NODE) for n in names)  # undecodable messages
+                # a batch a stage failed on (the SQL, the window or the join)
+                edges.extend(
+                    (n, DLQ_NODE) for n in chain if n in ("stage:sql", "stage:window", "stage:join")
+                )
+            if self._timed is not None and self._timed.spec.late_data == "dlq":
+                edges.append(("stage:window" if self._window else "stage:join", DLQ_NODE))
+        return list(dict.fromkeys(edges))
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -174,28 +223,18 @@ class Runner:
         """
         m.HEALTH.set_ready(False, "connecting")
         try:
-            for target in self.targets:
-                if not await self._retry(target, target.open, "open"):
-                    return
-            for sink in self._dlq_sinks():
-                if not await self._retry(sink, sink.open, "open"):
+            for endpoint in [*self.targets, *self._dlq_sinks()]:
+                if await self._retry(endpoint, endpoint.open, "open") is STOPPED:
                     return
             for stage in self.stages:
                 await asyncio.to_thread(stage.open)
-            resume: dict[str, Position] = {}
-            if self._store is not None:
-                checkpoint = await self._load()
-                if checkpoint is None:
-                    return
-                resume = checkpoint.positions
-            elif self._timed is not None:
-                await asyncio.to_thread(self._restore_window)
-            if self._timed is not None or self._store is not None:
-                for source in self.sources:
-                    if hasattr(source, "wait_on_revoke"):
-                        source.wait_on_revoke = False  # held offsets are never waited for
-                    if hasattr(source, "track_partitions") and self._timed is not None:
-                        source.track_partitions = True  # per-partition watermarks and state
+            resume = await self._policy.restore()
+            if resume is STOPPED:
+                return
+            held = self._policy.rewinds_on_rebalance
+            for partitioned in self._partitioned:
+                # Held commits are never waited for: a rebalance reads again instead.
+                partitioned.track(row_partitions=self._timed is not None, wait_on_revoke=not held)
             for source in self.sources:
                 await asyncio.to_thread(source.open, resume.get(source.id))
             m.UP.labels(self.name).set(1)
@@ -203,21 +242,21 @@ class Runner:
                 if not await self._iteration():
                     break
             if self._consistent:
-                await self._commit(final=True)  # a clean stop leaves nothing to replay
+                await self._policy.commit(final=True)  # a clean stop leaves nothing to replay
         finally:
             m.UP.labels(self.name).set(0)
             m.HEALTH.set_ready(False, "stopped")
             await self._drop_read_ahead()
             for source in self.sources:
-                await asyncio.to_thread(_quietly, source.close)
+                await asyncio.to_thread(quietly, source.close)
             for target in self.targets:
-                await asyncio.to_thread(_quietly, target.close)
+                await asyncio.to_thread(quietly, target.close)
             for sink in self._dlq_sinks():
-                await asyncio.to_thread(_quietly, sink.close)
+                await asyncio.to_thread(quietly, sink.close)
             for stage in self.stages:
-                await asyncio.to_thread(_quietly, stage.close)
+                await asyncio.to_thread(quietly, stage.close)
             if self._timed is not None:
-                await asyncio.to_thread(_quietly, self._timed.close)
+                await asyncio.to_thread(quietly, self._timed.close)
             if self._store is not None:
                 await asyncio.to_thread(self._store.close)
 
@@ -232,10 +271,8 @@ class Runner:
         forget it: it was never written, so it is never committed."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            for source in self.sources:
-                release = getattr(source, "release_in_flight", None)
-                if release is not None:
-                    release()  # a revoke inside that read must not wait for us
+            for partitioned in self._partitioned:
+                partitioned.release_in_flight()  # a revoke inside that read must not wait for us
             with contextlib.suppress(Exception):
                 await ahead
 
@@ -255,8 +292,8 @@ class Runner:
         self._update_ready()
         if not batches:
             return await self._idle()
-        if (self._timed is not None or self._store is not None) and self._rebalanced(batches):
-            return await self._reset_window()
+        if self._policy.rewinds_on_rebalance and self._rebalanced(batches):
+            return await self._read_again()
         self._idle_since = None
         if not self.stop.is_set():
             # Read ahead: the next batch is read and decoded while this one is
@@ -273,10 +310,9 @@ class Runner:
             )
             self._wm.observe(b.source_id, column, b.row_partitions, b.partitions)
         decoded = [b for b in batches if b.num_rows]
-        tops: dict[int, int | None] = {}
-        out: pa.Table | None = None
-        if decoded:
-            out = await self._transform(decoded, letters, tops)
+        result = await self._transform(decoded) if decoded else _Transformed(None)
+        letters.extend(result.letters)
+        out = result.out
         if letters and not await self._dead_letter(letters):
             log.warning("stopping with unwritten dead letters; the batch will be read again")
             self._consistent = False
@@ -285,13 +321,11 @@ class Runner:
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             self._consistent = False
             return False
-        for b in batches:
-            if self._store is not None:
-                self._positions[b.source_id].update(b.position)
-            else:
-                self._pending[b.source_id].append((b.position, tops.get(id(b))))
-        self._dirty = True
-        if not await self._commit(emitted=out is not None and out.num_rows > 0):
+        decoded_tops = iter(result.tops_us)  # one per decoded batch, in order
+        self._policy.on_batch(
+            batches, [next(decoded_tops, None) if b.num_rows else None for b in batches]
+        )
+        if not await self._policy.commit(emitted=out is not None and out.num_rows > 0):
             return False
         m.BATCHES.labels(self.name).inc()
         if out is not None:
@@ -328,35 +362,29 @@ class Runner:
             for i, why in batch.bad
         ]
 
-    async def _transform(
-        self, batches: list[Batch], letters: list[dlq.DeadLetter], tops: dict[int, int | None]
-    ) -> pa.Table | None:
-        """Run the stages; on failure apply on_error. None when the batch was set aside.
-
-        A window pipeline fills ``tops`` (``id(batch)`` → the largest event
-        time of its rows that reached the window) and adds its late rows to
-        ``letters`` under ``late_data = "dlq"``.
-        """
+    async def _transform(self, batches: list[Batch]) -> _Transformed:
+        """Run the stages over ``batches`` (each with rows); on failure apply
+        on_error and return no rows (dead letters under ``dlq``)."""
         if not self.stages and self._timed is None:
-            return self._union(batches)
+            return _Transformed(self._union(batches))
         attempts = self.spec.dlq_max_attempts or 1
         error: StageError | None = None
         for attempt in range(1, attempts + 1):
             try:
                 if self._window is not None:
-                    return await self._windowed(batches, letters, tops)
+                    return await self._windowed(self._window, batches)
                 if self._join is not None:
-                    return await self._joined(batches, letters, tops)
+                    return await self._joined(self._join, batches)
                 out = self._union(batches)
                 for stage in self.stages:
                     out = await asyncio.to_thread(stage.process, out)
-                return out
+                return _Transformed(out)
             except StageError as exc:
                 m.ERRORS.labels(self.name, "stage").inc()
                 error = exc
                 if attempt < attempts:
                     log.warning("batch failed (attempt %d of %d): %s", attempt, attempts, exc)
-                    await self._sleep(min(_RETRY_FIRST_S * 2 ** (attempt - 1), _RETRY_MAX_S))
+                    await self._retry.sleep(min(FIRST_WAIT_S * 2 ** (attempt - 1), MAX_WAIT_S))
         spans = "; ".join(f"source {b.source_id} {b.span()}" for b in batches)
         if self.on_error == "fail":
             raise StageError(f"{error} (batch from {spans})") from error
@@ -364,30 +392,17 @@ class Runner:
             rows = sum(b.num_rows for b in batches)
             m.ROWS_DROPPED.labels(self.name, "transform").inc(rows)
             log.warning("dropped a batch of %d row(s) (%s): %s", rows, spans, error)
-            return None
-        for b in batches:
-            letters.extend(self._batch_letters(b, str(error)))
-        return None
+            return _Transformed(None)
+        letters = [letter for b in batches for letter in self._batch_letters(b, str(error))]
+        return _Transformed(None, letters)
 
-    # -- windows ------------------------------------------------------------------
-    #
-    # Restart safety without a state store. A batch's offsets are committed
-    # only once every window its rows joined was emitted for the last time:
-    # batches wait in self._pending (position, largest event time) and a
-    # prefix of them is committed when its event times fall below the
-    # stage's open floor. The stage's watermark is stored after every write
-    # (WatermarkFile) and restored before the first batch, so rows replayed
-    # after a crash that belong to windows already emitted are late, and the
-    # windows still open are rebuilt from their replayed rows alone.
+    # -- windows and joins ----------------------------------------------------------
 
-    async def _windowed(
-        self, batches: list[Batch], letters: list[dlq.DeadLetter], tops: dict[int, int | None]
-    ) -> pa.Table:
+    async def _windowed(self, window: WindowStage, batches: list[Batch]) -> _Transformed:
         """SQL per source batch (each source's event times count for its own
         watermark), then the window over all of them."""
-        window = self._window
-        assert window is not None
         parts: list[pa.Table] = []
+        tops: list[int | None] = []
         for b in batches:
             out = b.data
             for stage in self.stages:
@@ -395,24 +410,20 @@ class Runner:
             column = out[self._event_column] if self._event_column in out.column_names else None
             if self._event_column not in b.data.column_names:  # computed by the SQL
                 self._wm.observe(b.source_id, column)
-            tops[id(b)] = None if column is None else max_event_us(column)
+            tops.append(None if column is None else max_event_us(column))
             parts.append(out)
         data = (
             parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
         )
         result = await asyncio.to_thread(window.process, data, self._wm.global_us())
-        if len(result.late):
-            self._late_rows(result.late, batches, parts, letters)
+        letters = self._late_rows(result.late, batches, parts) if len(result.late) else []
         m.WINDOWS_EMITTED.labels(self.name).inc(result.emitted.num_rows)
-        return result.emitted
+        return _Transformed(result.emitted, letters, tuple(tops))
 
-    async def _joined(
-        self, batches: list[Batch], letters: list[dlq.DeadLetter], tops: dict[int, int | None]
-    ) -> pa.Table:
+    async def _joined(self, join: JoinStage, batches: list[Batch]) -> _Transformed:
         """The join over this round's batches, each source on its side."""
-        join = self._join
-        assert join is not None
         sides: tuple[list[Batch], list[Batch]] = ([], [])
+        tops: list[int | None] = []
         for b in batches:
             if b.source_id not in (join.spec.left_source, join.spec.right_source):
                 raise StageError(f"join: source '{b.source_id}' is on neither side of the join")
@@ -420,14 +431,15 @@ class Runner:
             column = (
                 b.data[self._event_column] if self._event_column in b.data.column_names else None
             )
-            tops[id(b)] = None if column is None else max_event_us(column)
+            tops.append(None if column is None else max_event_us(column))
+        # A policy that stores the state per source partition needs each
+        # buffered row's partition.
+        tag = self._policy.checkpoints_state
 
         def side(group: list[Batch]) -> pa.Table | None:
             if not group:
                 return None
-            # With a store, buffered rows carry their source partition: the
-            # state is stored per partition.
-            tables = [_tagged(b) if self._store is not None else b.data for b in group]
+            tables = [_tagged(b) if tag else b.data for b in group]
             return (
                 tables[0]
                 if len(tables) == 1
@@ -437,46 +449,46 @@ class Runner:
         result = await asyncio.to_thread(
             join.process, side(sides[0]), side(sides[1]), self._wm.global_us()
         )
+        letters: list[dlq.DeadLetter] = []
         for group, late in zip(sides, (result.late_left, result.late_right), strict=True):
             if len(late):
-                self._late_rows(late, group, [b.data for b in group], letters)
-        return result.emitted
+                letters += self._late_rows(late, group, [b.data for b in group])
+        return _Transformed(result.emitted, letters, tuple(tops))
 
     def _late_rows(
-        self,
-        late: npt.NDArray[np.int64],
-        batches: list[Batch],
-        parts: list[pa.Table],
-        letters: list[dlq.DeadLetter],
-    ) -> None:
+        self, late: npt.NDArray[np.int64], batches: list[Batch], parts: list[pa.Table]
+    ) -> list[dlq.DeadLetter]:
         """Count late rows, or turn them into dead letters (``late_data = "dlq"``)."""
         assert self._timed is not None
         policy = self._timed.spec.late_data
         if policy != "dlq":
             m.LATE_ROWS_DROPPED.labels(self.name, policy).inc(len(late))
-            return
+            return []
         ends = np.cumsum([p.num_rows for p in parts])
         owner = np.searchsorted(ends, late, side="right")
         reason = f"late: event time before the watermark (late_data = dlq, {self._event_column})"
+        letters: list[dlq.DeadLetter] = []
         for k, (b, part) in enumerate(zip(batches, parts, strict=True)):
             local = late[owner == k] - (ends[k] - part.num_rows)
             if not len(local):
                 continue
             if not self.stages and b.raw is not None:  # window input rows are the decoded rows
                 index = b.rows
+                raw = b.raw
                 letters.extend(
                     dlq.DeadLetter(
                         self.name,
                         b.source_id,
                         "window",
                         reason,
-                        b.raw.record(index[i] if index is not None else int(i)),
+                        raw.record(index[i] if index is not None else int(i)),
                     )
                     for i in local
                 )
                 continue
             # After SQL a row has no single raw record: the row itself, as JSON.
             letters.extend(self._row_letters(b, "window", reason, part.take(pa.array(local))))
+        return letters
 
     def _rebalanced(self, batches: list[Batch]) -> bool:
         """Whether a batch comes from a newer partition assignment than the last one."""
@@ -486,52 +498,32 @@ class Runner:
                 changed = True
         return changed
 
-    async def _reset_window(self) -> bool:
+    async def _read_again(self) -> bool:
         """After a rebalance: forget the stage state and what was read since
-        the last commit, and read again from the committed offsets (with a
-        state store: from its last checkpoint, state and positions). False
+        the last commit, and read again from there (the policy says where:
+        a checkpoint's positions, else each source's committed ones). False
         when stopped while the store was down."""
         log.warning(
             "partitions were reassigned: dropping the state read since the last commit and "
             "reading again from there"
         )
         await self._drop_read_ahead()
-        positions: dict[str, Position] = {}
-        if self._store is not None:
-            checkpoint = await self._load()
-            if checkpoint is None:
-                return False
-            positions = checkpoint.positions
+        positions = await self._policy.restore()
+        if positions is STOPPED:
+            return False
+        for seekable in self._seekable:
+            await asyncio.to_thread(seekable.rewind, positions.get(seekable.id))
         for source in self.sources:
-            rewind = getattr(source, "rewind", None)
-            if rewind is not None:  # to the checkpoint's positions, else the committed ones
-                await asyncio.to_thread(rewind, positions.get(source.id))
-            self._epochs[source.id] = getattr(source, "epoch", 0)
-            self._pending[source.id].clear()
-        if self._store is None:
-            await asyncio.to_thread(self._restore_window)
+            self._epochs[source.id] = source.epoch if isinstance(source, Partitioned) else 0
         return True
 
-    def _restore_window(self) -> None:
-        """Start the window stage empty, at the watermark stored by the last run."""
-        assert self._timed is not None and self._window_file is not None
-        self._timed.close()
-        self._timed.open()
-        stored = self._window_file.load()
-        if stored is not None:
-            self._timed.advance(stored)
-            self._wm.restore(stored)
-
-    async def _window_tick(self) -> bool:
+    async def _window_tick(self, stage: TimedStage) -> bool:
         """Idle tick: emit what the watermark closed; False when stopped mid-write."""
-        window = self._timed
-        assert window is not None
         mark = self._wm.global_us()
-        if mark is None or (window.watermark_us is not None and mark <= window.watermark_us):
+        if mark is None or (stage.watermark_us is not None and mark <= stage.watermark_us):
             return True
-        advance: Callable[[int], WindowOutput | JoinOutput] = window.advance
-        emitted = (await asyncio.to_thread(advance, mark)).emitted
-        self._dirty = True  # the watermark moved; a join evicted
+        emitted = (await asyncio.to_thread(stage.advance, mark)).emitted
+        self._policy.on_advance()  # the watermark moved; a join evicted
         if emitted.num_rows:
             if self._window is not None:
                 m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
@@ -539,7 +531,7 @@ class Runner:
                 self._consistent = False
                 return False
             m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
-        return await self._commit(emitted=emitted.num_rows > 0)
+        return await self._policy.commit(emitted=emitted.num_rows > 0)
 
     def _batch_letters(self, batch: Batch, error: str) -> list[dlq.DeadLetter]:
         """Dead letters for every decoded row of ``batch`` (raw when the source kept it)."""
@@ -560,7 +552,7 @@ class Runner:
     ) -> list[dlq.DeadLetter]:
         """Dead letters whose payloads are ``rows`` (of ``batch``) as JSON."""
         encoder = msgspec.json.Encoder()
-        partition = ",".join(batch.partitions or tuple(batch.position))
+        partition = ",".join(batch.partitions or tuple(batch.position or ()))
         return [
             dlq.DeadLetter(
                 self.name,
@@ -574,42 +566,37 @@ class Runner:
 
     async def _dead_letter(self, letters: list[dlq.DeadLetter]) -> bool:
         """Write ``letters`` durably to their sinks; False when stopped while retrying."""
-        groups: dict[int, tuple[dlq.DeadLetterSink, list[dlq.DeadLetter]]] = {}
+        groups: dict[str, tuple[dlq.DeadLetterSink, list[dlq.DeadLetter]]] = {}
         for letter in letters:
             sink = self._dlq_own.get(letter.source, self._dlq_default)
             if sink is None:  # on_error = dlq always builds a default sink
                 raise SluiceError("no dead-letter destination configured")
-            groups.setdefault(id(sink), (sink, []))[1].append(letter)
+            groups.setdefault(sink.id, (sink, []))[1].append(letter)
         for sink, group in groups.values():
-
-            def write(s: dlq.DeadLetterSink = sink, g: list[dlq.DeadLetter] = group) -> None:
-                s.write(g)
-
-            if not await self._retry(sink, write, "write"):
+            if await self._retry(sink, functools.partial(sink.write, group), "write") is STOPPED:
                 return False
             m.DLQ_WRITES.labels(self.name).inc(len(group))
         return True
 
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
-        if self._timed is not None and not await self._window_tick():
+        if self._timed is not None and not await self._window_tick(self._timed):
             return False
-        if self._store is not None and not await self._commit():  # interval checkpoint
+        if not await self._policy.commit():  # a checkpoint may be due by its interval
             return False
         now = time.monotonic()
         # Idleness counts only once every source is connected: a consumer
         # still joining its group has not seen the data yet.
-        connected = all(getattr(s, "connected", True) for s in self.sources)
-        if self._idle_since is None and connected:
+        if self._idle_since is None and self._connected():
             self._idle_since = now
         if self._idle_since is None:
-            await self._sleep(self.spec.idle_pause_ms / 1000)
+            await self._retry.sleep(self.spec.idle_pause_ms / 1000)
             return True
         limit = self.options.stop_after_idle_ms
         if limit is not None and (now - self._idle_since) * 1000 >= limit:
             return False
         self._export_watermarks()
-        await self._sleep(self.spec.idle_pause_ms / 1000)
+        await self._retry.sleep(self.spec.idle_pause_ms / 1000)
         return True
 
     def _union(self, batches: list[Batch]) -> pa.Table:
@@ -627,211 +614,27 @@ class Runner:
         partial fan-out duplicates nothing.
         """
         for target in self.targets:
-
-            def write_and_flush(t: Target = target) -> None:
-                t.write(data)
-                t.flush()
-
-            if not await self._retry(target, write_and_flush, "write"):
+            if await self._retry(
+                target, functools.partial(_write_and_flush, target, data), "write"
+            ) is (STOPPED):
                 return False
-        return True
-
-    async def _retry(self, target: _Endpoint, action: Callable[[], None], what: str) -> bool:
-        """Run ``action`` until it succeeds, reconnecting on transient errors.
-
-        Returns False when a stop is requested while waiting; any
-        non-transient error propagates. Waits double from 0.5 s up to 30 s.
-        """
-        backoff = _RETRY_FIRST_S
-        failing_since: float | None = None
-        reopen = False
-        while True:
-            try:
-                if reopen:  # reconnect first: the action needs an open endpoint
-                    await asyncio.to_thread(target.open)
-                    reopen = False
-                await asyncio.to_thread(action)
-            except TransientError as exc:
-                now = time.monotonic()
-                failing_since = failing_since or now
-                m.ERRORS.labels(self.name, "transient").inc()
-                m.RETRIES.labels(self.name, target.id).inc()
-                if now - failing_since >= _NOT_READY_AFTER_S:
-                    m.HEALTH.set_ready(False, f"{target.id} failing: {exc}")
-                log.warning("%s %s failed, retrying in %.1fs: %s", target.id, what, backoff, exc)
-                await asyncio.to_thread(_quietly, target.close)
-                await self._sleep(backoff * random.uniform(0.8, 1.2))
-                if self.stop.is_set():
-                    return False
-                backoff = min(backoff * 2, _RETRY_MAX_S)
-                reopen = what != "open"
-                continue
-            return True
-
-    async def _commit(self, emitted: bool = False, final: bool = False) -> bool:
-        """Acknowledge to each source the batches it may forget, in read order.
-        The only commit; False when stopped while the state store was down.
-
-        With a durable state store: a checkpoint (see :meth:`_checkpoint`)
-        when this round ``emitted`` rows, on the ``final`` call, or once
-        ``checkpoint_interval_ms`` passed. Without a store and without a
-        window or join: every batch written. With a window or join: the
-        stage's watermark is stored first, then each source's longest prefix
-        of batches whose rows lie before every open window or buffered row (a
-        batch without such rows never holds back).
-        """
-        if self._store is not None:
-            due = time.monotonic() - self._checkpoint_at >= self._checkpoint_s
-            if self._dirty and (emitted or final or due):
-                return await self._checkpoint()
-            return True
-        floor: int | None = None
-        if self._timed is not None and self._window_file is not None:
-            await asyncio.to_thread(self._window_file.save, self._timed.watermark_us)
-            floor = self._timed.open_floor_us()
-        by_id = {s.id: s for s in self.sources}
-        for source_id, queue in self._pending.items():
-            last: Position | None = None
-            while queue and (floor is None or queue[0][1] is None or queue[0][1] < floor):
-                last = queue.popleft()[0]
-            if last is not None:
-                await self._acknowledge(by_id[source_id], last)
-        return True
-
-    async def _acknowledge(self, source: Source, position: Position) -> None:
-        """Commit ``position`` to the source (the broker), after the durable writes."""
-        await asyncio.to_thread(source.commit, position)
-        m.COMMITS.labels(self.name, source.id).inc()
-
-    # -- state store ----------------------------------------------------------------
-    #
-    # With a durable store the store, not the broker, is the source of truth.
-    # A checkpoint writes the stage state (as versioned blobs: "window", or
-    # "join/<partition>" per source partition), the position after the last
-    # batch processed of every source, and the stage watermark, in one
-    # transaction fenced on the version this process loaded; the broker
-    # commit of the same positions follows (for lag monitoring and for
-    # sources that acknowledge). Rows read after the checkpoint only live in
-    # the stage: after a crash or a rebalance the stage is restored from the
-    # checkpoint and the sources seek back to its positions, so every row
-    # reaches the state exactly once. Output emitted after the checkpoint is
-    # emitted again on replay, which is why every emit checkpoints at once.
-
-    async def _load(self) -> Checkpoint | None:
-        """Connect the store and restore the stage from the last checkpoint;
-        None when stopped while the store was down."""
-        store = self._store
-        assert store is not None
-        if not await self._retry(store, store.open, "open"):
-            return None
-        loaded: list[Checkpoint] = []
-
-        def load() -> None:
-            loaded.append(store.load(self.name))
-
-        if not await self._retry(store, load, "load"):
-            return None
-        checkpoint = loaded[0]
-        await asyncio.to_thread(self._restore, checkpoint)
-        if checkpoint.version:
-            log.info(
-                "resuming from checkpoint %d (%d state keys, positions of %d sources)",
-                checkpoint.version,
-                len(checkpoint.state),
-                len(checkpoint.positions),
-            )
-        return checkpoint
-
-    def _restore(self, checkpoint: Checkpoint) -> None:
-        """Start the stage from ``checkpoint``'s state and watermark."""
-        self._version = checkpoint.version
-        self._state_keys = set(checkpoint.state)
-        self._positions = {src.id: {} for src in self.sources}
-        self._dirty = False
-        self._checkpoint_at = time.monotonic()
-        stage = self._timed
-        if stage is None:
-            return
-        stage.close()
-        stage.open()
-        if isinstance(stage, WindowStage):
-            blob = checkpoint.state.get("window")
-            if blob is not None:
-                stage.restore(blob)
-        else:
-            for key in sorted(checkpoint.state):
-                if key.startswith("join/"):
-                    stage.restore(checkpoint.state[key])
-        wm = checkpoint.watermark_us
-        if wm is not None:
-            if stage.watermark_us is None or stage.watermark_us < wm:
-                stage.advance(wm)  # nothing is open that it could close
-            self._wm.restore(wm)
-
-    def _snapshot(self) -> tuple[dict[str, bytes], set[str]]:
-        """The stage state as store keys: (upserts, deletes of keys now empty)."""
-        stage = self._timed
-        if stage is None:
-            return {}, set()
-        if isinstance(stage, WindowStage):
-            return {"window": stage.snapshot()}, set()
-        upserts = {f"join/{p}": stage.snapshot([p]) for p in sorted(stage.partitions())}
-        return upserts, {k for k in self._state_keys if k not in upserts}
-
-    async def _checkpoint(self) -> bool:
-        """Commit state, positions and watermark to the store in one
-        transaction (retrying while it is down), then to the sources."""
-        store = self._store
-        assert store is not None
-        started = time.perf_counter()
-        upserts, deletes = await asyncio.to_thread(self._snapshot)
-        positions = {k: dict(v) for k, v in self._positions.items() if v}
-        watermark = self._timed.watermark_us if self._timed is not None else None
-        versions: list[int] = []
-
-        def commit() -> None:
-            versions.append(
-                store.commit(
-                    self.name,
-                    upserts,
-                    deletes,
-                    positions,
-                    watermark,
-                    expected_version=self._version,
-                )
-            )
-
-        if not await self._retry(store, commit, "commit"):
-            return False
-        self._version = versions[-1]
-        self._state_keys = (self._state_keys | set(upserts)) - deletes
-        self._dirty = False
-        self._checkpoint_at = time.monotonic()
-        m.CHECKPOINTS.labels(self.name).inc()
-        m.CHECKPOINT_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        m.STATE_BYTES.labels(self.name).set(sum(len(v) for v in upserts.values()))
-        by_id = {s.id: s for s in self.sources}
-        for source_id, position in positions.items():
-            await self._acknowledge(by_id[source_id], position)
-            self._positions[source_id] = {}
         return True
 
     # -- observability ----------------------------------------------------------
 
+    def _connected(self) -> bool:
+        return all(s.connected for s in self._observable)
+
     def _update_ready(self) -> None:
-        for source in self.sources:
-            if not getattr(source, "connected", True):
+        for source in self._observable:
+            if not source.connected:
                 self._wm.touch(source.id)  # still joining: it holds the watermark, not idle
-        connected = all(getattr(s, "connected", True) for s in self.sources)
-        if connected:
+        if self._connected():
             m.HEALTH.set_ready(True)
         else:
             m.HEALTH.set_ready(False, "waiting for source partitions")
-        for source in self.sources:
-            lag = getattr(source, "lag", None)
-            if lag is None:
-                continue
-            current = lag()
+        for source in self._observable:
+            current = source.lag()
             # A partition that moved to another process must stop being reported here.
             for part in self._lag_labels.get(source.id, set()) - set(current):
                 m.CONSUMER_LAG.remove(self.name, source.id, part)
@@ -855,11 +658,6 @@ class Runner:
             m.JOIN_BUFFER_ROWS.labels(self.name, "left").set(left)
             m.JOIN_BUFFER_ROWS.labels(self.name, "right").set(right)
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, waking early when a stop is requested."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-
 
 def _source_names(spec: PipelineSpec) -> str:
     """What a stored watermark was measured on: each source's kind, query and group."""
@@ -880,8 +678,6 @@ def _tagged(batch: Batch) -> pa.Table:
     return batch.data.append_column(PARTITION, parts)
 
 
-def _quietly(action: Callable[[], None]) -> None:
-    try:
-        action()
-    except (SluiceError, OSError) as exc:
-        log.debug("ignored while closing: %s", exc)
+def _write_and_flush(target: Target, data: pa.Table) -> None:
+    target.write(data)
+    target.flush()

@@ -9,6 +9,9 @@ before the position are not read (documented; name files by time).
 
 ``_event_ts`` is the file's modification time when the file has no such
 column.
+
+The source is :class:`~sluice.connectors.api.Seekable`: a batch's ack token
+and position are both ``{prefix: file name}``.
 """
 
 from __future__ import annotations
@@ -49,19 +52,20 @@ class LocalFilesSource:
             state_dir() / safe_name(ctx.pipeline.pipeline_name) / f"{safe_name(self.prefix)}.json"
         )
         self._cursor = ""  # last file handed out (read, maybe not committed)
-        self.connected = False
 
     def open(self, resume: Position | None) -> None:
         """Start after ``resume`` or after the last committed file."""
-        last = (resume or {}).get(self.prefix)
+        self.rewind(resume)
+
+    def rewind(self, position: Position | None) -> None:
+        """Read next the file after ``position``'s, else after the last committed one."""
+        last = (position or {}).get(self.prefix)
         if last is None:
             last = (read_json(self._checkpoint) or {}).get("last_file")
         self._cursor = str(last or "")
-        self.connected = True
 
     def close(self) -> None:
         """Nothing to release."""
-        self.connected = False
 
     def _pending(self) -> list[str]:
         if not self.root.exists():
@@ -96,8 +100,14 @@ class LocalFilesSource:
                 pc.cast(table[EVENT_TS], EVENT_TS_TYPE),
             )
         self._cursor = name
+        position: Position = {self.prefix: name}
         return Batch(
-            self.id, table, {self.prefix: name}, raw_count=table.num_rows, partitions=(self.prefix,)
+            self.id,
+            table,
+            position,
+            position=position,
+            raw_count=table.num_rows,
+            partitions=(self.prefix,),
         )
 
     def _load(self, path: Path) -> pa.Table:
@@ -113,7 +123,8 @@ class LocalFilesSource:
         raise ConnectorError(f"unknown format {fmt}")  # pragma: no cover - the spec is closed
 
     def commit(self, position: Position) -> None:
-        """Record the last file written durably (atomic rename, fsynced)."""
+        """Record the last file written durably (atomic rename, fsynced);
+        ``position`` is a batch's ack token."""
         last = position.get(self.prefix)
         if last is None:
             return

@@ -10,8 +10,13 @@
 * On assignment with a resume position (state store), partitions seek to it.
 * Every assignment starts a new ``epoch``; batches carry the epoch they were
   read in. A window pipeline holds offsets back for the open windows, so it
-  sets ``wait_on_revoke`` off and, after a rebalance, drops its windows and
-  calls :meth:`KafkaSource.rewind` to read again from the committed offsets.
+  turns ``wait_on_revoke`` off (:meth:`KafkaSource.track`) and, after a
+  rebalance, drops its windows and calls :meth:`KafkaSource.rewind` to read
+  again from the committed offsets.
+* The source is :class:`~sluice.connectors.api.Seekable`,
+  :class:`~sluice.connectors.api.Partitioned` and
+  :class:`~sluice.connectors.api.Observable`; a batch's ack token is its
+  position.
 """
 
 from __future__ import annotations
@@ -230,6 +235,11 @@ class KafkaSource:
             self._in_flight += 1
         return batch
 
+    def track(self, *, row_partitions: bool, wait_on_revoke: bool) -> None:
+        """See :meth:`sluice.connectors.api.Partitioned.track`."""
+        self.track_partitions = row_partitions
+        self.wait_on_revoke = wait_on_revoke
+
     def release_in_flight(self) -> None:
         """The engine will not commit the batches handed out (it is stopping)."""
         with self._settled:
@@ -270,6 +280,7 @@ class KafkaSource:
             self.id,
             table,
             position,
+            position=position,
             raw_count=len(msgs),
             partitions=tuple(sorted(self._assigned)),
             raw=_Records(msgs),
@@ -343,7 +354,8 @@ class KafkaSource:
     # -- committing ------------------------------------------------------------
 
     def commit(self, position: Position) -> None:
-        """Synchronously commit ``position`` for the partitions still assigned."""
+        """Synchronously commit ``position`` (a batch's ack token) for the
+        partitions still assigned."""
         try:
             self._commit(position)
         finally:

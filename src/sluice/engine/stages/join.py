@@ -87,16 +87,17 @@ right row's event time in µs):
   buffered after the call's eviction, the call fails.
 * **Partitions.** An input table may carry a string column ``__partition``
   (the source partition the row came from). It is kept in the buffers, never
-  output, and lets :meth:`~JoinStage.snapshot` and
+  output, and lets :meth:`~JoinStage.snapshot_blob` and
   :meth:`~JoinStage.drop_partitions` select rows by partition, so a Kafka
   partition that moves to another process takes its buffered rows along. A
   row without one belongs to no partition.
 
 * **Restart safety.** The buffers hold rows of batches whose offsets were
-  committed long ago, so they cannot be rebuilt by replay: the run loop
-  persists :meth:`~JoinStage.snapshot` with the source positions in one
-  transaction and feeds it to :meth:`~JoinStage.restore` on start (before the
-  first batch, so the restored watermark judges the replayed rows).
+  committed long ago, so they cannot be rebuilt by replay: the commit policy
+  persists :meth:`~JoinStage.snapshot` (one key per partition,
+  ``join/<partition>``) with the source positions in one transaction and
+  feeds it to :meth:`~JoinStage.restore` on start (before the first batch,
+  so the restored watermark judges the replayed rows).
   :meth:`~JoinStage.open_floor_us` says how far back in event time the
   buffered state reaches.
 
@@ -109,7 +110,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,7 @@ _MAGIC = b"SJN"
 _VERSION = 1
 _HEADER = struct.Struct("<3sBBqQQ")
 _SIDES = ("left", "right")
+_KEY = "join"  # state key of the rows without a partition; "join/<p>" for partition p
 
 
 @dataclass
@@ -295,7 +297,42 @@ class JoinStage:
 
     # -- snapshots --------------------------------------------------------------
 
-    def snapshot(self, partitions: Collection[str] | None = None) -> bytes:
+    def snapshot(self) -> dict[str, bytes]:
+        """The whole state as state-store keys (see
+        :meth:`sluice.engine.stages.base.StatefulStage.snapshot`): one
+        :meth:`snapshot_blob` per buffered partition, under
+        ``join/<partition>``, and the rows without a partition (none when the
+        run loop tags them, as it does with a state store) under ``join``.
+
+        A partition without buffered rows has no key: a checkpoint deletes
+        the key it stored for it before. The state is not changed.
+        """
+        self._require_open()
+        state = {f"{_KEY}/{p}": self.snapshot_blob([p]) for p in sorted(self.partitions())}
+        if any(
+            buf is not None and buf.rows and bool(pc.any(self._unpartitioned(buf.table)).as_py())
+            for buf in self._bufs
+        ):
+            state[_KEY] = self._encode(None, unpartitioned=True)
+        return state
+
+    def restore(self, state: Mapping[str, bytes]) -> None:
+        """Add the rows of a :meth:`snapshot` (possibly merged from several
+        stages' partitions) after the rows already buffered, with
+        :meth:`restore_blob` per key ``join`` or ``join/...``, in key order;
+        other keys are ignored. On a :class:`StageError` the state is left as
+        it was before the call."""
+        self._require_open()
+        before = (self._wm, list(self._schemas), list(self._bufs), self._key_types)
+        try:
+            for key in sorted(state):
+                if key == _KEY or key.startswith(f"{_KEY}/"):
+                    self.restore_blob(state[key])
+        except StageError:
+            self._wm, self._schemas, self._bufs, self._key_types = before
+            raise
+
+    def snapshot_blob(self, partitions: Collection[str] | None = None) -> bytes:
         """The buffers, their "matched" flags, the side schemas and the watermark,
         in a versioned binary format (Arrow IPC, zstd-compressed when available).
 
@@ -304,6 +341,16 @@ class JoinStage:
         not changed.
         """
         self._require_open()
+        return self._encode(partitions)
+
+    @staticmethod
+    def _unpartitioned(table: pa.Table) -> pa.ChunkedArray:
+        part = table[PARTITION]
+        return pc.or_(pc.is_null(part), pc.equal(part, "")).fill_null(True)
+
+    def _encode(self, partitions: Collection[str] | None, unpartitioned: bool = False) -> bytes:
+        """The rows of ``partitions`` (``None``: every row, or with
+        ``unpartitioned`` only the rows without a partition) as one blob."""
         parts = None if partitions is None else pa.array(sorted(partitions), pa.string())
         blobs = []
         for side in (0, 1):
@@ -313,8 +360,12 @@ class JoinStage:
                 continue
             table = _empty_buffer(schema).table if buf is None else buf.table
             matched = np.zeros(0, np.bool_) if buf is None else buf.matched
+            keep = None
             if parts is not None and table.num_rows:
                 keep = pc.is_in(table[PARTITION], value_set=parts).fill_null(False)
+            elif unpartitioned and table.num_rows:
+                keep = self._unpartitioned(table)
+            if keep is not None:
                 table = table.filter(keep)
                 matched = matched[_np(keep).astype(np.bool_)]
             table = table.append_column("matched", pa.array(matched, pa.bool_()))
@@ -325,8 +376,8 @@ class JoinStage:
         )
         return head + blobs[0] + blobs[1]
 
-    def restore(self, blob: bytes) -> None:
-        """Add a :meth:`snapshot`'s rows after the rows already buffered.
+    def restore_blob(self, blob: bytes) -> None:
+        """Add a :meth:`snapshot_blob`'s rows after the rows already buffered.
 
         Fixes a side's schema from the snapshot when no batch has; otherwise
         the snapshot's columns must match it. Raises the watermark to the

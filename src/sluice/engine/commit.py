@@ -1,0 +1,353 @@
+"""Commit policies: when the run loop tells the sources (and a state store)
+that rows are done with.
+
+The policy is chosen once per run, from the pipeline's shape, by
+:func:`choose`; the loop then calls the same four methods whatever it is:
+
+1. :meth:`CommitPolicy.restore` before the sources open, and again after a
+   rebalance: start the stateful stage from the last commit and say where the
+   sources read from.
+2. :meth:`CommitPolicy.on_batch` once the batches' rows are durable in every
+   target (and dead-letter sink).
+3. :meth:`CommitPolicy.on_advance` when the stage state changed without a
+   batch (an idle tick moved the watermark).
+4. :meth:`CommitPolicy.commit` after every write round and idle tick, and
+   once more (``final``) on a clean stop. It is the only code that commits.
+
+The order of a commit never changes: every target was flushed before the
+call → state and source positions in one store transaction (checkpoint
+policy) → the sources acknowledge, each in read order.
+
+* :class:`Immediate`: no window or join, no durable store. Every batch
+  written is acknowledged at the next commit.
+* :class:`HoldBack`: a window or join without a durable store. The stage
+  state lives in memory only, so a batch is acknowledged only once no open
+  window or buffered row needs its rows (they are replayed after a crash);
+  the stage's watermark goes to a :class:`WatermarkFile` first, so replayed
+  rows of windows already emitted count as late. Needs
+  :class:`~sluice.connectors.api.Seekable` sources.
+* :class:`Checkpointing`: a durable ``[state_store]``. The store, not the
+  broker, is the source of truth: a checkpoint writes the stage state
+  (:meth:`~sluice.engine.stages.base.StatefulStage.snapshot`), the position
+  after the last batch of every source and the stage watermark in one
+  transaction fenced on the version this process loaded; the sources'
+  acknowledgements follow (for lag monitoring, and for sources that only
+  acknowledge). Rows read after a checkpoint live only in the stage: after a
+  crash or a rebalance the stage is restored from the checkpoint and the
+  sources seek back to its positions, so every row reaches the state exactly
+  once. Output emitted after a checkpoint would be emitted again on replay,
+  which is why every emit checkpoints at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from sluice.connectors.api import Ack, Batch, Position, Source
+from sluice.engine import metrics as m
+from sluice.engine.retry import STOPPED, Retry, Stopped
+from sluice.engine.stages.base import TimedStage
+from sluice.engine.watermark import WatermarkFile, Watermarks
+from sluice.state import StateStore
+
+log = logging.getLogger("sluice")
+
+
+class CommitPolicy(Protocol):
+    """How a run acknowledges what it has durably written (see the module docstring)."""
+
+    @property
+    def rewinds_on_rebalance(self) -> bool:
+        """Whether state or commits are held across batches, so that a
+        partition reassignment must drop what was read since the last commit
+        and read it again (and a revoke must not wait for held commits)."""
+
+    @property
+    def checkpoints_state(self) -> bool:
+        """Whether the stage state goes to a store keyed by source partition
+        (the join then tags each row with its partition)."""
+
+    async def restore(self) -> dict[str, Position] | Stopped:
+        """(Re)start the stage from the last commit and forget every batch
+        not committed yet. Returns, per source id, the position to read
+        from (a source not named reads from its own committed position);
+        :data:`STOPPED` when stopped while the store was down."""
+
+    def on_batch(self, batches: Sequence[Batch], tops_us: Sequence[int | None]) -> None:
+        """``batches`` (in read order) are durably written. ``tops_us[i]``:
+        the largest event time of ``batches[i]``'s rows that reached the
+        stateful stage (``None``: none did)."""
+
+    def on_advance(self) -> None:
+        """The stage state changed without a batch (the watermark moved)."""
+
+    async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
+        """Acknowledge what may be forgotten. ``emitted``: this round wrote
+        rows; ``final``: the run is stopping cleanly. False when stopped
+        while the store was down (nothing was acknowledged then)."""
+
+
+def choose(
+    pipeline: str,
+    sources: Sequence[Source],
+    stage: TimedStage | None,
+    watermarks: Watermarks,
+    retry: Retry,
+    store: StateStore | None,
+    checkpoint_interval_ms: int,
+    watermark_file: WatermarkFile | None,
+) -> CommitPolicy:
+    """The policy for a run: :class:`Checkpointing` with a durable ``store``,
+    :class:`HoldBack` with a window or join (``stage``) and no store (then
+    ``watermark_file`` is required), :class:`Immediate` otherwise."""
+    if store is not None:
+        return Checkpointing(
+            pipeline, sources, stage, watermarks, retry, store, checkpoint_interval_ms / 1000
+        )
+    if stage is not None:
+        if watermark_file is None:
+            raise ValueError("the hold-back policy needs a watermark file")
+        return HoldBack(pipeline, sources, stage, watermarks, watermark_file)
+    return Immediate(pipeline, sources)
+
+
+async def _acknowledge(pipeline: str, source: Source, ack: Ack) -> None:
+    """Commit ``ack`` to the source (the broker), after the durable writes."""
+    await asyncio.to_thread(source.commit, ack)
+    m.COMMITS.labels(pipeline, source.id).inc()
+
+
+class Immediate:
+    """Acknowledge every batch written, at the next commit."""
+
+    rewinds_on_rebalance = False
+    checkpoints_state = False
+
+    def __init__(self, pipeline: str, sources: Sequence[Source]) -> None:
+        self._pipeline = pipeline
+        self._sources = list(sources)
+        self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch written
+
+    async def restore(self) -> dict[str, Position] | Stopped:
+        """Nothing is held: the sources read from their own commits."""
+        self._acks.clear()
+        return {}
+
+    def on_batch(self, batches: Sequence[Batch], tops_us: Sequence[int | None]) -> None:
+        """Remember each source's last batch."""
+        for b in batches:
+            self._acks[b.source_id] = b.ack
+
+    def on_advance(self) -> None:
+        """No stage state: nothing to do."""
+
+    async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
+        """Acknowledge each source's last batch written, in source order."""
+        for source in self._sources:
+            if source.id in self._acks:
+                await _acknowledge(self._pipeline, source, self._acks.pop(source.id))
+        return True
+
+
+class HoldBack:
+    """Acknowledge a batch once the in-memory window / join no longer needs its rows.
+
+    Batches wait, per source and in read order, with the largest event time
+    they brought to the stage; a commit acknowledges each source's longest
+    prefix of batches whose event times lie below the stage's open floor (a
+    batch that brought no rows never holds back). The stage's watermark is
+    stored (fsynced) before, and restored on start, so rows replayed after a
+    crash that belong to windows already emitted are late, and the windows
+    still open are rebuilt from their replayed rows alone.
+    """
+
+    rewinds_on_rebalance = True
+    checkpoints_state = False
+
+    def __init__(
+        self,
+        pipeline: str,
+        sources: Sequence[Source],
+        stage: TimedStage,
+        watermarks: Watermarks,
+        watermark_file: WatermarkFile,
+    ) -> None:
+        self._pipeline = pipeline
+        self._sources = list(sources)
+        self._stage = stage
+        self._wm = watermarks
+        self._file = watermark_file
+        # Per source: (ack, largest event time it brought) of the batches not acknowledged.
+        self._pending: dict[str, collections.deque[tuple[Ack, int | None]]] = {
+            s.id: collections.deque() for s in self._sources
+        }
+
+    async def restore(self) -> dict[str, Position] | Stopped:
+        """Start the stage empty, at the watermark the last run stored; the
+        sources read again from their own commits."""
+        for queue in self._pending.values():
+            queue.clear()
+        await asyncio.to_thread(self._restart_stage)
+        return {}
+
+    def _restart_stage(self) -> None:
+        self._stage.close()
+        self._stage.open()
+        stored = self._file.load()
+        if stored is not None:
+            self._stage.advance(stored)
+            self._wm.restore(stored)
+
+    def on_batch(self, batches: Sequence[Batch], tops_us: Sequence[int | None]) -> None:
+        """Queue the batches behind the ones still held."""
+        for b, top in zip(batches, tops_us, strict=True):
+            self._pending[b.source_id].append((b.ack, top))
+
+    def on_advance(self) -> None:
+        """The watermark file follows at the next commit."""
+
+    async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
+        """Store the stage watermark, then acknowledge what lies below the open floor."""
+        await asyncio.to_thread(self._file.save, self._stage.watermark_us)
+        floor = self._stage.open_floor_us()
+        for source in self._sources:
+            queue = self._pending[source.id]
+            last: Ack | None = None
+            released = False
+            while queue and (floor is None or queue[0][1] is None or queue[0][1] < floor):
+                last = queue.popleft()[0]
+                released = True
+            if released:
+                await _acknowledge(self._pipeline, source, last)
+        return True
+
+
+class Checkpointing:
+    """Commit stage state, positions and watermark to a durable store, then ack.
+
+    A checkpoint is taken when a round emitted rows, on the final commit, or
+    once ``interval_s`` passed since the last one, and only when something
+    changed since.
+    """
+
+    rewinds_on_rebalance = True
+    checkpoints_state = True
+
+    def __init__(
+        self,
+        pipeline: str,
+        sources: Sequence[Source],
+        stage: TimedStage | None,
+        watermarks: Watermarks,
+        retry: Retry,
+        store: StateStore,
+        interval_s: float,
+    ) -> None:
+        self._pipeline = pipeline
+        self._sources = list(sources)
+        self._stage = stage
+        self._wm = watermarks
+        self._retry = retry
+        self._store = store
+        self._interval_s = interval_s
+        self._version = 0  # the store's checkpoint version this process continues
+        self._keys: set[str] = set()  # state keys the store holds for this pipeline
+        self._positions: dict[str, Position] = {}  # since the last checkpoint, merged
+        self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch since then
+        self._dirty = False  # batches processed (or the watermark moved) since then
+        self._at = time.monotonic()
+
+    async def restore(self) -> dict[str, Position] | Stopped:
+        """Load the last checkpoint (connecting the store first) and start the
+        stage from it; its positions."""
+        store = self._store
+        if await self._retry(store, store.open, "open") is STOPPED:
+            return STOPPED
+        checkpoint = await self._retry(store, lambda: store.load(self._pipeline), "load")
+        if checkpoint is STOPPED:
+            return STOPPED
+        self._version = checkpoint.version
+        self._keys = set(checkpoint.state)
+        self._positions = {}
+        self._acks = {}
+        self._dirty = False
+        self._at = time.monotonic()
+        stage = self._stage
+        if stage is not None:
+
+            def restart() -> None:
+                stage.close()
+                stage.open()
+                if checkpoint.state:
+                    stage.restore(checkpoint.state)
+                wm = checkpoint.watermark_us
+                if wm is not None:
+                    if stage.watermark_us is None or stage.watermark_us < wm:
+                        stage.advance(wm)  # nothing is open that it could close
+                    self._wm.restore(wm)
+
+            await asyncio.to_thread(restart)
+        if checkpoint.version:
+            log.info(
+                "resuming from checkpoint %d (%d state keys, positions of %d sources)",
+                checkpoint.version,
+                len(checkpoint.state),
+                len(checkpoint.positions),
+            )
+        return checkpoint.positions
+
+    def on_batch(self, batches: Sequence[Batch], tops_us: Sequence[int | None]) -> None:
+        """Remember where each source stands after ``batches``."""
+        for b in batches:
+            if b.position is not None:
+                self._positions.setdefault(b.source_id, {}).update(b.position)
+            self._acks[b.source_id] = b.ack
+        self._dirty = True
+
+    def on_advance(self) -> None:
+        """The watermark moved (a join may have evicted): worth a checkpoint."""
+        self._dirty = True
+
+    async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
+        """Checkpoint when due (see the class docstring), then acknowledge."""
+        due = time.monotonic() - self._at >= self._interval_s
+        if not (self._dirty and (emitted or final or due)):
+            return True
+        started = time.perf_counter()
+        stage = self._stage
+        upserts = {} if stage is None else await asyncio.to_thread(stage.snapshot)
+        deletes = self._keys - set(upserts)
+        positions = {k: dict(v) for k, v in self._positions.items() if v}
+        watermark = stage.watermark_us if stage is not None else None
+        store = self._store
+
+        def write() -> int:
+            return store.commit(
+                self._pipeline,
+                upserts,
+                deletes,
+                positions,
+                watermark,
+                expected_version=self._version,
+            )
+
+        version = await self._retry(store, write, "commit")
+        if version is STOPPED:
+            return False
+        self._version = version
+        self._keys = (self._keys | set(upserts)) - deletes
+        self._dirty = False
+        self._at = time.monotonic()
+        m.CHECKPOINTS.labels(self._pipeline).inc()
+        m.CHECKPOINT_SECONDS.labels(self._pipeline).observe(time.perf_counter() - started)
+        m.STATE_BYTES.labels(self._pipeline).set(sum(len(v) for v in upserts.values()))
+        for source in self._sources:
+            if source.id in self._acks:
+                await _acknowledge(self._pipeline, source, self._acks.pop(source.id))
+        self._positions = {}
+        return True
