@@ -1,0 +1,434 @@
+"""Harnesses of every connector against its real service, for the conformance suites.
+
+Each harness tells the suites of :mod:`sluice.testing` how to make a fresh
+topic / table / folder, feed the real system, read back what landed through
+a connection of its own, and (server databases) drop the connector's
+connection. Nothing is faked and nothing is skipped: a service that is down
+fails the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import duckdb
+import msgspec
+import psycopg
+import pyarrow as pa
+import pymysql
+import pytest
+from _pytest.mark.structures import ParameterSet
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from sluice.testing import CdcTargetHarness, Check, SourceHarness, unique
+from sluice.testing.harness import Row
+from tests import endpoints
+
+H = TypeVar("H")
+
+
+def cases(checks: Iterable[Check[H]], xfail: Mapping[str, str] | None = None) -> list[ParameterSet]:
+    """One pytest param per check, named after it; ``xfail`` maps a check's name
+    to the reason it fails today (a connector bug; strict, so a fix shows)."""
+    xfail = dict(xfail or {})
+    out = []
+    for check in checks:
+        marks = []
+        reason = xfail.pop(check.name, None)
+        if reason is not None:
+            marks.append(pytest.mark.xfail(strict=True, reason=reason))
+        out.append(pytest.param(check, id=check.name, marks=marks))
+    assert not xfail, f"xfail for unknown checks: {sorted(xfail)}"
+    return out
+
+
+def _table(cursor_rows: list[tuple[Any, ...]], names: list[str]) -> pa.Table:
+    """Rows fetched by a DB-API cursor as a table (its columns even when empty)."""
+    return pa.table({n: pa.array([r[i] for r in cursor_rows]) for i, n in enumerate(names)})
+
+
+# -- sources ---------------------------------------------------------------------
+
+
+class KafkaHarness(SourceHarness):
+    """Kafka (tansu): a fresh two-partition topic per check, JSON messages."""
+
+    name = "kafka"
+    encode = msgspec.json.Encoder().encode
+
+    def __init__(self) -> None:
+        conf = {"bootstrap.servers": endpoints.KAFKA_BOOTSTRAP}
+        self.admin = AdminClient(conf)
+        self.producer = Producer({**conf, "linger.ms": 5})
+
+    def new_stream(self) -> str:
+        topic = unique("conf")
+        self.admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(timeout=30)
+        return topic
+
+    def source(self, stream: str) -> dict[str, Any]:
+        # A short session: a closed consumer's partitions move at once anyway.
+        return {
+            "kind": "kafka",
+            "bootstrap_servers": endpoints.KAFKA_BOOTSTRAP,
+            "session_timeout_ms": 2000,
+        }
+
+    def _send(self, topic: str, payloads: list[tuple[int, bytes]]) -> list[int]:
+        """Produce (partition, payload) pairs with distinct timestamps; the
+        broker's timestamps (ms) in order."""
+        stamps: list[int | None] = [None] * len(payloads)
+        base_ms = int(time.time() * 1000) - 60_000
+
+        def report(i: int) -> Callable[[Any, Any], None]:
+            def cb(err: Any, msg: Any) -> None:
+                assert err is None, err
+                stamps[i] = msg.timestamp()[1]
+
+            return cb
+
+        for i, (partition, payload) in enumerate(payloads):
+            self.producer.produce(
+                topic, payload, partition=partition, timestamp=base_ms + i, on_delivery=report(i)
+            )
+        assert self.producer.flush(30) == 0
+        assert all(s is not None for s in stamps)
+        return [int(s) for s in stamps if s is not None]
+
+    def produce(self, stream: str, rows: Sequence[Row]) -> list[int]:
+        payloads = [(int(r["id"]) % 2, self.encode(dict(r))) for r in rows]
+        return [ms * 1000 for ms in self._send(stream, payloads)]
+
+    def produce_bad(self, stream: str) -> bytes:
+        raw = b'{"id": 1, "name": '
+        self._send(stream, [(0, raw)])
+        return raw
+
+
+class FilesHarness(SourceHarness):
+    """Local files (``object_store_local``): a fresh prefix per check, one JSON-lines file per produce."""
+
+    name = "object_store_local"
+    encode = msgspec.json.Encoder().encode
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._files = 0
+        self._mtime_s = 1_700_000_000  # whole seconds: exact in st_mtime's float
+
+    def new_stream(self) -> str:
+        return unique("conf")
+
+    def source(self, stream: str) -> dict[str, Any]:
+        return {"kind": "object_store_local", "path": str(self.root), "format": "json_lines"}
+
+    def _write(self, stream: str, text: bytes) -> int:
+        """Write one file, atomically (a dot-file renamed), and stamp its mtime."""
+        folder = self.root / stream
+        folder.mkdir(parents=True, exist_ok=True)
+        self._files += 1
+        self._mtime_s += 1
+        tmp = folder / f".{self._files:05d}.jsonl"
+        tmp.write_bytes(text)
+        os.utime(tmp, ns=(self._mtime_s * 10**9, self._mtime_s * 10**9))
+        tmp.rename(folder / f"{self._files:05d}.jsonl")
+        return self._mtime_s
+
+    def produce(self, stream: str, rows: Sequence[Row]) -> list[int]:
+        mtime_s = self._write(stream, b"".join(self.encode(dict(r)) + b"\n" for r in rows))
+        return [mtime_s * 1_000_000] * len(rows)
+
+    def produce_bad(self, stream: str) -> bytes:
+        raw = b'{"id": 1, "name": \n'
+        self._write(stream, raw)
+        return raw
+
+
+@pytest.fixture(scope="session")
+def kafka_harness() -> KafkaHarness:
+    return KafkaHarness()
+
+
+@pytest.fixture
+def files_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FilesHarness:
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path / "state"))
+    return FilesHarness(tmp_path / "files")
+
+
+# -- targets ---------------------------------------------------------------------
+
+
+def _table_spec(table: str, key: Sequence[str]) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": table}
+    if key:
+        spec["primary_key"] = list(key)
+    return spec
+
+
+class PostgresHarness(CdcTargetHarness):
+    """Postgres: each table's target connects with ``application_name`` = the
+    table, so a drop terminates exactly its backends."""
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        self.tables: list[str] = []
+
+    def new_table(self) -> str:
+        self.tables.append(unique("conf"))
+        return self.tables[-1]
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        return {
+            "kind": "postgres",
+            "url": f"{endpoints.POSTGRES_URL}?application_name={table}",
+            "mode": mode,
+            "table": _table_spec(table, key),
+        }
+
+    def _sql(self, statement: str, params: tuple[Any, ...] = ()) -> tuple[list[Any], list[str]]:
+        with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True) as conn:
+            cur = conn.execute(statement.encode(), params)
+            if cur.description is None:
+                return [], []
+            return list(cur.fetchall()), [d.name for d in cur.description]
+
+    def read_back(self, table: str) -> pa.Table | None:
+        (exists,), _ = self._sql("SELECT to_regclass(%s) IS NOT NULL", (f'public."{table}"',))
+        if not exists[0]:
+            return None
+        rows, names = self._sql(f'SELECT * FROM public."{table}"')
+        return _table(rows, names) if names else None
+
+    def drop_connection(self, table: str) -> int:
+        rows, _ = self._sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (table,),
+        )
+        return sum(1 for (ok,) in rows if ok)
+
+    def cleanup(self) -> None:
+        for table in self.tables:
+            self._sql(f'DROP TABLE IF EXISTS public."{table}"')
+        if self._sql("SELECT to_regclass('public._sluice_cdc_gate') IS NOT NULL")[0][0][0]:
+            self._sql(
+                "DELETE FROM _sluice_cdc_gate WHERE tbl = ANY(%s)",
+                ([f"public.{t}" for t in self.tables],),
+            )
+
+
+class MySQLHarness(CdcTargetHarness):
+    """MariaDB: the targets connect as a user of their own, so a drop kills
+    exactly their connections."""
+
+    name = "mysql"
+
+    def __init__(self) -> None:
+        url = urlsplit(endpoints.MYSQL_URL)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 3306
+        self.database = url.path.lstrip("/")
+        self.user = unique("conf")
+        self.tables: list[str] = []
+        self._sql(f"CREATE USER '{self.user}'@'%'")
+        self._sql(f"GRANT ALL ON `{self.database}`.* TO '{self.user}'@'%'")
+
+    def _sql(self, statement: str, params: tuple[Any, ...] = ()) -> tuple[list[Any], list[str]]:
+        conn = pymysql.connect(
+            host=self.host,
+            port=self.port,
+            user=urlsplit(endpoints.MYSQL_URL).username or "root",
+            database=self.database,
+            autocommit=True,
+            charset="utf8mb4",
+        )
+        try:
+            with conn.cursor() as cur:
+                cur.execute(statement, params or None)
+                names = [d[0] for d in cur.description or ()]
+                return list(cur.fetchall()), names
+        finally:
+            conn.close()
+
+    def new_table(self) -> str:
+        self.tables.append(unique("conf"))
+        return self.tables[-1]
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        return {
+            "kind": "mysql",
+            "url": f"mysql://{self.user}@{self.host}:{self.port}/{self.database}",
+            "mode": mode,
+            "table": _table_spec(table, key),
+        }
+
+    def read_back(self, table: str) -> pa.Table | None:
+        rows, _ = self._sql(
+            "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (self.database, table),
+        )
+        if not rows:
+            return None
+        rows, names = self._sql(f"SELECT * FROM `{table}`")
+        return _table(rows, names)
+
+    def drop_connection(self, table: str) -> int:
+        ids, _ = self._sql(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", (self.user,)
+        )
+        for (ident,) in ids:
+            self._sql(f"KILL CONNECTION {int(ident)}")
+        return len(ids)
+
+    def cleanup(self) -> None:
+        for table in self.tables:
+            self._sql(f"DROP TABLE IF EXISTS `{table}`")
+        gate, _ = self._sql(
+            "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s AND TABLE_NAME = %s",
+            (self.database, "_sluice_cdc_gate"),
+        )
+        for table in self.tables if gate else ():
+            self._sql("DELETE FROM _sluice_cdc_gate WHERE tbl = %s", (f"{self.database}.{table}",))
+        self._sql(f"DROP USER IF EXISTS '{self.user}'@'%'")
+
+
+class SQLiteHarness(CdcTargetHarness):
+    """SQLite: one database file per check; embedded, no connection to drop."""
+
+    name = "sqlite"
+    has_connection = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, table: str) -> Path:
+        return self.root / f"{table}.sqlite"
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        return {
+            "kind": "sqlite",
+            "path": str(self._path(table)),
+            "mode": mode,
+            "table": _table_spec(table, key),
+        }
+
+    def read_back(self, table: str) -> pa.Table | None:
+        if not self._path(table).exists():
+            return None
+        with sqlite3.connect(self._path(table)) as conn:
+            if not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+            ).fetchall():
+                return None
+            cur = conn.execute(f'SELECT * FROM "{table}"')
+            return _table(cur.fetchall(), [d[0] for d in cur.description])
+
+
+class DuckDBHarness(CdcTargetHarness):
+    """DuckDB: one database file per check; embedded, no connection to drop."""
+
+    name = "duckdb"
+    has_connection = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, table: str) -> Path:
+        return self.root / f"{table}.duckdb"
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        return {
+            "kind": "duckdb",
+            "path": str(self._path(table)),
+            "mode": mode,
+            "table": _table_spec(table, key),
+        }
+
+    def read_back(self, table: str) -> pa.Table | None:
+        if not self._path(table).exists():
+            return None
+        # Same process as the target: DuckDB shares the open database and
+        # shows this connection only what was committed.
+        conn = duckdb.connect(str(self._path(table)))
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM information_schema.tables WHERE table_name = ?", [table]
+            ).fetchall()
+            if not found:
+                return None
+            result: pa.Table = conn.sql(f'SELECT * FROM "{table}"').to_arrow_table()
+            return result
+        finally:
+            conn.close()
+
+
+class DeltaLocalHarness(CdcTargetHarness):
+    """Delta on the local file system: one table folder per check; no connection."""
+
+    name = "delta_local"
+    has_connection = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {"kind": "delta_local", "path": str(self.root / table), "mode": mode}
+        if key:
+            spec["table"] = {"primary_key": list(key)}
+        return spec
+
+    def read_back(self, table: str) -> pa.Table | None:
+        try:
+            delta = DeltaTable(str(self.root / table))
+        except TableNotFoundError:
+            return None
+        # DeltaTable.scan, not to_pyarrow_dataset: a pyarrow dataset over
+        # deltalake makes the process abort at exit.
+        return pa.table(delta.scan())
+
+
+@pytest.fixture(scope="session")
+def postgres_harness() -> Iterator[PostgresHarness]:
+    h = PostgresHarness()
+    yield h
+    h.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mysql_harness() -> Iterator[MySQLHarness]:
+    h = MySQLHarness()
+    yield h
+    h.cleanup()
+
+
+@pytest.fixture
+def sqlite_harness(tmp_path: Path) -> SQLiteHarness:
+    return SQLiteHarness(tmp_path)
+
+
+@pytest.fixture
+def duckdb_harness(tmp_path: Path) -> DuckDBHarness:
+    return DuckDBHarness(tmp_path)
+
+
+@pytest.fixture
+def delta_local_harness(tmp_path: Path) -> DeltaLocalHarness:
+    return DeltaLocalHarness(tmp_path)
