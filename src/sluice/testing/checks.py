@@ -37,10 +37,9 @@ def run_all(checks: Iterable[Check[H]], harness: H) -> None:
 def commit(source: Source, batch: Batch) -> None:
     """Acknowledge ``batch`` as the engine does after every target flushed it.
 
-    The one place the suites commit: when the source contract moves to an
-    ack token, only this line changes.
+    The one place the suites commit: with the batch's ack token.
     """
-    source.commit(batch.position)
+    source.commit(batch.ack)
 
 
 def bounded(what: str, call: Callable[[], None], bound_s: float = CLOSE_BOUND_S) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord, Target
+from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Ack, Batch, Position, RawRecord, Target
 from sluice.errors import ConnectorError, TransientError
 
 _SEQ = "__sluice_memory_seq"
@@ -244,10 +244,12 @@ class MemorySource:
         if seg is None:
             return None
         self._cursor = seg.end
+        position: Position = {self.stream.partition: seg.end}
         return Batch(
             self.id,
             seg.data,
-            {self.stream.partition: seg.end},
+            position,
+            position=position,
             raw_count=len(seg.ts_ms),
             partitions=(self.stream.partition,),
             raw=_Records(self.stream, seg),
@@ -255,13 +257,20 @@ class MemorySource:
             rows=None if seg.payloads is None else tuple(int(r) for r in seg.rows),
         )
 
-    def commit(self, position: Position) -> None:
-        """Record ``position`` as committed (it never moves back)."""
+    def commit(self, ack: Ack) -> None:
+        """Record the position ``ack`` (this source's ack token) as committed
+        (it never moves back)."""
+        position: Position = ack  # our batches' ack is their position
         at = position.get(self.stream.partition)
         if at is None:
             return
         self._committed = max(self._committed, int(at))
         self.commits.append(dict(position))
+
+    def rewind(self, position: Position | None) -> None:
+        """Read again from ``position`` (``None``: the committed offset)."""
+        self.open(position)
+        self.opens -= 1  # a rewind is not a reconnect
 
     def close(self) -> None:
         """Forget the read cursor; idempotent."""

@@ -211,6 +211,7 @@ def bad_payload_reported(h: SourceHarness) -> None:
     record = batch.raw.record(index)
     assert record.payload == raw, f"raw bytes {record.payload!r}, produced {raw!r}"
     assert record.offset is not None, "a bad record must say where it sits (its offset)"
+    assert batch.position is not None, "the batches of a seekable source carry a position"
     assert record.partition in batch.position, (
         f"bad record's partition {record.partition!r} is not a key of {batch.position}"
     )
