@@ -22,8 +22,8 @@ import pyarrow.json as pajson
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
-from sluice.config.spec import ObjectStoreLocalSource as LocalSpec
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position
+from sluice.connectors.files.spec import ObjectStoreLocalSource as LocalSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, DecodeError
 from sluice.localstate import read_json, safe_name, state_dir, write_json

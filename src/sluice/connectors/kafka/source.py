@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sluice.config.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
+from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.cdc import EnvelopeDecoder
