@@ -6,9 +6,10 @@ the :class:`~sluice.connectors.api.Target` protocol itself and the run loop
 treats it like any other target (``write`` + ``flush``, then the offsets
 commit).
 
-The envelopes are decoded where the messages are read (the Kafka source
-builds a :class:`~sluice.formats.cdc.EnvelopeDecoder` when the
-pipeline has ``[transform.cdc]``), so an undecodable envelope follows
+The envelopes are decoded where the messages are read (a source's
+decoder, :func:`sluice.formats.decoder_for`, is an
+:class:`~sluice.formats.cdc.EnvelopeDecoder` when the pipeline has
+``[transform.cdc]``), so an undecodable envelope follows
 ``on_error`` with its offset and raw payload like any undecodable message.
 The targets receive the change table; the rules they share are in
 :mod:`sluice.connectors.cdc_apply`. Which targets can apply changes is
