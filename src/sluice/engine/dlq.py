@@ -9,15 +9,15 @@ a dead letter may be written twice but is never lost.
 
 Destinations (``dlq_store`` / ``dead_letter_topic``):
 
-* **Kafka topic**: value = raw payload, key = raw key, headers
-  ``sluice.pipeline``, ``sluice.source``, ``sluice.stage``, ``sluice.error``,
-  ``sluice.partition``, ``sluice.offset``, ``sluice.timestamp_ms``. Produced
-  with ``acks=all`` and idempotence; durable once every delivery report came
-  back without error. A Kafka source's own ``dead_letter_topic`` takes the
-  records of that source.
-* **Postgres table** (``postgres:SCHEMA.TABLE``; ``table`` = the first
-  Postgres target's schema, table ``sluice_dead_letters``): created when
-  missing, written with COPY, durable on commit.
+* **A connector with the ``dead_letters`` capability**: its descriptor's
+  :class:`~sluice.connectors.descriptor.DeadLetters` says which
+  ``dlq_store`` word it serves (``topic``: a Kafka source's brokers, with a
+  source's own ``dead_letter_topic`` taking that source's records;
+  ``table``: a Postgres target's or state store's database,
+  ``<schema>.sluice_dead_letters`` by default) and builds the sink; the
+  sinks live in the connector packages (``connectors/kafka/dlq.py``,
+  ``connectors/postgres/dlq.py``). ``dlq_store = "<kind>:<destination>"``
+  names one directly.
 * **JSON Lines file** (a path ending in ``.jsonl``; the fallback of ``auto``
   is ``$SLUICE_STATE_DIR/<pipeline>.dlq.jsonl``): one object per record,
   ``key`` / ``payload`` as text when they are UTF-8, else ``key_base64`` /
@@ -241,7 +241,9 @@ def build_sinks(
     own: dict[str, DeadLetterSink] = {}
     for i, source in enumerate(spec.all_sources):
         support = registry.of(source).dead_letters
-        topic = support.own(source) if support is not None and support.own else None
+        if support is None or support.own is None:
+            continue
+        topic = support.own(source)
         if topic:
-            own[source_ids[i]] = _Holder(source.kind, support, source).sink(topic)  # type: ignore[arg-type]  # support is set when topic is
+            own[source_ids[i]] = _Holder(source.kind, support, source).sink(topic)
     return own, _default_sink(spec)

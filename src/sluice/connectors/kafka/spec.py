@@ -8,6 +8,28 @@ import msgspec
 
 from sluice.config.base import NonEmptyStr, PositiveMs, SourceSpec, TargetSpec, doc
 
+# The connection keys both the source and the target take.
+SecurityProtocol = Annotated[
+    Literal[
+        "plaintext",
+        "ssl",
+        "sasl_plaintext",
+        "sasl_ssl",
+        "PLAINTEXT",
+        "SSL",
+        "SASL_PLAINTEXT",
+        "SASL_SSL",
+    ]
+    | None,
+    doc("librdkafka security.protocol"),
+]
+SaslMechanism = Annotated[
+    Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"] | None,
+    doc("librdkafka sasl.mechanism"),
+]
+SaslPlainUser = Annotated[str | None, doc("SASL/PLAIN user")]
+SaslPlainPassword = Annotated[str | None, doc("SASL/PLAIN password (secret)")]
+
 
 class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_only=True):
     """A Kafka (or Kafka-compatible) topic read through a consumer group."""
@@ -26,26 +48,10 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
         str | None, doc("schema registry password (secret)")
     ] = None
     dead_letter_topic: Annotated[str | None, doc("topic that receives dead-lettered rows")] = None
-    security_protocol: Annotated[
-        Literal[
-            "plaintext",
-            "ssl",
-            "sasl_plaintext",
-            "sasl_ssl",
-            "PLAINTEXT",
-            "SSL",
-            "SASL_PLAINTEXT",
-            "SASL_SSL",
-        ]
-        | None,
-        doc("librdkafka security.protocol"),
-    ] = None
-    sasl_mechanism: Annotated[
-        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"] | None,
-        doc("librdkafka sasl.mechanism"),
-    ] = None
-    sasl_plain_username: Annotated[str | None, doc("SASL/PLAIN user")] = None
-    sasl_plain_password: Annotated[str | None, doc("SASL/PLAIN password (secret)")] = None
+    security_protocol: SecurityProtocol = None
+    sasl_mechanism: SaslMechanism = None
+    sasl_plain_username: SaslPlainUser = None
+    sasl_plain_password: SaslPlainPassword = None
     sasl_scram_username: Annotated[str | None, doc("SASL/SCRAM user")] = None
     sasl_scram_password: Annotated[str | None, doc("SASL/SCRAM password (secret)")] = None
     sasl_scram_mechanism: Annotated[Literal["sha-256", "sha-512"] | None, doc("SCRAM hash")] = None
@@ -88,26 +94,11 @@ class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
     sasl_scram_password: Annotated[str | None, doc("SASL/SCRAM password (secret)")] = None
     sasl_scram_mechanism: Annotated[Literal["sha-256", "sha-512"] | None, doc("SCRAM hash")] = None
     msk_iam_region: Annotated[str | None, doc("AWS region for MSK IAM auth")] = None
-    # The connection keys repeat KafkaSource's: msgspec Structs cannot share
-    # fields through a mixin, and a source must not inherit target keys.
-    security_protocol: Annotated[
-        Literal[
-            "plaintext",
-            "ssl",
-            "sasl_plaintext",
-            "sasl_ssl",
-            "PLAINTEXT",
-            "SSL",
-            "SASL_PLAINTEXT",
-            "SASL_SSL",
-        ]
-        | None,
-        doc("librdkafka security.protocol"),
-    ] = None
-    sasl_mechanism: Annotated[
-        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "AWS_MSK_IAM"] | None,
-        doc("librdkafka sasl.mechanism"),
-    ] = None
-    sasl_plain_username: Annotated[str | None, doc("SASL/PLAIN user")] = None
-    sasl_plain_password: Annotated[str | None, doc("SASL/PLAIN password (secret)")] = None
+    # The connection keys repeat KafkaSource's (as the shared types above):
+    # msgspec Structs cannot share fields through a mixin, and a source must
+    # not inherit target keys.
+    security_protocol: SecurityProtocol = None
+    sasl_mechanism: SaslMechanism = None
+    sasl_plain_username: SaslPlainUser = None
+    sasl_plain_password: SaslPlainPassword = None
     ssl_ca_location: Annotated[str | None, doc("CA certificate file")] = None
