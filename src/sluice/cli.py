@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from sluice.config import PipelineSpec, load_file
+from sluice.config import load_file
+from sluice.config.spec import pipeline_type
 from sluice.engine.plan import build_plan
 from sluice.errors import ConfigError, SluiceError
 from sluice.functions import collect
@@ -55,7 +56,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(_: argparse.Namespace) -> int:
-    schema = msgspec.json.schema(PipelineSpec)
+    schema = msgspec.json.schema(pipeline_type())
     print(json.dumps(schema, indent=2))
     return EXIT_OK
 

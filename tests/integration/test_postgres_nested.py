@@ -18,7 +18,7 @@ from tests import endpoints
 from tests.integration.conftest import unique
 
 from sluice.config import load_text
-from sluice.config.spec import PostgresTarget as PostgresTargetSpec
+from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.postgres.target import PostgresTarget
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError

@@ -19,7 +19,8 @@ import pytest
 
 from sluice.cli import main
 from sluice.config import load_file, load_text
-from sluice.config.spec import KafkaSource, PostgresTarget
+from sluice.connectors.kafka.spec import KafkaSource
+from sluice.connectors.postgres.spec import PostgresTarget
 from sluice.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,8 +142,8 @@ CASES = [
         "unknown_kind",
         (
             "source.kind: unknown kind 'kafak'; did you mean 'kafka'? (expected one of "
-            "'kafka', 'rabbitmq', 'pubsub', 'kinesis', 'object_store_local', "
-            "'object_store_s3', 'delta_local', 'delta_s3')"
+            "'kafka', 'rabbitmq', 'pubsub', 'kinesis', 'delta_local', 'delta_s3', "
+            "'object_store_local', 'object_store_s3')"
         ),
     ),
     case(
@@ -472,7 +473,7 @@ CASES = [
         "kind_not_string",
         (
             "source.kind: expected one of 'kafka', 'rabbitmq', 'pubsub', 'kinesis', "
-            "'object_store_local', 'object_store_s3', 'delta_local', 'delta_s3', got an "
+            "'delta_local', 'delta_s3', 'object_store_local', 'object_store_s3', got an "
             "integer (1)"
         ),
     ),

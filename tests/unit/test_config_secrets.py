@@ -14,7 +14,8 @@ import pytest
 
 from sluice.cli import main
 from sluice.config import PipelineSpec, load_file, load_text
-from sluice.config.spec import KafkaTarget, PostgresStateStore
+from sluice.config.spec import PostgresStateStore
+from sluice.connectors.kafka.spec import KafkaTarget
 from sluice.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]

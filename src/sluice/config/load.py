@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice.config.interpolate import interpolate
-from sluice.config.spec import PipelineSpec
+from sluice.config.spec import PipelineSpec, pipeline_type
 from sluice.config.validate import Problem, check_rules, check_types, convert, strip_markers
 from sluice.errors import ConfigError, ConfigProblem
 
@@ -46,14 +46,15 @@ def load_text(
     # A key already reported (missing variable, bad array form) is not
     # reported again by the checks that follow.
     reported = {p for p, _ in problems}
-    types, suggested = strip_markers(check_types(data, PipelineSpec))
+    spec_type = pipeline_type()  # the unions of every registered connector
+    types, suggested = strip_markers(check_types(data, spec_type))
     later = types + [
         (p, m) for p, m in check_rules(data) if not (p in suggested and m.startswith("missing"))
     ]
     problems += [(p, m) for p, m in later if p not in reported]
     if problems:
         raise ConfigError([ConfigProblem(name, p, m) for p, m in _unique(problems)])
-    spec: PipelineSpec = convert(data, PipelineSpec)
+    spec: PipelineSpec = convert(data, spec_type)
     return spec
 
 

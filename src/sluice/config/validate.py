@@ -21,6 +21,8 @@ import msgspec
 import msgspec.inspect as mi
 
 from sluice.config.redact import is_secret_key, redact_text
+from sluice.connectors import registry
+from sluice.connectors.descriptor import DeadLetters, url_rule
 
 Problem = tuple[str, str]
 
@@ -347,11 +349,8 @@ def _tables(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
 
 
-TABLE_TARGET_KINDS = ("postgres", "mysql", "sqlite", "duckdb", "delta_local", "delta_s3")
-URL_SCHEMES = {
-    "postgres": ("postgres://", "postgresql://"),
-    "mysql": ("mysql://", "mariadb://"),
-}
+# The state store is not a connector: its own URL rule lives here.
+_STATE_STORE_URLS = {"postgres": url_rule("url", ("postgres://", "postgresql://"))}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -401,7 +400,7 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
                 add((f"transform.lookups.{name}", "expected a SQL identifier as the lookup name"))
         for name, lk in lookups.items():
             if isinstance(lk, dict):
-                _check_url(lk, f"transform.lookups.{name}", add)
+                _connector_rules("lookup", lk, f"transform.lookups.{name}", add)
 
     if transform.get("engine") == "distributed" or transform.get("peers"):
         key = "transform.engine" if transform.get("engine") == "distributed" else "transform.peers"
@@ -420,6 +419,8 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
         )
     if isinstance(window, dict):
         _check_window(window, state_store, add)
+    if (window is not None or join is not None) and state_store is None:
+        _check_replay(sources, "window" if window is not None else "join", add)
     if isinstance(join, dict):
         _check_join(join, data, sources, state_store, add)
     if isinstance(cdc, dict):
@@ -428,20 +429,36 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
     _check_dlq(data, transform, window, sources, targets, add)
 
     for t_at, t in targets:
-        _check_url(t, t_at, add)
-        if t.get("kind") in ("delta_local", "delta_s3") and t.get("mode") == "merge":
-            pk = _table(t.get("table")).get("primary_key")
-            if not pk:
-                add(
-                    (
-                        f"{t_at}.table.primary_key",
-                        'missing: mode = "merge" on a delta target needs primary_key',
-                    )
-                )
+        _connector_rules("target", t, t_at, add)
     ss = _table(state_store)
-    if ss:
-        _check_url(ss, "state_store", add)
+    state_kind = ss.get("kind")
+    state_url = _STATE_STORE_URLS.get(state_kind) if isinstance(state_kind, str) else None
+    if state_url is not None:
+        state_url("state_store", ss, add)
     return problems
+
+
+def _connector_rules(role: str, table: dict[str, Any], at: str, add: Any) -> None:
+    """The cross-rules the connector of ``table``'s kind declares for ``role``."""
+    # CDC rules belong to the target kind that applies the changes.
+    connector = registry.of_kind("target" if role == "cdc" else role, table.get("kind"))
+    if connector is not None:
+        for rule in connector.rules(role):
+            rule(at, table, add)
+
+
+def _check_replay(sources: list[tuple[str, dict[str, Any]]], stage: str, add: Any) -> None:
+    """An ack-only source cannot re-deliver what a window or join buffered."""
+    for at, s in sources:
+        connector = registry.of_kind("source", s.get("kind"))
+        if connector is not None and connector.capabilities.ack_only:
+            add(
+                (
+                    f"{at}.kind",
+                    f"a {stage} over an ack-only '{s.get('kind')}' source needs a [state_store] "
+                    "(acknowledged messages cannot be read again after a restart)",
+                )
+            )
 
 
 def _forms(
@@ -488,19 +505,7 @@ def _check_sources(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, 
                 if q in seen:
                     add((f"{at}.query", f"duplicate query '{q}' (also {seen[q]})"))
                 seen.setdefault(q, at)
-        fmt = s.get("payload_format")
-        if fmt in ("avro", "protobuf") and not s.get("schema_registry_url"):
-            add(
-                (
-                    f"{at}.schema_registry_url",
-                    f"missing: payload_format '{fmt}' needs a schema registry",
-                )
-            )
-        if s.get("sasl_mechanism") == "PLAIN":
-            for key in ("sasl_plain_username", "sasl_plain_password"):
-                if not s.get(key):
-                    add((f"{at}.{key}", "missing: sasl_mechanism 'PLAIN' needs it"))
-        _check_url(s, at, add)
+        _connector_rules("source", s, at, add)
     return out
 
 
@@ -508,17 +513,6 @@ def _check_targets(data: dict[str, Any], add: Any) -> list[tuple[str, dict[str, 
     return _forms(data, "target", "targets", "missing a target: add [target] or [[targets]]", add)[
         2
     ]
-
-
-def _check_url(table: dict[str, Any], at: str, add: Any) -> None:
-    kind = table.get("kind")
-    url = table.get("url")
-    schemes = URL_SCHEMES.get(kind) if isinstance(kind, str) else None
-    if schemes and isinstance(url, str) and url and not url.startswith(schemes):
-        add((f"{at}.url", f'expected a {" or ".join(schemes)} URL, got "{redact_text(url)}"'))
-    amqp = table.get("amqp_url")
-    if isinstance(amqp, str) and amqp and not amqp.startswith(("amqp://", "amqps://")):
-        add((f"{at}.amqp_url", f'expected an amqp:// or amqps:// URL, got "{redact_text(amqp)}"'))
 
 
 def _check_late(spec: dict[str, Any], at: str, add: Any) -> None:
@@ -673,27 +667,35 @@ def _check_cdc(cdc: dict[str, Any], targets: list[tuple[str, dict[str, Any]]], a
         add((f"{at}.key_field", f"missing required key (expected a path like '{example}')"))
     if cdc.get("delete_mode") == "soft" and not cdc.get("soft_delete_column"):
         add((f"{at}.soft_delete_column", 'missing: delete_mode = "soft" needs soft_delete_column'))
+    cdc_kinds = registry.cdc_kinds()
     for t_at, t in targets:
         kind = t.get("kind")
-        if isinstance(kind, str) and kind not in TABLE_TARGET_KINDS:
+        if isinstance(kind, str) and kind not in cdc_kinds:
             add(
                 (
                     f"{t_at}.kind",
-                    f"[transform.cdc] needs a table target ({_quote_list(TABLE_TARGET_KINDS)}), got '{kind}'",
+                    f"[transform.cdc] needs a table target ({_quote_list(cdc_kinds)}), got '{kind}'",
                 )
             )
-        if kind in ("delta_local", "delta_s3") and not _table(t.get("table")).get("primary_key"):
-            add(
-                (
-                    f"{t_at}.table.primary_key",
-                    "missing: a delta target needs primary_key for [transform.cdc]",
-                )
-            )
+        _connector_rules("cdc", t, t_at, add)
 
 
-_DLQ_STORE = re.compile(
-    r"^(auto|topic|table|kafka:[^\s]+|postgres:[A-Za-z_][\w]*\.[A-Za-z_][\w]*|[^\s]+\.jsonl)$"
-)
+def _dead_letter_holders(word: str) -> list[tuple[str, DeadLetters]]:
+    """(kind, support) of every connector that holds dead letters as ``word``."""
+    return [
+        (kind, c.dead_letters)
+        for c in registry.connectors()
+        if c.dead_letters is not None and c.dead_letters.word == word
+        for kind in c.kinds
+    ]
+
+
+def _dlq_forms() -> tuple[re.Pattern[str], str]:
+    """The ``dlq_store`` pattern and its description, from the dead-letter connectors."""
+    holders = [*_dead_letter_holders("topic"), *_dead_letter_holders("table")]
+    forms = "|".join(f"{re.escape(kind)}:{s.pattern}" for kind, s in holders)
+    names = ", ".join(f"{kind}:{s.destination}" for kind, s in holders)
+    return re.compile(rf"^(auto|topic|table|{forms}|[^\s]+\.jsonl)$"), names
 
 
 def _check_dlq(
@@ -704,7 +706,9 @@ def _check_dlq(
     targets: list[tuple[str, dict[str, Any]]],
     add: Any,
 ) -> None:
-    kafka_sources = [s for _, s in sources if s.get("kind") == "kafka"]
+    # Sources whose brokers can hold dead letters in a topic (Kafka).
+    topic_kinds = [kind for kind, s in _dead_letter_holders("topic") if s.role == "source"]
+    kafka_sources = [s for _, s in sources if s.get("kind") in topic_kinds]
     has_dlq = bool(
         data.get("dead_letter_topic")
         or data.get("dlq_store")
@@ -732,11 +736,12 @@ def _check_dlq(
             )
         )
     store = data.get("dlq_store")
-    if isinstance(store, str) and not _DLQ_STORE.match(store):
+    pattern, forms = _dlq_forms()
+    if isinstance(store, str) and not pattern.match(store):
         add(
             (
                 "dlq_store",
-                f'expected auto, topic, table, kafka:TOPIC, postgres:SCHEMA.TABLE or a path ending in .jsonl, got "{redact_text(store)}"',
+                f'expected auto, topic, table, {forms} or a path ending in .jsonl, got "{redact_text(store)}"',
             )
         )
     elif isinstance(store, str):
@@ -750,20 +755,29 @@ def _check_dlq_store(
     targets: list[tuple[str, dict[str, Any]]],
     add: Any,
 ) -> None:
-    """The destination a dlq_store form names must exist in the pipeline."""
-    has_pg = any(t.get("kind") == "postgres" for _, t in targets) or (
-        isinstance(data.get("state_store"), dict) and data["state_store"].get("kind") == "postgres"
+    """The destination a dlq_store form names must exist in the pipeline.
+
+    A ``<kind>:`` form needs a source / target of that kind (the role its
+    connector reaches dead letters through); ``table`` needs any table
+    holder. A state store of a dead-letter connector's kind holds the table too.
+    """
+    table_kinds = [kind for kind, _ in _dead_letter_holders("table")]
+    state_store = data.get("state_store")
+    has_table = any(t.get("kind") in table_kinds for _, t in targets) or (
+        isinstance(state_store, dict) and state_store.get("kind") in table_kinds
     )
     topics = data.get("dead_letter_topic") or any(s.get("dead_letter_topic") for s in kafka_sources)
+    prefix, colon, _ = store.partition(":")
+    holders = dict(_dead_letter_holders("topic") + _dead_letter_holders("table"))
     if store == "topic" and not topics:
         add(("dlq_store", '"topic" needs dead_letter_topic (on the pipeline or a kafka source)'))
-    elif store.startswith("kafka:") and not kafka_sources:
-        add(("dlq_store", f'"{store}" needs a kafka source (its brokers receive the DLQ)'))
-    elif (store == "table" or store.startswith("postgres:")) and not has_pg:
+    elif colon and prefix in holders and holders[prefix].word == "topic" and not kafka_sources:
+        add(("dlq_store", f'"{store}" needs a {prefix} source (its brokers receive the DLQ)'))
+    elif (store == "table" or (colon and prefix in table_kinds)) and not has_table:
         add(
             (
                 "dlq_store",
-                f'"{store}" needs a postgres target or [state_store] (its database holds the table)',
+                f'"{store}" needs a {" or ".join(table_kinds)} target or [state_store] (its database holds the table)',
             )
         )
 

@@ -1,35 +1,130 @@
-"""Find the connector of a ``kind``, importing its module only when needed.
+"""The connector registry: the list of ``CONNECTOR`` descriptors, and nothing else.
 
-A connector module exposes ``build_source(spec, ctx)`` and/or
-``build_target(spec, ctx)``. A missing optional library surfaces as
-:class:`MissingDependencyError` naming the extra to install.
+Adding a built-in connector is one folder (``sluice/connectors/<kind>/``) and
+one line in :data:`BUILTIN`. A connector from outside sluice (a plugin, a
+test) calls :func:`register` once, before its pipelines load; from then on
+the config unions (:func:`sluice.config.spec.pipeline_type`) accept its kinds
+and the builders below construct it.
+
+Everything the engine knows about a kind comes from its descriptor:
+the builders import a connector's code only when a pipeline uses it, and a
+missing optional library surfaces as :class:`MissingDependencyError` naming
+the extra to install.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from sluice.config.spec import PipelineSpec
-from sluice.config.spec import Source as SourceSpecT
-from sluice.config.spec import Target as TargetSpecT
+from sluice.connectors import (
+    delta,
+    duckdb,
+    files,
+    kafka,
+    kinesis,
+    mysql,
+    object_store_s3,
+    postgres,
+    pubsub,
+    rabbitmq,
+    sqlite,
+)
 from sluice.connectors.api import Source, Target
+from sluice.connectors.descriptor import Connector
 from sluice.errors import MissingDependencyError, SluiceError
 
-# kind -> (module, extra that installs its library)
-_SOURCES: dict[str, tuple[str, str]] = {
-    "kafka": ("sluice.connectors.kafka.source", "kafka"),
-    "object_store_local": ("sluice.connectors.files.source", "all"),
-}
-_TARGETS: dict[str, tuple[str, str]] = {
-    "postgres": ("sluice.connectors.postgres.target", "postgres"),
-    "mysql": ("sluice.connectors.mysql.target", "mysql"),
-    "sqlite": ("sluice.connectors.sql.embedded", "all"),
-    "duckdb": ("sluice.connectors.sql.embedded", "duckdb"),
-    "delta_local": ("sluice.connectors.delta.target", "delta"),
-    "delta_s3": ("sluice.connectors.delta.target", "delta"),
-}
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from sluice.config.base import LookupSpec, SourceSpec, Tagged, TargetSpec
+    from sluice.config.spec import CdcSpec, PipelineSpec
+
+#: The built-in connectors. The order is the order kinds are listed in
+#: messages and in ``flow schema``.
+BUILTIN: tuple[Connector, ...] = (
+    postgres.CONNECTOR,
+    mysql.CONNECTOR,
+    sqlite.CONNECTOR,
+    duckdb.CONNECTOR,
+    kafka.CONNECTOR,
+    rabbitmq.CONNECTOR,
+    pubsub.CONNECTOR,
+    kinesis.CONNECTOR,
+    delta.CONNECTOR,
+    files.CONNECTOR,
+    object_store_s3.CONNECTOR,
+)
+
+_connectors: list[Connector] = list(BUILTIN)
+# One entry per register / unregister call: its length tells the config
+# whether the unions it built are still current.
+_changes: list[Connector] = []
+
+
+def register(connector: Connector) -> None:
+    """Add a connector from outside the built-in list.
+
+    Its kinds must be new for each role it declares. Pipelines loaded after
+    this call accept them (the config unions are rebuilt on the next load).
+    Raises :class:`SluiceError` for a kind already taken.
+    """
+    for role in ("source", "target", "lookup"):
+        taken = {str(s.__struct_config__.tag) for c in _connectors for s in _specs(c, role)}
+        clash = taken.intersection(str(s.__struct_config__.tag) for s in _specs(connector, role))
+        if clash:
+            raise SluiceError(f"{role} kind {sorted(clash)[0]!r} is already registered")
+    _connectors.append(connector)
+    _changes.append(connector)
+
+
+def unregister(connector: Connector) -> None:
+    """Remove a connector added by :func:`register` (tests). Built-ins stay."""
+    if connector in BUILTIN:
+        raise SluiceError(f"connector {connector.name!r} is built in")
+    _connectors.remove(connector)
+    _changes.append(connector)
+
+
+def generation() -> int:
+    """A number that changes whenever the list changes (the config caches on it)."""
+    return len(_changes)
+
+
+def connectors() -> tuple[Connector, ...]:
+    """Every connector, built-ins first, in registration order."""
+    return tuple(_connectors)
+
+
+def _specs(connector: Connector, role: str) -> tuple[type[Tagged], ...]:
+    by_role: dict[str, tuple[type[Tagged], ...]] = {
+        "source": connector.sources,
+        "target": connector.targets,
+        "lookup": connector.lookups,
+    }
+    return by_role[role]
+
+
+def specs(role: str) -> list[type[Tagged]]:
+    """The spec classes of one role (``source``, ``target``, ``lookup``) over all connectors."""
+    return [s for c in _connectors for s in _specs(c, role)]
+
+
+def of_kind(role: str, kind: object) -> Connector | None:
+    """The connector declaring ``kind`` for ``role``, if any (raw config data welcome)."""
+    for c in _connectors:
+        if any(s.__struct_config__.tag == kind for s in _specs(c, role)):
+            return c
+    return None
+
+
+def of(spec: Tagged) -> Connector:
+    """The connector a built spec belongs to."""
+    for c in _connectors:
+        if type(spec) in (*c.sources, *c.targets, *c.lookups):
+            return c
+    raise SluiceError(f"no connector declares {type(spec).__name__}")  # pragma: no cover
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,29 +135,74 @@ class Context:
     source_id: str = ""
 
 
-def _module(table: dict[str, tuple[str, str]], kind: str, role: str) -> Any:
-    entry = table.get(kind)
-    if entry is None:
-        raise SluiceError(f"{role} kind '{kind}' is not implemented yet in this version of sluice")
-    module, extra = entry
+def resolve(entry: str, kind: str, role: str, extra: str) -> Any:
+    """Import ``"module:attribute"``; a missing library names the extra to install."""
+    module_name, _, attribute = entry.partition(":")
     try:
-        return importlib.import_module(module)
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and not exc.name.startswith("sluice"):
+        if exc.name and not exc.name.startswith(("sluice", "tests")):
             raise MissingDependencyError(
                 f"{role} kind '{kind}' needs the Python package '{exc.name}': "
                 f"pip install 'sluice[{extra}]'"
             ) from exc
         raise
+    return getattr(module, attribute)
 
 
-def build_source(spec: SourceSpecT, ctx: Context) -> Source:
+def _entry(spec: Tagged, role: str, entry: str | None) -> Any:
+    connector = of(spec)
+    if entry is None:
+        raise SluiceError(
+            f"{role} kind '{spec.kind}' is not implemented yet in this version of sluice"
+        )
+    return resolve(entry, spec.kind, role, connector.extra)
+
+
+def build_source(spec: SourceSpec, ctx: Context) -> Source:
     """The source connector for ``spec``."""
-    source: Source = _module(_SOURCES, spec.kind, "source").build_source(spec, ctx)
+    source: Source = _entry(spec, "source", of(spec).source)(spec, ctx)
     return source
 
 
-def build_target(spec: TargetSpecT, ctx: Context, index: int) -> Target:
+def build_target(spec: TargetSpec, ctx: Context, index: int) -> Target:
     """The target connector for ``spec`` (``index`` = its place in the file)."""
-    target: Target = _module(_TARGETS, spec.kind, "target").build_target(spec, ctx, index)
+    target: Target = _entry(spec, "target", of(spec).target)(spec, ctx, index)
     return target
+
+
+def cdc_kinds() -> list[str]:
+    """The target kinds that apply ``[transform.cdc]``, in registry order."""
+    return [
+        str(s.__struct_config__.tag) for c in _connectors if c.capabilities.cdc for s in c.targets
+    ]
+
+
+def build_cdc_target(
+    spec: TargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
+) -> Target:
+    """The target that applies ``cdc`` change streams to ``spec``'s table.
+
+    Raises :class:`SluiceError` for a target kind without the ``cdc`` capability.
+    """
+    connector = of(spec)
+    if not connector.capabilities.cdc or connector.cdc_target is None:
+        raise SluiceError(
+            f"[transform.cdc] cannot apply changes to a '{spec.kind}' target "
+            f"(it can to {', '.join(cdc_kinds())})"
+        )
+    factory = resolve(connector.cdc_target, spec.kind, "target", connector.extra)
+    built: Target = factory(spec, ctx, index, cdc, count=count)
+    return built
+
+
+def load_lookup(spec: LookupSpec) -> pa.Table:
+    """Read one lookup table whole with its connector's loader."""
+    connector = of(spec)
+    loaded: pa.Table = _entry(spec, "lookup", connector.lookup)(spec)
+    return loaded
+
+
+def union(role: str) -> Any:
+    """The msgspec tagged union of every spec class of ``role``, in registry order."""
+    return Union[tuple(specs(role))]  # noqa: UP007 - a union built at runtime

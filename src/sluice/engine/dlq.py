@@ -9,15 +9,15 @@ a dead letter may be written twice but is never lost.
 
 Destinations (``dlq_store`` / ``dead_letter_topic``):
 
-* **Kafka topic**: value = raw payload, key = raw key, headers
-  ``sluice.pipeline``, ``sluice.source``, ``sluice.stage``, ``sluice.error``,
-  ``sluice.partition``, ``sluice.offset``, ``sluice.timestamp_ms``. Produced
-  with ``acks=all`` and idempotence; durable once every delivery report came
-  back without error. A Kafka source's own ``dead_letter_topic`` takes the
-  records of that source.
-* **Postgres table** (``postgres:SCHEMA.TABLE``; ``table`` = the first
-  Postgres target's schema, table ``sluice_dead_letters``): created when
-  missing, written with COPY, durable on commit.
+* **A connector with the ``dead_letters`` capability**: its descriptor's
+  :class:`~sluice.connectors.descriptor.DeadLetters` says which
+  ``dlq_store`` word it serves (``topic``: a Kafka source's brokers, with a
+  source's own ``dead_letter_topic`` taking that source's records;
+  ``table``: a Postgres target's or state store's database,
+  ``<schema>.sluice_dead_letters`` by default) and builds the sink; the
+  sinks live in the connector packages (``connectors/kafka/dlq.py``,
+  ``connectors/postgres/dlq.py``). ``dlq_store = "<kind>:<destination>"``
+  names one directly.
 * **JSON Lines file** (a path ending in ``.jsonl``; the fallback of ``auto``
   is ``$SLUICE_STATE_DIR/<pipeline>.dlq.jsonl``): one object per record,
   ``key`` / ``payload`` as text when they are UTF-8, else ``key_base64`` /
@@ -27,21 +27,19 @@ Destinations (``dlq_store`` / ``dead_letter_topic``):
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
-from sluice.config.spec import KafkaSource, PipelineSpec, PostgresStateStore, PostgresTarget
+from sluice.config.spec import PipelineSpec
+from sluice.connectors import registry
 from sluice.connectors.api import RawRecord
-from sluice.errors import ConnectorError, TransientError
+from sluice.connectors.descriptor import Connector, DeadLetters
+from sluice.errors import ConnectorError
 from sluice.localstate import state_dir
-
-DEFAULT_TABLE = "sluice_dead_letters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,162 +80,6 @@ class DeadLetterSink(Protocol):
 
     def close(self) -> None:
         """Release connections. Idempotent."""
-
-
-# ---------------------------------------------------------------------------
-# Kafka
-
-
-class KafkaDeadLetters:
-    """Produces dead letters to a topic and waits for every acknowledgement."""
-
-    def __init__(self, topic: str, source: KafkaSource) -> None:
-        self.topic = topic
-        self.source = source
-        self.id = f"dlq:kafka:{topic}"
-        self._producer: Any = None
-
-    def open(self) -> None:
-        """Create the producer (connections are made on first send)."""
-        import confluent_kafka as ck
-
-        from sluice.connectors.kafka.source import client_config
-
-        conf = client_config(self.source)
-        conf.update({"acks": "all", "enable.idempotence": True, "linger.ms": 5, "log_level": 3})
-        self._producer = ck.Producer(conf)
-
-    def write(self, letters: list[DeadLetter]) -> None:
-        """Produce every letter; raise unless all were acknowledged."""
-        import confluent_kafka as ck
-
-        producer = self._producer
-        if producer is None:
-            raise ConnectorError(f"{self.id} is not open")
-        failures: list[str] = []
-
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None:
-                failures.append(err.str())
-
-        for letter in letters:
-            while True:
-                try:
-                    producer.produce(
-                        self.topic,
-                        value=letter.record.payload,
-                        key=letter.record.key,
-                        headers=letter.headers(),
-                        on_delivery=delivered,
-                    )
-                    break
-                except BufferError:
-                    producer.poll(0.1)  # local queue full: let deliveries drain
-                except ck.KafkaException as exc:
-                    raise ConnectorError(f"{self.id}: {exc}") from exc
-        left = producer.flush(30)
-        if left or failures:
-            detail = failures[0] if failures else f"{left} message(s) not acknowledged in 30 s"
-            raise TransientError(f"{self.id}: {detail}")
-
-    def close(self) -> None:
-        """Drop the producer (nothing is pending: write() waited for every ack)."""
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            producer.flush(1)
-
-
-# ---------------------------------------------------------------------------
-# Postgres
-
-
-class PostgresDeadLetters:
-    """Copies dead letters into a Postgres table, one transaction per write."""
-
-    def __init__(self, url: str, schema: str, table: str) -> None:
-        self.url = url
-        self.schema = schema
-        self.table = table
-        self.id = f"dlq:postgres:{schema}.{table}"
-        self._conn: Any = None
-
-    def _ident(self) -> Any:
-        from psycopg import sql
-
-        return sql.Identifier(self.schema, self.table)
-
-    def open(self) -> None:
-        """Connect and create the table when missing."""
-        import psycopg
-        from psycopg import sql
-
-        try:
-            self._conn = psycopg.connect(self.url, connect_timeout=10)
-            with self._conn.transaction():
-                self._conn.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
-                )
-                self._conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} ("
-                        "id bigserial PRIMARY KEY, pipeline text NOT NULL, source text NOT NULL, "
-                        "stage text NOT NULL, error text NOT NULL, partition text, "
-                        '"offset" text, source_timestamp timestamptz, key bytea, payload bytea, '
-                        "failed_at timestamptz NOT NULL DEFAULT now())"
-                    ).format(self._ident())
-                )
-        except psycopg.OperationalError as exc:
-            self.close()
-            raise TransientError(f"{self.id}: cannot connect: {exc}") from exc
-        except psycopg.Error as exc:
-            self.close()
-            raise ConnectorError(f"{self.id}: {exc}") from exc
-
-    def write(self, letters: list[DeadLetter]) -> None:
-        """COPY the letters in and commit."""
-        import psycopg
-        from psycopg import sql
-
-        if self._conn is None:
-            raise ConnectorError(f"{self.id} is not open")
-        statement = sql.SQL(
-            'COPY {} (pipeline, source, stage, error, partition, "offset", '
-            "source_timestamp, key, payload) FROM STDIN"
-        ).format(self._ident())
-        try:
-            with self._conn.transaction(), self._conn.cursor() as cur, cur.copy(statement) as copy:
-                for d in letters:
-                    r = d.record
-                    ts = (
-                        None
-                        if r.timestamp_ms is None
-                        else datetime.fromtimestamp(r.timestamp_ms / 1000, UTC)
-                    )
-                    offset = None if r.offset is None else str(r.offset)
-                    copy.write_row(
-                        (
-                            d.pipeline,
-                            d.source,
-                            d.stage,
-                            d.error,
-                            r.partition,
-                            offset,
-                            ts,
-                            r.key,
-                            r.payload,
-                        )
-                    )
-        except psycopg.OperationalError as exc:
-            raise TransientError(f"{self.id}: {exc}") from exc
-        except psycopg.Error as exc:
-            raise ConnectorError(f"{self.id}: {exc}") from exc
-
-    def close(self) -> None:
-        """Close the connection."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
 
 
 # ---------------------------------------------------------------------------
@@ -302,47 +144,89 @@ class FileDeadLetters:
 # Routing
 
 
-def _postgres_url(spec: PipelineSpec) -> tuple[str, str] | None:
-    """(url, schema) of the first Postgres target, else of a Postgres state store."""
-    for target in spec.all_targets:
-        if isinstance(target, PostgresTarget):
-            return target.url, target.table.schema or "public"
-    if isinstance(spec.state_store, PostgresStateStore):
-        return spec.state_store.url, spec.state_store.schema
-    return None
+@dataclass(frozen=True, slots=True)
+class _Holder:
+    """A spec of the pipeline whose connection can hold dead letters."""
+
+    kind: str
+    support: DeadLetters
+    spec: Any
+
+    def sink(self, destination: str) -> DeadLetterSink:
+        c = registry.of_kind(self.support.role, self.kind) or _state_connector(self.kind)
+        extra = c.extra if c is not None else "all"
+        build = registry.resolve(self.support.sink, self.kind, "dead-letter", extra)
+        built: DeadLetterSink = build(self.spec, destination)
+        return built
 
 
-def _kafka_sources(spec: PipelineSpec) -> list[KafkaSource]:
-    return [s for s in spec.all_sources if isinstance(s, KafkaSource)]
+def _state_connector(kind: str) -> Connector | None:
+    """The connector whose database a state store of ``kind`` lives in, if it holds dead letters."""
+    return next(
+        (c for c in registry.connectors() if c.dead_letters is not None and kind in c.kinds), None
+    )
+
+
+def _holders(spec: PipelineSpec, word: str | None = None, kind: str | None = None) -> list[_Holder]:
+    """Specs that can hold dead letters, in order: sources, targets, then the state store
+    (a state store in a connector's database holds them there too)."""
+    found: list[tuple[Connector | None, Any]] = [
+        *((registry.of(s), s) for s in spec.all_sources),
+        *((registry.of(t), t) for t in spec.all_targets),
+    ]
+    if spec.state_store is not None:
+        found.append((_state_connector(spec.state_store.kind), spec.state_store))
+    out = []
+    for connector, s in found:
+        support = connector.dead_letters if connector is not None else None
+        if support is None or (word is not None and support.word != word):
+            continue
+        if kind is not None and s.kind != kind:
+            continue
+        if s is not spec.state_store and support.role != s.ROLE:
+            continue
+        if s is spec.state_store and support.role != "target":
+            continue
+        out.append(_Holder(s.kind, support, s))
+    return out
+
+
+def _needs(word_or_kind: str, role: str) -> str:
+    return f"a {word_or_kind} {role}" + (" or state store" if role == "target" else "")
 
 
 def _default_sink(spec: PipelineSpec) -> DeadLetterSink:
     store = spec.dlq_store or "auto"
-    kafka = _kafka_sources(spec)
-    source_topics = [s for s in kafka if s.dead_letter_topic]
-    if store.startswith("kafka:"):
-        return KafkaDeadLetters(store.removeprefix("kafka:"), kafka[0])
-    if store.startswith("postgres:"):
-        schema, _, table = store.removeprefix("postgres:").partition(".")
-        found = _postgres_url(spec)
-        if found is None:
-            raise ConnectorError(f'dlq_store = "{store}" needs a postgres target or state store')
-        return PostgresDeadLetters(found[0], schema, table)
+    prefix, colon, destination = store.partition(":")
+    named = registry.of_kind("source", prefix) or registry.of_kind("target", prefix)
+    if colon and named is not None and named.dead_letters is not None:
+        holders = _holders(spec, kind=prefix)
+        if not holders:
+            role = named.dead_letters.role
+            raise ConnectorError(f'dlq_store = "{store}" needs {_needs(prefix, role)}')
+        return holders[0].sink(destination)
     if store.endswith(".jsonl"):
         return FileDeadLetters(Path(store))
     if store in ("auto", "topic"):
-        if spec.dead_letter_topic and kafka:
-            return KafkaDeadLetters(spec.dead_letter_topic, kafka[0])
-        if source_topics:
-            first = source_topics[0]
-            return KafkaDeadLetters(first.dead_letter_topic or "", first)
+        topics = _holders(spec, word="topic")
+        if spec.dead_letter_topic and topics:
+            return topics[0].sink(spec.dead_letter_topic)
+        for holder in topics:
+            own = holder.support.own(holder.spec) if holder.support.own else None
+            if own:
+                return holder.sink(own)
         if store == "topic":
             raise ConnectorError('dlq_store = "topic" needs dead_letter_topic')
-    found = _postgres_url(spec)
-    if found is not None:
-        return PostgresDeadLetters(found[0], found[1], DEFAULT_TABLE)
+    tables = _holders(spec, word="table")
+    if tables and tables[0].support.default is not None:
+        return tables[0].sink(tables[0].support.default(tables[0].spec))
     if store == "table":
-        raise ConnectorError('dlq_store = "table" needs a postgres target or state store')
+        kinds = [
+            c.name
+            for c in registry.connectors()
+            if c.dead_letters and c.dead_letters.word == "table"
+        ]
+        raise ConnectorError(f'dlq_store = "table" needs {_needs(" or ".join(kinds), "target")}')
     return FileDeadLetters(state_dir() / f"{spec.pipeline_name}.dlq.jsonl")
 
 
@@ -356,6 +240,10 @@ def build_sinks(
     """
     own: dict[str, DeadLetterSink] = {}
     for i, source in enumerate(spec.all_sources):
-        if isinstance(source, KafkaSource) and source.dead_letter_topic:
-            own[source_ids[i]] = KafkaDeadLetters(source.dead_letter_topic, source)
+        support = registry.of(source).dead_letters
+        if support is None or support.own is None:
+            continue
+        topic = support.own(source)
+        if topic:
+            own[source_ids[i]] = _Holder(source.kind, support, source).sink(topic)
     return own, _default_sink(spec)

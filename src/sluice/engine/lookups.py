@@ -11,133 +11,35 @@ error and logs it; the next period tries again.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
-from collections.abc import Callable
-from typing import Any
 
 import pyarrow as pa
 
-from sluice.config.spec import (
-    DuckDBLookup,
-    Lookup,
-    MySQLLookup,
-    PostgresLookup,
-    SQLiteLookup,
-)
+from sluice.config.base import LookupSpec
+from sluice.connectors import registry
 from sluice.engine import metrics as m
 from sluice.errors import ConnectorError, SluiceError
 
 log = logging.getLogger("sluice")
 
 
-def _qualified(schema: str | None, table: str, quote: str = '"') -> str:
-    def q(name: str) -> str:
-        return quote + name.replace(quote, quote * 2) + quote
+def load(spec: LookupSpec) -> pa.Table:
+    """Read one lookup table whole with its connector's loader.
 
-    return f"{q(schema)}.{q(table)}" if schema else q(table)
-
-
-def _load_postgres(spec: PostgresLookup) -> pa.Table:
-    import adbc_driver_postgresql.dbapi as adbc
-
-    with adbc.connect(spec.url) as conn, conn.cursor() as cur:
-        cur.execute(f"SELECT * FROM {_qualified(spec.schema, spec.table)}")
-        table: pa.Table = cur.fetch_arrow_table()
-        return table
-
-
-_SQLITE_AFFINITY = (
-    ("INT", pa.int64()),
-    ("CHAR", pa.string()),
-    ("CLOB", pa.string()),
-    ("TEXT", pa.string()),
-    ("BLOB", pa.binary()),
-    ("REAL", pa.float64()),
-    ("FLOA", pa.float64()),
-    ("DOUB", pa.float64()),
-)
-
-
-def _sqlite_type(declared: str) -> pa.DataType | None:
-    """The Arrow type of a declared SQLite column type (SQLite's affinity rules)."""
-    upper = declared.upper()
-    for needle, arrow in _SQLITE_AFFINITY:
-        if needle in upper:
-            return arrow
-    return None
-
-
-def _load_sqlite(spec: SQLiteLookup) -> pa.Table:
-    name = _qualified(spec.schema, spec.table)
-    conn = sqlite3.connect(f"file:{spec.path}?mode=ro", uri=True)
+    Any failure is a :class:`ConnectorError`.
+    """
     try:
-        cur = conn.execute(f"SELECT * FROM {name}")
-        names = [d[0] for d in cur.description]
-        rows = cur.fetchall()
-        prefix = f"{_qualified(None, spec.schema)}." if spec.schema else ""
-        info = conn.execute(f"PRAGMA {prefix}table_info({_qualified(None, spec.table)})").fetchall()
-    except sqlite3.Error as exc:
-        raise ConnectorError(f"sqlite lookup {spec.path} {name}: {exc}") from exc
-    finally:
-        conn.close()
-    declared = {row[1]: row[2] or "" for row in info}
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in names]
-    arrays = []
-    for col_name, values in zip(names, columns, strict=True):
-        arrow = _sqlite_type(declared.get(col_name, ""))
-        try:
-            arrays.append(pa.array(list(values), arrow))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            arrays.append(pa.array(list(values)))  # mixed affinity: let Arrow infer
-    return pa.Table.from_arrays(arrays, names=names)
-
-
-def _load_duckdb(spec: DuckDBLookup) -> pa.Table:
-    import duckdb
-
-    conn = duckdb.connect(spec.path, read_only=True)
-    try:
-        table: pa.Table = conn.sql(
-            f"SELECT * FROM {_qualified(spec.schema, spec.table)}"
-        ).to_arrow_table()
-        return table
-    except duckdb.Error as exc:
-        raise ConnectorError(f"duckdb lookup {spec.path}: {exc}") from exc
-    finally:
-        conn.close()
-
-
-def _load_mysql(spec: MySQLLookup) -> pa.Table:
-    from sluice.connectors.mysql import target as mysql
-
-    return mysql.load_table(spec.url, spec.schema, spec.table)
-
-
-_LOADERS: dict[type, Callable[[Any], pa.Table]] = {
-    PostgresLookup: _load_postgres,
-    SQLiteLookup: _load_sqlite,
-    DuckDBLookup: _load_duckdb,
-    MySQLLookup: _load_mysql,
-}
-
-
-def load(spec: Lookup) -> pa.Table:
-    """Read one lookup table whole. Any failure is a :class:`ConnectorError`."""
-    try:
-        return _LOADERS[type(spec)](spec)
+        return registry.load_lookup(spec)
     except SluiceError:
         raise
     except Exception as exc:  # every driver has its own error tree
-        raise ConnectorError(
-            f"{spec.kind} lookup {_qualified(spec.schema, spec.table)}: {exc}"
-        ) from exc
+        raise ConnectorError(f"{spec.kind} lookup {_name(spec)}: {exc}") from exc
 
 
 class LookupTables:
     """The pipeline's lookup tables, with background refresh."""
 
-    def __init__(self, specs: dict[str, Lookup], pipeline: str) -> None:
+    def __init__(self, specs: dict[str, LookupSpec], pipeline: str) -> None:
         self.specs = specs
         self.pipeline = pipeline
         self._pending: dict[str, pa.Table] = {}
@@ -181,7 +83,7 @@ class LookupTables:
             updates, self._pending = self._pending, {}
         return updates
 
-    def _refresh_loop(self, name: str, spec: Lookup) -> None:
+    def _refresh_loop(self, name: str, spec: LookupSpec) -> None:
         interval = (spec.refresh_interval_ms or 0) / 1000
         while not self._stop.wait(interval):
             try:
@@ -194,3 +96,7 @@ class LookupTables:
             m.LOOKUP_REFRESHES.labels(self.pipeline, name, "ok").inc()
             with self._lock:
                 self._pending[name] = table
+
+
+def _name(spec: LookupSpec) -> str:
+    return ".".join(f'"{p}"' for p in (spec.schema, spec.table) if p)

@@ -14,16 +14,15 @@ from typing import Any, Literal
 
 import msgspec
 
+from sluice.config.base import TableSpec
 from sluice.config.redact import redact_value
 from sluice.config.spec import (
-    DbTable,
-    DeltaTable,
     HoppingWindow,
-    KafkaSource,
     PipelineSpec,
     SessionWindow,
     TumblingWindow,
 )
+from sluice.connectors import registry
 
 Role = Literal["source", "stage", "target", "dlq"]
 
@@ -116,7 +115,7 @@ def _detail(spec: msgspec.Struct, skip: tuple[str, ...] = ()) -> dict[str, Any]:
             continue
         if not f.required and f.default is not msgspec.NODEFAULT and value == f.default:
             continue
-        if isinstance(value, DbTable | DeltaTable):
+        if isinstance(value, TableSpec):
             out["table"] = _table_name(value)
             if value.primary_key:
                 out["primary_key"] = list(value.primary_key)
@@ -127,7 +126,7 @@ def _detail(spec: msgspec.Struct, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     return out
 
 
-def _table_name(table: DbTable | DeltaTable) -> str:
+def _table_name(table: TableSpec) -> str:
     return ".".join(p for p in (table.schema, table.name) if p)
 
 
@@ -142,12 +141,10 @@ def build_plan(spec: PipelineSpec) -> Plan:
         query = spec.query_of(src)
         node_id = f"source:{query}"
         detail = {"query": query, **_detail(src, skip=("query",))}
-        if isinstance(src, KafkaSource) and src.group_id is None:
-            detail["group_id"] = spec.pipeline_name
+        detail.update(src.derived_keys(spec.pipeline_name))
         nodes.append(Node(node_id, "source", src.kind, detail))
         source_ids.append(node_id)
-        raw = isinstance(src, KafkaSource) and src.payload_format == "raw_bytes"
-        carries[node_id] = RAW_BATCH if raw else BATCH
+        carries[node_id] = RAW_BATCH if src.raw_payload else BATCH
 
     transform = spec.transform
     upstream: list[str] = source_ids
@@ -221,6 +218,14 @@ def build_plan(spec: PipelineSpec) -> Plan:
             Edge(o, "dlq", "rejected messages: raw payload + error, source, partition, offset")
             for o in origins
         )
+        if window is not None and window.late_data == "dlq":
+            edges.append(
+                Edge(
+                    "stage:window",
+                    "dlq",
+                    "late rows: raw payload (the row as JSON after SQL) + reason",
+                )
+            )
 
     if spec.state_store is not None:
         delivery = (
@@ -233,21 +238,24 @@ def build_plan(spec: PipelineSpec) -> Plan:
 
 
 def _dlq(spec: PipelineSpec) -> tuple[str, dict[str, Any]] | None:
-    topic = spec.dead_letter_topic or next(
-        (
-            s.dead_letter_topic
-            for s in spec.all_sources
-            if isinstance(s, KafkaSource) and s.dead_letter_topic
-        ),
-        None,
-    )
+    """The dead-letter node: (kind, detail), or ``None`` when nothing routes there."""
+    holders = []  # sources whose connection holds dead letters in a topic
+    for s in spec.all_sources:
+        support = registry.of(s).dead_letters
+        if support is not None and support.word == "topic":
+            holders.append((s.kind, support.own(s) if support.own else None))
+    own = next((topic for _, topic in holders if topic), None)
+    topic = spec.dead_letter_topic or own
     if topic:
-        return "kafka", {"topic": topic}
+        return (holders[0][0] if holders else "topic"), {"topic": topic}
     if spec.dlq_store:
         store = spec.dlq_store
+        prefix, colon, _ = store.partition(":")
         if store in ("auto", "topic", "table"):
             kind = store
+        elif colon and any(prefix in c.kinds for c in registry.connectors() if c.dead_letters):
+            kind = prefix
         else:
-            kind = store.split(":", 1)[0] if store.startswith(("kafka:", "postgres:")) else "jsonl"
+            kind = "jsonl"
         return kind, {"store": redact_value("dlq_store", store)}
     return None

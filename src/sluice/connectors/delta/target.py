@@ -52,8 +52,6 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from sluice.config.spec import CdcSpec
-from sluice.config.spec import DeltaLocalTarget as DeltaLocalSpec
-from sluice.config.spec import DeltaS3Target as DeltaS3Spec
 from sluice.connectors.cdc_apply import (
     Applied,
     Evolution,
@@ -61,6 +59,8 @@ from sluice.connectors.cdc_apply import (
     image_columns,
     infer_types,
 )
+from sluice.connectors.delta.spec import DeltaLocalTarget as DeltaLocalSpec
+from sluice.connectors.delta.spec import DeltaS3Target as DeltaS3Spec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats import cdc as env

@@ -19,16 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
-from sluice.config.spec import ObjectStoreLocalSource as LocalSpec
-from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position
+from sluice.connectors.api import Batch, Position
+from sluice.connectors.files.spec import ObjectStoreLocalSource as LocalSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, DecodeError
+from sluice.formats import with_event_ts
 from sluice.localstate import read_json, safe_name, state_dir, write_json
 
 _SUFFIXES = {
@@ -89,16 +89,8 @@ class LocalFilesSource:
             table = self._load(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise DecodeError(f"cannot read file {path}: {exc}") from exc
-        if EVENT_TS not in table.column_names:
-            mtime_us = int(path.stat().st_mtime * 1_000_000)
-            ts = pa.array([mtime_us] * table.num_rows, pa.int64()).cast(EVENT_TS_TYPE)
-            table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), ts)
-        elif table.schema.field(EVENT_TS).type != EVENT_TS_TYPE:
-            table = table.set_column(
-                table.column_names.index(EVENT_TS),
-                EVENT_TS,
-                pc.cast(table[EVENT_TS], EVENT_TS_TYPE),
-            )
+        # A file without its own _event_ts is stamped with its modification time.
+        table = with_event_ts(table, int(path.stat().st_mtime * 1_000_000))
         self._cursor = name
         position: Position = {self.prefix: name}
         return Batch(

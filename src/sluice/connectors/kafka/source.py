@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from sluice.config.spec import KafkaSource as KafkaSourceSpec
-from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
+from sluice.connectors.api import Batch, Position, RawRecord
+from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats.cdc import EnvelopeDecoder
-from sluice.formats.json import JsonDecoder
+from sluice.formats import decoder_for, event_table
 
 try:
     import confluent_kafka as ck
@@ -100,13 +99,8 @@ class KafkaSource:
         self.topics = [t.strip() for t in query.split(",") if t.strip()]
         self.group_id = spec.group_id or ctx.pipeline.pipeline_name
         self._consumer: ck.Consumer | None = None
-        self._decoder = JsonDecoder()
-        # [transform.cdc]: envelopes decode into change rows here, so a bad one
-        # follows on_error with its offset and payload like any bad message.
         cdc = ctx.pipeline.transform.cdc if ctx.pipeline.transform else None
-        self._cdc = EnvelopeDecoder(cdc, ctx.pipeline.pipeline_name) if cdc else None
-        if cdc is not None and spec.payload_format != "json":
-            raise ConnectorError('[transform.cdc] reads JSON envelopes: payload_format = "json"')
+        self._decoder = decoder_for(spec.payload_format, cdc, ctx.pipeline.pipeline_name)
         self._resume: Position = {}
         self._assigned: set[str] = set()
         self._revoked: set[str] = set()
@@ -251,31 +245,12 @@ class KafkaSource:
         # timestamps, one for the values; positions come from the consumer.
         position = self._positions(consumer, msgs)
         ts_ms = np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
-        bad: tuple[tuple[int, str], ...] = ()
-        if self.spec.payload_format == "raw_bytes":
-            table = pa.table({"value": pa.array([m.value() for m in msgs], pa.binary())})
-            rows = None
-        elif self.spec.payload_format == "json":
-            values = [m.value() for m in msgs]
-            decoded = (
-                self._decoder.decode(values)
-                if self._cdc is None
-                else self._cdc.decode(values, [m.offset() for m in msgs])
-            )
-            table, rows, bad = decoded.table, decoded.rows, tuple(decoded.bad)
-        else:
-            raise ConnectorError(
-                f"payload_format '{self.spec.payload_format}' is not supported yet by sluice"
-            )
+        decoded = self._decoder.decode([m.value() for m in msgs], [m.offset() for m in msgs])
+        table = event_table(decoded, ts_ms * 1000)
+        rows, bad = decoded.rows, tuple(decoded.bad)
         row_partitions = self._row_partitions(msgs) if self.track_partitions else None
-        if rows is not None:
-            ts_ms = ts_ms[rows]
-            if row_partitions is not None:
-                row_partitions = row_partitions.take(pa.array(rows, pa.int64()))
-        micros = pa.array(ts_ms * 1000, pa.int64(), mask=ts_ms < 0).cast(EVENT_TS_TYPE)
-        if EVENT_TS in table.column_names:
-            table = table.drop_columns([EVENT_TS])
-        table = table.append_column(pa.field(EVENT_TS, EVENT_TS_TYPE), micros)
+        if rows is not None and row_partitions is not None:
+            row_partitions = row_partitions.take(pa.array(rows, pa.int64()))
         return Batch(
             self.id,
             table,

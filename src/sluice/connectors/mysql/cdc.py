@@ -23,9 +23,9 @@ import pyarrow as pa
 import pymysql
 
 from sluice.config.spec import CdcSpec
-from sluice.config.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.cdc_apply import GATE_TABLE
 from sluice.connectors.mysql import target as mysql
+from sluice.connectors.mysql.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql.cdc import (
     ACC_TABLE,

@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from sluice.config.spec import MySQLTarget as MySQLTargetSpec
+from sluice.connectors.mysql.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text

@@ -17,8 +17,8 @@ import adbc_driver_manager
 import pyarrow as pa
 
 from sluice.config.spec import CdcSpec
-from sluice.config.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.postgres import target as postgres
+from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql.cdc import (
     ACC_TABLE,

@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.config.spec import PostgresTarget as PostgresTargetSpec
+from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError

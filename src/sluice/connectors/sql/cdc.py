@@ -35,19 +35,14 @@ delete its rows from ``_sluice_cdc_gate`` along with the table's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sqlite3
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import pyarrow as pa
 
 from sluice.config.spec import CdcSpec
-from sluice.config.spec import DuckDBTarget as DuckDBTargetSpec
-from sluice.config.spec import SQLiteTarget as SQLiteTargetSpec
 from sluice.connectors.cdc_apply import (
     GATE_TABLE,
     NEVER,
@@ -59,7 +54,6 @@ from sluice.connectors.cdc_apply import (
     key_columns,
 )
 from sluice.connectors.registry import Context
-from sluice.connectors.sql.embedded import duck_type
 from sluice.errors import ConnectorError
 from sluice.formats import cdc as env
 
@@ -461,7 +455,7 @@ class SqlCdcTarget(ABC):
             applied.record(self.pipeline)
 
 
-# -- SQLite -----------------------------------------------------------------------
+# -- Embedded (SQLite, DuckDB) ----------------------------------------------------
 
 
 class Embedded(SqlCdcTarget):
@@ -483,137 +477,7 @@ class Embedded(SqlCdcTarget):
         self.done()
 
 
-class SQLiteCdcTarget(Embedded):
-    """CDC into a SQLite table; JSON converted by ``json_extract``.
-
-    A batch holds the database's write lock from ``BEGIN IMMEDIATE`` to the
-    commit (WAL, ``synchronous = FULL``).
-    """
-
-    def __init__(
-        self, spec: SQLiteTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
-    ) -> None:
-        super().__init__(cdc, ctx, spec.table.primary_key, count=count)
-        self.spec = spec
-        self.table = spec.table.name
-        self.id = f"sqlite:{spec.path}:{self.table}"
-        self._conn: sqlite3.Connection | None = None
-
-    def q(self, name: str) -> str:
-        return '"' + name.replace('"', '""') + '"'
-
-    @property
-    def ident(self) -> str:
-        return self.q(self.table)
-
-    @property
-    def gate(self) -> str:
-        return self.q(GATE_TABLE)
-
-    @property
-    def table_name(self) -> str:
-        return f"main.{self.table}"
-
-    def open(self) -> None:
-        """Open the database file (created when missing), reflect, create the gate table."""
-        Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.spec.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        self._conn = conn
-        try:
-            self.prepare()
-        except sqlite3.Error as exc:
-            self.close()
-            raise ConnectorError(f"{self.id}: {exc}") from exc
-
-    def close(self) -> None:
-        """Close; an uncommitted batch is rolled back."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    def _require(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise ConnectorError(f"{self.id} is not open")
-        return self._conn
-
-    def run(self, statement: str) -> list[tuple[Any, ...]]:
-        return list(self._require().execute(statement).fetchall())
-
-    def begin(self) -> None:
-        conn = self._require()
-        if not conn.in_transaction:
-            conn.execute("BEGIN IMMEDIATE")
-
-    def commit(self) -> None:
-        conn = self._require()
-        if conn.in_transaction:
-            conn.execute("COMMIT")
-
-    def reflect(self) -> tuple[dict[str, str] | None, list[str]]:
-        info = self.run(f"PRAGMA table_info({self.q(self.table)})")
-        if not info:
-            return None, []
-        columns = {str(r[1]): str(r[2]) for r in info}
-        key = [str(r[1]) for r in sorted(info, key=lambda r: int(r[5])) if int(r[5]) > 0]
-        return columns, key
-
-    def stage(self, events: pa.Table) -> None:
-        self.drop_temp(EV_TABLE)
-        self.run(
-            f"CREATE TEMP TABLE {EV_TABLE} (k TEXT, op TEXT, ts INTEGER, seq INTEGER, "
-            "hash INTEGER, n INTEGER, img TEXT)"
-        )
-        marks = ", ".join("?" for _ in EV_COLUMNS)
-        # executemany over C-level zip of the columns: sqlite3 has no bulk Arrow path.
-        self._require().executemany(
-            f"INSERT INTO {EV_TABLE} VALUES ({marks})",
-            zip(*(c.to_pylist() for c in events.columns), strict=True),
-        )
-
-    def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
-        from sluice.connectors.sql.embedded import sqlite_type
-
-        return "BOOLEAN" if pa.types.is_boolean(t) else sqlite_type(t)
-
-    def typed(self, column: str, image: str) -> str:
-        return f"json_extract({image}, {self.json_path(column)})"
-
-    def present(self, column: str, image: str) -> str:
-        return f"(json_type({image}, {self.json_path(column)}) IS NOT NULL)"
-
-    def now(self) -> str:
-        return "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-
-    def lock_gate(self) -> None:
-        """BEGIN IMMEDIATE holds the database's write lock already."""
-
-    def delete_from(self, source: str, where: str) -> str:
-        return (
-            f"DELETE FROM {self.ident} AS t WHERE EXISTS (SELECT 1 FROM {source} w WHERE {where})"
-        )
-
-    def gate_ddl(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline TEXT NOT NULL, tbl TEXT NOT NULL, "
-            "k TEXT NOT NULL, ts_ms INTEGER NOT NULL, seq INTEGER NOT NULL, "
-            "hash INTEGER NOT NULL, PRIMARY KEY (pipeline, tbl, k)) WITHOUT ROWID"
-        )
-
-    def _driver_error(self) -> type[Exception]:
-        return sqlite3.Error
-
-    def _rollback(self) -> None:
-        conn = self._conn
-        if conn is not None and conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        with contextlib.suppress(sqlite3.Error, ConnectorError):
-            self.columns, _ = self.reflect()  # an ALTER of the batch rolled back too
-
-
-# -- DuckDB -----------------------------------------------------------------------
+# -- Schema-qualified names (Postgres, DuckDB) ---------------------------------------
 
 
 class SchemaQualified:
@@ -636,127 +500,3 @@ class SchemaQualified:
     @property
     def table_name(self) -> str:
         return f"{self.schema}.{self.table}"
-
-
-class DuckDBCdcTarget(SchemaQualified, Embedded):
-    """CDC into a DuckDB table; JSON converted by ``json_extract`` and a cast to the
-    column's type."""
-
-    def __init__(
-        self, spec: DuckDBTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
-    ) -> None:
-        super().__init__(cdc, ctx, spec.table.primary_key, count=count)
-        self.spec = spec
-        self.schema = spec.table.schema or "main"
-        self.table = spec.table.name
-        self.id = f"duckdb:{spec.path}:{self.schema}.{self.table}"
-        self._conn: Any = None
-        self._in_tx = False
-
-    def open(self) -> None:
-        """Open the database (created when missing), reflect, create the gate table."""
-        import duckdb
-
-        if self.spec.path != ":memory:":
-            Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._conn = duckdb.connect(self.spec.path)
-            self.run(f"CREATE SCHEMA IF NOT EXISTS {self.q(self.schema)}")
-            self.prepare()
-        except duckdb.Error as exc:
-            self.close()
-            raise ConnectorError(f"{self.id}: {exc}") from exc
-
-    def close(self) -> None:
-        """Close; an uncommitted batch is rolled back."""
-        conn, self._conn = self._conn, None
-        self._in_tx = False
-        if conn is not None:
-            conn.close()
-
-    def _require(self) -> Any:
-        if self._conn is None:
-            raise ConnectorError(f"{self.id} is not open")
-        return self._conn
-
-    def run(self, statement: str) -> list[tuple[Any, ...]]:
-        return list(self._require().execute(statement).fetchall())
-
-    def begin(self) -> None:
-        if not self._in_tx:
-            self.run("BEGIN TRANSACTION")
-            self._in_tx = True
-
-    def commit(self) -> None:
-        if self._in_tx:
-            self.run("COMMIT")
-            self._in_tx = False
-
-    def reflect(self) -> tuple[dict[str, str] | None, list[str]]:
-        rows = self.run(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE "
-            f"table_schema = {self.literal(self.schema)} AND table_name = {self.literal(self.table)} "
-            "ORDER BY ordinal_position"
-        )
-        if not rows:
-            return None, []
-        cons = self.run(
-            "SELECT constraint_column_names FROM duckdb_constraints() WHERE "
-            f"schema_name = {self.literal(self.schema)} AND table_name = {self.literal(self.table)} "
-            "AND constraint_type = 'PRIMARY KEY'"
-        )
-        return {str(r[0]): str(r[1]) for r in rows}, list(cons[0][0]) if cons else []
-
-    def stage(self, events: pa.Table) -> None:
-        conn = self._require()
-        conn.register("_sluice_cdc_batch", events)
-        try:
-            self.run(f"CREATE OR REPLACE TEMP TABLE {EV_TABLE} AS SELECT * FROM _sluice_cdc_batch")
-        finally:
-            conn.unregister("_sluice_cdc_batch")
-
-    def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
-        return duck_type(t)
-
-    def typed(self, column: str, image: str) -> str:
-        assert self.columns is not None
-        kind = self.columns[column]
-        path = self.json_path(column)
-        if kind == "VARCHAR":
-            return f"json_extract_string({image}, {path})"
-        if kind == "JSON":
-            return f"json_extract({image}, {path})"
-        if kind.endswith("]") or kind.startswith(("STRUCT", "MAP", "UNION")):
-            return f"CAST(json_extract({image}, {path}) AS {kind})"
-        return f"CAST(json_extract_string({image}, {path}) AS {kind})"
-
-    def present(self, column: str, image: str) -> str:
-        return f"json_exists({image}, {self.json_path(column)})"
-
-    def now(self) -> str:
-        return "now()"
-
-    def lock_gate(self) -> None:
-        """One process holds a DuckDB file: nothing to lock."""
-
-    def gate_ddl(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline VARCHAR NOT NULL, "
-            "tbl VARCHAR NOT NULL, k VARCHAR NOT NULL, ts_ms BIGINT NOT NULL, "
-            "seq BIGINT NOT NULL, hash BIGINT NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
-        )
-
-    def _driver_error(self) -> type[Exception]:
-        import duckdb
-
-        return duckdb.Error
-
-    def _rollback(self) -> None:
-        import duckdb
-
-        if self._in_tx:
-            self._in_tx = False
-            with contextlib.suppress(duckdb.Error, ConnectorError):
-                self.run("ROLLBACK")
-        with contextlib.suppress(duckdb.Error, ConnectorError):
-            self.columns, _ = self.reflect()

@@ -1,0 +1,131 @@
+"""The building blocks of every spec: field types, the closed base Struct, and
+the keys every source, target and lookup kind takes.
+
+Connector packages (``sluice.connectors.<kind>.spec``) build their spec
+structs from these; :mod:`sluice.config.spec` assembles the pipeline from
+the connectors' specs. This module imports no connector.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+import msgspec
+from msgspec import Meta
+
+from sluice.config.redact import redact_value
+
+# ---------------------------------------------------------------------------
+# Shared field types. The unit is in the name (``_ms``) and in the constraint.
+
+Ms = Annotated[int, Meta(ge=0)]
+PositiveMs = Annotated[int, Meta(gt=0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonEmptyStr = Annotated[str, Meta(min_length=1)]
+
+
+def doc(text: str) -> Meta:
+    """The one-line description of a key (``flow schema`` prints it)."""
+    return Meta(description=text)
+
+
+class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every spec: closed (unknown keys are errors), frozen, keyword-only.
+
+    ``repr`` redacts secrets (passwords, secret keys, passwords inside URLs).
+    """
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            parts.append(f"{name}={redact_value(name, value)!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    __str__ = __repr__
+
+
+class Tagged(Spec, frozen=True, kw_only=True):
+    """Base of the specs chosen by a ``kind`` key (sources, targets, lookups, ...)."""
+
+    @property
+    def kind(self) -> str:
+        """The ``kind`` this spec was chosen by."""
+        tag = self.__struct_config__.tag
+        return tag if isinstance(tag, str) else ""
+
+
+# ---------------------------------------------------------------------------
+# Sources
+
+
+class SourceSpec(Tagged, frozen=True, kw_only=True):
+    """Keys every source kind takes."""
+
+    ROLE: ClassVar[str] = "source"
+
+    query: Annotated[
+        str | None,
+        doc(
+            "what this source reads (topic, queue, subscription, stream, prefix); "
+            "required in [[sources]], use top-level source_query with [source]"
+        ),
+    ] = None
+    max_batch_rows: Annotated[PositiveInt, doc("(ours) most rows read into one batch")] = 50_000
+    max_batch_wait_ms: Annotated[
+        PositiveMs, doc("(ours) longest wait to fill a batch before handing it on")
+    ] = 200
+
+    def derived_keys(self, pipeline_name: str) -> dict[str, Any]:
+        """Keys the file left to a default derived from the pipeline (``flow plan`` shows them)."""
+        return {}
+
+    @property
+    def raw_payload(self) -> bool:
+        """Whether batches carry the undecoded payload (a binary ``value`` column)."""
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Targets
+
+WriteMode = Literal["append", "merge", "scd2", "truncate"]
+
+
+class TableSpec(Spec, frozen=True, kw_only=True):
+    """Base of every ``[target.table]``: the table's name, schema and key.
+
+    ``flow plan`` prints these three whatever the target kind.
+    """
+
+    name: Annotated[str | None, doc("table name")] = None
+    schema: Annotated[str | None, doc("schema")] = None
+    primary_key: Annotated[list[NonEmptyStr] | None, doc("key columns")] = None
+
+
+class DbTable(TableSpec, frozen=True, kw_only=True):
+    """A database table: [target.table]."""
+
+    name: Annotated[NonEmptyStr, doc("table name")]
+    schema: Annotated[
+        str | None, doc("schema; the database's default when omitted (public / main)")
+    ] = None
+    primary_key: Annotated[
+        list[NonEmptyStr] | None, doc("key columns; reflected from the table when omitted")
+    ] = None
+
+
+class TargetSpec(Tagged, frozen=True, kw_only=True):
+    """Keys every target kind takes."""
+
+    ROLE: ClassVar[str] = "target"
+
+
+class LookupSpec(Tagged, frozen=True, kw_only=True):
+    """Keys every lookup kind takes."""
+
+    table: Annotated[NonEmptyStr, doc("table to load")]
+    schema: Annotated[str | None, doc("schema of the table")] = None
+    refresh_interval_ms: Annotated[
+        PositiveMs | None, doc("reload in the background this often; never when omitted")
+    ] = None

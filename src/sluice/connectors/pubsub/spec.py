@@ -1,0 +1,44 @@
+"""The GCP Pub/Sub keys of pipeline.toml: ``kind = "pubsub"`` sources and targets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta
+
+from sluice.config.base import NonEmptyStr, SourceSpec, Spec, TargetSpec, doc
+
+# Pub/Sub accepts 5 to 100 delivery attempts.
+DeliveryAttempts = Annotated[int, Meta(ge=5, le=100)]
+
+
+class DeadLetterPolicy(Spec, frozen=True, kw_only=True):
+    """Pub/Sub subscription dead-letter policy."""
+
+    topic: Annotated[NonEmptyStr, doc("topic that receives undeliverable messages")]
+    max_delivery_attempts: Annotated[
+        DeliveryAttempts, doc("deliveries before dead-lettering (5-100)")
+    ] = 5
+
+
+class PubSubSource(SourceSpec, tag="pubsub", tag_field="kind", frozen=True, kw_only=True):
+    """A GCP Pub/Sub subscription read with synchronous pull."""
+
+    project_id: Annotated[NonEmptyStr, doc("GCP project")]
+    subscription: Annotated[
+        str | None, doc("subscription to pull; defaults to the source query")
+    ] = None
+    endpoint: Annotated[str | None, doc("emulator or private endpoint host:port")] = None
+    anonymous_auth: Annotated[bool, doc("skip credentials (emulator)")] = False
+    dead_letter_policy: Annotated[
+        DeadLetterPolicy | None, doc("subscription dead-letter policy")
+    ] = None
+
+
+class PubSubTarget(TargetSpec, tag="pubsub", tag_field="kind", frozen=True, kw_only=True):
+    """A GCP Pub/Sub topic."""
+
+    project_id: Annotated[NonEmptyStr, doc("GCP project")]
+    topic: Annotated[NonEmptyStr, doc("topic to publish to")]
+    endpoint: Annotated[str | None, doc("emulator or private endpoint host:port")] = None
+    anonymous_auth: Annotated[bool, doc("skip credentials (emulator)")] = False
