@@ -130,17 +130,7 @@ def test_every_edge_the_runner_wires_is_in_the_plan(
     _check(load_file(path))
 
 
-_PLAN_LACKS = pytest.mark.xfail(
-    strict=True,
-    reason="engine/plan.py does not draw this edge yet (owned by the plan change of "
-    "issue 13: remove this mark when merging it)",
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=_PLAN_LACKS) if n == "window-late-dlq" else n for n in sorted(VARIANTS)],
-)
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_edge_of_a_variant_is_in_the_plan(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
