@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -36,19 +36,9 @@ from tests import endpoints
 H = TypeVar("H")
 
 
-def cases(checks: Iterable[Check[H]], xfail: Mapping[str, str] | None = None) -> list[ParameterSet]:
-    """One pytest param per check, named after it; ``xfail`` maps a check's name
-    to the reason it fails today (a connector bug; strict, so a fix shows)."""
-    xfail = dict(xfail or {})
-    out = []
-    for check in checks:
-        marks = []
-        reason = xfail.pop(check.name, None)
-        if reason is not None:
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
-        out.append(pytest.param(check, id=check.name, marks=marks))
-    assert not xfail, f"xfail for unknown checks: {sorted(xfail)}"
-    return out
+def cases(checks: Iterable[Check[H]]) -> list[ParameterSet]:
+    """One pytest param per check, named after it."""
+    return [pytest.param(check, id=check.name) for check in checks]
 
 
 def _table(cursor_rows: list[tuple[Any, ...]], names: list[str]) -> pa.Table:

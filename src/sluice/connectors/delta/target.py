@@ -199,6 +199,9 @@ class DeltaTarget:
         if not self._pending:
             return
         data = pa.concat_tables(self._pending, promote_options="permissive")
+        if self.spec.mode == "merge":  # the last row of a key wins, also when creating the table
+            data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
+            data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
         try:
             table = self._table()
             if self.spec.mode == "merge" and table is not None:
@@ -217,8 +220,7 @@ class DeltaTarget:
         self._pending = []
 
     def _merge(self, table: DeltaTable, data: pa.Table) -> None:
-        data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
-        data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
+        """Upsert ``data`` (one row per key) on the primary key."""
         on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.key)
         (
             table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True)

@@ -16,6 +16,7 @@ and position are both ``{prefix: file name}``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ import pyarrow.json as pajson
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
-from sluice.connectors.api import Batch, Position
+from sluice.connectors.api import Batch, Position, RawRecord
 from sluice.connectors.files.spec import ObjectStoreLocalSource as LocalSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, DecodeError
@@ -85,14 +86,29 @@ class LocalFilesSource:
             return None
         name = pending[0]
         path = self.root / name
+        position: Position = {self.prefix: name}
         try:
             table = self._load(path)
-        except (pa.ArrowInvalid, OSError) as exc:
+        except pa.ArrowInvalid as exc:
+            # A file that does not parse is one bad record: on_error decides
+            # (fail naming the file, drop it, or dead-letter its bytes).
+            self._cursor = name
+            raw = _FileRecord(RawRecord(self.prefix, name, None, None, path.read_bytes()), path)
+            return Batch(
+                self.id,
+                pa.table({}),
+                position,
+                position=position,
+                raw_count=1,
+                partitions=(self.prefix,),
+                raw=raw,
+                bad=((0, f"cannot read file {path}: {exc}"),),
+            )
+        except OSError as exc:
             raise DecodeError(f"cannot read file {path}: {exc}") from exc
         # A file without its own _event_ts is stamped with its modification time.
         table = with_event_ts(table, int(path.stat().st_mtime * 1_000_000))
         self._cursor = name
-        position: Position = {self.prefix: name}
         return Batch(
             self.id,
             table,
@@ -121,6 +137,26 @@ class LocalFilesSource:
         if last is None:
             return
         write_json(self._checkpoint, {"last_file": last})
+
+
+@dataclass(frozen=True, slots=True)
+class _FileRecord:
+    """A whole file as the one raw record of a batch (a file that did not parse)."""
+
+    record_: RawRecord
+    path: Path
+
+    def __len__(self) -> int:
+        return 1
+
+    def record(self, index: int) -> RawRecord:
+        return self.record_
+
+    def where(self, index: int) -> str:
+        return f"file {self.path}"
+
+    def span(self) -> str:
+        return f"file {self.path}"
 
 
 def build_source(spec: LocalSpec, ctx: Context) -> LocalFilesSource:

@@ -153,6 +153,7 @@ class KafkaSource:
         """Leave the group (partitions move to the other members at once)."""
         consumer, self._consumer = self._consumer, None
         self.connected = False
+        self.release_in_flight()  # nothing handed out will be committed now: a revoke must not wait
         if consumer is not None:
             try:
                 consumer.close()
