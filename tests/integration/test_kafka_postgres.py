@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     pg_count,
     produce,
     unique,
+    wait_for_count,
     wait_until,
 )
 
@@ -104,7 +105,7 @@ def test_sigkill_at_three_points_then_restart_loses_nothing(
 
     for threshold in (n // 4, n // 2, 3 * n // 4):
         f = flow(config)
-        wait_until(lambda t=threshold: pg_count(table) >= t, 120, f"{threshold} rows")
+        wait_for_count(table, lambda c, t=threshold: c >= t, 120, f"{threshold} rows")
         f.kill()
         assert pg_count(table) < n, "the kill must land mid-stream"
     f = flow(config, "--stop-after-idle-ms", "3000")
@@ -126,7 +127,7 @@ def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
     producer = _SlowProducer(topic, n, chunk=3_000, pause_s=0.5)
     producer.start()
     f = flow(kafka_pg_config(topic, table, batch_rows=1_000))
-    wait_until(lambda: pg_count(table) >= 5_000, 120, "the first rows")
+    wait_for_count(table, lambda c: c >= 5_000, 120, "the first rows")
     services = ["bash", str(REPO / "scripts" / "services.sh")]
     subprocess.run([*services, "stop", "postgres"], check=True, capture_output=True)
     try:
@@ -144,9 +145,7 @@ def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
         subprocess.run([*services, "start", "postgres"], check=True, capture_output=True)
     producer.join(timeout=120)
     assert producer.error is None
-    wait_until(
-        lambda: pg_count(table, "count(DISTINCT id)") >= n, 180, "every row after the outage"
-    )
+    wait_for_count(table, lambda c: c >= n, 180, "every row after the outage", "count(DISTINCT id)")
     assert f.metric("sluice_write_retries_total") >= 1
     assert f.stop() == 0
     assert pg_count(table, "count(DISTINCT id)") == n
@@ -210,7 +209,7 @@ def test_two_processes_in_one_group_split_partitions_and_hand_over_on_stop(
     before = b.metric("sluice_rows_consumed_total")
     producer.join(timeout=120)
     assert producer.error is None
-    wait_until(lambda: pg_count(table, "count(DISTINCT id)") >= n, 120, "every row")
+    wait_for_count(table, lambda c: c >= n, 120, "every row", "count(DISTINCT id)")
     assert b.metric("sluice_rows_consumed_total") > before, "b took over a's partitions"
     assert b.stop() == 0
     assert pg_count(table, "count(DISTINCT id)") == n
