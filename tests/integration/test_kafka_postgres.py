@@ -54,7 +54,7 @@ class _SlowProducer(threading.Thread):
             for start in range(0, self.n, self.chunk):
                 size = min(self.chunk, self.n - start)
                 produce(self.topic, events(size, start), keys=_keys(size, start))
-                time.sleep(self.pause_s)
+                time.sleep(self.pause_s)  # pacing the stream, not waiting for anything
         except BaseException as exc:
             self.error = exc
 
@@ -119,9 +119,13 @@ def test_sigkill_at_three_points_then_restart_loses_nothing(
         assert total >= n
 
 
-def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
-    kafka_topic: Any, flow: Any
-) -> None:
+def _postgres_down_for_10s(kafka_topic: Any, flow: Any) -> list[int]:
+    """Stop Postgres under a running pipeline for about 10 s, then start it.
+
+    Asserts that the process waits, commits nothing while Postgres is down,
+    retries, and loses nothing. Returns the process's RSS (kB), sampled once a
+    second while Postgres was down.
+    """
     topic, table = kafka_topic(3), unique("outage")
     n = 60_000
     producer = _SlowProducer(topic, n, chunk=3_000, pause_s=0.5)
@@ -130,17 +134,21 @@ def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
     wait_for_count(table, lambda c: c >= 5_000, 120, "the first rows")
     services = ["bash", str(REPO / "scripts" / "services.sh")]
     subprocess.run([*services, "stop", "postgres"], check=True, capture_output=True)
+    rss: list[int] = []
     try:
-        time.sleep(1.5)  # a commit in flight when Postgres went down may still land
+        # Batches are written and committed one after another: once a write
+        # has failed, the commit of the batch before it has landed.
+        wait_until(
+            lambda: f.metric("sluice_write_retries_total") >= 1, 60, "a failed write retried"
+        )
         frozen = committed(table, topic, 3)
-        rss = []
+        # Deliberately long: 8 s of nothing is what proves the process neither
+        # exits nor commits while its target is down.
         for _ in range(8):
             time.sleep(1)
             assert f.proc.poll() is None, "sluice must wait for Postgres, not exit"
             rss.append(_rss_kb(f.proc.pid))
         assert committed(table, topic, 3) == frozen, "offsets moved while the target was down"
-        assert max(rss) < 700_000, f"RSS grew to {max(rss)} kB while Postgres was down"
-        assert max(rss) - min(rss) < 100_000, f"RSS kept growing: {rss}"
     finally:
         subprocess.run([*services, "start", "postgres"], check=True, capture_output=True)
     producer.join(timeout=120)
@@ -150,6 +158,22 @@ def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
     assert f.stop() == 0
     assert pg_count(table, "count(DISTINCT id)") == n
     assert committed(table, topic, 3) == n
+    return rss
+
+
+def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
+    kafka_topic: Any, flow: Any
+) -> None:
+    _postgres_down_for_10s(kafka_topic, flow)
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_while_postgres_is_down(kafka_topic: Any, flow: Any) -> None:
+    """The outage above, measured: RSS bounds depend on the machine, so they
+    run only on request (``make test-slow``), not in CI."""
+    rss = _postgres_down_for_10s(kafka_topic, flow)
+    assert max(rss) < 700_000, f"RSS grew to {max(rss)} kB while Postgres was down"
+    assert max(rss) - min(rss) < 100_000, f"RSS kept growing: {rss}"
 
 
 def test_a_message_that_is_not_json_stops_the_run_naming_its_offset(
@@ -227,7 +251,7 @@ def test_metrics_move_and_readyz_waits_for_the_source(kafka_topic: Any, flow: An
     d = flow(dead, name="dead")
     assert d.status("/healthz") == 200
     assert d.status("/readyz") == 503
-    time.sleep(2)
+    time.sleep(2)  # deliberately: /readyz must stay 503 while the broker never answers
     assert d.status("/readyz") == 503
     assert d.stop() == 0
 
