@@ -178,7 +178,7 @@ def wait_for_count(
     under test creates it on its first write. Any other error raises at once.
     """
 
-    def check() -> int | None:
+    def check() -> tuple[int] | None:
         try:
             count = pg_count(table, expr)
         except psycopg.errors.UndefinedTable:

@@ -389,14 +389,15 @@ group_by = ["user_id"]
     assert f.metric("sluice_watermark_seconds") <= T0_MS / 1000 + 1
     assert f.metric("sluice_windows_emitted_total") == 0
     # The busy source goes on; the quiet one sends nothing more, so it turns
-    # idle source_idleness_ms after its row, while the busy one is still
-    # active: from then on the busy one alone moves the watermark. Nothing
-    # closes before (the quiet source holds the watermark at minute 0), so the
-    # windows closing at all is the proof, and no sleep has to outlast the
-    # idleness timer.
+    # idle source_idleness_ms (8 s) after its row while the busy one is still
+    # active, and from then on the busy one alone moves the watermark. Until
+    # then the quiet source holds it at minute 0 and nothing closes, so the
+    # windows closing at all is the proof: no sleep has to outlast the timer.
     for m in range(2, 6):
         send(busy, [rows[m]])
-        time.sleep(0.5)  # pacing: one minute per batch, keeping the busy source active longer
+        # Pacing, not waiting: a row every 2 s keeps the busy source active
+        # until at least 6 s after the quiet one turns idle.
+        time.sleep(2)
     wait_until(lambda: f.metric("sluice_windows_emitted_total") >= 5, 30, "windows to close")
     got = table_rows(table)
     assert got[(1, T0_MS)][1] == 1 and got[(2, T0_MS)][1] == 1
