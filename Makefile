@@ -25,11 +25,14 @@ lint: ## ruff
 typecheck: ## mypy --strict on src/
 	mypy
 
-test: services ## start the services, then run every test
+test: services ## start the services, then run every test but the slow ones
 	$(PY) -m pytest
 
 test-unit: ## unit tests only (no services)
 	$(PY) -m pytest tests/unit
+
+test-slow: services ## the slow tests only: wall-clock and memory bounds (machine-dependent)
+	$(PY) -m pytest -m slow
 
 bench: services ## run the benchmarks (sluice beside the reference engine)
 	bash benchmarks/setup_reference.sh
@@ -39,4 +42,4 @@ bench: services ## run the benchmarks (sluice beside the reference engine)
 	$(PY) -m benchmarks.kafka_tumbling_to_postgres.run
 	$(PY) -m benchmarks.kafka_join_to_postgres.run
 
-.PHONY: help install services stop fmt lint typecheck test test-unit bench
+.PHONY: help install services stop fmt lint typecheck test test-unit test-slow bench

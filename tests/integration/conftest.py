@@ -48,13 +48,21 @@ def unique(prefix: str) -> str:
 
 
 def committed(group: str, topic: str, partitions: int) -> int:
-    """Sum of the group's committed offsets on ``topic`` (what the broker holds)."""
+    """Sum of the group's committed offsets on ``topic`` (what the broker holds).
+
+    A partition with no committed offset counts 0 (nothing committed yet); a
+    partition the broker answers with an error raises, so an error is never
+    read as "nothing committed".
+    """
     c = Consumer({"bootstrap.servers": endpoints.KAFKA_BOOTSTRAP, "group.id": group})
     try:
         tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return sum(max(tp.offset, 0) for tp in tps)
     finally:
         c.close()
+    failed = [(tp.partition, tp.error) for tp in tps if tp.error is not None]
+    if failed:
+        raise AssertionError(f"committed offsets of {group} on {topic}: {failed}")
+    return sum(max(tp.offset, 0) for tp in tps)
 
 
 @pytest.fixture
@@ -149,13 +157,36 @@ def pg() -> Iterator[psycopg.Connection[Any]]:
 
 
 def pg_count(table: str, expr: str = "count(*)") -> int:
-    """``expr`` over ``table`` (0 when the table does not exist yet)."""
-    try:
-        with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True, connect_timeout=3) as conn:
-            row = conn.execute(f"SELECT {expr} FROM {table}").fetchone()
-            return int(row[0]) if row else 0
-    except (psycopg.errors.UndefinedTable, psycopg.OperationalError):
-        return 0
+    """``expr`` (an integer aggregate) over ``table``.
+
+    Raises when the table does not exist or Postgres does not answer: outside
+    a polling loop a missing table is a failure, not a count of 0. Poll with
+    :func:`wait_for_count` while the pipeline may not have created it yet.
+    """
+    with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True, connect_timeout=3) as conn:
+        row = conn.execute(f"SELECT {expr} FROM {table}").fetchone()
+    assert row is not None, f"SELECT {expr} FROM {table} returned no row"
+    return int(row[0])
+
+
+def wait_for_count(
+    table: str, done: Callable[[int], bool], timeout_s: float, what: str, expr: str = "count(*)"
+) -> int:
+    """Poll :func:`pg_count` until ``done(count)``; return that count.
+
+    Only here does a table that does not exist yet count as 0: the pipeline
+    under test creates it on its first write. Any other error raises at once.
+    """
+
+    def check() -> tuple[int] | None:
+        try:
+            count = pg_count(table, expr)
+        except psycopg.errors.UndefinedTable:
+            count = 0
+        # A (count,) tuple is truthy even for a count of 0, which may be the answer.
+        return (count,) if done(count) else None
+
+    return int(wait_until(check, timeout_s, what)[0])
 
 
 def free_port() -> int:
@@ -174,9 +205,22 @@ class Flow:
     log: Path
 
     def metric(self, name: str) -> float:
-        """Sum of a metric's samples (0 when absent)."""
+        """Sum of a metric's samples: 0 when the metric is declared but has no
+        sample yet (a labelled counter appears at its first increment).
+
+        A name the process does not declare at all (a typo, a renamed metric)
+        raises, so it can never pass as 0.
+        """
+        text = self.scrape()
+        families = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        if not any(
+            name == family + suffix
+            for family in families
+            for suffix in ("", "_total", "_count", "_sum", "_bucket", "_created")
+        ):
+            raise AssertionError(f"the process declares no metric {name!r}")
         total = 0.0
-        for line in self.scrape().splitlines():
+        for line in text.splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 total += float(line.rsplit(" ", 1)[1])
         return total

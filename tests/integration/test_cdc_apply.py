@@ -212,8 +212,12 @@ class Feed:
         return int(decoded.table.num_rows)
 
     def metric(self, name: str) -> float:
+        """``sluice_cdc_<name>_total`` of this pipeline: 0 before its first
+        increment; a metric that is not declared at all (a typo) raises."""
+        family = f"sluice_cdc_{name}"
+        assert any(c.name == family for c in m.REGISTRY.collect()), f"no metric {family!r}"
         value = m.REGISTRY.get_sample_value(
-            f"sluice_cdc_{name}_total", {"pipeline": self.spec.pipeline_name}
+            f"{family}_total", {"pipeline": self.spec.pipeline_name}
         )
         return value or 0.0
 

@@ -23,6 +23,8 @@ import pytest
 from tests import endpoints
 from tests.integration.conftest import Flow, produce, unique, wait_until
 
+pytestmark = pytest.mark.integration
+
 T0_MS = 1_700_000_000_000
 WINDOW_MS = 300_000
 
@@ -159,10 +161,10 @@ time_window_ms = {WINDOW_MS}
 
     try:
         wait_until(check, 60, f"the {kind} join to equal DuckDB's", 0.5)
-    except AssertionError:
+    except AssertionError as exc:  # a timeout, or the process died: chained below
         have = got(table)
         raise AssertionError(
             f"missing {list((want - have).items())[:5]} extra {list((have - want).items())[:5]}"
-        ) from None
+        ) from exc
     assert f.metric("sluice_late_rows_dropped_total") == 0
     assert f.metric("sluice_join_buffer_rows") > 0  # the closing events

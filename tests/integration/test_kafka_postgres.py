@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     pg_count,
     produce,
     unique,
+    wait_for_count,
     wait_until,
 )
 
@@ -53,7 +54,7 @@ class _SlowProducer(threading.Thread):
             for start in range(0, self.n, self.chunk):
                 size = min(self.chunk, self.n - start)
                 produce(self.topic, events(size, start), keys=_keys(size, start))
-                time.sleep(self.pause_s)
+                time.sleep(self.pause_s)  # pacing the stream, not waiting for anything
         except BaseException as exc:
             self.error = exc
 
@@ -104,7 +105,7 @@ def test_sigkill_at_three_points_then_restart_loses_nothing(
 
     for threshold in (n // 4, n // 2, 3 * n // 4):
         f = flow(config)
-        wait_until(lambda t=threshold: pg_count(table) >= t, 120, f"{threshold} rows")
+        wait_for_count(table, lambda c, t=threshold: c >= t, 120, f"{threshold} rows")
         f.kill()
         assert pg_count(table) < n, "the kill must land mid-stream"
     f = flow(config, "--stop-after-idle-ms", "3000")
@@ -118,39 +119,61 @@ def test_sigkill_at_three_points_then_restart_loses_nothing(
         assert total >= n
 
 
-def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
-    kafka_topic: Any, flow: Any
-) -> None:
+def _postgres_down_for_10s(kafka_topic: Any, flow: Any) -> list[int]:
+    """Stop Postgres under a running pipeline for about 10 s, then start it.
+
+    Asserts that the process waits, commits nothing while Postgres is down,
+    retries, and loses nothing. Returns the process's RSS (kB), sampled once a
+    second while Postgres was down.
+    """
     topic, table = kafka_topic(3), unique("outage")
     n = 60_000
     producer = _SlowProducer(topic, n, chunk=3_000, pause_s=0.5)
     producer.start()
     f = flow(kafka_pg_config(topic, table, batch_rows=1_000))
-    wait_until(lambda: pg_count(table) >= 5_000, 120, "the first rows")
+    wait_for_count(table, lambda c: c >= 5_000, 120, "the first rows")
     services = ["bash", str(REPO / "scripts" / "services.sh")]
     subprocess.run([*services, "stop", "postgres"], check=True, capture_output=True)
+    rss: list[int] = []
     try:
-        time.sleep(1.5)  # a commit in flight when Postgres went down may still land
+        # Batches are written and committed one after another: once a write
+        # has failed, the commit of the batch before it has landed.
+        wait_until(
+            lambda: f.metric("sluice_write_retries_total") >= 1, 60, "a failed write retried"
+        )
         frozen = committed(table, topic, 3)
-        rss = []
+        # Deliberately long: 8 s of nothing is what proves the process neither
+        # exits nor commits while its target is down.
         for _ in range(8):
             time.sleep(1)
             assert f.proc.poll() is None, "sluice must wait for Postgres, not exit"
             rss.append(_rss_kb(f.proc.pid))
         assert committed(table, topic, 3) == frozen, "offsets moved while the target was down"
-        assert max(rss) < 700_000, f"RSS grew to {max(rss)} kB while Postgres was down"
-        assert max(rss) - min(rss) < 100_000, f"RSS kept growing: {rss}"
     finally:
         subprocess.run([*services, "start", "postgres"], check=True, capture_output=True)
     producer.join(timeout=120)
     assert producer.error is None
-    wait_until(
-        lambda: pg_count(table, "count(DISTINCT id)") >= n, 180, "every row after the outage"
-    )
+    wait_for_count(table, lambda c: c >= n, 180, "every row after the outage", "count(DISTINCT id)")
     assert f.metric("sluice_write_retries_total") >= 1
     assert f.stop() == 0
     assert pg_count(table, "count(DISTINCT id)") == n
     assert committed(table, topic, 3) == n
+    return rss
+
+
+def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
+    kafka_topic: Any, flow: Any
+) -> None:
+    _postgres_down_for_10s(kafka_topic, flow)
+
+
+@pytest.mark.slow
+def test_memory_stays_bounded_while_postgres_is_down(kafka_topic: Any, flow: Any) -> None:
+    """The outage above, measured: RSS bounds depend on the machine, so they
+    run only on request (``make test-slow``), not in CI."""
+    rss = _postgres_down_for_10s(kafka_topic, flow)
+    assert max(rss) < 700_000, f"RSS grew to {max(rss)} kB while Postgres was down"
+    assert max(rss) - min(rss) < 100_000, f"RSS kept growing: {rss}"
 
 
 def test_a_message_that_is_not_json_stops_the_run_naming_its_offset(
@@ -210,7 +233,7 @@ def test_two_processes_in_one_group_split_partitions_and_hand_over_on_stop(
     before = b.metric("sluice_rows_consumed_total")
     producer.join(timeout=120)
     assert producer.error is None
-    wait_until(lambda: pg_count(table, "count(DISTINCT id)") >= n, 120, "every row")
+    wait_for_count(table, lambda c: c >= n, 120, "every row", "count(DISTINCT id)")
     assert b.metric("sluice_rows_consumed_total") > before, "b took over a's partitions"
     assert b.stop() == 0
     assert pg_count(table, "count(DISTINCT id)") == n
@@ -228,7 +251,7 @@ def test_metrics_move_and_readyz_waits_for_the_source(kafka_topic: Any, flow: An
     d = flow(dead, name="dead")
     assert d.status("/healthz") == 200
     assert d.status("/readyz") == 503
-    time.sleep(2)
+    time.sleep(2)  # deliberately: /readyz must stay 503 while the broker never answers
     assert d.status("/readyz") == 503
     assert d.stop() == 0
 

@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     pg_count,
     produce,
     unique,
+    wait_for_count,
     wait_until,
 )
 
@@ -93,7 +94,7 @@ def test_filter_and_lookup_join_equal_postgres_and_follow_a_refresh(
         "WHERE s.event_type IN ('click', 'view', 'purchase') AND s.amount > 0 "
         "AND s.event_type <> 'view'",
     )
-    wait_until(lambda: pg_count(table) >= len(expected), 120, "the filtered rows")
+    wait_for_count(table, lambda c: c >= len(expected), 120, "the filtered rows")
     got = rows(pg, f"SELECT id, user_id, event_type, amount, country FROM {table}")
     assert got == expected
     assert any(r[4] is None for r in got)  # unmatched users kept by the LEFT JOIN
@@ -108,8 +109,8 @@ def test_filter_and_lookup_join_equal_postgres_and_follow_a_refresh(
     later = [{**msgspec.json.decode(p), "user_id": 5} for p in events(30, 50_000)]
     produce(topic, [msgspec.json.encode(e) for e in later])
     kept = sum(1 for e in later if e["event_type"] != "view" and e["amount"] > 0)
-    wait_until(
-        lambda: pg_count(table, "count(*) FILTER (WHERE id >= 50000)") == kept, 60, "later rows"
+    wait_for_count(
+        table, lambda c: c == kept, 60, "later rows", "count(*) FILTER (WHERE id >= 50000)"
     )
     assert {r[0] for r in pg.execute(f"SELECT country FROM {table} WHERE id >= 50000")} == {
         "changed"
@@ -332,7 +333,7 @@ def test_fail_exits_naming_the_offsets_of_a_batch_that_fails_in_sql(
     topic, table = kafka_topic(1), unique("sqlfail")
     produce(topic, _coded(0, 50), partition=0)
     f = flow(with_transform(kafka_pg_config(topic, table), CAST_SQL.format(policy="fail")))
-    wait_until(lambda: pg_count(table) == 50, 60, "the first rows")
+    wait_for_count(table, lambda c: c == 50, 60, "the first rows")
     produce(topic, _coded(50, 10, bad=55), partition=0)
     code = f.proc.wait(timeout=60)
     out = f.output()
@@ -347,7 +348,7 @@ def test_drop_lets_the_other_batches_through_and_counts(kafka_topic: Any, flow: 
     topic, table = kafka_topic(1), unique("sqldrop")
     f = flow(with_transform(kafka_pg_config(topic, table), CAST_SQL.format(policy="drop")))
     produce(topic, _coded(0, 100), partition=0)
-    wait_until(lambda: pg_count(table) == 100, 90, "round 1")
+    wait_for_count(table, lambda c: c == 100, 90, "round 1")
     produce(topic, [*_coded(100, 10, bad=105), b"{not json"], partition=0)
     wait_until(
         lambda: f.metric("sluice_rows_dropped_total") >= 2,  # the bad JSON + the failed batch
@@ -355,7 +356,7 @@ def test_drop_lets_the_other_batches_through_and_counts(kafka_topic: Any, flow: 
         "the failing batch to be dropped",
     )
     produce(topic, _coded(200, 100), partition=0)
-    wait_until(lambda: pg_count(table, "count(*) FILTER (WHERE id >= 200)") == 100, 60, "round 3")
+    wait_for_count(table, lambda c: c == 100, 60, "round 3", "count(*) FILTER (WHERE id >= 200)")
     scrape = f.scrape()
     assert f'sluice_rows_dropped_total{{pipeline="{table}",reason="decode"}} 1.0' in scrape
     dropped = f.metric("sluice_rows_dropped_total") - 1
@@ -376,7 +377,7 @@ def test_dlq_topic_receives_raw_payloads_with_their_provenance(
     )
     f = flow(config)
     produce(topic, _coded(0, 100), partition=0)
-    wait_until(lambda: pg_count(table) == 100, 90, "round 1")
+    wait_for_count(table, lambda c: c == 100, 90, "round 1")
     produce(topic, [*_coded(100, 10, bad=105), b"{not json"], partition=0)
     produce(topic, _coded(200, 100), partition=0)
     wait_until(lambda: committed(table, topic, 1) == 211, 60, "every offset committed")
@@ -488,7 +489,7 @@ def test_sigkill_between_dead_letter_write_and_commit_loses_nothing(
     )
     for threshold in (5_000, 12_000, 20_000):
         f = flow(config)
-        wait_until(lambda t=threshold: pg_count(table) >= t, 120, f"{threshold} rows")
+        wait_for_count(table, lambda c, t=threshold: c >= t, 120, f"{threshold} rows")
         f.kill()
     f = flow(config, "--stop-after-idle-ms", "2000")
     assert f.proc.wait(timeout=180) == 0, f.output()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from tests import endpoints
 from tests.integration import test_join_consume as joins
 from tests.integration import test_windows as windows
@@ -27,6 +28,8 @@ from tests.integration.conftest import Flow, committed, produce, unique, wait_un
 
 from sluice.config.spec import JoinSpec
 from sluice.engine.stages.join import JoinStage
+
+pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 WINDOW_MS = joins.WINDOW_MS
@@ -131,11 +134,30 @@ def store(schema: str, pipeline: str) -> dict[str, Any]:
 
 
 def stored_total(schema: str, pipeline: str) -> int:
-    """Messages before the stored positions, over every source and partition."""
-    try:
-        return sum(store(schema, pipeline)["offsets"].values())
-    except psycopg.errors.UndefinedTable:
-        return 0
+    """Messages before the stored positions, over every source and partition.
+
+    Raises when the store's tables do not exist; poll with
+    :func:`wait_for_stored_total` while the process may not have made them yet.
+    """
+    return sum(store(schema, pipeline)["offsets"].values())
+
+
+def wait_for_stored_total(
+    schema: str, pipeline: str, want: int, timeout_s: float, what: str
+) -> None:
+    """Poll :func:`stored_total` until it is ``want``.
+
+    Only here do store tables that do not exist yet count as nothing stored:
+    the process under test creates them when it opens the store.
+    """
+
+    def done() -> bool:
+        try:
+            return stored_total(schema, pipeline) == want
+        except psycopg.errors.UndefinedTable:
+            return False
+
+    wait_until(done, timeout_s, what)
 
 
 def send(topic: str, rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -169,13 +191,13 @@ def wait_for(check: Callable[[], Any], want: Any, flow: Flow, what: str, timeout
 
     try:
         wait_until(done, timeout, what, 0.5)
-    except AssertionError:
+    except AssertionError as exc:  # a timeout, or the process died: chained below
         have = check()
         if isinstance(want, collections.Counter):
             raise AssertionError(
                 f"{what}: missing {list((want - have).items())[:5]} "
                 f"extra {list((have - want).items())[:5]}"
-            ) from None
+            ) from exc
         raise
 
 
@@ -204,7 +226,9 @@ def kill_five_times(
             f"run {kill + 1} to consume {target} rows",
             0.05,
         )
-        time.sleep(rng.uniform(0, 0.3))  # not always right after a checkpoint
+        # Deliberately random, not a wait for anything: the kill should not
+        # always land right after a checkpoint.
+        time.sleep(rng.uniform(0, 0.3))
         assert f.proc.poll() is None, f.output()
         f.kill()
         now = stored_total(schema, pipeline)
@@ -241,7 +265,7 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
     total = len(orders) + len(payments)
     wait_until(lambda: f.metric("sluice_rows_consumed_total") >= total, 60, "the input")
     # Everything read is checkpointed within checkpoint_interval_ms.
-    wait_until(lambda: stored_total(f"{name}_state", name) == total, 30, "stored positions")
+    wait_for_stored_total(f"{name}_state", name, total, 30, "stored positions")
 
     # Once every partition has rows the watermark is known; an idle tick
     # checkpoints it within checkpoint_interval_ms.
@@ -311,7 +335,7 @@ def test_a_join_killed_five_times_resumes_at_stored_positions_and_equals_duckdb(
     want = joins.expected(orders, payments, "inner")
     wait_for(lambda: inner_pairs(name), want, f, "the join after 5 kills", 120)
     total = len(orders) + len(payments) + 4
-    wait_until(lambda: stored_total(f"{name}_state", name) == total, 30, "the final positions")
+    wait_for_stored_total(f"{name}_state", name, total, 30, "the final positions")
     assert_resumed(f, total, resumed_at)
     assert f.metric("sluice_late_rows_dropped_total") == 0
 
@@ -366,9 +390,7 @@ path = "{lite}"
 name = "pairs"
 """
     f = flow(join_config(orders_t, payments_t, name, target))
-    wait_until(
-        lambda: stored_total(f"{name}_state", name) == sum(half), 60, "the first half stored"
-    )
+    wait_for_stored_total(f"{name}_state", name, sum(half), 60, "the first half stored")
     wait_until(  # the broker commit follows the store's
         lambda: committed(name, orders_t, 2) + committed(name, payments_t, 2) == sum(half),
         30,
@@ -381,6 +403,8 @@ name = "pairs"
         assert frozen == sum(half)
         joins.send(orders_t, orders[half[0] :])
         joins.send(payments_t, payments[half[1] :])
+        # Deliberately long: 10 s of nothing is what proves the process neither
+        # exits nor commits while its state store is down.
         for _ in range(10):
             time.sleep(1)
             assert f.proc.poll() is None, "sluice must wait for the state store, not exit"
@@ -391,7 +415,7 @@ name = "pairs"
         subprocess.run([*services, "start", "postgres"], check=True, capture_output=True)
     close_join(orders_t, payments_t, max(e["ts_ms"] for e in orders + payments) + 7_200_000)
     total = len(orders) + len(payments) + 4
-    wait_until(lambda: stored_total(f"{name}_state", name) == total, 120, "every position")
+    wait_for_stored_total(f"{name}_state", name, total, 120, "every position")
 
     def pairs() -> collections.Counter[tuple[Any, ...]]:
         with sqlite3.connect(lite) as conn:

@@ -23,6 +23,8 @@ import pytest
 from tests import endpoints
 from tests.integration.conftest import Flow, committed, produce, unique, wait_until
 
+pytestmark = pytest.mark.integration
+
 HOUR_MS = 3_600_000
 T0_MS = 1_700_000_000_000 // HOUR_MS * HOUR_MS
 PAGES = [f"/p{i}" for i in range(12)]
@@ -218,12 +220,12 @@ def wait_for_table(table: str, want: dict[Any, tuple[Any, ...]], flow: Flow) -> 
 
     try:
         wait_until(check, 90, f"table {table} to equal DuckDB's {len(want)} windows", 0.5)
-    except AssertionError:
+    except AssertionError as exc:  # a timeout, or the process died: chained below
         got = table_rows(table)
         missing = [k for k in want if k not in got][:5]
         wrong = [(k, got[k], want[k]) for k in want if k in got and got[k] != want[k]][:5]
         extra = [k for k in got if k not in want][:5]
-        raise AssertionError(f"missing {missing} wrong {wrong} extra {extra}") from None
+        raise AssertionError(f"missing {missing} wrong {wrong} extra {extra}") from exc
 
 
 WINDOWS = {
@@ -386,10 +388,16 @@ group_by = ["user_id"]
     # The quiet source's minute 0 holds the watermark (the busy one is at minute 1).
     assert f.metric("sluice_watermark_seconds") <= T0_MS / 1000 + 1
     assert f.metric("sluice_windows_emitted_total") == 0
-    time.sleep(9.0)  # the quiet source is idle from now on
-    for m in range(2, 6):  # the busy source goes on; the quiet one stays idle
+    # The busy source goes on; the quiet one sends nothing more, so it turns
+    # idle source_idleness_ms (8 s) after its row while the busy one is still
+    # active, and from then on the busy one alone moves the watermark. Until
+    # then the quiet source holds it at minute 0 and nothing closes, so the
+    # windows closing at all is the proof: no sleep has to outlast the timer.
+    for m in range(2, 6):
         send(busy, [rows[m]])
-        time.sleep(0.5)
+        # Pacing, not waiting: a row every 2 s keeps the busy source active
+        # until at least 6 s after the quiet one turns idle.
+        time.sleep(2)
     wait_until(lambda: f.metric("sluice_windows_emitted_total") >= 5, 30, "windows to close")
     got = table_rows(table)
     assert got[(1, T0_MS)][1] == 1 and got[(2, T0_MS)][1] == 1

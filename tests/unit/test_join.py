@@ -904,7 +904,15 @@ def throughput(n: int = 500_000, batch: int = 10_000) -> tuple[float, int]:
     return 2 * n / (time.perf_counter() - start), emitted
 
 
+def test_the_500k_join_emits_five_sixths_of_the_orders() -> None:
+    _, emitted = throughput()
+    assert 400_000 < emitted < 435_000  # ≈ 5/6 of the orders
+
+
+@pytest.mark.slow
 def test_throughput() -> None:
+    """A wall-clock bound depends on the machine: run on request
+    (``make test-slow``), not in CI."""
     rate, emitted = throughput()
     print(f"\njoin throughput: {rate:,.0f} rows/s (500k orders x 500k payments, +-5 min)")
     assert 400_000 < emitted < 435_000  # ≈ 5/6 of the orders
