@@ -15,7 +15,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 #: The folders whose test modules run against the real services.
-SERVICE_DIRS = [TESTS / "integration"]
+SERVICE_DIRS = [TESTS / "integration", TESTS / "conformance"]
 
 
 def _marks(module: Path) -> set[str]:

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 import pytest
+from tests.conformance.conftest import cases
 
 from sluice.connectors.api import Source, Target
 from sluice.errors import TransientError
@@ -24,7 +25,6 @@ from sluice.testing import (
     TargetHarness,
 )
 from sluice.testing.harness import Row, unique
-from tests.conformance.conftest import cases
 
 
 class MemorySourceHarness(SourceHarness):
