@@ -80,6 +80,11 @@ class SourceSpec(Tagged, frozen=True, kw_only=True):
         """Keys the file left to a default derived from the pipeline (``flow plan`` shows them)."""
         return {}
 
+    def reader_group(self, pipeline_name: str) -> str:
+        """Who reads (a consumer group): positions and stored watermarks belong to it.
+        Sources without groups read as the pipeline."""
+        return pipeline_name
+
     @property
     def raw_payload(self) -> bool:
         """Whether batches carry the undecoded payload (a binary ``value`` column)."""

@@ -663,7 +663,7 @@ def _source_names(spec: PipelineSpec) -> str:
     """What a stored watermark was measured on: each source's kind, query and group."""
     names = []
     for src in spec.all_sources:
-        group = getattr(src, "group_id", None) or spec.pipeline_name
+        group = src.reader_group(spec.pipeline_name)
         names.append(f"{src.kind}:{spec.query_of(src)}:{group}")
     return ";".join(sorted(names))
 

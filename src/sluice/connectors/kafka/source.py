@@ -97,7 +97,7 @@ class KafkaSource:
         query = ctx.pipeline.query_of(spec)
         self.id = query
         self.topics = [t.strip() for t in query.split(",") if t.strip()]
-        self.group_id = spec.group_id or ctx.pipeline.pipeline_name
+        self.group_id = spec.reader_group(ctx.pipeline.pipeline_name)
         self._consumer: ck.Consumer | None = None
         cdc = ctx.pipeline.transform.cdc if ctx.pipeline.transform else None
         self._decoder = decoder_for(spec.payload_format, cdc, ctx.pipeline.pipeline_name)

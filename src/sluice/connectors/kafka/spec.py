@@ -72,6 +72,10 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
         """The consumer group defaults to the pipeline name."""
         return {"group_id": pipeline_name} if self.group_id is None else {}
 
+    def reader_group(self, pipeline_name: str) -> str:
+        """The consumer group."""
+        return self.group_id or pipeline_name
+
     @property
     def raw_payload(self) -> bool:
         """``payload_format = "raw_bytes"`` hands the values on undecoded."""
