@@ -318,7 +318,12 @@ def test_reopen_re_emits_inside_the_allowed_lateness_and_drops_beyond(
     start = lambda m: (1, T0_MS + m * minute)  # noqa: E731
 
     def emitted(n: int) -> Callable[[], bool]:
-        return lambda: f.metric("sluice_windows_emitted_total") >= n
+        # Windows count as emitted before they are written: wait for the write
+        # too (one user, so one row per window).
+        return lambda: (
+            f.metric("sluice_windows_emitted_total") >= n
+            and f.metric("sluice_rows_written_total") >= n
+        )
 
     wait_until(emitted(4), 60, "minutes 0-3 emitted (watermark at 4:50)")
     assert table_rows(table)[start(3)][1:3] == (1, 13)
