@@ -18,7 +18,6 @@ committed with it. A lost connection, a deadlock or a lock wait timeout is a
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import pyarrow as pa
@@ -37,21 +36,21 @@ from sluice.connectors.sql.cdc import (
     Dialect,
     Query,
     Rows,
+    ServerSession,
     SqlCdcTarget,
 )
 from sluice.connectors.sql.embedded import check_mode
 from sluice.errors import ConnectorError, TransientError
 
 
-class MySQLSession:
-    """One pymysql connection (autocommit off), ``LOAD DATA`` allowed for our own loads."""
+class MySQLSession(ServerSession):
+    """One pymysql connection, ``LOAD DATA`` allowed for our own loads."""
 
     error = pymysql.Error
 
     def __init__(self, url: mysql.MySQLUrl, target_id: str) -> None:
+        super().__init__(target_id)
         self._url = url
-        self.id = target_id
-        self._conn: Any = None
         #: The binary collation tables are created with (known once connected).
         self.collation = "utf8mb4_bin"
 
@@ -65,27 +64,11 @@ class MySQLSession:
             self.close()
             raise mysql.connect_error(self.id, exc) from exc
 
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(pymysql.Error, OSError):
-                conn.close()
-
     def execute(self, statement: str, params: tuple[Any, ...] = ()) -> Rows:
         return [tuple(r) for r in mysql.query(self._require(), statement, params or None)]
 
     def load(self, name: str, data: pa.Table) -> None:
         mysql.load_csv(self._require(), mysql.csv_ready(data, self.id), name, self.id)
-
-    def begin(self) -> None:
-        """pymysql begins a transaction on its own."""
-
-    def commit(self) -> None:
-        self._require().commit()
-
-    def rollback(self) -> None:
-        with contextlib.suppress(pymysql.Error, ConnectorError):
-            self._require().rollback()
 
     def failure(self, exc: Exception, *, committing: bool) -> ConnectorError:
         assert isinstance(exc, pymysql.Error)
@@ -93,11 +76,6 @@ class MySQLSession:
             self.close()
             return TransientError(f"{self.id}: connection lost: {mysql.message(exc)}")
         return ConnectorError(f"{self.id}: {mysql.message(exc)}")
-
-    def _require(self) -> Any:
-        if self._conn is None:
-            raise TransientError(f"{self.id}: not connected")
-        return self._conn
 
 
 class MySQLDialect(Dialect):

@@ -35,6 +35,7 @@ from sluice.connectors.sql.cdc import (
     Dialect,
     Query,
     Rows,
+    ServerSession,
     SqlCdcTarget,
 )
 from sluice.connectors.sql.embedded import check_mode
@@ -104,15 +105,14 @@ class PostgresDialect(Dialect):
         ]
 
 
-class PostgresSession:
-    """One ADBC connection (autocommit off: every statement is in the open transaction)."""
+class PostgresSession(ServerSession):
+    """One ADBC connection."""
 
     error = adbc_driver_manager.Error
 
     def __init__(self, url: str, target_id: str) -> None:
+        super().__init__(target_id)
         self._url = url
-        self.id = target_id
-        self._conn: Any = None
 
     def connect(self) -> None:
         try:
@@ -121,28 +121,12 @@ class PostgresSession:
             self.close()
             raise TransientError(f"{self.id}: cannot connect: {postgres.first_line(exc)}") from exc
 
-    def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(adbc_driver_manager.Error):
-                conn.close()
-
     def execute(self, statement: str, params: tuple[Any, ...] = ()) -> Rows:
         return postgres.query(self._require(), statement, params)
 
     def load(self, name: str, data: pa.Table) -> None:
         with self._require().cursor() as cur:
             cur.adbc_ingest(name, data, mode="replace", temporary=True)
-
-    def begin(self) -> None:
-        """ADBC begins a transaction on its own."""
-
-    def commit(self) -> None:
-        self._require().commit()
-
-    def rollback(self) -> None:
-        with contextlib.suppress(adbc_driver_manager.Error, ConnectorError):
-            self._require().rollback()
 
     def failure(self, exc: Exception, *, committing: bool) -> ConnectorError:
         if getattr(exc, "sqlstate", None) in _RETRY_STATES:
@@ -153,11 +137,6 @@ class PostgresSession:
             self.close()
             return TransientError(f"{self.id}: connection lost: {postgres.first_line(exc)}")
         return ConnectorError(f"{self.id}: {postgres.first_line(exc)}")
-
-    def _require(self) -> Any:
-        if self._conn is None:
-            raise TransientError(f"{self.id}: not connected")
-        return self._conn
 
 
 class PostgresCdcTarget(SqlCdcTarget):

@@ -137,6 +137,40 @@ class Session(Protocol):
         ``exc`` came from :meth:`commit`."""
 
 
+class ServerSession:
+    """What the sessions of a database server (Postgres, MySQL) share: one
+    connection, autocommit off (the driver begins each transaction on its own),
+    and a lost connection is a :class:`TransientError`."""
+
+    #: The base class of the driver's errors.
+    error: type[Exception] = Exception
+
+    def __init__(self, target_id: str) -> None:
+        self.id = target_id
+        self._conn: Any = None
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(self.error, OSError):
+                conn.close()
+
+    def begin(self) -> None:
+        """The driver begins a transaction on its own."""
+
+    def commit(self) -> None:
+        self._require().commit()
+
+    def rollback(self) -> None:
+        with contextlib.suppress(self.error, ConnectorError):
+            self._require().rollback()
+
+    def _require(self) -> Any:
+        if self._conn is None:
+            raise TransientError(f"{self.id}: not connected")
+        return self._conn
+
+
 class Dialect:
     """The SQL text of one database: quoting, types, DDL and DML.
 
