@@ -185,6 +185,13 @@ def _folder(casefold: bool) -> Callable[[str], str]:
     return str.lower if casefold else _same
 
 
+def table_types(changes: pa.Table) -> dict[str, pa.DataType]:
+    """The columns of a table created for ``changes``: every key of their images,
+    in first-seen order, typed from the JSON values (:func:`infer_types`)."""
+    images = changes[env.IMAGE].combine_chunks()
+    return infer_types(images, image_columns(images))
+
+
 def infer_types(images: pa.Array, names: list[str]) -> dict[str, pa.DataType]:
     """Arrow types for ``names`` from their values in ``images`` (pyarrow's JSON
     inference: int64, double, bool, string, timestamp, list, struct); a column

@@ -56,8 +56,7 @@ from sluice.connectors.cdc_apply import (
     Applied,
     Evolution,
     changes_of,
-    image_columns,
-    infer_types,
+    table_types,
 )
 from sluice.connectors.delta.spec import DeltaLocalTarget as DeltaLocalSpec
 from sluice.connectors.delta.spec import DeltaS3Target as DeltaS3Spec
@@ -362,8 +361,7 @@ class DeltaCdcTarget:
 
     def _create(self, changes: pa.Table) -> DeltaTable:
         """Create the missing table from the images' columns (types inferred from JSON)."""
-        images = changes[env.IMAGE].combine_chunks()
-        types = infer_types(images, image_columns(images))
+        types = table_types(changes)
         self._check_key(list(types))
         if self.cdc.soft_delete_column and self.cdc.soft_delete_column not in types:
             types[self.cdc.soft_delete_column] = pa.timestamp("us", tz="UTC")

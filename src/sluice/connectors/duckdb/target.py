@@ -36,11 +36,7 @@ class DuckDBTarget:
 
     def open(self) -> None:
         """Open the database and reflect the table."""
-        import duckdb
-
-        if self.spec.path != ":memory:":
-            Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = duckdb.connect(self.spec.path)
+        self._conn = connect(self.spec.path)
         rows = self._conn.execute(
             "SELECT column_name FROM information_schema.columns WHERE table_schema = ? AND table_name = ?",
             [self.schema, self.table],
@@ -113,6 +109,15 @@ class DuckDBTarget:
         if self._conn is None:
             raise ConnectorError(f"{self.id} is not open")
         return self._conn
+
+
+def connect(path: str) -> Any:
+    """Open the database (created when missing, with its folder; ``:memory:`` too)."""
+    import duckdb
+
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return duckdb.connect(path)
 
 
 def duck_type(t: pa.DataType) -> str:

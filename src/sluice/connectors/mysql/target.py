@@ -127,7 +127,8 @@ def parse_url(url: str) -> MySQLUrl:
     )
 
 
-def _connect(url: MySQLUrl, *, local_infile: bool) -> Any:
+def connect(url: MySQLUrl, *, local_infile: bool) -> Any:
+    """A pymysql connection to ``url`` (autocommit off, UTC, strict SQL mode)."""
     conn = pymysql.connect(
         host=url.host,
         port=url.port,
@@ -144,7 +145,7 @@ def _connect(url: MySQLUrl, *, local_infile: bool) -> Any:
     )
     if local_infile:
         # pymysql sends whatever local file the server asks for, whenever it
-        # asks. Allow it only while our own LOAD DATA runs (see _load); the
+        # asks. Allow it only while our own LOAD DATA runs (see load_csv); the
         # server still names the file then, so the url must be a server the
         # pipeline trusts (as it trusts it with its data).
         conn._local_infile = False
@@ -157,7 +158,7 @@ def _code(exc: BaseException) -> int | None:
     return args[0] if args and isinstance(args[0], int) else None
 
 
-def _message(exc: BaseException) -> str:
+def message(exc: BaseException) -> str:
     """The first line of a pymysql error's text (its args are (code, text))."""
     args = exc.args
     if len(args) >= 2 and isinstance(args[1], str):
@@ -169,6 +170,61 @@ def _message(exc: BaseException) -> str:
 
 def _q(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
+
+
+def resolve_table(spec: MySQLTargetSpec) -> tuple[MySQLUrl, str, str]:
+    """The url, the database and the target id of ``spec``; raises
+    :class:`ConnectorError` when neither the url nor the table names a database."""
+    url = parse_url(spec.url)
+    schema = spec.table.schema or url.database
+    target_id = f"mysql:{schema}.{spec.table.name}"
+    if schema is None:
+        raise ConnectorError(
+            f"{target_id}: no database: put it in the url (mysql://host/db) "
+            "or set [target.table] schema"
+        )
+    return url, schema, target_id
+
+
+def query(conn: Any, statement: str, params: tuple[Any, ...] | None = None) -> list[Any]:
+    """Run one statement on ``conn``; its rows."""
+    with conn.cursor() as cur:
+        cur.execute(statement, params)
+        return list(cur.fetchall())
+
+
+def binary_collation(conn: Any) -> str:
+    """A binary collation without trailing-space padding where the server has one."""
+    version = str(query(conn, "SELECT VERSION()")[0][0])
+    if "mariadb" in version.lower():
+        return "utf8mb4_nopad_bin"
+    major = version.split(".", 1)[0]
+    return "utf8mb4_0900_bin" if major.isdigit() and int(major) >= 8 else "utf8mb4_bin"
+
+
+def connect_error(target_id: str, exc: pymysql.Error) -> ConnectorError:
+    """What a failure to connect means: transient when the server cannot be reached."""
+    if _code(exc) in _TRANSIENT_CODES or isinstance(exc, pymysql.InterfaceError):
+        return TransientError(f"{target_id}: cannot connect: {message(exc)}")
+    return ConnectorError(f"{target_id}: {message(exc)}")
+
+
+def alive(conn: Any) -> bool:
+    """Roll ``conn``'s transaction back; whether the connection still answers."""
+    if conn is None:
+        return False
+    try:
+        conn.rollback()
+        conn.ping(reconnect=False)
+    except (pymysql.Error, OSError):
+        return False
+    return True
+
+
+def is_transient(exc: pymysql.Error) -> bool:
+    """Whether a retry on a fresh connection may resolve ``exc`` (a deadlock, a lock
+    wait timeout, a server going away)."""
+    return _code(exc) in _TRANSIENT_CODES
 
 
 # -- types --------------------------------------------------------------------
@@ -299,6 +355,55 @@ _LOAD_FORMAT = (
 )
 
 
+def load_csv(conn: Any, batch: CsvBatch, into: str, target_id: str) -> None:
+    """``LOAD DATA LOCAL INFILE`` ``batch`` into the table ``into`` in ``conn``'s open
+    transaction; any warning rolls it back and raises :class:`ConnectorError`."""
+    targets, sets = [], []
+    for i, name in enumerate(batch.table.column_names):
+        if name in batch.hex_columns:
+            targets.append(f"@h{i}")
+            sets.append(f"{_q(name)} = UNHEX(@h{i})")
+        else:
+            targets.append(_q(name))
+    fd, path = tempfile.mkstemp(prefix="sluice-mysql-", suffix=".csv")
+    os.close(fd)
+    try:
+        _write_csv(batch, path)
+        statement = (
+            f"LOAD DATA LOCAL INFILE {conn.escape(path)} INTO TABLE {into} {_LOAD_FORMAT} "
+            f"({', '.join(targets)})" + (f" SET {', '.join(sets)}" if sets else "")
+        )
+        with conn.cursor() as cur:
+            conn._local_infile = True
+            try:
+                cur.execute(statement)
+            finally:
+                conn._local_infile = False
+            warnings = cur.warning_count
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if warnings:
+        _reject(conn, warnings, target_id)
+
+
+def _reject(conn: Any, count: int, target_id: str) -> None:
+    """Roll back a batch the server loaded with warnings, quoting them."""
+    shown = [
+        str(r[2])
+        for r in query(conn, f"SHOW WARNINGS LIMIT {_WARNINGS_SHOWN}")
+        if str(r[0]) in ("Warning", "Error")
+    ]
+    if not shown:
+        return  # notes only
+    conn.rollback()
+    more = f" (and {count - len(shown)} more)" if count > len(shown) else ""
+    raise ConnectorError(
+        f"{target_id}: the table does not take the batch: {'; '.join(shown)}{more} "
+        "(rows count from 1 within the batch)"
+    )
+
+
 # -- target -------------------------------------------------------------------
 
 
@@ -307,17 +412,9 @@ class MySQLTarget:
 
     def __init__(self, spec: MySQLTargetSpec, ctx: Context, index: int) -> None:
         self.spec = spec
-        self._url = parse_url(spec.url)
-        schema = spec.table.schema or self._url.database
+        self._url, self.schema, self.id = resolve_table(spec)
         self.table = spec.table.name
-        self.id = f"mysql:{schema}.{self.table}"
-        if schema is None:
-            raise ConnectorError(
-                f"{self.id}: no database: put it in the url (mysql://host/db) "
-                "or set [target.table] schema"
-            )
-        self.schema = schema
-        self._ident = f"{_q(schema)}.{_q(self.table)}"
+        self._ident = f"{_q(self.schema)}.{_q(self.table)}"
         self._stage = _q(f"_sluice_stage_{index}")
         self._conn: Any = None
         self._columns: dict[str, str] | None = None  # lower-case name -> name
@@ -339,15 +436,13 @@ class MySQLTarget:
         """
         self.close()
         try:
-            self._conn = _connect(self._url, local_infile=True)
-            self._collation = self._binary_collation()
+            self._conn = connect(self._url, local_infile=True)
+            self._collation = binary_collation(self._conn)
             self._reflect()
             self._conn.commit()
         except pymysql.Error as exc:
             self.close()
-            if _code(exc) in _TRANSIENT_CODES or isinstance(exc, pymysql.InterfaceError):
-                raise TransientError(f"{self.id}: cannot connect: {_message(exc)}") from exc
-            raise ConnectorError(f"{self.id}: {_message(exc)}") from exc
+            raise connect_error(self.id, exc) from exc
         except ConnectorError:
             self.close()
             raise
@@ -360,17 +455,7 @@ class MySQLTarget:
                 conn.close()
 
     def _query(self, statement: str, params: tuple[Any, ...] | None = None) -> list[Any]:
-        with self._require().cursor() as cur:
-            cur.execute(statement, params)
-            return list(cur.fetchall())
-
-    def _binary_collation(self) -> str:
-        """A binary collation without trailing-space padding where the server has one."""
-        version = str(self._query("SELECT VERSION()")[0][0])
-        if "mariadb" in version.lower():
-            return "utf8mb4_nopad_bin"
-        major = version.split(".", 1)[0]
-        return "utf8mb4_0900_bin" if major.isdigit() and int(major) >= 8 else "utf8mb4_bin"
+        return query(self._require(), statement, params)
 
     def _reflect(self) -> None:
         rows = self._query(
@@ -481,51 +566,7 @@ class MySQLTarget:
             raise ConnectorError(f"{self.id}: column '{f.name}': {exc}") from exc
 
     def _load(self, batch: CsvBatch, into: str) -> None:
-        """``LOAD DATA LOCAL INFILE`` ``batch`` into ``into``; any warning fails it."""
-        conn = self._require()
-        targets, sets = [], []
-        for i, name in enumerate(batch.table.column_names):
-            if name in batch.hex_columns:
-                targets.append(f"@h{i}")
-                sets.append(f"{_q(name)} = UNHEX(@h{i})")
-            else:
-                targets.append(_q(name))
-        fd, path = tempfile.mkstemp(prefix="sluice-mysql-", suffix=".csv")
-        os.close(fd)
-        try:
-            _write_csv(batch, path)
-            statement = (
-                f"LOAD DATA LOCAL INFILE {conn.escape(path)} INTO TABLE {into} {_LOAD_FORMAT} "
-                f"({', '.join(targets)})" + (f" SET {', '.join(sets)}" if sets else "")
-            )
-            with conn.cursor() as cur:
-                conn._local_infile = True
-                try:
-                    cur.execute(statement)
-                finally:
-                    conn._local_infile = False
-                warnings = cur.warning_count
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        if warnings:
-            self._reject(warnings)
-
-    def _reject(self, count: int) -> None:
-        """Roll back a batch the server loaded with warnings, quoting them."""
-        shown = [
-            str(r[2])
-            for r in self._query(f"SHOW WARNINGS LIMIT {_WARNINGS_SHOWN}")
-            if str(r[0]) in ("Warning", "Error")
-        ]
-        if not shown:
-            return  # notes only
-        self._require().rollback()
-        more = f" (and {count - len(shown)} more)" if count > len(shown) else ""
-        raise ConnectorError(
-            f"{self.id}: the table does not take the batch: {'; '.join(shown)}{more} "
-            "(rows count from 1 within the batch)"
-        )
+        load_csv(self._require(), batch, into, self.id)
 
     def _merge(self, batch: CsvBatch) -> None:
         names = batch.table.column_names
@@ -560,20 +601,12 @@ class MySQLTarget:
 
     def _fail(self, exc: pymysql.Error) -> None:
         """Classify a failure: a dead connection (or a deadlock) is transient, anything else fatal."""
-        alive = False
-        if self._conn is not None:
-            try:
-                self._conn.rollback()
-                self._conn.ping(reconnect=False)
-                alive = True
-            except (pymysql.Error, OSError):
-                alive = False
-        if not alive or _code(exc) in _TRANSIENT_CODES:
+        if not alive(self._conn) or _code(exc) in _TRANSIENT_CODES:
             self.close()
-            raise TransientError(f"{self.id}: connection lost: {_message(exc)}") from exc
+            raise TransientError(f"{self.id}: connection lost: {message(exc)}") from exc
         with contextlib.suppress(pymysql.Error, ConnectorError):
             self._reflect()  # a failed ALTER leaves the columns as they were
-        raise ConnectorError(f"{self.id}: {_message(exc)}") from exc
+        raise ConnectorError(f"{self.id}: {message(exc)}") from exc
 
     def _require(self) -> Any:
         if self._conn is None:
@@ -664,11 +697,11 @@ def load_table(url: str, schema: str | None, table: str) -> pa.Table:
     name = f"{_q(schema)}.{_q(table)}" if schema else _q(table)
     what = f"mysql lookup {schema + '.' if schema else ''}{table}"
     try:
-        conn = _connect(parts, local_infile=False)
+        conn = connect(parts, local_infile=False)
     except pymysql.Error as exc:
         if _code(exc) in _TRANSIENT_CODES:
-            raise TransientError(f"{what}: cannot connect: {_message(exc)}") from exc
-        raise ConnectorError(f"{what}: {_message(exc)}") from exc
+            raise TransientError(f"{what}: cannot connect: {message(exc)}") from exc
+        raise ConnectorError(f"{what}: {message(exc)}") from exc
     try:
         with conn.cursor() as cur:
             cur.execute(
@@ -687,8 +720,8 @@ def load_table(url: str, schema: str | None, table: str) -> pa.Table:
         conn.commit()
     except pymysql.Error as exc:
         if _code(exc) in _TRANSIENT_CODES:
-            raise TransientError(f"{what}: connection lost: {_message(exc)}") from exc
-        raise ConnectorError(f"{what}: {_message(exc)}") from exc
+            raise TransientError(f"{what}: connection lost: {message(exc)}") from exc
+        raise ConnectorError(f"{what}: {message(exc)}") from exc
     finally:
         with contextlib.suppress(pymysql.Error, OSError):
             conn.close()

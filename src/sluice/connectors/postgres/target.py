@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -141,7 +142,7 @@ class PostgresTarget:
             self._conn.commit()
         except adbc_driver_manager.Error as exc:
             self.close()
-            raise TransientError(f"{self.id}: cannot connect: {_first_line(exc)}") from exc
+            raise TransientError(f"{self.id}: cannot connect: {first_line(exc)}") from exc
 
     def close(self) -> None:
         """Drop the connection; an uncommitted batch is rolled back by the server."""
@@ -151,39 +152,18 @@ class PostgresTarget:
                 conn.close()
 
     def _query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._require().cursor() as cur:
-            cur.execute(statement, params or None)
-            try:
-                return list(cur.fetchall())
-            except adbc_driver_manager.Error:
-                return []
+        return query(self._require(), statement, params)
 
     def _execute(self, statement: str) -> None:
         with self._require().cursor() as cur:
             cur.execute(statement)
 
     def _reflect(self) -> None:
-        rows = self._query(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
-            f"COALESCE(NULLIF(t.typbasetype, 0), t.oid) IN {JSON_OIDS} FROM pg_attribute a "
-            "JOIN pg_type t ON t.oid = a.atttypid "
-            "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped "
-            "ORDER BY a.attnum",
-            (self.schema, self.table),
-        )
+        rows = column_rows(self._query, self.schema, self.table)
         self._columns = {r[0]: r[1] for r in rows} if rows else None
         self._json = {r[0] for r in rows if r[2]}
         if self._columns is not None and not self._key:
-            keys = self._query(
-                "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-                "WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary "
-                "ORDER BY array_position(i.indkey, a.attnum)",
-                (self.schema, self.table),
-            )
-            self._key = [k[0] for k in keys]
+            self._key = primary_key(self._query, self.schema, self.table)
         if self.spec.mode == "merge" and self._columns is not None and not self._key:
             raise ConnectorError(
                 f'{self.id}: mode = "merge" needs a primary key: the table has none; '
@@ -313,19 +293,11 @@ class PostgresTarget:
 
     def _fail(self, exc: Exception) -> None:
         """Classify a failure: a dead connection is transient, anything else fatal."""
-        alive = False
-        if self._conn is not None:
-            try:
-                self._conn.rollback()
-                self._query("SELECT 1")
-                alive = True
-            except adbc_driver_manager.Error:
-                alive = False
-        if not alive:
+        if not alive(self._conn):
             self.close()
-            raise TransientError(f"{self.id}: connection lost: {_first_line(exc)}") from exc
+            raise TransientError(f"{self.id}: connection lost: {first_line(exc)}") from exc
         self._reflect()  # DDL of the failed transaction rolled back too
-        raise ConnectorError(f"{self.id}: {_first_line(exc)}") from exc
+        raise ConnectorError(f"{self.id}: {first_line(exc)}") from exc
 
     def _require(self) -> Any:
         if self._conn is None:
@@ -333,7 +305,62 @@ class PostgresTarget:
         return self._conn
 
 
-def _first_line(exc: BaseException) -> str:
+# -- connection helpers (shared with the CDC session) ---------------------------
+
+Query = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+
+
+def query(conn: Any, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on ``conn``; its rows (none for a statement without)."""
+    with conn.cursor() as cur:
+        cur.execute(statement, params or None)
+        try:
+            return list(cur.fetchall())
+        except adbc_driver_manager.Error:
+            return []
+
+
+def alive(conn: Any) -> bool:
+    """Roll ``conn``'s transaction back; whether the connection still answers."""
+    if conn is None:
+        return False
+    try:
+        conn.rollback()
+        query(conn, "SELECT 1")
+    except adbc_driver_manager.Error:
+        return False
+    return True
+
+
+def column_rows(run: Query, schema: str, table: str) -> list[tuple[Any, ...]]:
+    """(name, format_type(), is json / jsonb) of each column of ``schema.table``, in
+    order; none when the table does not exist."""
+    return run(
+        "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+        f"COALESCE(NULLIF(t.typbasetype, 0), t.oid) IN {JSON_OIDS} FROM pg_attribute a "
+        "JOIN pg_type t ON t.oid = a.atttypid "
+        "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped "
+        "ORDER BY a.attnum",
+        (schema, table),
+    )
+
+
+def primary_key(run: Query, schema: str, table: str) -> list[str]:
+    """The primary key columns of ``schema.table``, in key order."""
+    keys = run(
+        "SELECT a.attname FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary "
+        "ORDER BY array_position(i.indkey, a.attnum)",
+        (schema, table),
+    )
+    return [str(k[0]) for k in keys]
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (the driver adds detail lines)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +30,19 @@ def sqlite_type(t: pa.DataType) -> str:
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return "BLOB"
     return "TEXT"
+
+
+def connect(
+    path: str, *, isolation_level: Literal["DEFERRED", "EXCLUSIVE", "IMMEDIATE"] | None
+) -> sqlite3.Connection:
+    """Open the database file (created when missing, with its folder), durable on
+    commit: WAL with ``synchronous = FULL``. ``isolation_level`` as :mod:`sqlite3`
+    takes it (None: transactions begin only where the caller says BEGIN)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=isolation_level, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
 
 
 def _sqlite_columns(table: pa.Table) -> list[list[Any]]:
@@ -65,10 +78,7 @@ class SQLiteTarget:
 
     def open(self) -> None:
         """Open the database file (created when missing) and reflect the table."""
-        Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.spec.path, isolation_level="DEFERRED", check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn = connect(self.spec.path, isolation_level="DEFERRED")
         self._conn = conn
         info = conn.execute(f"PRAGMA table_info({quote(self.table)})").fetchall()
         self._columns = [r[1] for r in info] or None
