@@ -10,6 +10,7 @@ hours later, moves every partition's watermark past the last window.
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 import time
@@ -26,6 +27,7 @@ from tests.integration.conftest import Flow, committed, produce, unique, wait_un
 pytestmark = pytest.mark.integration
 
 HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
 T0_MS = 1_700_000_000_000 // HOUR_MS * HOUR_MS
 PAGES = [f"/p{i}" for i in range(12)]
 PARTITIONS = 3
@@ -95,6 +97,16 @@ def history(n: int, seed: int, users: int = 40) -> list[dict[str, Any]]:
     order = {id(e): e["ts_ms"] + rng.randint(0, 4_000) for e in out}
     out.sort(key=lambda e: order[id(e)])
     return out
+
+
+def marathon() -> list[dict[str, Any]]:
+    """One user active every 90 s (under the 2 min gap) for 3.5 h from 17 min 13 s
+    past T0: sessions capped at their own start + 1 h, off the hour, one over midnight."""
+    t0 = T0_MS + 17 * 60_000 + 13_000
+    return [
+        {"user_id": 999, "amount": i % 97 + 1, "page": PAGES[i % 12], "ts_ms": t, "ts_us": t * 1000}
+        for i, t in enumerate(range(t0, t0 + 210 * 60_000, 90_000))
+    ]
 
 
 def send(topic: str, rows: list[dict[str, Any]], partition: int | None = None) -> None:
@@ -172,15 +184,24 @@ def expected(events: list[dict[str, Any]], kind: str) -> dict[tuple[int, int], t
                     (SELECT ev.*, ts_ms // 60000 * 60000 - k * 60000 AS ws FROM ev, range(5) r(k))
                   GROUP BY user_id, ws"""
     else:
+        # The user guide's sessions: gap runs (LAG), each cut from its own start: a
+        # session opens at the run's first row and at the first row at or after the
+        # previous session's start + max_session_duration_ms (a recursive CTE).
         sql = f"""
-        WITH o AS (SELECT *, lag(ts_ms) OVER (PARTITION BY user_id ORDER BY ts_ms) AS prev FROM ev),
-        f AS (SELECT *, CASE WHEN prev IS NULL OR ts_ms - prev > 120000
-                                  OR ts_ms // {HOUR_MS} <> prev // {HOUR_MS}
-                             THEN 1 ELSE 0 END AS new FROM o),
-        s AS (SELECT *, sum(new) OVER (PARTITION BY user_id ORDER BY ts_ms) AS sid FROM f)
-        SELECT user_id, min(ts_ms), least(max(ts_ms) + 120000, (min(ts_ms) // {HOUR_MS} + 1) * {HOUR_MS}),
-               {aggs}
-        FROM s GROUP BY user_id, sid"""
+        WITH RECURSIVE o AS (
+            SELECT *, lag(ts_ms) OVER (PARTITION BY user_id ORDER BY ts_ms) AS prev FROM ev),
+        g AS (SELECT *, sum(CASE WHEN prev IS NULL OR ts_ms - prev > 120000 THEN 1 ELSE 0 END)
+                            OVER (PARTITION BY user_id ORDER BY ts_ms) AS run FROM o),
+        starts(user_id, run, ws) AS (
+            SELECT user_id, run, min(ts_ms) FROM g GROUP BY user_id, run
+            UNION ALL
+            SELECT s.user_id, s.run, min(g.ts_ms) FROM starts s JOIN g
+                ON g.user_id = s.user_id AND g.run = s.run AND g.ts_ms >= s.ws + {HOUR_MS}
+            GROUP BY s.user_id, s.run, s.ws),
+        s AS (SELECT g.*, (SELECT max(st.ws) FROM starts st WHERE st.user_id = g.user_id
+                           AND st.run = g.run AND st.ws <= g.ts_ms) AS ws FROM g)
+        SELECT user_id, ws, least(max(ts_ms) + 120000, ws + {HOUR_MS}), {aggs}
+        FROM s GROUP BY user_id, ws"""
     return {(r[0], r[1]): tuple(r[2:]) for r in con.sql(sql).fetchall()}
 
 
@@ -252,6 +273,10 @@ def test_windows_equal_duckdb_with_out_of_order_and_late_rows(
     table = unique(f"win_{kind}")
     window, key, extra = WINDOWS[kind]
     events = history(6000, seed=len(kind))
+    if kind == "session":
+        # within the same 4 s of disorder: each marathon row goes before the first
+        # later history row
+        events = list(heapq.merge(events, marathon(), key=lambda e: e["ts_ms"]))
     send(topic, events)
     f = flow(config(topic, table, window, key, extra))
     wait_until(lambda: f.metric("sluice_rows_consumed_total") >= len(events), 60, "phase 1")
@@ -265,6 +290,11 @@ def test_windows_equal_duckdb_with_out_of_order_and_late_rows(
     )
     close_all(topic, max(e["ts_ms"] for e in events))
     want = expected(events, kind)
+    if kind == "session":
+        spans_hour = [k for k, w in want.items() if k[1] // HOUR_MS != (w[0] - 1) // HOUR_MS]
+        spans_day = [k for k, w in want.items() if k[1] // DAY_MS != (w[0] - 1) // DAY_MS]
+        capped = [k for k, w in want.items() if w[0] - k[1] == HOUR_MS and k[1] % HOUR_MS]
+        assert len(spans_hour) > 20 and spans_day and len(capped) >= 2, "no off-boundary case"
     wait_for_table(table, want, f)
     assert f.metric("sluice_late_rows_dropped_total") == len(late)
     assert f.metric("sluice_windows_emitted_total") == len(want)  # each window once

@@ -294,26 +294,42 @@ def test_hopping_matches_duckdb(d: int, hop: int) -> None:
 
 
 SESSION_SQL = """
-WITH a AS (SELECT *, ts // {cap} AS cell FROM r WHERE NOT late),
+WITH RECURSIVE a AS (SELECT * FROM r WHERE NOT late),
 g AS (
     SELECT *, sum(CASE WHEN prev IS NULL OR ts - prev > {gap} THEN 1 ELSE 0 END)
-        OVER (PARTITION BY k, cell ORDER BY ts, seq ROWS UNBOUNDED PRECEDING) AS run
-    FROM (SELECT *, lag(ts) OVER (PARTITION BY k, cell ORDER BY ts, seq) AS prev FROM a)
+        OVER (PARTITION BY k ORDER BY ts, seq ROWS UNBOUNDED PRECEDING) AS run
+    FROM (SELECT *, lag(ts) OVER (PARTITION BY k ORDER BY ts, seq) AS prev FROM a)
 ),
-rs AS (SELECT *, min(ts) OVER (PARTITION BY k, cell, run) AS ws FROM g)
+starts(k, run, ws) AS (
+    SELECT k, run, min(ts) FROM g GROUP BY k, run
+    UNION ALL
+    SELECT s.k, s.run, min(g.ts) FROM starts s JOIN g
+        ON g.k IS NOT DISTINCT FROM s.k AND g.run = s.run AND g.ts >= s.ws + {cap}
+    GROUP BY s.k, s.run, s.ws
+),
+rs AS (
+    SELECT g.*, (SELECT max(s.ws) FROM starts s
+                 WHERE s.k IS NOT DISTINCT FROM g.k AND s.run = g.run AND s.ws <= g.ts) AS ws
+    FROM g
+)
 """
+"""The user guide's sessions: per key, gap runs (LAG: a row more than ``gap``
+after the previous one opens a run), then each run cut from its first row:
+a session starts at the run's first row and at the first row at or after the
+previous session's start + ``cap`` (a recursive CTE). ``rs``: the accepted rows
+with their session start ``ws``."""
 
 
 def session_reference(
     table: pa.Table, fed: Fed, gap: int, cap: int
 ) -> tuple[dict[Any, Any], dict[int, Any]]:
-    """DuckDB sessions (gap runs within cells of ``cap`` since the epoch), and each
+    """DuckDB sessions (gap runs, cut at each session's start + ``cap``), and each
     accepted row's session."""
     sql = SESSION_SQL.format(gap=gap, cap=cap)
     want = duck(
         table,
         fed,
-        sql + f"SELECT ws, least(max(ts) + {gap}, (ws // {cap} + 1) * {cap}) AS we, k, "
+        sql + f"SELECT ws, least(max(ts) + {gap}, ws + {cap}) AS we, k, "
         f"{SQL_AGGS} FROM rs GROUP BY ws, k",
     )
     by_start = {(w[0], w[2]): w for w in want}
@@ -340,8 +356,9 @@ def test_session_matches_duckdb() -> None:
     keys = [(r["window_start"], r["window_end"], r["k"]) for r in fed.emitted]
     assert len(keys) == len(set(keys))
     assert set(keys) == set(want)
-    cut = [w for w in want if w[1] % (cap * MS) == 0 and want[w]["n"] > 1]
+    cut = [w for w in want if w[1] - w[0] == cap * MS and want[w]["n"] > 1]
     assert len(cut) > 10, "the test data never hit the session cap"
+    assert sum(w[0] % (cap * MS) != 0 for w in cut) > 10, "no capped session starts off a multiple"
     for r in fed.emitted:
         compare(r, want[(r["window_start"], r["window_end"], r["k"])])
     ids = [r["session_id"] for r in fed.emitted]
@@ -682,3 +699,153 @@ def test_bad_input_is_a_stage_error() -> None:
         s.process(pa.table({"_event_ts": pa.array([1], pa.int64()), "k": ["a"], "v": ["x"]}), None)
     with pytest.raises(StageError, match="not open"):
         WindowStage(spec, "test").process(pa.table({}), None)
+
+
+# -- sessions: cut from their own start ----------------------------------------------
+
+MIN = 60_000  # ms
+HOUR = 60 * MIN
+
+
+def at(ts_ms: list[int], keys: list[str]) -> pa.Table:
+    """Rows at absolute event times (ms since the epoch)."""
+    return pa.table(
+        {
+            "_event_ts": pa.array([t * MS for t in ts_ms], pa.timestamp("us", tz="UTC")),
+            "k": pa.array(keys, pa.string()),
+            "v": pa.array([1] * len(ts_ms), pa.int64()),
+        }
+    )
+
+
+def sessions_of(out: pa.Table) -> list[tuple[str, int, int, int]]:
+    """(key, start ms, end ms, rows) of each emitted session, sorted."""
+    return sorted(
+        (r["k"], r["window_start"] // MS, r["window_end"] // MS, r["n"]) for r in rows(out)
+    )
+
+
+def test_session_cap_runs_from_the_session_start_across_hour_and_day_boundaries() -> None:
+    spec = SessionWindow(
+        gap_ms=5 * MIN,
+        max_session_duration_ms=HOUR,
+        group_by=["k"],
+        aggregations=[Aggregation(agg="count", as_="n")],
+    )
+    day = 1_700_006_400_000  # 2023-11-15T00:00:00Z, a day (and an hour) boundary
+    hour = day - HOUR  # 23:00
+    a = [hour - 10 * MIN + i * 4 * MIN for i in range(6)]  # 22:50 … 23:10: spans 23:00
+    b = [day - 10 * MIN + i * 5 * MIN for i in range(6)]  # 23:50 … 00:15, gaps exactly gap_ms
+    c = [hour - 43 * MIN + i * 2 * MIN for i in range(76)]  # 22:17 … 00:47, every 2 min
+    d = [hour, hour + 5 * MIN + 1]  # just over gap_ms apart
+    ts = a + b + c + d
+    keys = ["a"] * len(a) + ["b"] * len(b) + ["c"] * len(c) + ["d"] * len(d)
+    order = np.random.default_rng(3).permutation(len(ts))  # arrival order: any
+    s = stage(spec)
+    s.process(at([ts[i] for i in order], [keys[i] for i in order]), None)
+    got = sessions_of(s.advance((day + 10 * HOUR) * MS).emitted)
+    start_c = hour - 43 * MIN  # 22:17: the cap falls at 23:17 and 00:17, rows exactly there
+    assert got == [
+        ("a", a[0], a[-1] + 5 * MIN, 6),  # one 20-minute session over 23:00
+        ("b", b[0], b[-1] + 5 * MIN, 6),  # one 25-minute session over midnight
+        ("c", start_c, start_c + HOUR, 30),  # capped: ends at its start + 1 h …
+        ("c", start_c + HOUR, start_c + 2 * HOUR, 30),  # … and a row at the cap opens the next
+        ("c", start_c + 2 * HOUR, c[-1] + 5 * MIN, 16),
+        ("d", hour, hour + 5 * MIN, 1),
+        ("d", hour + 5 * MIN + 1, hour + 10 * MIN + 1, 1),
+    ]
+
+
+def test_session_capped_mid_run_from_a_start_off_any_multiple() -> None:
+    spec = SessionWindow(
+        gap_ms=100,
+        max_session_duration_ms=250,
+        group_by=["k"],
+        aggregations=[Aggregation(agg="count", as_="n")],
+    )
+    s = stage(spec)
+    # starts 30 ms past a multiple of 250 ms: the cap falls at 280, not at 250
+    s.process(batch([30, 110, 190, 270, 279, 280, 360, 460], ["a"] * 8, [0] * 8), None)
+    out = rows(s.advance((T0 + 10_000) * MS).emitted)
+    got = [(r["window_start"] // MS - T0, r["window_end"] // MS - T0, r["n"]) for r in out]
+    assert got == [(30, 280, 5), (280, 530, 3)]
+
+
+@pytest.mark.parametrize("wm_after_first", [200, 500])
+def test_reopen_bridge_whose_merge_exceeds_the_cap_is_cut_from_the_merged_start(
+    wm_after_first: int,
+) -> None:
+    spec = SessionWindow(
+        gap_ms=100,
+        max_session_duration_ms=250,
+        group_by=["k"],
+        late_data="reopen",
+        allowed_lateness_ms=1000,
+        aggregations=[
+            Aggregation(agg="count", as_="n"),
+            Aggregation(agg="sum", column="v", as_="s"),
+        ],
+    )
+    s = stage(spec)
+
+    def got(out: pa.Table) -> list[tuple[int, int, int, int]]:
+        return [
+            (r["window_start"] // MS - T0, r["window_end"] // MS - T0, r["n"], r["s"])
+            for r in rows(out)
+        ]
+
+    # A = [0, 80] (ends 180), B = [200 … 440] (ends at its cap, 450)
+    first = s.process(
+        batch([0, 80, 200, 280, 360, 440], ["a"] * 6, [1] * 6), (T0 + wm_after_first) * MS
+    )
+    before = [(0, 180, 2, 2)] + ([(200, 450, 4, 4)] if wm_after_first >= 450 else [])
+    assert got(first.emitted) == before
+    # 140 is within gap_ms of both: one run from 0, cut at 0 + 250; B's rows from
+    # 280 on open the next session at 280, which ends at its own cap, 530
+    bridged = s.process(batch([140], ["a"], [10]), (T0 + wm_after_first) * MS)
+    assert len(bridged.late) == 0
+    final = got(bridged.emitted) + got(s.advance((T0 + 10_000) * MS).emitted)
+    assert final == [(0, 250, 4, 13), (280, 530, 3, 3)]
+    # the same rows in event-time order, in one batch, give the same sessions
+    sorted_stage = stage(spec)
+    sorted_stage.process(
+        batch([0, 80, 140, 200, 280, 360, 440], ["a"] * 7, [1, 1, 10, 1, 1, 1, 1]), None
+    )
+    assert got(sorted_stage.advance((T0 + 10_000) * MS).emitted) == final
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sessions_do_not_depend_on_arrival_order_or_batch_split(seed: int) -> None:
+    """Random events, shuffled within the lateness and split at random: every
+    session is emitted once and equals the oracle over all rows."""
+    rng = np.random.default_rng(100 + seed)
+    lateness = int(rng.integers(50, 400))
+    gap, cap = int(rng.integers(20, 300)), int(rng.integers(300, 2000))
+    n = int(rng.integers(300, 2500))
+    table = events(
+        200 + seed, n, keys=int(rng.integers(1, 9)), span_ms=20_000, disorder_ms=1, very_ms=2
+    )
+    # arrival order: event time plus up to `lateness` - 1 ms of delay, so no row is late
+    ts = us(table)
+    arrival = np.argsort(ts + rng.integers(0, lateness * MS - MS, n), kind="stable")
+    table = table.take(pa.array(arrival))
+    late_data = "reopen" if seed % 2 else "drop"
+    spec = SessionWindow(
+        gap_ms=gap,
+        max_session_duration_ms=cap,
+        group_by=["k"],
+        aggregations=AGGS,
+        late_data=late_data,
+        allowed_lateness_ms=int(rng.integers(0, 500)) if late_data == "reopen" else None,
+    )
+    fed = feed(
+        stage(spec), table, seed=seed, lateness_ms=lateness, batches=int(rng.integers(2, 60))
+    )
+    assert len(fed.late) == 0
+    want, _ = session_reference(table, fed, gap * MS, cap * MS)
+    final = last_versions(fed)
+    assert set(final) == set(want)
+    for key, r in final.items():
+        compare(r, want[key])
+    if late_data == "drop":
+        assert len(fed.emitted) == len(want)  # each session once

@@ -404,8 +404,8 @@ def test_restore_refuses_what_is_not_a_matching_snapshot_and_keeps_the_state() -
     flipped[len(blob) // 2] ^= 0x40
     bad = {
         "not a window snapshot": [b"", b"SW", b"garbage", b"SJN" + blob[3:]],
-        r"format version 2 is not supported \(this sluice reads version 1\); "
-        "was it written by a newer sluice": [blob[:3] + b"\x02" + blob[4:]],
+        r"format version 3 is not supported \(this sluice reads versions 1, 2\); "
+        "was it written by a newer sluice": [blob[:3] + b"\x03" + blob[4:]],
         "truncated or damaged": [blob[:6], blob[:-10], blob[: len(blob) // 2], bytes(flipped)],
     }
     for message, blobs in bad.items():
@@ -550,3 +550,40 @@ def test_a_snapshot_of_100k_open_groups_is_compact() -> None:
     out = b.advance((T0 + 60_000) * MS).emitted
     assert out.equals(a.advance((T0 + 60_000) * MS).emitted)
     assert out.num_rows == groups
+
+
+def test_a_format_1_session_snapshot_restores_as_settled_sessions() -> None:
+    """Format 1 (sessions cut at epoch multiples of the cap, no ``__ems``) still
+    restores: each stored session becomes one settled item, and the stage goes
+    on as the uninterrupted one wherever no old session straddles a cap."""
+    spec = SPECS["session"]
+    ops = ops_for(events(seed=21), seed=22)
+    straight = run(stage(spec), ops)
+    a = fed(spec, ops[:10])
+    blob = a.snapshot()["window"]
+    # the same state in format 1: the "state" piece without __ems, version byte 1
+    head = struct.Struct("<3sBII")
+    _, _, n_meta, _ = head.unpack_from(blob)
+    body = blob[head.size :]
+    meta = msgspec.json.decode(body[:n_meta])
+    pieces, at = [], n_meta
+    for name, size in meta.pop("pieces"):
+        piece = body[at : at + size]
+        at += size
+        if name == "state":
+            table = pa.ipc.open_stream(pa.py_buffer(piece)).read_all()
+            sink = pa.BufferOutputStream()
+            table = table.drop_columns(["__ems"])
+            with pa.ipc.new_stream(sink, table.schema) as w:
+                w.write_table(table)
+            piece = sink.getvalue().to_pybytes()
+        pieces.append((name, piece))
+    meta["pieces"] = [[name, len(piece)] for name, piece in pieces]
+    text = msgspec.json.encode(meta)
+    crc = zlib.crc32(text)
+    for _, piece in pieces:
+        crc = zlib.crc32(piece, crc)
+    old = b"".join([head.pack(b"SWN", 1, len(text), crc), text, *(p for _, p in pieces)])
+    b = restored(spec, old)
+    same_position(a, b)
+    same(run(b, ops[10:]), straight[10:], loose=("sx",))

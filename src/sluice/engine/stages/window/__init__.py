@@ -7,8 +7,10 @@ with one row per open (window, group), holding partial aggregates), so merging
 a batch into the state is one hash aggregation with merge functions (sum of
 sums, sum of counts, min of mins, first = value at the smallest event time).
 A batch costs O(batch + open state). Python loops run per emitted group (HLL
-estimates), per distinct string key value (session ids) and per bridged
-session, never per row, with one exception: approximate ``count_distinct``.
+estimates), per distinct string key value (session ids), per bridged session
+or item of an emitted session (HLL unions) and per cap split of the longest
+run of rows without a gap (each step over all keys at once), never per row,
+with one exception: approximate ``count_distinct``.
 The ``datasketches`` HLL sketch has no bulk update in Python, so each batch's
 *distinct* (group, value) pairs are fed to it one call each (≈0.1 µs a value).
 
@@ -39,32 +41,46 @@ Semantics (``wm`` is the watermark in µs since the epoch):
   silently skipped when they are late and the newest is not. Session: a row
   is late when ``ts + L <= wm``. (Stricter than "its own session would be
   closed", on purpose: no accepted row can then touch a session that was
-  already emitted and dropped from state, so emitted sessions are final.)
+  already emitted and dropped from state, so emitted sessions are final,
+  and every row at or before ``wm - L`` is known: sessions settle there.)
 * **Emission.** A window is emitted when ``end <= wm``, exactly once under
   ``drop`` / ``dlq``, after which its state is dropped. Under ``reopen`` the
   state is kept until ``end + L <= wm``; a row accepted into an emitted
   window marks it dirty and the window is emitted again, full and corrected,
   at the end of the same call (same start and group keys, so a merge target
   keyed by group + ``window_start`` replaces the earlier row).
-* **Sessions.** Per group key, rows whose consecutive event times are at
-  most ``gap_ms`` apart form one session, except that a session never
-  crosses a multiple of ``max_session_duration_ms`` (``M``) since the Unix
-  epoch: rows on either side of such an instant are in different sessions
-  however close they are. So no session is longer than ``M`` (a hard
-  ceiling, under ``reopen`` too), and sessions depend only on the set of
-  accepted rows, not on their arrival order or batch split: a replay after a
-  crash rebuilds the same sessions and ids, and the result equals the same
-  rule applied to all rows at once. (A cut anchored at each session's own
-  start cannot promise that with mergeable state: a late row that bridges two
-  sessions moves the anchor, and rows already folded into aggregates would
-  have to be split again.) ``window_start`` is the session's first event
-  time, ``window_end`` is ``min(last event time + gap_ms, the next multiple
-  of M)``: the earliest event time that can no longer join it. A row that
-  closes the gap between two open (or, under ``reopen``, retained) sessions
-  bridges them into one. ``session_id`` is a stable 64-bit hash (``uint64``)
-  of the group key values and the session start; a reopened session whose
-  start moved, or that was bridged into an earlier one, is re-emitted under
-  the new id and its old row is not retracted.
+* **Sessions.** Per group key, take the accepted rows in event-time order.
+  A session opens at the first row; a row joins the open session when it is
+  at most ``gap_ms`` after the previous row *and* earlier than the session's
+  start + ``max_session_duration_ms`` (``M``); otherwise it opens the next
+  session. So a session ends after more than ``gap_ms`` of silence or at
+  its own start + ``M``, whichever comes first, and a row exactly ``gap_ms``
+  after the previous one joins while a row exactly at start + ``M`` opens
+  the next session (``M`` is a hard ceiling, under ``reopen`` too, measured
+  from the session's start, not from the epoch: a session may span any hour
+  or day boundary). ``window_start`` is the session's first event time,
+  ``window_end`` its close boundary ``min(last event time + gap_ms, start +
+  M)`` (the guide's ``last_event_ts + gap_ms``, never past the cap), so
+  ``window_end - window_start <= M``. Sessions depend only on the set of
+  accepted rows, not on their arrival order or batch split (which rows are
+  accepted does, through lateness), and a restart from a snapshot or a
+  replay rebuilds the same sessions and ids.
+
+  How, with mergeable state: a later row can only have an event time above
+  ``ref = wm - L``, so a session that *starts* at or before ``ref`` can no
+  longer move its start, lose a row or be split, and is folded into one
+  state row. The rows of a session that starts after ``ref`` are kept one
+  state row each until it is settled: a later row may still bridge it into
+  an earlier session, which moves its start and so where ``M`` cuts it.
+  Every call re-derives the sessions of the open state and the new rows,
+  so a bridge re-applies the cap from the merged session's start. Under
+  ``reopen`` a row within ``gap_ms`` of two sessions bridges them and the
+  merged session is emitted again (guide: "Out-of-order session merging");
+  a session whose start moved, or that was bridged into an earlier one or
+  re-cut by the cap, is re-emitted under its new start and id, and its old
+  row is not retracted. ``session_id`` is a stable 64-bit hash (``uint64``)
+  of the group key values and the session start. A session is emitted when
+  ``window_end <= wm`` and it changed since its last emission.
 * **Aggregates** (SQL null semantics): ``count`` counts rows, ``count_col``
   non-null values, ``sum`` / ``avg`` / ``min`` / ``max`` skip nulls and are
   null when every value is; ``first`` / ``last`` are the value (null or not)
@@ -83,7 +99,8 @@ Semantics (``wm`` is the watermark in µs since the epoch):
   ``min`` / ``max`` / ``first`` / ``last`` the input type. Rows are ordered by
   window start, window end, then group keys. A null group key is a key.
 * **Caps.** More than ``max_groups_per_window`` groups in one tumbling or
-  hopping window, or more open sessions than that, fails the batch.
+  hopping window, or more sessions than that still open after the call,
+  fails the batch.
 
 * **Restart safety** is the caller's: commit a batch only once its largest
   event time is below :meth:`WindowStage.open_floor_us`, store the watermark
@@ -96,7 +113,11 @@ Semantics (``wm`` is the watermark in µs since the epoch):
   positions in one transaction and feeds it to :meth:`WindowStage.restore` on
   start, before the first batch: the restored stage then emits exactly what
   the snapshotting one would have for the rows read after it, and nothing
-  needs replaying.
+  needs replaying. A session snapshot of format 1 (written before sessions
+  were cut from their start) restores too: each stored session becomes one
+  settled state row, so it is exact unless the new rule would cut inside a
+  stored session (possible only where format 1 cut at an epoch multiple):
+  that session is then kept whole, as its rows can no longer be split.
 
 Every failure of :meth:`~WindowStage.process` and :meth:`~WindowStage.restore`
 is a :class:`StageError` and leaves the state as it was before the call, so

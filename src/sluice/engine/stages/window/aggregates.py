@@ -304,6 +304,11 @@ class SideAggregate(Aggregate, ABC, Generic[S]):
         """``side`` without the state of ``ids``."""
 
     @abstractmethod
+    def subset(self, side: S, ids: I64) -> S:
+        """A new side state holding only the state of ``ids``; ``side`` stays as
+        it is, and folding into the subset never changes it."""
+
+    @abstractmethod
     def to_table(self, side: S) -> pa.Table | None:
         """``side`` as a snapshot piece; ``None``: no piece."""
 
@@ -364,6 +369,8 @@ class ExactCountDistinct(SideAggregate[pa.Table | None]):
         if side is not None and step.remap:
             side = remap_ids(side, step.remap)
         values = step.values
+        if side is None and len(values) == 0:  # nothing yet: keep the type unfixed
+            return None, pa.array(np.zeros(len(step.ids), np.int64))
         fresh = pa.table({ID: pa.array(step.row_ids), VAL: values}).filter(pc.is_valid(values))
         if side is not None and side.num_rows:
             what = f"count_distinct '{self.name}': the column type changed"
@@ -386,6 +393,11 @@ class ExactCountDistinct(SideAggregate[pa.Table | None]):
         if side is None:
             return None
         return side.filter(pc.invert(pc.is_in(side[ID], pa.array(ids))))
+
+    def subset(self, side: pa.Table | None, ids: I64) -> pa.Table | None:
+        if side is None:
+            return None
+        return side.filter(pc.is_in(side[ID], pa.array(ids)))
 
     def to_table(self, side: pa.Table | None) -> pa.Table | None:
         return side
@@ -497,6 +509,11 @@ class ApproxCountDistinct(SideAggregate[dict[int, Any]]):
         for gid in ids.tolist():
             side.pop(gid, None)
         return side
+
+    def subset(self, side: dict[int, Any], ids: I64) -> dict[int, Any]:
+        # a new dict of the same sketches: a fold replaces sketches, never updates
+        # one it did not create, as long as no values are folded (only unions)
+        return {gid: side[gid] for gid in ids.tolist() if gid in side}
 
     def to_table(self, side: dict[int, Any]) -> pa.Table | None:
         # Vectorised but for one serialize_compact call per sketch; by id, so

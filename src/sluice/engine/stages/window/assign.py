@@ -1,8 +1,10 @@
 """Window assignment: which windows a row joins (tumbling, hopping), which rows
 are late, which session an item belongs to, and a session's stable id.
 
-All of it is numpy over whole batches; the only Python loop is per distinct
-string / binary group key value when hashing session ids.
+All of it is numpy over whole batches; the only Python loops are per distinct
+string / binary group key value when hashing session ids, and one step per
+cap split of the longest gap run in :func:`sessionise` (each step over all
+runs at once).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def assign_fixed(spec: TumblingWindow | HoppingWindow, ts: I64, ref: int | None)
 
 def assign_late_sessions(ts: I64, ref: int | None) -> Assigned:
     """Sessions: a row is late when ``ts <= ref``; ``starts`` are the accepted
-    rows' event times (each row starts as a session of its own)."""
+    rows' event times (each row is an item of its own until :func:`sessionise`)."""
     if ref is not None:
         ok = ts > ref
         if not ok.all():
@@ -85,44 +87,84 @@ def group_ids(table: pa.Table, keys: list[str]) -> I64:
     return out
 
 
-def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> tuple[I64, I64]:
-    """Assign every item (open session or new row) to a session.
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """Items (open sessions' parts and new rows) assigned to sessions.
 
-    Per group key (``kcols``), items whose spans are at most ``gap_ms`` apart
-    are one session, never across a multiple of ``max_session_duration_ms``.
-    Returns the session number of each item and the index of each session's
-    first item (by start).
+    Sessions are numbered in (group key, start) order and their items are
+    contiguous in ``order``.
+    """
+
+    order: I64
+    """The items sorted by (group key, start): ``order[p]`` is the item at position ``p``."""
+    sess: I64
+    """The session number of each item (by item index)."""
+    first: I64
+    """Each session's first position in ``order``."""
+    start: I64
+    """Each session's start: its first item's start (µs)."""
+    last: I64
+    """Each session's last event time (µs)."""
+    end: I64
+    """Each session's close boundary ``min(last + gap, start + cap)`` (µs)."""
+
+
+def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> Sessions:
+    """Assign every item to a session, as a scan of its key's items in start order.
+
+    An item is a part of a session already folded (``__ws`` its start,
+    ``__last`` its last event time) or one row (both its event time). Per
+    group key (``kcols``) the scan opens a session at the first item; an item
+    joins the current session when its start is at most ``gap_ms`` after the
+    largest event time before it and before the session's start +
+    ``max_session_duration_ms``; otherwise it opens the next session. The
+    result depends only on the set of items, not on their order.
+
+    Vectorised: the gap runs are one pass; the cap splits inside a run are
+    found by a loop whose every step handles all runs at once and whose
+    count is the largest number of sessions one gap run splits into.
     """
     gap = spec.gap_ms * 1000
+    cap = spec.max_session_duration_ms * 1000
     n = items.num_rows
     start = to_np(items[WS])
     last = to_np(items[LAST])
-    cell = start // (spec.max_session_duration_ms * 1000)
     key = group_ids(items, kcols)
-    order = np.lexsort((last, start, cell, key))
-    ck, cc, st, la = key[order], cell[order], start[order], last[order]
-    # a segment: one group key within one max_session_duration_ms cell
-    new_seg = np.empty(n, bool)
-    new_seg[0] = True
-    new_seg[1:] = (ck[1:] != ck[:-1]) | (cc[1:] != cc[:-1])
-    seg = np.cumsum(new_seg) - 1
-    # running max of `last` within each segment; rank-encoded so segments cannot mix
+    order = np.lexsort((last, start, key))
+    ck, st, la = key[order], start[order], last[order]
+    new_key = np.empty(n, bool)
+    new_key[0] = True
+    new_key[1:] = ck[1:] != ck[:-1]
+    seg = np.cumsum(new_key) - 1
+    # running max of `last` within each key; rank-encoded so keys cannot mix
     uniq, rank = np.unique(la, return_inverse=True)
     u = len(uniq)
-    enc = rank.astype(np.int64) + seg * u
+    enc = rank.astype(np.int64).ravel() + seg * u
     run_last = uniq[np.maximum.accumulate(enc) - seg * u]
-    brk = new_seg.copy()
-    brk[1:] |= st[1:] > run_last[:-1] + gap
-    chunk = np.cumsum(brk) - 1
+    opens = new_key.copy()
+    opens[1:] |= st[1:] > run_last[:-1] + gap
+    # cap splits: from each session's first item, the next session opens at the
+    # run's first item starting at or after start + cap (a row exactly there too)
+    run = np.cumsum(opens) - 1
+    run_first = np.flatnonzero(opens)
+    run_stop = np.append(run_first[1:], n)
+    s_uniq, s_rank = np.unique(st, return_inverse=True)
+    width = len(s_uniq) + 1
+    pos_key = run * width + s_rank.astype(np.int64).ravel()  # non-decreasing along `order`
+    cur = run_first
+    while len(cur):
+        r = run[cur]
+        nxt = np.searchsorted(pos_key, r * width + np.searchsorted(s_uniq, st[cur] + cap), "left")
+        cur = nxt[nxt < run_stop[r]]
+        opens[cur] = True
+    first = np.flatnonzero(opens)
+    sess_sorted = np.cumsum(opens) - 1
     sess = np.empty(n, np.int64)
-    sess[order] = chunk
-    return sess, order[np.flatnonzero(brk)]
-
-
-def session_ends(spec: SessionWindow, start: I64, last: I64) -> I64:
-    """A session's end: the earliest event time that can no longer join it."""
-    cap = spec.max_session_duration_ms * 1000
-    return np.minimum(last + spec.gap_ms * 1000, (start // cap + 1) * cap)
+    sess[order] = sess_sorted
+    s_start = st[first]
+    s_last = np.maximum.reduceat(la, first)
+    s_end = np.minimum(s_last + gap, s_start + cap)
+    return Sessions(order, sess, first, s_start, s_last, s_end)
 
 
 # SplitMix64 finaliser: a fixed, well-mixed 64-bit permutation (stable forever).

@@ -20,6 +20,7 @@ U64 = npt.NDArray[np.uint64]
 # with these.
 WS, WE, LAST = "__ws", "__we", "__last"  # window start, end; session: last event time
 DIRTY, ID = "__dirty", "__id"  # emit at the next chance; the (window, group) id
+EMS = "__ems"  # session item: the start of the session it was last emitted in (null: never)
 FTS, FSEQ, LTS, LSEQ = "__fts", "__fseq", "__lts", "__lseq"  # first / last event time, arrival
 RF, RL, ORD, SESS, VAL = "__rf", "__rl", "__ord", "__sess", "__v"
 SKETCH = "__sketch"

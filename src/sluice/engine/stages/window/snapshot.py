@@ -1,4 +1,4 @@
-"""The window snapshot blob, format 1.
+"""The window snapshot blob, format 2.
 
 A header, then ``meta`` (UTF-8 JSON), then the pieces it lists, each an Arrow
 IPC stream. The header is magic, format version, the length of ``meta`` and a
@@ -9,6 +9,14 @@ state's meaning depends on, see :func:`config_facts`), "watermark_us", "seq",
 each side aggregate's piece (exact count_distinct "distinct<i>": the
 (__id, __v) pairs, absent until its first fold; approximate "hll<i>": __id,
 __sketch, the compact HLL sketch of each group by id).
+
+Format 2 differs from format 1 in the sessions' "state" table only: it has
+an ``__ems`` column after ``__last``, and its rows are the items of open
+sessions (see :class:`~.state.WindowState`). A format 1 blob still restores
+(:func:`decode` reports its version); for sessions, the stage turns each
+stored session, cut under format 1's rule at multiples of
+``max_session_duration_ms`` since the epoch, into one settled item (see
+:meth:`~.stage.WindowStage.restore`).
 
 Blobs written by earlier releases of this format must keep restoring: change
 the layout only with a new version number and a reader for the old one.
@@ -32,7 +40,8 @@ if TYPE_CHECKING:  # aggregates read their pieces with expect(): no import cycle
     from sluice.engine.stages.window.aggregates import Aggregate
 
 _MAGIC = b"SWN"
-_VERSION = 1
+_VERSION = 2
+_READS = (1, 2)
 _HEADER = struct.Struct("<3sBII")
 
 
@@ -46,6 +55,7 @@ class Snapshot:
     next_id: int
     tz: str | None
     pieces: dict[str, memoryview]
+    version: int
 
 
 def config_facts(spec: Window, keys: list[str], aggs: list[Aggregate]) -> dict[str, Any]:
@@ -82,7 +92,7 @@ def check_config(stored: dict[str, Any], mine: dict[str, Any]) -> None:
 
 
 def encode(meta: dict[str, Any], pieces: list[tuple[str, bytes]]) -> bytes:
-    """The blob of ``meta`` (without "pieces", which this adds) and ``pieces``."""
+    """The format 2 blob of ``meta`` (without "pieces", which this adds) and ``pieces``."""
     meta = {**meta, "pieces": [[name, len(piece)] for name, piece in pieces]}
     text = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     crc = zlib.crc32(text)
@@ -101,10 +111,11 @@ def decode(blob: bytes, mine: dict[str, Any]) -> Snapshot:
     """
     if len(blob) < 4 or blob[:3] != _MAGIC:
         raise StageError("window: not a window snapshot")
-    if blob[3] != _VERSION:
+    if blob[3] not in _READS:
         raise StageError(
             f"window: snapshot format version {blob[3]} is not supported "
-            f"(this sluice reads version {_VERSION}); was it written by a newer sluice?"
+            f"(this sluice reads versions {', '.join(map(str, _READS))}); "
+            "was it written by a newer sluice?"
         )
     if len(blob) < _HEADER.size:
         raise StageError("window: the snapshot is truncated or damaged")
@@ -134,7 +145,7 @@ def decode(blob: bytes, mine: dict[str, Any]) -> Snapshot:
     at = n_meta
     for name, size in lengths:
         pieces[name], at = body[at : at + size], at + size
-    return Snapshot(config, wm, seq, next_id, tz, pieces)
+    return Snapshot(config, wm, seq, next_id, tz, pieces, blob[3])
 
 
 def read_ipc(piece: memoryview) -> pa.Table:

@@ -18,23 +18,24 @@ from sluice.engine.stages.snapshots import ipc_stream
 from sluice.engine.stages.window import snapshot
 from sluice.engine.stages.window.aggregates import compile_aggregates
 from sluice.engine.stages.window.assign import (
+    Sessions,
     assign_fixed,
     assign_late_sessions,
-    session_ends,
     session_ids,
     sessionise,
 )
 from sluice.engine.stages.window.columns import (
+    DIRTY,
+    EMS,
     I64,
     ID,
-    LAST,
     SESS,
     WE,
     WS,
     first_line,
     to_np,
 )
-from sluice.engine.stages.window.state import WindowState
+from sluice.engine.stages.window.state import Union, WindowState
 from sluice.engine.watermark import to_micros
 from sluice.errors import StageError
 
@@ -121,21 +122,41 @@ class WindowStage:
             raise StageError("window: the stage is not open")
         n = data.num_rows
         late: I64 = np.empty(0, np.int64)
+        wm = self._raised(watermark_us)
+        if self._session:
+            rows_t = None
+            if n:
+                self._check(data)
+                ts = self._event_us(data)
+                seq = np.arange(self._seq, self._seq + n, dtype=np.int64)
+                got = assign_late_sessions(ts, self._lateness_ref())
+                late = got.late
+                if got.rows is None or len(got.rows):
+                    rows_t = self._store.row_items(data, got.rows, ts, seq, got.starts, got.starts)
+            try:
+                emitted = self._step_sessions(rows_t, wm)
+            except pa.ArrowException as exc:  # e.g. min over a type Arrow cannot order
+                raise StageError(f"window: {first_line(exc)}") from exc
+            self._seq += n
+            self._wm = wm
+            return WindowOutput(emitted, late)
         if n:
             self._check(data)
             ts = self._event_us(data)
             seq = np.arange(self._seq, self._seq + n, dtype=np.int64)
             try:
-                if self._session:
-                    late = self._fold_sessions(data, ts, seq)
-                else:
-                    late = self._fold_fixed(data, ts, seq)
+                late = self._fold_fixed(data, ts, seq)
             except pa.ArrowException as exc:  # e.g. min over a type Arrow cannot order
                 raise StageError(f"window: {first_line(exc)}") from exc
             self._seq += n
-        if watermark_us is not None:
-            self._wm = watermark_us if self._wm is None else max(self._wm, watermark_us)
+        self._wm = wm
         return WindowOutput(self._emit(), late)
+
+    def _raised(self, watermark_us: int | None) -> int | None:
+        """The stage's watermark raised to ``watermark_us`` (watermarks only advance)."""
+        if watermark_us is None:
+            return self._wm
+        return watermark_us if self._wm is None else max(self._wm, watermark_us)
 
     def advance(self, watermark_us: int) -> WindowOutput:
         """Idle tick: raise the watermark to ``watermark_us`` and emit what it closed.
@@ -145,8 +166,15 @@ class WindowStage:
         """
         if not self._open:
             raise StageError("window: the stage is not open")
-        self._wm = watermark_us if self._wm is None else max(self._wm, watermark_us)
-        return WindowOutput(self._emit(), np.empty(0, np.int64))
+        wm = self._raised(watermark_us)
+        if self._session:
+            # the same watermark again settles and emits nothing new
+            emitted = self._empty() if wm == self._wm else self._step_sessions(None, wm)
+        else:
+            self._wm = wm
+            emitted = self._emit()
+        self._wm = wm
+        return WindowOutput(emitted, np.empty(0, np.int64))
 
     @property
     def watermark_us(self) -> int | None:
@@ -233,11 +261,12 @@ class WindowStage:
             )
         snap = snapshot.decode(blob, self._config_facts())
         try:
-            table, sides = self._read_pieces(snap.pieces)
+            table, sides = self._read_pieces(snap.pieces, snap.version)
         except (pa.ArrowException, OSError, ValueError, IndexError, RuntimeError) as exc:
             raise StageError(f"window: the snapshot is damaged: {first_line(exc)}") from exc
         # -- nothing below raises: commit ------------------------------------------
         store.table, store.sides, store.next_id = table, sides, snap.next_id
+        store.open_sessions = None  # counted when asked
         self._seq, self._tz = snap.seq, snap.tz
         self._checked = self._out_schema = None  # caches: the next batch checks its schema again
         if snap.watermark_us is not None:
@@ -247,8 +276,11 @@ class WindowStage:
     def _config_facts(self) -> dict[str, Any]:
         return snapshot.config_facts(self.spec, self._keys, self._aggs)
 
-    def _read_pieces(self, pieces: dict[str, memoryview]) -> tuple[pa.Table | None, dict[int, Any]]:
-        """The snapshot's tables, checked against this stage's layout."""
+    def _read_pieces(
+        self, pieces: dict[str, memoryview], version: int
+    ) -> tuple[pa.Table | None, dict[int, Any]]:
+        """The snapshot's tables, checked against this stage's layout (a format 1
+        session table gains ``__ems``: its sessions become settled items)."""
         store = self._store
         known = {"state", *(a.piece for a in store.side_aggs)}
         unknown = sorted(set(pieces) - known)
@@ -257,6 +289,11 @@ class WindowStage:
         table = None
         if "state" in pieces:
             table = snapshot.read_ipc(pieces["state"])
+            if version == 1 and self._session and EMS not in table.column_names:
+                # an emitted clean session was emitted under its own start
+                clean = pc.invert(table[DIRTY])
+                ems = pc.if_else(clean, table[WS], pa.scalar(None, pa.int64()))
+                table = table.add_column(table.schema.get_field_index(WE) + 2, EMS, ems)
             snapshot.expect(table, "state", store.names, [WS, WE, ID])
         sides: dict[int, Any] = {}
         for a in store.side_aggs:
@@ -321,41 +358,144 @@ class WindowStage:
         store.commit(merged, row_group, rows_t, {})
         return got.late
 
-    def _fold_sessions(self, data: pa.Table, ts: I64, seq: I64) -> I64:
-        """Session: filter late rows, sessionise rows with the open sessions, merge."""
+    def _step_sessions(self, rows_t: pa.Table | None, wm: int | None) -> pa.Table:
+        """Sessions: fold the accepted rows ``rows_t`` (``None``: none) in, settle,
+        emit and evict against the watermark ``wm``; return the emitted rows.
+
+        Every step re-derives the sessions of the open items and the new rows
+        (:func:`sessionise`), so a session's boundaries follow from the rows
+        alone. A session whose start is at most ``ref = wm - L`` is *settled*:
+        every later accepted row has an event time above ``ref``, so nothing
+        can come before its start or split it any more, and its items fold
+        into one row. The items of a session starting after ``ref`` stay one
+        row each: a later row may still bridge it into an earlier session and
+        move where the cap splits it. A session is emitted when ``end <= wm``
+        and it changed since it was last emitted (a new item, or an item last
+        emitted under another start), and dropped when ``end + L <= wm``
+        (then it is settled). Raises :class:`StageError` (more open sessions
+        than the cap, an exact count_distinct over its cap) before any change.
+        """
         spec = self.spec
         assert isinstance(spec, SessionWindow)
-        got = assign_late_sessions(ts, self._lateness_ref())
-        if got.rows is not None and len(got.rows) == 0:
-            return got.late
         store = self._store
-        rows_t = store.row_items(data, got.rows, ts, seq, got.starts, got.starts)
-        items, n_state = store.with_state(rows_t)
-        sess, first_item = sessionise(spec, items, store.kcols)
-        items = items.append_column(SESS, pa.array(sess))
-        merged, _ = store.merge(items, [SESS], n_state)
-        # one row per session, in session order; keys from the session's first item
-        merged = merged.take(pa.array(np.argsort(to_np(merged[SESS]), kind="stable")))
-        for k in store.kcols:
-            merged = merged.append_column(k, items[k].take(pa.array(first_item)))
-        end = session_ends(spec, to_np(merged[WS]), to_np(merged[LAST]))
-        merged = merged.append_column(WE, pa.array(end, pa.int64()))
-        merged = merged.select(store.names)
-        if merged.num_rows > spec.max_groups_per_window:
+        n_new = 0 if rows_t is None else rows_t.num_rows
+        if rows_t is not None and n_new:
+            ids = np.arange(store.next_id, store.next_id + n_new, dtype=np.int64)
+            rows_t = rows_t.set_column(rows_t.schema.get_field_index(ID), ID, pa.array(ids))
+            items, n_state = store.with_state(rows_t)
+        elif store.table is None or store.table.num_rows == 0:
+            return self._empty()
+        else:
+            items, n_state = store.table, store.table.num_rows
+            rows_t = items.slice(0, 0)
+        s = sessionise(spec, items, store.kcols)
+        n, n_sess = items.num_rows, len(s.start)
+        ref = None if wm is None else wm - self._lateness_us
+        settled = np.zeros(n_sess, bool) if ref is None else s.start <= ref
+        gone = np.zeros(n_sess, bool) if ref is None else s.end <= ref
+        if n_sess - int(gone.sum()) > spec.max_groups_per_window:
             raise StageError(
                 f"max_groups_per_window={spec.max_groups_per_window} reached: "
-                f"{merged.num_rows} open sessions (pipeline '{self.pipeline}')"
+                f"{n_sess - int(gone.sum())} open sessions (pipeline '{self.pipeline}')"
             )
-        # old state ids → the id their session keeps (bridged sessions fold into one)
+        # changed since last emitted: a new item, or one last emitted under another start
+        ems = items[EMS]
+        item_start = s.start[s.sess]
+        changed = to_np(items[DIRTY]).astype(bool) | ~to_np(pc.is_valid(ems)).astype(bool)
+        changed |= np.asarray(to_np(ems.fill_null(0)), np.int64) != item_start
+        dirty = np.logical_or.reduceat(changed[s.order], s.first)
+        due = np.zeros(n_sess, bool) if wm is None else (s.end <= wm) & dirty
+        # a settled session folds into one row; an unsettled one keeps an item per row
+        group = np.where(settled[s.sess], s.sess, n_sess + np.arange(n, dtype=np.int64))
+        by = [SESS, *store.kcols]  # a session has one key: the keys only carry through
+        merged, group_of = store.merge(items.append_column(SESS, pa.array(group)), by, 0)
+        g_num = np.asarray(to_np(merged[SESS]), np.int64)
+        g_sess = np.where(g_num < n_sess, g_num, s.sess[np.maximum(g_num - n_sess, 0)])
+        # state order: by session, then group (the merge runs on threads: fix the order)
+        g_order = np.lexsort((g_num, g_sess))
+        merged, g_num, g_sess = merged.take(pa.array(g_order)), g_num[g_order], g_sess[g_order]
+        g_settled = settled[g_sess]
+        start = np.where(g_settled, s.start[g_sess], to_np(merged[WS]))
+        ems = np.where(g_settled, s.start[g_sess], to_np(merged[EMS].fill_null(0)))
+        ems_ok = g_settled | to_np(pc.is_valid(merged[EMS])).astype(bool)
+        g_dirty = np.where(g_settled, dirty[g_sess], to_np(merged[DIRTY]).astype(bool))
+        merged = self._set(merged, WS, pa.array(start, pa.int64()))
+        merged = self._set(merged, EMS, pa.array(ems, pa.int64(), mask=~ems_ok))
+        merged = self._set(merged, DIRTY, pa.array(g_dirty))
+        merged = merged.append_column(WE, pa.array(s.end[g_sess], pa.int64()))
+        merged = merged.select(store.names)
+        row_group = np.empty(0, np.int64)
         remap: dict[int, int] = {}
-        if n_state:
-            old = np.asarray(items[ID].slice(0, n_state).to_numpy(), dtype=np.int64)
-            new = to_np(merged[ID])
-            kept = new[sess[:n_state]]
-            moved = old != kept
-            remap = dict(zip(old[moved].tolist(), kept[moved].tolist(), strict=True))
-        store.commit(merged, sess[n_state:], rows_t, remap)
-        return got.late
+        if store.side_aggs:
+            position = np.empty(len(g_order), np.int64)
+            position[g_order] = np.arange(len(g_order))
+            group_of = position[group_of]
+            row_group = group_of[n_state:]
+            if n_state:  # old ids -> the id their row keeps (items folded into one)
+                old = np.asarray(to_np(items[ID].slice(0, n_state)), np.int64)
+                kept = np.asarray(to_np(merged[ID]), np.int64)[group_of[:n_state]]
+                moved = old != kept
+                remap = dict(zip(old[moved].tolist(), kept[moved].tolist(), strict=True))
+        g_due = due[g_sess]
+        out_rows, union = self._due_rows(merged, g_sess[g_due], g_due, s)
+        unions = store.commit(merged, row_group, rows_t, remap, union)
+        # -- nothing below raises ----------------------------------------------------
+        store.next_id += n_new  # the new rows' ids, also those folded into an older one
+        emitted = self._empty()
+        if out_rows is not None:
+            for agg in store.side_aggs:
+                acc = unions[agg.index][1]
+                if acc is not None:
+                    out_rows = self._set(out_rows, agg.acc, acc)
+            emitted = self._finalise(out_rows, {i: u[0] for i, u in unions.items()})
+        g_gone = gone[g_sess]
+        if g_due.any() or g_gone.any():
+            table = store.table
+            assert table is not None
+            table = self._set(table, DIRTY, pa.array(g_dirty & ~g_due))
+            ems_now = np.where(g_due, s.start[g_sess], ems)
+            table = self._set(table, EMS, pa.array(ems_now, pa.int64(), mask=~(ems_ok | g_due)))
+            if g_gone.any():
+                evicted = np.asarray(to_np(table[ID]), np.int64)[g_gone]
+                table = table.filter(pa.array(~g_gone))
+                for agg in store.side_aggs:
+                    store.sides[agg.index] = agg.evict(store.sides[agg.index], evicted)
+            store.table = table
+        store.open_sessions = n_sess - int(gone.sum())
+        return emitted
+
+    @staticmethod
+    def _set(table: pa.Table, name: str, values: Any) -> pa.Table:
+        return table.set_column(table.schema.get_field_index(name), name, values)
+
+    def _due_rows(
+        self, merged: pa.Table, sess: I64, due: npt.NDArray[np.bool_], s: Sessions
+    ) -> tuple[pa.Table | None, Union | None]:
+        """The state rows of the due sessions (``due``: a mask over ``merged``,
+        whose due rows belong to sessions ``sess``), one row per session, and
+        the union their side aggregates need; ``(None, None)`` when none is due."""
+        if not due.any():
+            return None, None
+        store = self._store
+        rows = merged.filter(pa.array(due))
+        members = np.asarray(to_np(rows[ID]), np.int64)
+        if len(np.unique(sess)) < len(sess):  # a session of several items: merge them
+            by = [SESS, *store.kcols]
+            rows, _ = store.merge(rows.append_column(SESS, pa.array(sess)), by, 0)
+            one = np.asarray(to_np(rows[SESS]), np.int64)
+            rows = rows.take(pa.array(np.argsort(one, kind="stable")))
+            one = np.sort(one)
+            rows = rows.append_column(WE, pa.array(s.end[one], pa.int64()))
+            rows = self._set(rows, WS, pa.array(s.start[one], pa.int64()))
+            ids = np.asarray(to_np(rows[ID]), np.int64)
+            kept = ids[np.searchsorted(one, sess)]
+        else:
+            ids = kept = members
+        if not store.side_aggs:
+            return rows, None
+        moved = members != kept
+        remap = dict(zip(members[moved].tolist(), kept[moved].tolist(), strict=True))
+        return rows, Union(rows, ids, members, remap)
 
     # -- emission -----------------------------------------------------------------
 
@@ -380,10 +520,12 @@ class WindowStage:
             self._out_schema = cached
         return cached[2].empty_table()
 
-    def _finalise(self, rows: pa.Table) -> pa.Table:
-        """State rows → output rows (names, types, order)."""
+    def _finalise(self, rows: pa.Table, sides: dict[int, Any] | None = None) -> pa.Table:
+        """State rows → output rows (names, types, order); ``sides``: the side
+        state to read instead of the stage's (the union of a session's items)."""
         spec = self.spec
         store = self._store
+        sides = store.sides if sides is None else sides
         sort = [(WS, "ascending"), (WE, "ascending")] + [(k, "ascending") for k in store.kcols]
         try:
             rows = rows.take(pc.sort_indices(rows, sort_keys=sort))
@@ -400,5 +542,5 @@ class WindowStage:
         for name, k in zip(self._keys, store.kcols, strict=True):
             cols[name] = rows[k]
         for a in self._aggs:
-            cols[a.name] = a.finalise(rows, store.sides.get(a.index))
+            cols[a.name] = a.finalise(rows, sides.get(a.index))
         return pa.table(cols)

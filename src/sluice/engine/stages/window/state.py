@@ -9,6 +9,7 @@ so a batch costs O(batch + open state).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from sluice.engine.stages.window.aggregates import Aggregate, Fold, SideAggregate
 from sluice.engine.stages.window.columns import (
     DIRTY,
+    EMS,
     FSEQ,
     FTS,
     I64,
@@ -39,14 +41,36 @@ from sluice.engine.stages.window.columns import (
 from sluice.errors import StageError
 
 
+@dataclass(frozen=True, slots=True)
+class Union:
+    """Rows that each unite the side state of several state rows (a session of several items)."""
+
+    rows: pa.Table
+    """The united rows (for error messages)."""
+    ids: I64
+    """The id of each united row: the smallest id of its members."""
+    members: I64
+    """The ids of every member."""
+    remap: dict[int, int]
+    """Member id → its united row's id, for the members whose id differs."""
+
+
 class WindowState:
     """The open (window, group) table and the side state of its aggregates.
 
-    Columns, in order: ``__ws``, ``__we``, ``__last`` (sessions), the group
-    keys ``__k<j>``, ``__dirty`` (to be emitted), ``__id`` (stable while the
-    row is open; side state is keyed by it), the first / last event time and
-    arrival when an aggregate is ``ordered``, then each aggregate's state
-    columns. Every method that can fail does before it mutates anything.
+    Columns, in order: ``__ws``, ``__we``, ``__last`` and ``__ems``
+    (sessions), the group keys ``__k<j>``, ``__dirty`` (to be emitted),
+    ``__id`` (stable while the row is open; side state is keyed by it), the
+    first / last event time and arrival when an aggregate is ``ordered``, then
+    each aggregate's state columns. Every method that can fail does before it
+    mutates anything.
+
+    Sessions: a row is an *item*, a part of one open session: either a whole
+    session whose start is settled (folded into one row) or a single row of a
+    session whose start is not settled yet (kept apart, because a later row
+    may still move that session's start and with it where the cap splits it).
+    ``__we`` is the end of the item's session, ``__ems`` the start of the
+    session the item was last emitted in.
     """
 
     def __init__(self, aggs: list[Aggregate], keys: list[str], session: bool) -> None:
@@ -67,11 +91,13 @@ class WindowState:
         """``None`` until the first fold fixes the schema."""
         self.sides: dict[int, Any] = {a.index: a.empty() for a in self.side_aggs}
         self.next_id = 0
+        self.open_sessions: int | None = 0
+        """Sessions: the open sessions, ``None`` when not counted yet (after a restore)."""
 
     def _names(self) -> list[str]:
         names = [WS, WE]
         if self.session:
-            names.append(LAST)
+            names += [LAST, EMS]
         names += [*self.kcols, DIRTY, ID]
         if self.ordered:
             names += [FTS, FSEQ, LTS, LSEQ]
@@ -101,6 +127,7 @@ class WindowState:
         cols: dict[str, Any] = {WS: pa.array(ws), WE: pa.array(we)}
         if self.session:
             cols[LAST] = pa.array(t)
+            cols[EMS] = pa.nulls(m, pa.int64())
         for k, name in zip(self.kcols, self.keys, strict=True):
             cols[k] = col(name)
         cols[DIRTY] = pa.array(np.ones(m, dtype=bool))
@@ -130,15 +157,15 @@ class WindowState:
         """Aggregate ``items`` by ``by`` with the merge functions.
 
         Returns the merged rows (with ``__id`` = the smallest old id, else a
-        fresh one) and, for fixed windows with side aggregates, the index of
-        each new item's (past the first ``n_state``) merged row.
+        fresh one) and, with side aggregates, the index of each new item's
+        (past the first ``n_state``) merged row.
         """
         n = items.num_rows
         specs: list[tuple[str, str]] = [(DIRTY, "any"), (ID, "min")]
         if not self.session:
             specs.append((WE, "min"))
         else:
-            specs += [(WS, "min"), (LAST, "max")]
+            specs += [(WS, "min"), (LAST, "max"), (EMS, "min")]
         if self.ordered:
             fo = np.lexsort((to_np(items[FSEQ]), to_np(items[FTS])))
             lo = np.lexsort((to_np(items[LSEQ]), to_np(items[LTS])))
@@ -150,7 +177,7 @@ class WindowState:
             specs += [(RF, "min"), (RL, "max")]
         for a in self.aggs:
             specs += a.merge_functions()
-        want_groups = bool(self.side_aggs) and not self.session
+        want_groups = bool(self.side_aggs)
         if want_groups:
             items = items.append_column(ORD, pa.array(np.arange(n, dtype=np.int64)))
             specs.append((ORD, "list"))
@@ -212,24 +239,45 @@ class WindowState:
         row_group: I64,
         rows_t: pa.Table,
         remap: dict[int, int],
-    ) -> None:
+        union: Union | None = None,
+    ) -> dict[int, tuple[Any, pa.Array | None]]:
         """Fold the side state in, check its caps, then replace the state.
 
-        Everything that can fail runs before the first mutation (the in-place
-        side aggregates come last), so a failure leaves the state whole.
+        With ``union``, also each side aggregate's state of the rows
+        ``union`` describes (sessions to emit, each the union of its items'
+        side states), as (side state, ``acc`` column or ``None``), without
+        changing the stage's side state. Everything that can fail runs
+        before the first mutation (the in-place side aggregates come last),
+        so a failure leaves the state whole.
         """
         ids = np.asarray(merged[ID].to_numpy(), dtype=np.int64)
         row_ids = ids[row_group] if len(row_group) else np.empty(0, np.int64)
         sides: dict[int, Any] = {}
+        unions: dict[int, tuple[Any, pa.Array | None]] = {}
         describe = partial(self._describe, merged)  # keys and windows: the same in every step
         for a in self.side_aggs:
-            step = Fold(ids, row_ids, rows_t[a.beside], remap, describe)
+            values = (
+                rows_t[a.beside]
+                if a.beside in rows_t.column_names
+                else pa.chunked_array([], pa.null())  # no new rows
+            )
+            step = Fold(ids, row_ids, values, remap, describe)
             sides[a.index], acc = a.fold(self.sides[a.index], step)
             if acc is not None:
                 merged = merged.set_column(merged.schema.get_field_index(a.acc), a.acc, acc)
+            if union is not None:
+                u = Fold(
+                    union.ids,
+                    np.empty(0, np.int64),
+                    pa.chunked_array([], pa.null()),
+                    union.remap,
+                    partial(self._describe, union.rows),
+                )
+                unions[a.index] = a.fold(a.subset(sides[a.index], union.members), u)
         self.sides.update(sides)
         self.next_id = max(self.next_id, int(ids.max()) + 1) if len(ids) else self.next_id
         self.table = merged
+        return unions
 
     def _describe(self, merged: pa.Table, j: int) -> str:
         keys = ", ".join(
@@ -271,8 +319,15 @@ class WindowState:
     # -- gauges ---------------------------------------------------------------------
 
     def size(self) -> int:
-        """Open (window, group) rows."""
-        return 0 if self.table is None else int(self.table.num_rows)
+        """Open (window, group) rows; sessions: open sessions."""
+        if self.table is None:
+            return 0
+        if not self.session:
+            return int(self.table.num_rows)
+        if self.open_sessions is None:
+            # the items of one session share its end, and one key's sessions never do
+            self.open_sessions = self.table.group_by([WE, *self.kcols]).aggregate([]).num_rows
+        return self.open_sessions
 
     def open_floor_us(self) -> int | None:
         """The smallest open window start (µs); ``None`` when nothing is open."""
@@ -285,5 +340,5 @@ class WindowState:
         if self.table is None or self.table.num_rows == 0:
             return 0
         if self.session:
-            return int(self.table.num_rows)
+            return self.size()
         return int(pc.count_distinct(self.table[WS]).as_py())
