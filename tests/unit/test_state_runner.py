@@ -79,7 +79,8 @@ def _run(spec: Any, source: LogSource, target: MergeTarget, store: InMemoryStore
     runner = Runner(
         spec,
         asyncio.Event(),
-        RunOptions(stop_after_idle_ms=0),
+        # A stop that resumes: windows the watermark did not close stay open.
+        RunOptions(stop_after_idle_ms=0, drain=False),
         sources=[source],
         targets=[target],
         store=store,
@@ -181,3 +182,28 @@ def test_a_commit_fenced_by_another_writer_stops_the_run() -> None:
     with pytest.raises(ConnectorError, match="committed by another writer"):
         _run(SPEC, ResumingLog(_events(200), batch=50), MergeTarget(), store)
     assert store.load("stored").positions == {}  # the fenced delta wrote nothing
+
+
+def test_a_bounded_run_drains_and_checkpoints_the_real_watermark_with_no_state() -> None:
+    events = _events(400, seed=31)
+    store = InMemoryStore()
+    source, target = ResumingLog(events, batch=50), MergeTarget()
+    runner = Runner(
+        SPEC,
+        asyncio.Event(),
+        RunOptions(stop_after_idle_ms=0),  # a bounded run drains by default
+        sources=[source],
+        targets=[target],
+        store=store,
+    )
+    asyncio.run(runner.run())
+    assert _got(target) == _expected(events, END)
+    cp = store.load("stored")
+    assert cp.positions == {"log": {"log:0": 400}}
+    assert cp.watermark_us == max(e["ts"] for e in events) - 5_000_000  # not +inf
+    # Nothing is open: a restart emits nothing again and reads nothing again.
+    before = dict(target.rows)
+    again = ResumingLog(events, batch=50)
+    _run(SPEC, again, target, store)
+    assert again.read_rows == 0
+    assert target.rows == before

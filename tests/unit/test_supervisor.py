@@ -18,3 +18,13 @@ def test_jitter_stays_within_twenty_percent() -> None:
     samples = [jittered(1_000) for _ in range(200)]
     assert all(0.8 <= s <= 1.2 for s in samples)
     assert len(set(samples)) > 1
+
+
+def test_consume_drains_a_bounded_run_unless_told_not_to() -> None:
+    from sluice.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["consume", "p.toml", "--stop-after-idle-ms", "500"])
+    assert args.stop_after_idle_ms == 500 and args.no_drain is False
+    args = parser.parse_args(["consume", "p.toml", "--stop-after-idle-ms", "500", "--no-drain"])
+    assert args.no_drain is True

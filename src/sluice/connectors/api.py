@@ -175,6 +175,12 @@ class Partitioned(Protocol):
 
     epoch: int
 
+    def assignment(self) -> tuple[str, ...]:
+        """The partitions (position keys) assigned to this source now, whether
+        or not they delivered yet; empty before the first assignment. Each
+        holds the engine's watermark from its assignment on (see
+        ``engine/watermark.py``). Cheap: called after every read."""
+
     def track(self, *, row_partitions: bool, wait_on_revoke: bool) -> None:
         """Configure before :meth:`Source.open`. ``row_partitions``: fill
         :attr:`Batch.row_partitions` (per-partition watermarks and state).
@@ -198,7 +204,13 @@ class Observable(Protocol):
         group does not): until then it is not idle and not ready."""
 
     def lag(self) -> dict[str, int]:
-        """Records behind the newest one, per partition the source reads now."""
+        """Records the system holds that this source has not handed out yet,
+        per partition it reads now, as measured at the end of its last
+        :meth:`Source.read` (so it agrees with the batches handed out so
+        far). A partition is missing until it is measured (the broker has
+        not answered for it yet); the engine then counts it as behind. A
+        partition at 0 has delivered everything the system held at that
+        read: only such a partition may go idle for the watermark."""
 
 
 @runtime_checkable

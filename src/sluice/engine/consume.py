@@ -1,7 +1,9 @@
 """``flow consume``: run a pipeline as a daemon, with an optional supervisor.
 
 SIGTERM / SIGINT finish the in-flight batch (write, flush, commit) and exit
-0. With ``--restart-on-error`` a failed run restarts in-process after an
+0; open windows stay open (the next run resumes them). A bounded run
+(``--stop-after-idle-ms``) ends its input instead: it drains every open
+window and buffered join row before the last commit, unless ``--no-drain``. With ``--restart-on-error`` a failed run restarts in-process after an
 exponential backoff with jitter; a run that lasted
 ``--reset-backoff-after-secs`` resets the backoff; ``--max-restarts`` bounds
 the restarts. Logs: one line at start, one at stop, and errors.
@@ -146,11 +148,8 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         len(spec.all_sources),
         len(spec.all_targets),
     )
-    code = asyncio.run(
-        supervise(
-            spec, opts, RunOptions(stop_after_idle_ms=args.stop_after_idle_ms), file=args.config
-        )
-    )
+    run_opts = RunOptions(stop_after_idle_ms=args.stop_after_idle_ms, drain=not args.no_drain)
+    code = asyncio.run(supervise(spec, opts, run_opts, file=args.config))
     log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
     return code
 
@@ -163,11 +162,15 @@ def run_pipeline(
     metrics_port: int | None = None,
     stop_after_idle_ms: int | None = None,
     restart_on_error: bool = False,
+    drain: bool = True,
 ) -> int:
     """Run the pipeline file ``config`` in this process until it stops; the exit code.
 
     ``udfs`` / ``aggregate_udfs`` (``@sluice.udf`` / ``@sluice.udaf``) are
-    registered besides the file's ``udf_modules``. An invalid file raises
+    registered besides the file's ``udf_modules``. With ``stop_after_idle_ms``
+    the run ends once its input is idle and, with ``drain``, first emits every
+    open window and join row (``False``: keep them for a run that resumes).
+    An invalid file raises
     :class:`ConfigError`.
     """
     spec = load_file(config)
@@ -178,7 +181,11 @@ def run_pipeline(
     opts = SupervisorOptions(restart_on_error=restart_on_error)
     return asyncio.run(
         supervise(
-            spec, opts, RunOptions(stop_after_idle_ms=stop_after_idle_ms), functions, str(config)
+            spec,
+            opts,
+            RunOptions(stop_after_idle_ms=stop_after_idle_ms, drain=drain),
+            functions,
+            str(config),
         )
     )
 
@@ -201,6 +208,13 @@ def add_consume_parser(sub: Any) -> None:
         "--stop-after-idle-ms",
         type=int,
         default=None,
-        help="(ours) exit 0 once every source has been idle this long (batch-style runs)",
+        help="(ours) exit 0 once every source has been idle this long (batch-style runs); "
+        "the end of input drains: every open window and buffered join row is emitted first",
+    )
+    p.add_argument(
+        "--no-drain",
+        action="store_true",
+        help="(ours) with --stop-after-idle-ms: keep open windows and join rows for the next "
+        "run instead of emitting them (a stop that will be resumed)",
     )
     p.set_defaults(func=_cmd_consume)

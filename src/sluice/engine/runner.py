@@ -58,6 +58,11 @@ log = logging.getLogger("sluice")
 #: Node id of the dead letters in the plan.
 DLQ_NODE = "dlq"
 
+#: The watermark that ends the input (µs): 9999-12-31T00:00:00Z, "+∞" for a
+#: drain. Not int64's maximum, so a stage adding a gap or a size to it cannot
+#: overflow, and still a valid timestamp.
+END_OF_INPUT_US = 253_402_214_400_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class _Transformed:
@@ -79,6 +84,10 @@ class RunOptions:
     """Run-time switches that are not part of the pipeline file."""
 
     stop_after_idle_ms: int | None = None  # stop cleanly once every source was idle this long
+    # A run that stops for idleness drains: every open window and buffered
+    # join row is emitted and written before the last commit (end of input).
+    # False keeps them open for a run that resumes (``flow consume --no-drain``).
+    drain: bool = True
 
 
 class Runner:
@@ -124,6 +133,7 @@ class Runner:
         self._seekable = [s for s in self.sources if isinstance(s, Seekable)]
         self._observable = [s for s in self.sources if isinstance(s, Observable)]
         self._idle_since: float | None = None
+        self._input_ended = False  # stopped for idleness (a bounded run's end of input)
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
         self._retry = Retry(self.name, stop)
@@ -241,6 +251,8 @@ class Runner:
             while not self.stop.is_set():
                 if not await self._iteration():
                     break
+            if self._consistent and self._input_ended and self.options.drain:
+                await self._drain()
             if self._consistent:
                 await self._policy.commit(final=True)  # a clean stop leaves nothing to replay
         finally:
@@ -408,8 +420,13 @@ class Runner:
             for stage in self.stages:
                 out = await asyncio.to_thread(stage.process, out)
             column = out[self._event_column] if self._event_column in out.column_names else None
-            if self._event_column not in b.data.column_names:  # computed by the SQL
-                self._wm.observe(b.source_id, column)
+            if self._event_column not in b.data.column_names and column is not None:
+                # Computed by the SQL, whose rows need not line up with the
+                # batch's: per partition, conservatively (see observe_unaligned).
+                if b.row_partitions is not None:
+                    self._wm.observe_unaligned(b.source_id, column, b.row_partitions)
+                else:
+                    self._wm.observe(b.source_id, column)
             tops.append(None if column is None else max_event_us(column))
             parts.append(out)
         data = (
@@ -533,6 +550,44 @@ class Runner:
             m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
         return await self._policy.commit(emitted=emitted.num_rows > 0)
 
+    async def _drain(self) -> None:
+        """End of input (a bounded run stopped for idleness): emit and write
+        every open window and buffered join row, as Flink's stop-with-drain.
+
+        The stage is given :data:`END_OF_INPUT_US`, then started again empty
+        at the watermark it really had, which is what the commit stores (the
+        watermark file, or the checkpoint with its now empty state): a later
+        run over new data must not find every row late. What was drained is
+        committed with the positions past its rows (the stage holds nothing
+        now), so it is not read nor emitted again. A stop while the targets
+        are down leaves the state uncommitted (``_consistent``): read again.
+        """
+        stage = self._timed
+        if stage is None:
+            return
+        real = [w for w in (stage.watermark_us, self._wm.global_us()) if w is not None]
+        emitted = (await asyncio.to_thread(stage.advance, END_OF_INPUT_US)).emitted
+        if emitted.num_rows:
+            if self._window is not None:
+                m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
+            if not await self._deliver(emitted):
+                log.warning("stopped while draining; the open windows will be read again")
+                self._consistent = False
+                return
+            m.ROWS_WRITTEN.labels(self.name).inc(emitted.num_rows)
+
+        def restart() -> None:
+            stage.close()
+            stage.open()
+            if real:
+                stage.advance(max(real))  # nothing is open: emits nothing
+
+        await asyncio.to_thread(restart)
+        self._policy.on_advance()
+        log.info(
+            "end of input: drained %d row(s) from open windows / join buffers", emitted.num_rows
+        )
+
     def _batch_letters(self, batch: Batch, error: str) -> list[dlq.DeadLetter]:
         """Dead letters for every decoded row of ``batch`` (raw when the source kept it)."""
         raw = batch.raw
@@ -594,6 +649,7 @@ class Runner:
             return True
         limit = self.options.stop_after_idle_ms
         if limit is not None and (now - self._idle_since) * 1000 >= limit:
+            self._input_ended = True
             return False
         self._export_watermarks()
         await self._retry.sleep(self.spec.idle_pause_ms / 1000)
@@ -626,9 +682,16 @@ class Runner:
         return all(s.connected for s in self._observable)
 
     def _update_ready(self) -> None:
+        """After each read: readiness, lag gauges, and what the watermarks
+        need to know of the sources (assignment, lag), measured at that read
+        and before the next read-ahead starts, so it agrees with the batches
+        the loop is about to observe."""
         for source in self._observable:
             if not source.connected:
                 self._wm.touch(source.id)  # still joining: it holds the watermark, not idle
+        if self._timed is not None:
+            for partitioned in self._partitioned:
+                self._wm.assign(partitioned.id, partitioned.assignment())
         if self._connected():
             m.HEALTH.set_ready(True)
         else:
@@ -641,6 +704,7 @@ class Runner:
             for part, value in current.items():
                 m.CONSUMER_LAG.labels(self.name, source.id, part).set(value)
             self._lag_labels[source.id] = set(current)
+            self._wm.report_lag(source.id, current)
 
     def _export_watermarks(self) -> None:
         for source in self.sources:

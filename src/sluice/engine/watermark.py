@@ -3,12 +3,15 @@
 * A source's watermark is the largest event time it delivered minus
   ``[watermark] lateness_ms`` (per partition when the source names them:
   the smallest partition watermark, see :class:`Watermarks`).
-* The global watermark is the smallest watermark of the sources that are
-  not idle. A source is idle once it has delivered no row for
-  ``source_idleness_ms``; a source that has delivered nothing yet counts from
-  the start of the run, so until then it holds the watermark back (a
-  consumer still joining its group must not let windows close under it).
-  When every source is idle the watermark stays where it is.
+* The global watermark is the smallest watermark of the sources (and
+  partitions) that are not idle. A source or partition is idle once it has
+  delivered no row for ``source_idleness_ms`` and has nothing left to read:
+  one whose lag is above zero (the broker holds records it has not read) is
+  never idle. A source that has delivered nothing yet counts from the start
+  of the run, a partition from its assignment, so until then they hold the
+  watermark back (a consumer still joining its group, or a partition the
+  broker has not served yet, must not let windows close under it). When
+  every source is idle the watermark stays where it is.
 * The global watermark never goes back: a source that wakes up with older
   event times holds it, and does not lower it.
 * :class:`WatermarkFile` keeps a window pipeline's watermark across
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +74,18 @@ class Watermarks:
     smallest of them, as in Flink and Kafka Streams: a consumer catching up
     on a backlog reads partitions at different speeds, and rows of a partition
     read late must not be late in event time because another partition ran
-    ahead. Each partition it reads counts from the moment it first appears,
-    and is idle, like a source, after ``source_idleness_ms`` without rows.
+    ahead.
+
+    Every partition the source is assigned (:meth:`assign`) holds the
+    watermark from its assignment on, until it delivers or has been idle for
+    ``source_idleness_ms``. A partition is idle only when it delivered no row
+    for that long *and* its source reports it caught up (:meth:`report_lag`:
+    no record left on the broker it has not read): a partition still behind
+    is a backlog the broker has not served yet, never idle, whatever the
+    clock says. A partition whose lag its source has not measured yet (or
+    does not report) counts as behind. A source that does not name
+    partitions goes idle on the clock alone, unless it reports a lag above
+    zero.
     """
 
     def __init__(
@@ -89,7 +102,37 @@ class Watermarks:
         # Keyed by (source, partition); partition "" stands for the whole source.
         self._active_at: dict[tuple[str, str], float] = {(s, ""): now for s in sources}
         self._max: dict[tuple[str, str], int] = {}
+        self._lag: dict[str, Mapping[str, int]] = {}  # source -> records behind, per partition
         self._global: int | None = None
+
+    def assign(self, source_id: str, partitions: Iterable[str]) -> None:
+        """``source_id`` reads ``partitions`` now (its whole assignment).
+
+        A new partition holds the watermark from now on; a partition that
+        left stops counting. An empty assignment (a consumer still joining)
+        changes nothing: the source as a whole holds until it has one.
+        """
+        keep = set(partitions)
+        if not keep:
+            return
+        now = self._clock()
+        self._drop_whole(source_id)
+        for key in [k for k in self._active_at if k[0] == source_id and k[1] not in keep]:
+            self._active_at.pop(key, None)
+            self._max.pop(key, None)
+        for part in keep:
+            self._active_at.setdefault((source_id, part), now)
+
+    def _drop_whole(self, source_id: str) -> None:
+        """``source_id`` names its partitions: its whole-source entry goes."""
+        self._active_at.pop((source_id, ""), None)
+        self._max.pop((source_id, ""), None)
+
+    def report_lag(self, source_id: str, lag: Mapping[str, int]) -> None:
+        """How many records ``source_id`` has not read yet, per partition it
+        reads (``Observable.lag()``, measured at its last read). Replaces the
+        previous report; a partition missing from it is not measured yet."""
+        self._lag[source_id] = dict(lag)
 
     def observe(
         self,
@@ -101,30 +144,53 @@ class Watermarks:
         """Rows arrived from ``source_id``; ``column`` is their event time.
 
         ``partitions`` names each row's partition and ``assigned`` every
-        partition the source reads now (a partition that left stops counting).
-        Returns the largest event time of ``column`` (µs), ``None`` when it
-        has none. The source counts as active either way.
+        partition the source reads now (see :meth:`assign`). Returns the
+        largest event time of ``column`` (µs), ``None`` when it has none.
         """
         now = self._clock()
+        if partitions is not None:
+            self._drop_whole(source_id)
+            self.assign(source_id, assigned)
         top = None if column is None else max_event_us(column)
-        if partitions is None or column is None:
+        if partitions is None:
             self._raise((source_id, ""), top, now)
             return top
-        self._active_at.pop((source_id, ""), None)
-        self._max.pop((source_id, ""), None)
-        keep = set(assigned)
-        for key in [k for k in self._active_at if k[0] == source_id and k[1] not in keep]:
-            self._active_at.pop(key, None)
-            self._max.pop(key, None)
-        for part in keep:
-            self._active_at.setdefault((source_id, part), now)
-        if top is None:
+        if top is None or column is None:
             return top
         times = column.cast(pa.int64()) if pa.types.is_timestamp(column.type) else column
         table = pa.table({"p": partitions, "t": times})
         for part, mx in zip(*table.group_by("p").aggregate([("t", "max")]).columns, strict=True):
             if mx.as_py() is not None and part.as_py() is not None:
                 self._raise((source_id, part.as_py()), _to_us(mx.as_py(), column.type), now)
+        return top
+
+    def observe_unaligned(
+        self, source_id: str, column: pa.ChunkedArray | pa.Array, partitions: pa.Array
+    ) -> int | None:
+        """Rows from the partitions named in ``partitions`` arrived, but
+        ``column`` (their event times, computed by SQL) is not aligned with it
+        row by row.
+
+        With one partition the largest event time is that partition's; with
+        several, each is raised to the *smallest* event time only, which
+        is never beyond what any of them delivered: the watermark may lag,
+        but a row of a partition behind never becomes late because another
+        partition of the same batch ran ahead. Returns the largest event time.
+        """
+        top = max_event_us(column)
+        names = [p for p in pc.unique(partitions.cast(pa.string())).to_pylist() if p is not None]
+        if top is None or not names:
+            return top
+        self._drop_whole(source_id)
+        now = self._clock()
+        low = top
+        if len(names) > 1:
+            low_raw = pc.min(
+                column.cast(pa.int64()) if pa.types.is_timestamp(column.type) else column
+            )
+            low = _to_us(int(low_raw.as_py()), column.type)
+        for part in names:
+            self._raise((source_id, part), low, now)
         return top
 
     def touch(self, source_id: str) -> None:
@@ -139,6 +205,17 @@ class Watermarks:
         if top is not None and top > self._max.get(key, top - 1):
             self._max[key] = top
 
+    def _idle(self, key: tuple[str, str], since: float, now: float) -> bool:
+        """Silent for the idle timeout, and nothing left unread (see the class docstring)."""
+        if now - since < self._idle_after_s:
+            return False
+        lag = self._lag.get(key[0])
+        if key[1] == "":  # a whole source: the clock decides, unless it reports a backlog
+            return lag is None or all(v == 0 for v in lag.values())
+        # A partition goes idle only once its source says it is caught up:
+        # not measured yet (or a source that cannot tell) may hold a backlog.
+        return lag is not None and lag.get(key[1], 1) == 0
+
     def source(self, source_id: str) -> int | None:
         """The watermark of one source, ``None`` before its first row."""
         marks = [v for (s, _), v in self._max.items() if s == source_id]
@@ -147,7 +224,7 @@ class Watermarks:
     def global_us(self) -> int | None:
         """The pipeline's watermark now (``None`` until every active source has one)."""
         now = self._clock()
-        active = [k for k, at in self._active_at.items() if now - at < self._idle_after_s]
+        active = [k for k, at in self._active_at.items() if not self._idle(k, at, now)]
         if active and all(k in self._max for k in active):
             mark = min(self._max[k] for k in active) - self._lateness_us
             if self._global is None or mark > self._global:

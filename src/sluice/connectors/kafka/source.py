@@ -13,6 +13,13 @@
   turns ``wait_on_revoke`` off (:meth:`KafkaSource.track`) and, after a
   rebalance, drops its windows and calls :meth:`KafkaSource.rewind` to read
   again from the committed offsets.
+* Lag (:meth:`KafkaSource.lag`) is measured at the end of every read, from
+  the broker's high watermark of its last fetch response (``cached=True``:
+  an uncached query returns a wrong high watermark on tansu) and the next
+  offset to read. ``enable.partition.eof`` is forced on: the end-of-partition
+  event is what tells a partition that was never read from (empty, or read
+  to the end by an earlier run) is caught up, as the consumer has no
+  position for it.
 * The source is :class:`~sluice.connectors.api.Seekable`,
   :class:`~sluice.connectors.api.Partitioned` and
   :class:`~sluice.connectors.api.Observable`; a batch's ack token is its
@@ -23,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -43,7 +49,6 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 log = logging.getLogger(__name__)
 
 _REVOKE_WAIT_S = 30.0  # longest a revoke waits for the batch in flight to be committed
-_LAG_INTERVAL_S = 1.0  # consumer-lag gauges refresh this often; cached watermarks are cheap
 # Commit failures that mean "you no longer own this partition": the rows were
 # written, the new owner re-reads them (at least once), so they are not fatal.
 _LOST_OWNERSHIP = {
@@ -104,8 +109,9 @@ class KafkaSource:
         self._resume: Position = {}
         self._assigned: set[str] = set()
         self._revoked: set[str] = set()
-        self._lag: dict[str, int] = {}
-        self._lag_at = 0.0
+        self._assignment: tuple[str, ...] = ()  # sorted snapshot of _assigned, for other threads
+        self._next: dict[str, int] = {}  # next offset to read, per assigned partition, when known
+        self._lag: dict[str, int] = {}  # replaced whole at the end of each read
         self.connected = False
         # Batches handed out and not yet committed (the engine reads one ahead).
         self._in_flight = 0
@@ -129,7 +135,6 @@ class KafkaSource:
                 "auto.offset.reset": self.spec.auto_offset_reset,
                 "session.timeout.ms": session_ms,
                 "heartbeat.interval.ms": max(100, session_ms // 4),
-                "enable.partition.eof": False,
                 # Prefetch deep: librdkafka's defaults (100k messages, 1 MiB per
                 # partition fetch) cap a consumer near 200k msgs/s on a fast
                 # broker; these reach ~1M msgs/s. Memory stays bounded by
@@ -141,6 +146,10 @@ class KafkaSource:
             }
         )
         conf.update(self.spec.librdkafka)
+        # After the user's properties on purpose: without end-of-partition
+        # events a partition never read from could not be told caught up, and
+        # would hold the watermark forever (see lag()).
+        conf["enable.partition.eof"] = True
         self._consumer = ck.Consumer(conf, logger=log)
         self._consumer.subscribe(
             self.topics,
@@ -168,9 +177,12 @@ class KafkaSource:
             self._assigned.add(key)
             self._revoked.discard(key)
             stored = self._resume.get(key)
+            self._next.pop(key, None)
             if isinstance(stored, int):
                 tp.offset = stored
+                self._next[key] = stored
         consumer.assign(partitions)
+        self._assignment = tuple(sorted(self._assigned))
         self.epoch += 1
         self.connected = True
 
@@ -189,7 +201,9 @@ class KafkaSource:
             key = partition_key(tp.topic, tp.partition)
             self._assigned.discard(key)
             self._revoked.add(key)
-            self._lag.pop(key, None)
+            self._next.pop(key, None)
+        self._assignment = tuple(sorted(self._assigned))
+        self._lag = {k: v for k, v in self._lag.items() if k in self._assigned}
         consumer.unassign()
 
     # -- reading ------------------------------------------------------------
@@ -203,18 +217,21 @@ class KafkaSource:
             msgs = consumer.consume(num_messages=self.spec.max_batch_rows, timeout=wait)
         except ck.KafkaException as exc:
             raise TransientError(f"kafka consume from {self.id}: {exc}") from exc
-        self._refresh_lag(consumer)
-        if not msgs:
-            return None
         good = msgs
         failed = [m for m in msgs if m.error() is not None]  # rare: one C call per message
         if failed:
-            for err in (m.error() for m in failed):
+            for m in failed:
+                err = m.error()
                 if err is None:
                     continue
                 if err.fatal():
                     raise ConnectorError(f"kafka {self.id}: fatal error: {err.str()}")
-                if err.code() != ck.KafkaError._PARTITION_EOF:
+                if err.code() == ck.KafkaError._PARTITION_EOF:
+                    # Read up to the end: the event's offset is the next one to read.
+                    key = partition_key(m.topic() or "", m.partition() or 0)
+                    if key in self._assigned and (m.offset() or 0) >= 0:
+                        self._next[key] = int(m.offset() or 0)
+                else:
                     log.warning("kafka %s: %s", self.id, err.str())
             good = [m for m in msgs if m.error() is None]
         if self._revoked:
@@ -223,12 +240,18 @@ class KafkaSource:
                 for m in good
                 if partition_key(m.topic() or "", m.partition() or 0) in self._assigned
             ]
-        if not good:
+        batch = self._to_batch(good, consumer) if good else None
+        # After the batch: the lag then agrees with what was handed out.
+        self._measure_lag(consumer)
+        if batch is None:
             return None
-        batch = self._to_batch(good, consumer)
         with self._settled:
             self._in_flight += 1
         return batch
+
+    def assignment(self) -> tuple[str, ...]:
+        """See :meth:`sluice.connectors.api.Partitioned.assignment`."""
+        return self._assignment
 
     def track(self, *, row_partitions: bool, wait_on_revoke: bool) -> None:
         """See :meth:`sluice.connectors.api.Partitioned.track`."""
@@ -245,6 +268,9 @@ class KafkaSource:
         # Per-message work here is what bounds the source: one pass for the
         # timestamps, one for the values; positions come from the consumer.
         position = self._positions(consumer, msgs)
+        for key, offset in position.items():
+            if isinstance(offset, int):
+                self._next[key] = offset
         ts_ms = np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
         decoded = self._decoder.decode([m.value() for m in msgs], [m.offset() for m in msgs])
         table = event_table(decoded, ts_ms * 1000)
@@ -319,6 +345,11 @@ class KafkaSource:
         for tp in committed:
             stored = self._resume.get(partition_key(tp.topic, tp.partition))
             offset = stored if isinstance(stored, int) else tp.offset
+            key = partition_key(tp.topic, tp.partition)
+            if offset >= 0:
+                self._next[key] = offset
+            else:
+                self._next.pop(key, None)  # known again at the first message or end event
             target = ck.TopicPartition(tp.topic, tp.partition, offset if offset >= 0 else reset)
             try:
                 consumer.seek(target)
@@ -362,24 +393,30 @@ class KafkaSource:
     # -- observability -------------------------------------------------------
 
     def lag(self) -> dict[str, int]:
-        """Messages behind the high watermark, per assigned partition."""
-        return dict(self._lag)
+        """See :meth:`sluice.connectors.api.Observable.lag`: messages behind
+        the high watermark of the last fetch response, per assigned partition
+        the broker answered for."""
+        return self._lag
 
-    def _refresh_lag(self, consumer: ck.Consumer) -> None:
-        now = time.monotonic()
-        if now - self._lag_at < _LAG_INTERVAL_S or not self._assigned:
-            return
-        self._lag_at = now
-        tps = [ck.TopicPartition(*_split(k)) for k in self._assigned]
-        try:
-            positions = consumer.position(tps)
-        except ck.KafkaException:
-            return
-        for tp in positions:
-            # cached=True: the broker's last fetch response (see SERVICES.md).
-            _, high = consumer.get_watermark_offsets(tp, cached=True)
-            if high >= 0 and tp.offset >= 0:
-                self._lag[partition_key(tp.topic, tp.partition)] = max(0, high - tp.offset)
+    def _measure_lag(self, consumer: ck.Consumer) -> None:
+        """Lag per assigned partition, right after a read: high watermark of
+        the broker's last fetch response (cached, no round trip) minus the
+        next offset to read. A partition nothing was read from yet counts
+        from the log start, an upper bound, until its first message or its
+        end-of-partition event says where it stands."""
+        lag: dict[str, int] = {}
+        for key in self._assignment:
+            tp = ck.TopicPartition(*_split(key))
+            try:
+                low, high = consumer.get_watermark_offsets(tp, cached=True)
+            except ck.KafkaException:
+                continue
+            if high < 0:
+                continue  # the broker has not answered for it yet: unmeasured
+            start = self._next.get(key, low)
+            if start >= 0:
+                lag[key] = max(0, high - start)
+        self._lag = lag  # one assignment: other threads see the old or the new dict
 
     def _require(self) -> ck.Consumer:
         if self._consumer is None:

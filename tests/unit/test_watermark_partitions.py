@@ -1,0 +1,115 @@
+"""Watermarks over partitions: an assigned partition holds the watermark
+from its assignment until it delivers, or until it has been silent for
+``source_idleness_ms`` *and* its source reports it caught up (lag 0).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from sluice.connectors.api import EVENT_TS_TYPE
+from sluice.engine.watermark import Watermarks
+
+T0 = 1_700_000_000_000_000
+DAY_US = 86_400_000_000
+
+
+def _ts(*us: int) -> pa.Array:
+    return pa.array(list(us), pa.int64()).cast(EVENT_TS_TYPE)
+
+
+def _parts(*names: str) -> pa.Array:
+    return pa.array(list(names)).dictionary_encode()
+
+
+def _marks(clock: list[float], idle_ms: int = 1_000) -> Watermarks:
+    return Watermarks(["k"], lateness_ms=0, idle_after_ms=idle_ms, clock=lambda: clock[0])
+
+
+def test_assigned_partitions_hold_before_they_deliver_anything() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.assign("k", ["t:0", "t:1", "t:2"])
+    marks.report_lag("k", {"t:0": 0, "t:1": 500_000, "t:2": 500_000})
+    # Partition 0 delivered everything, closing event a day later included.
+    marks.observe("k", _ts(T0, T0 + DAY_US), _parts("t:0", "t:0"), ["t:0", "t:1", "t:2"])
+    assert marks.global_us() is None
+    clock[0] = 3_600.0  # an hour later the broker still serves partition 0's neighbours slowly
+    assert marks.global_us() is None  # a backlog is never idle, whatever the clock
+    marks.observe("k", _ts(T0 + 5), _parts("t:1"), ["t:0", "t:1", "t:2"])
+    marks.report_lag("k", {"t:0": 0, "t:1": 1, "t:2": 500_000})
+    assert marks.global_us() is None  # t:2 still holds
+    marks.observe("k", _ts(T0 + 7), _parts("t:2"), ["t:0", "t:1", "t:2"])
+    assert marks.global_us() == T0 + 5
+
+
+def test_a_partition_not_measured_yet_counts_as_behind() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.assign("k", ["t:0", "t:1"])
+    marks.observe("k", _ts(T0 + DAY_US), _parts("t:0"), ["t:0", "t:1"])
+    marks.report_lag("k", {"t:0": 0})  # the broker has not answered for t:1
+    clock[0] = 10.0
+    marks.observe("k", _ts(T0 + DAY_US + 1), _parts("t:0"), ["t:0", "t:1"])
+    assert marks.global_us() is None
+    marks.report_lag("k", {"t:0": 0, "t:1": 0})
+    assert marks.global_us() == T0 + DAY_US + 1  # now t:1 is silent and caught up: idle
+
+
+def test_an_empty_caught_up_partition_goes_idle_after_the_timeout_only() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.assign("k", ["t:0", "t:1"])
+    marks.report_lag("k", {"t:0": 0, "t:1": 0})
+    marks.observe("k", _ts(T0 + 9), _parts("t:0"), ["t:0", "t:1"])
+    clock[0] = 0.5
+    assert marks.global_us() is None  # caught up, but not silent long enough
+    clock[0] = 1.5
+    marks.observe("k", _ts(T0 + 10), _parts("t:0"), ["t:0", "t:1"])
+    assert marks.global_us() == T0 + 10
+
+
+def test_assignment_starts_the_clock_and_a_revoked_partition_stops_counting() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.observe("k", _ts(T0 + 9), _parts("t:0"), ["t:0"])
+    assert marks.global_us() == T0 + 9
+    clock[0] = 5.0
+    marks.assign("k", ["t:0", "t:1"])  # t:1 arrives with a rebalance: holds from now
+    marks.report_lag("k", {"t:0": 0, "t:1": 0})
+    marks.observe("k", _ts(T0 + 20), _parts("t:0"), ["t:0", "t:1"])
+    assert marks.global_us() == T0 + 9
+    clock[0] = 6.5
+    marks.observe("k", _ts(T0 + 21), _parts("t:0"), ["t:0", "t:1"])
+    assert marks.global_us() == T0 + 21  # t:1 idle 1.5 s after its assignment
+    marks.assign("k", [])  # an empty assignment (rejoining) changes nothing
+    marks.assign("k", ["t:0"])
+    marks.observe("k", _ts(T0 + 30), _parts("t:0"), ["t:0"])
+    assert marks.global_us() == T0 + 30
+
+
+def test_a_source_reporting_a_backlog_is_not_idle() -> None:
+    clock = [0.0]
+    marks = Watermarks(["a", "b"], idle_after_ms=1_000, clock=lambda: clock[0])
+    marks.observe("a", _ts(T0 + 9))
+    marks.report_lag("b", {"b:0": 3})
+    clock[0] = 2.0
+    marks.observe("a", _ts(T0 + 10))
+    assert marks.global_us() is None  # b holds 3 unread records
+    marks.report_lag("b", {"b:0": 0})
+    assert marks.global_us() == T0 + 10
+
+
+def test_event_times_computed_by_sql_raise_each_partition_conservatively() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.assign("k", ["t:0", "t:1"])
+    # Rows from both partitions, times not aligned with the partitions: each
+    # partition may only be raised to the smallest time.
+    marks.observe_unaligned("k", _ts(T0 + DAY_US, T0 + 3), _parts("t:0", "t:1"))
+    assert marks.global_us() == T0 + 3
+    # One partition alone: its largest time is its own.
+    marks.observe_unaligned("k", _ts(T0 + 50, T0 + 40), _parts("t:1", "t:1"))
+    assert marks.global_us() == T0 + 3  # t:0 still at T0 + 3
+    marks.observe_unaligned("k", _ts(T0 + 60), _parts("t:0"))
+    assert marks.global_us() == T0 + 50
