@@ -20,56 +20,42 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 _P = ["pipeline"]
 
-ROWS_CONSUMED = Counter(
-    "sluice_rows_consumed", "Rows read from the sources (before stages).", _P, registry=REGISTRY
+
+def _counter(name: str, doc: str, *labels: str) -> Counter:
+    """A counter labelled by pipeline, then ``labels``."""
+    return Counter(name, doc, [*_P, *labels], registry=REGISTRY)
+
+
+def _gauge(name: str, doc: str, *labels: str) -> Gauge:
+    """A gauge labelled by pipeline, then ``labels``."""
+    return Gauge(name, doc, [*_P, *labels], registry=REGISTRY)
+
+
+ROWS_CONSUMED = _counter("sluice_rows_consumed", "Rows read from the sources (before stages).")
+ROWS_WRITTEN = _counter(
+    "sluice_rows_written", "Rows written durably to the targets (after stages)."
 )
-ROWS_WRITTEN = Counter(
-    "sluice_rows_written",
-    "Rows written durably to the targets (after stages).",
-    _P,
-    registry=REGISTRY,
+BATCHES = _counter("sluice_batches", "Non-empty batches processed.")
+ITERATIONS = _counter("sluice_iterations", "Run-loop iterations, idle ones included.")
+IDLE_ITERATIONS = _counter("sluice_idle_iterations", "Iterations whose reads returned nothing.")
+ERRORS = _counter("sluice_errors", "Errors surfaced, by kind (transient, decode, fatal).", "kind")
+RETRIES = _counter(
+    "sluice_write_retries", "Target writes retried after a transient failure.", "target"
 )
-BATCHES = Counter("sluice_batches", "Non-empty batches processed.", _P, registry=REGISTRY)
-ITERATIONS = Counter(
-    "sluice_iterations", "Run-loop iterations, idle ones included.", _P, registry=REGISTRY
-)
-IDLE_ITERATIONS = Counter(
-    "sluice_idle_iterations", "Iterations whose reads returned nothing.", _P, registry=REGISTRY
-)
-ERRORS = Counter(
-    "sluice_errors",
-    "Errors surfaced, by kind (transient, decode, fatal).",
-    [*_P, "kind"],
-    registry=REGISTRY,
-)
-RETRIES = Counter(
-    "sluice_write_retries",
-    "Target writes retried after a transient failure.",
-    [*_P, "target"],
-    registry=REGISTRY,
-)
-RESTARTS = Counter(
-    "sluice_restarts", "In-process restarts by the supervisor.", _P, registry=REGISTRY
-)
-DLQ_WRITES = Counter(
-    "sluice_dlq_writes", "Rows written to the dead-letter destination.", _P, registry=REGISTRY
-)
-ROWS_DROPPED = Counter(
-    "sluice_rows_dropped", "Rows dropped by policy, by reason.", [*_P, "reason"], registry=REGISTRY
-)
-SQL_REPLANS = Counter(
+RESTARTS = _counter("sluice_restarts", "In-process restarts by the supervisor.")
+DLQ_WRITES = _counter("sluice_dlq_writes", "Rows written to the dead-letter destination.")
+ROWS_DROPPED = _counter("sluice_rows_dropped", "Rows dropped by policy, by reason.", "reason")
+SQL_REPLANS = _counter(
     "sluice_sql_replans",
     "Times the SQL stage planned its statement again for a new input or lookup schema.",
-    _P,
-    registry=REGISTRY,
 )
-LOOKUP_REFRESHES = Counter(
+LOOKUP_REFRESHES = _counter(
     "sluice_lookup_refreshes",
     "Lookup table loads, by lookup and result (ok / error).",
-    [*_P, "lookup", "result"],
-    registry=REGISTRY,
+    "lookup",
+    "result",
 )
-COMMITS = Counter("sluice_commits", "Source position commits.", [*_P, "source"], registry=REGISTRY)
+COMMITS = _counter("sluice_commits", "Source position commits.", "source")
 
 BATCH_SECONDS = Histogram(
     "sluice_batch_duration_seconds",
@@ -78,50 +64,31 @@ BATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
-WATERMARK = Gauge(
-    "sluice_watermark_seconds", "Global event-time watermark (unix seconds).", _P, registry=REGISTRY
+WATERMARK = _gauge("sluice_watermark_seconds", "Global event-time watermark (unix seconds).")
+SOURCE_WATERMARK = _gauge(
+    "sluice_source_watermark_seconds", "Per-source event-time watermark (unix seconds).", "source"
 )
-SOURCE_WATERMARK = Gauge(
-    "sluice_source_watermark_seconds",
-    "Per-source event-time watermark (unix seconds).",
-    [*_P, "source"],
-    registry=REGISTRY,
-)
-CONSUMER_LAG = Gauge(
+CONSUMER_LAG = _gauge(
     "sluice_consumer_lag_messages",
     "Messages behind the partition's high watermark.",
-    [*_P, "source", "partition"],
-    registry=REGISTRY,
+    "source",
+    "partition",
 )
-UP = Gauge(
-    "sluice_up", "1 while the pipeline runs, 0 while it restarts or stops.", _P, registry=REGISTRY
-)
+UP = _gauge("sluice_up", "1 while the pipeline runs, 0 while it restarts or stops.")
 
 # Window / join / CDC metrics are defined here too, with the stages that use them.
-WINDOWS_EMITTED = Counter(
-    "sluice_windows_emitted", "Window results emitted.", _P, registry=REGISTRY
+WINDOWS_EMITTED = _counter("sluice_windows_emitted", "Window results emitted.")
+WINDOWS_ACTIVE = _gauge("sluice_windows_active", "Open windows or sessions.")
+STATE_GROUPS = _gauge("sluice_state_groups", "Group keys held across open windows.")
+LATE_ROWS_DROPPED = _counter(
+    "sluice_late_rows_dropped", "Late rows discarded, by policy.", "policy"
 )
-WINDOWS_ACTIVE = Gauge("sluice_windows_active", "Open windows or sessions.", _P, registry=REGISTRY)
-STATE_GROUPS = Gauge(
-    "sluice_state_groups", "Group keys held across open windows.", _P, registry=REGISTRY
+JOIN_BUFFER_ROWS = _gauge(
+    "sluice_join_buffer_rows", "Rows buffered by the stream-stream join, by side.", "side"
 )
-LATE_ROWS_DROPPED = Counter(
-    "sluice_late_rows_dropped",
-    "Late rows discarded, by policy.",
-    [*_P, "policy"],
-    registry=REGISTRY,
-)
-JOIN_BUFFER_ROWS = Gauge(
-    "sluice_join_buffer_rows",
-    "Rows buffered by the stream-stream join, by side.",
-    [*_P, "side"],
-    registry=REGISTRY,
-)
-CHECKPOINTS = Counter(
+CHECKPOINTS = _counter(
     "sluice_checkpoints",
     "State store commits (stage state, source positions and watermark in one transaction).",
-    _P,
-    registry=REGISTRY,
 )
 CHECKPOINT_SECONDS = Histogram(
     "sluice_checkpoint_duration_seconds",
@@ -129,9 +96,7 @@ CHECKPOINT_SECONDS = Histogram(
     _P,
     registry=REGISTRY,
 )
-STATE_BYTES = Gauge(
-    "sluice_state_bytes", "Size of the stage state at the last checkpoint.", _P, registry=REGISTRY
-)
+STATE_BYTES = _gauge("sluice_state_bytes", "Size of the stage state at the last checkpoint.")
 
 
 class Health:
@@ -194,25 +159,14 @@ def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
 
 # CDC apply ([transform.cdc]); counted once per event, after the target commits
 # (skipped: when the envelopes are decoded).
-CDC_CREATES = Counter(
-    "sluice_cdc_creates",
-    "CDC create and read (snapshot) events applied.",
-    _P,
-    registry=REGISTRY,
-)
-CDC_UPDATES = Counter("sluice_cdc_updates", "CDC update events applied.", _P, registry=REGISTRY)
-CDC_DELETES = Counter(
-    "sluice_cdc_deletes", "CDC delete events applied (hard or soft).", _P, registry=REGISTRY
-)
-CDC_SKIPPED = Counter(
+CDC_CREATES = _counter("sluice_cdc_creates", "CDC create and read (snapshot) events applied.")
+CDC_UPDATES = _counter("sluice_cdc_updates", "CDC update events applied.")
+CDC_DELETES = _counter("sluice_cdc_deletes", "CDC delete events applied (hard or soft).")
+CDC_SKIPPED = _counter(
     "sluice_cdc_skipped",
     "CDC messages that are not row changes: tombstones, undecodable envelopes, markers.",
-    _P,
-    registry=REGISTRY,
 )
-CDC_IDEMPOTENT_SKIPPED = Counter(
+CDC_IDEMPOTENT_SKIPPED = _counter(
     "sluice_cdc_idempotent_skipped",
     "CDC events not newer than the key's last applied change (redeliveries, re-sends).",
-    _P,
-    registry=REGISTRY,
 )

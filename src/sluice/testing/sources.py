@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Source
+from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, Source
 from sluice.testing.checks import Check, bounded, commit
 from sluice.testing.harness import Row, SourceHarness, unique
 
@@ -75,6 +75,22 @@ def close(source: Source) -> None:
     bounded(f"close() of source {source.id}", source.close)
 
 
+def consume(
+    source: Source, want: set[int], resume: Position | None = None, *, keep_open: bool = False
+) -> list[Batch]:
+    """Open ``source`` (at ``resume``), read until every id of ``want`` came,
+    commit each batch, and close it (unless ``keep_open``)."""
+    source.open(resume)
+    try:
+        batches = read_until(source, want)
+        for batch in batches:
+            commit(source, batch)
+    finally:
+        if not keep_open:
+            close(source)
+    return batches
+
+
 def _exactly(got: list[int], want: range, what: str) -> None:
     dupes = sorted(i for i, n in Counter(got).items() if n > 1)
     assert not dupes, f"{what}: ids read twice: {dupes}"
@@ -113,23 +129,12 @@ def resumes_after_commit(h: SourceHarness) -> None:
     """After a commit, a new source of the same group reads strictly after it."""
     stream, group = h.new_stream(), unique("g")
     h.produce(stream, rows(0, 5))
-    source = h.build(stream, group)
-    source.open(None)
-    first = read_until(source, set(range(5)))
-    for batch in first:
-        commit(source, batch)
-    close(source)
+    first = consume(h.build(stream, group), set(range(5)))
     _exactly(ids_of(first), range(5), "first read")
 
     h.produce(stream, rows(5, 3))
-    again = h.build(stream, group)  # a restarted process: a new connector object
-    again.open(None)
-    try:
-        later = read_until(again, set(range(5, 8)))
-        for batch in later:
-            commit(again, batch)
-    finally:
-        close(again)
+    # A restarted process: a new connector object of the same group.
+    later = consume(h.build(stream, group), set(range(5, 8)))
     _exactly(ids_of(later), range(5, 8), "after commit + reopen")
 
 
@@ -138,22 +143,13 @@ def redelivers_uncommitted(h: SourceHarness) -> None:
     stream = h.new_stream()
     h.produce(stream, rows(0, 4))
     source = h.build(stream, unique("g"))
-    source.open(None)
-    first = read_until(source, set(range(4)))
-    for batch in first:
-        commit(source, batch)
+    consume(source, set(range(4)), keep_open=True)
     h.produce(stream, rows(4, 3))
     pending = read_until(source, set(range(4, 7)))
     _exactly(ids_of(pending), range(4, 7), "second read")
     close(source)  # no commit: as if the write of these rows had failed
 
-    source.open(None)
-    try:
-        again = read_until(source, set(range(4, 7)))
-        for batch in again:
-            commit(source, batch)
-    finally:
-        close(source)
+    again = consume(source, set(range(4, 7)))
     _exactly(ids_of(again), range(4, 7), "after close + open without a commit")
 
 
@@ -162,23 +158,12 @@ def resume_honoured(h: SourceHarness) -> None:
     stream = h.new_stream()
     h.produce(stream, rows(0, 5))
     source = h.build(stream, unique("g"))
-    source.open(None)
-    first = read_until(source, set(range(5)))
-    for batch in first:
-        commit(source, batch)
-    close(source)
-    position = first[-1].position
+    position = consume(source, set(range(5)))[-1].position
     assert position, f"the batches of {source.id} carry no position"
 
     h.produce(stream, rows(5, 3))
-    fresh = h.build(stream, unique("g"))  # a new group: its own start is the beginning
-    fresh.open(position)
-    try:
-        later = read_until(fresh, set(range(5, 8)))
-        for batch in later:
-            commit(fresh, batch)
-    finally:
-        close(fresh)
+    # A new group: its own start is the beginning.
+    later = consume(h.build(stream, unique("g")), set(range(5, 8)), position)
     _exactly(ids_of(later), range(5, 8), f"open(resume={position})")
 
 
@@ -194,14 +179,7 @@ def bad_payload_reported(h: SourceHarness) -> None:
     h.produce(stream, rows(0, 2))
     raw = h.produce_bad(stream)
     h.produce(stream, rows(2, 2))
-    source = h.build(stream, unique("g"))
-    source.open(None)
-    try:
-        batches = read_until(source, set(range(4)))
-        for batch in batches:
-            commit(source, batch)
-    finally:
-        close(source)
+    batches = consume(h.build(stream, unique("g")), set(range(4)))
     _exactly(ids_of(batches), range(4), "good records around a bad one")
     reported = [(b, index, why) for b in batches for index, why in b.bad]
     assert len(reported) == 1, f"expected one bad record reported, got {len(reported)}"
@@ -222,14 +200,7 @@ def event_ts_typed_and_right(h: SourceHarness) -> None:
     """``_event_ts`` is timestamp[us, UTC] and follows the system's rule."""
     stream = h.new_stream()
     expected = dict(zip(range(6), h.produce(stream, rows(0, 6)), strict=True))
-    source = h.build(stream, unique("g"))
-    source.open(None)
-    try:
-        batches = read_until(source, set(range(6)))
-        for batch in batches:
-            commit(source, batch)
-    finally:
-        close(source)
+    batches = consume(h.build(stream, unique("g")), set(range(6)))
     got: dict[int, int] = {}
     for batch in batches:
         field = batch.data.schema.field(EVENT_TS)
