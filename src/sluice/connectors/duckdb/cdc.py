@@ -99,6 +99,8 @@ class DuckDBSession:
 class DuckDBDialect(EmbeddedDialect):
     """DuckDB spelling: schema-qualified names, JSON cast to each column's type."""
 
+    gate_types = ("VARCHAR", "VARCHAR", "BIGINT")
+
     def sql_type(self, t: pa.DataType, *, key: bool = False) -> str:
         return duck.duck_type(t)
 
@@ -117,13 +119,6 @@ class DuckDBDialect(EmbeddedDialect):
 
     def now(self) -> str:
         return "now()"
-
-    def gate_ddl(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline VARCHAR NOT NULL, "
-            "tbl VARCHAR NOT NULL, k VARCHAR NOT NULL, ts_ms BIGINT NOT NULL, "
-            "seq BIGINT NOT NULL, hash BIGINT NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
-        )
 
     def reflect(self, query: Query) -> tuple[dict[str, str] | None, list[str]]:
         where = f"{self.literal(self.schema)} AND table_name = {self.literal(self.table)}"

@@ -82,6 +82,9 @@ class MySQLDialect(Dialect):
     """MySQL spelling: backquotes, ``JSON_EXTRACT``, multi-table UPDATE / DELETE,
     InnoDB temporary tables in the session's binary collation."""
 
+    gate_types = ("VARBINARY(255)", "VARBINARY(1024)", "BIGINT")
+    gate_suffix = " ENGINE=InnoDB"
+
     casefold = True
 
     def __init__(self, schema: str, table: str, session: MySQLSession) -> None:
@@ -114,14 +117,6 @@ class MySQLDialect(Dialect):
 
     def now(self) -> str:
         return "UTC_TIMESTAMP(6)"
-
-    def gate_ddl(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline VARBINARY(255) NOT NULL, "
-            "tbl VARBINARY(255) NOT NULL, k VARBINARY(1024) NOT NULL, ts_ms BIGINT NOT NULL, "
-            "seq BIGINT NOT NULL, hash BIGINT NOT NULL, PRIMARY KEY (pipeline, tbl, k)) "
-            "ENGINE=InnoDB"
-        )
 
     def reflect(self, query: Query) -> tuple[dict[str, str] | None, list[str]]:
         where = (

@@ -62,13 +62,6 @@ class PostgresDialect(Dialect):
     def now(self) -> str:
         return "now()"
 
-    def gate_ddl(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline text NOT NULL, "
-            "tbl text NOT NULL, k text NOT NULL, ts_ms bigint NOT NULL, "
-            "seq bigint NOT NULL, hash bigint NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
-        )
-
     def reflect(self, query: Query) -> tuple[dict[str, str] | None, list[str]]:
         rows = postgres.column_rows(query, self.schema, self.table)
         if not rows:

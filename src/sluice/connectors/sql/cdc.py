@@ -230,9 +230,20 @@ class Dialect:
         """The current time, for a soft delete."""
         raise NotImplementedError
 
+    #: The gate table's column types: (pipeline and table names, keys, integers),
+    #: and what follows its column list (e.g. a storage engine).
+    gate_types: tuple[str, str, str] = ("text", "text", "bigint")
+    gate_suffix = ""
+
     def gate_ddl(self) -> str:
         """CREATE TABLE IF NOT EXISTS of the gate table."""
-        raise NotImplementedError
+        name, key, num = self.gate_types
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline {name} NOT NULL, "
+            f"tbl {name} NOT NULL, k {key} NOT NULL, ts_ms {num} NOT NULL, "
+            f"seq {num} NOT NULL, hash {num} NOT NULL, PRIMARY KEY (pipeline, tbl, k))"
+            f"{self.gate_suffix}"
+        )
 
     def reflect(self, query: Query) -> tuple[dict[str, str] | None, list[str]]:
         """The table's columns (name -> type) or None when missing, and its primary key."""

@@ -87,6 +87,9 @@ class SQLiteSession:
 class SQLiteDialect(EmbeddedDialect):
     """SQLite spelling: unqualified names (schema ``main``), ``json_extract``."""
 
+    gate_types = ("TEXT", "TEXT", "INTEGER")
+    gate_suffix = " WITHOUT ROWID"
+
     def qualify(self, name: str) -> str:
         return self.q(name)
 
@@ -101,13 +104,6 @@ class SQLiteDialect(EmbeddedDialect):
 
     def now(self) -> str:
         return "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-
-    def gate_ddl(self) -> str:
-        return (
-            f"CREATE TABLE IF NOT EXISTS {self.gate} (pipeline TEXT NOT NULL, tbl TEXT NOT NULL, "
-            "k TEXT NOT NULL, ts_ms INTEGER NOT NULL, seq INTEGER NOT NULL, "
-            "hash INTEGER NOT NULL, PRIMARY KEY (pipeline, tbl, k)) WITHOUT ROWID"
-        )
 
     def reflect(self, query: Query) -> tuple[dict[str, str] | None, list[str]]:
         info = query(f"PRAGMA table_info({self.q(self.table)})", ())
