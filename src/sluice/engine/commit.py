@@ -472,6 +472,12 @@ class Checkpointing:
                     self._wm.restore(wm)
 
             await asyncio.to_thread(restart)
+        if self._joined is not None:
+            log.info(
+                "checkpoints of rounds with output commit in the transaction of the output rows "
+                "(%s shares the state store's database)",
+                self._joined.id,
+            )
         if checkpoint.version:
             log.info(
                 "resuming from checkpoint %d (%d state keys, positions of %d sources)",
