@@ -214,7 +214,7 @@ def test_an_interval_join_into_append_postgres_with_the_store_beside_it_is_exact
 def test_a_tumbling_window_into_append_postgres_with_the_store_beside_it_is_exactly_once(
     kafka_topic: Callable[..., str], flow: Callable[..., Flow]
 ) -> None:
-    topic = kafka_topic(2, "eowin")
+    topic = kafka_topic(windows.PARTITIONS, "eowin")
     name = unique("eowin")
     rows = windows.history(6000, seed=29)
     toml = windows.config(
@@ -242,7 +242,7 @@ def test_a_tumbling_window_into_append_postgres_with_the_store_beside_it_is_exac
         time.sleep(rng.uniform(0, 0.3))
         assert f.proc.poll() is None, f.output()
         f.kill()
-        done = committed(name, topic, 2)
+        done = committed(name, topic, windows.PARTITIONS)
         assert done < sent, f"kill {kill + 1} fell after the stream ({done} of {sent})"
     windows.send(topic, rows[3 * step :])
     f = flow(toml)
