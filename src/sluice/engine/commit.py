@@ -223,7 +223,6 @@ class Immediate:
     """Acknowledge every batch written, at the next commit; with targets that
     record positions, resume from them (see the module docstring)."""
 
-    rewinds_on_rebalance = False
     checkpoints_state = False
 
     def __init__(
@@ -238,6 +237,11 @@ class Immediate:
         self._retry = retry
         self._recording = list(recording)
         self._seekable = {s.id for s in self._sources if isinstance(s, Seekable)}
+        # With positions in the targets, a partition assigned later must start
+        # from what the targets hold now (not from the broker's commit, which
+        # may lag them by a round, nor from the positions read at start): a
+        # rebalance restores from the targets and rewinds.
+        self.rewinds_on_rebalance = bool(self._recording and self._seekable)
         self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch written
         # Target id -> source id -> partition -> the position it holds, where
         # that is ahead of where the sources resumed (cleared as they pass it).
