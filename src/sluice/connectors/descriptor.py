@@ -41,7 +41,10 @@ class Capabilities:
     ``partitioned`` (a consumer group assigns partitions; a new assignment
     starts a new epoch). Target side: ``table`` (writes a keyed
     ``[target.table]``), ``merge`` (``mode = "merge"`` upserts on the key),
-    ``cdc`` (applies ``[transform.cdc]`` change streams). ``lookup``: loads
+    ``cdc`` (applies ``[transform.cdc]`` change streams),
+    ``transactional_positions`` (stores source positions in the transaction
+    of its rows, :mod:`sluice.connectors.sql.positions`: a stateless pipeline
+    from seekable sources into it is exactly-once). ``lookup``: loads
     ``[transform.lookups]`` tables. ``dead_letters``: holds dead letters
     (see :class:`DeadLetters`).
     """
@@ -52,6 +55,7 @@ class Capabilities:
     table: bool = False
     merge: bool = False
     cdc: bool = False
+    transactional_positions: bool = False
     lookup: bool = False
     dead_letters: bool = False
 

@@ -37,18 +37,52 @@ policy) → the sources acknowledge, each in read order.
   sources seek back to its positions, so every row reaches the state exactly
   once. Output emitted after a checkpoint would be emitted again on replay,
   which is why every emit checkpoints at once.
+
+**Positions in the targets** (exactly-once into SQL targets). A target whose
+connector declares ``transactional_positions``
+(:class:`~sluice.connectors.sql.positions.RecordsPositions`) stores the source
+positions in the transaction of its rows: :meth:`CommitPolicy.before_write`
+hands it the positions after the round's batches, before the runner writes
+and flushes. Then:
+
+* :class:`Immediate` (stateless): on start the sources resume from the lowest
+  position any such target holds per partition (the broker's commit only
+  where no target holds one). A fan-out target that holds more (a crash fell
+  between two targets' flushes) is given the replayed batches without the
+  rows below its positions (:meth:`CommitPolicy.held_back`; the runner runs
+  the stateless stages again for it), so each target gets each row once. A
+  round without output still records its positions (a flush of positions
+  only), so a filter that drops everything does not make the replay grow.
+* :class:`Checkpointing` *joined*: a durable Postgres store in the same
+  database as the pipeline's only target (a Postgres one). Every round that
+  writes output commits the checkpoint (stage state, positions, watermark)
+  in the target's transaction (``PostgresStore.commit_on``): state, output
+  rows and positions are one transaction, so a replay after a crash emits
+  nothing twice. With a store elsewhere, output emitted after the last
+  checkpoint is emitted again after a crash: absorbed by merge targets
+  (the output key: the window / group columns, the join keys and times),
+  duplicated by append targets (at least once).
+* :class:`HoldBack`: positions are not recorded; at least once.
+
+The sources' acknowledgement still follows (for lag monitoring), but the
+positions the targets hold win on restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from sluice.connectors.api import Ack, Batch, Position, Source
+import numpy as np
+import pyarrow as pa
+
+from sluice.connectors.api import Ack, Batch, Position, Seekable, Source, Target
+from sluice.connectors.sql.positions import RecordsPositions, ahead, lowest
 from sluice.engine import metrics as m
 from sluice.engine.retry import STOPPED, Retry, Stopped
 from sluice.engine.stages.base import TimedStage
@@ -86,10 +120,43 @@ class CommitPolicy(Protocol):
     def on_advance(self) -> None:
         """The stage state changed without a batch (the watermark moved)."""
 
+    def before_write(self, batches: Sequence[Batch], rows: bool) -> None:
+        """The runner is about to write a round's output (``rows``: it has
+        rows, so every target is written and flushed next) that ``batches``
+        (in read order; none for an idle tick) produced: hand each target that
+        records positions what its flush must record."""
+
+    def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
+        """``batches`` without the rows target ``target`` already holds (a
+        fan-out target ahead of the replay), or ``None`` when it takes them
+        all (always, but right after a restart)."""
+
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Acknowledge what may be forgotten. ``emitted``: this round wrote
         rows; ``final``: the run is stopping cleanly. False when stopped
         while the store was down (nothing was acknowledged then)."""
+
+
+class JoinableStore(Protocol):
+    """A state store that can commit inside a target's transaction
+    (:class:`~sluice.state.postgres.PostgresStore`)."""
+
+    @property
+    def database(self) -> str | None:
+        """The database it writes to, as :attr:`RecordsPositions.database` names one."""
+
+    def commit_on(
+        self,
+        connection: object,
+        pipeline: str,
+        upserts: Mapping[str, bytes],
+        deletes: Collection[str],
+        positions: Mapping[str, Position],
+        watermark_us: int | None,
+        *,
+        expected_version: int,
+    ) -> int:
+        """Apply a checkpoint in ``connection``'s open transaction; the new version."""
 
 
 def choose(
@@ -101,19 +168,49 @@ def choose(
     store: StateStore | None,
     checkpoint_interval_ms: int,
     watermark_file: WatermarkFile | None,
+    targets: Sequence[Target] = (),
+    transactional: Sequence[bool] | None = None,
 ) -> CommitPolicy:
     """The policy for a run: :class:`Checkpointing` with a durable ``store``,
     :class:`HoldBack` with a window or join (``stage``) and no store (then
-    ``watermark_file`` is required), :class:`Immediate` otherwise."""
+    ``watermark_file`` is required), :class:`Immediate` otherwise.
+
+    ``targets`` are the run's targets; ``transactional[i]``: whether
+    ``targets[i]``'s connector declares ``transactional_positions`` (``None``:
+    ask the targets alone, e.g. injected test doubles). Those that do and
+    implement :class:`RecordsPositions` record positions (see the module
+    docstring)."""
+    recording = [
+        t
+        for i, t in enumerate(targets)
+        if isinstance(t, RecordsPositions) and (transactional is None or transactional[i])
+    ]
     if store is not None:
+        joined: RecordsPositions | None = None
+        if (
+            stage is not None
+            and len(targets) == 1
+            and len(recording) == 1
+            and hasattr(store, "commit_on")  # only PostgresStore can
+        ):
+            shared = getattr(store, "database", None)
+            if shared is not None and shared == recording[0].database:
+                joined = recording[0]
         return Checkpointing(
-            pipeline, sources, stage, watermarks, retry, store, checkpoint_interval_ms / 1000
+            pipeline,
+            sources,
+            stage,
+            watermarks,
+            retry,
+            store,
+            checkpoint_interval_ms / 1000,
+            joined,
         )
     if stage is not None:
         if watermark_file is None:
             raise ValueError("the hold-back policy needs a watermark file")
         return HoldBack(pipeline, sources, stage, watermarks, watermark_file)
-    return Immediate(pipeline, sources)
+    return Immediate(pipeline, sources, retry, recording)
 
 
 async def _acknowledge(pipeline: str, source: Source, ack: Ack) -> None:
@@ -123,20 +220,86 @@ async def _acknowledge(pipeline: str, source: Source, ack: Ack) -> None:
 
 
 class Immediate:
-    """Acknowledge every batch written, at the next commit."""
+    """Acknowledge every batch written, at the next commit; with targets that
+    record positions, resume from them (see the module docstring)."""
 
-    rewinds_on_rebalance = False
     checkpoints_state = False
 
-    def __init__(self, pipeline: str, sources: Sequence[Source]) -> None:
+    def __init__(
+        self,
+        pipeline: str,
+        sources: Sequence[Source],
+        retry: Retry | None = None,
+        recording: Sequence[RecordsPositions] = (),
+    ) -> None:
         self._pipeline = pipeline
         self._sources = list(sources)
+        self._retry = retry
+        self._recording = list(recording)
+        self._seekable = {s.id for s in self._sources if isinstance(s, Seekable)}
+        # With positions in the targets, a partition assigned later must start
+        # from what the targets hold now (not from the broker's commit, which
+        # may lag them by a round, nor from the positions read at start): a
+        # rebalance restores from the targets and rewinds.
+        self.rewinds_on_rebalance = bool(self._recording and self._seekable)
         self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch written
+        # Target id -> source id -> partition -> the position it holds, where
+        # that is ahead of where the sources resumed (cleared as they pass it).
+        self._ahead: dict[str, dict[str, Position]] = {}
+        self._unflushed = False  # positions staged that no flush recorded yet
 
     async def restore(self) -> dict[str, Position] | Stopped:
-        """Nothing is held: the sources read from their own commits."""
+        """Resume from the lowest position the recording targets hold per
+        partition (seekable sources only); other sources and partitions read
+        from their own commits."""
         self._acks.clear()
-        return {}
+        self._ahead = {}
+        self._unflushed = False
+        if not self._recording or not self._seekable:
+            return {}
+        assert self._retry is not None  # given with recording targets
+        held: dict[str, dict[str, Position]] = {}
+        for target in self._recording:
+            got = await self._retry(target, target.held_positions, "read positions")
+            if got is STOPPED:
+                return STOPPED
+            held[target.id] = {s: p for s, p in got.items() if s in self._seekable}
+        resume = lowest(held.values())
+        for target_id, holds in held.items():
+            over = ahead(holds, resume)
+            if over:
+                self._ahead[target_id] = over
+        if resume:
+            log.info("resuming from the positions the targets hold: %s", resume)
+        return resume
+
+    def before_write(self, batches: Sequence[Batch], rows: bool) -> None:
+        """Stage the positions after ``batches`` in every recording target."""
+        after = {b.source_id: b.position for b in batches if b.position}
+        if not after or not self._recording:
+            return
+        for target in self._recording:
+            target.stage_positions(after)
+        self._unflushed = not rows
+
+    def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
+        """See :meth:`CommitPolicy.held_back`."""
+        over = self._ahead.get(target)
+        if not over:
+            return None
+        kept = [_without_held(b, over.get(b.source_id, {})) for b in batches]
+        for b in batches:  # a partition read up to the target's position no longer skips
+            parts = over.get(b.source_id)
+            if parts and b.position:
+                for part, pos in b.position.items():
+                    held = parts.get(part)
+                    if isinstance(pos, int) and isinstance(held, int) and pos >= held:
+                        del parts[part]
+                if not parts:
+                    del over[b.source_id]
+        if not over:
+            del self._ahead[target]
+        return kept
 
     def on_batch(self, batches: Sequence[Batch], tops_us: Sequence[int | None]) -> None:
         """Remember each source's last batch."""
@@ -147,7 +310,14 @@ class Immediate:
         """No stage state: nothing to do."""
 
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
-        """Acknowledge each source's last batch written, in source order."""
+        """Record staged positions no output flush recorded (a round without
+        output), then acknowledge each source's last batch written, in source order."""
+        if self._unflushed and not emitted:
+            assert self._retry is not None
+            for target in self._recording:
+                if await self._retry(target, target.flush, "flush positions") is STOPPED:
+                    return False
+        self._unflushed = False
         for source in self._sources:
             if source.id in self._acks:
                 await _acknowledge(self._pipeline, source, self._acks.pop(source.id))
@@ -211,6 +381,13 @@ class HoldBack:
     def on_advance(self) -> None:
         """The watermark file follows at the next commit."""
 
+    def before_write(self, batches: Sequence[Batch], rows: bool) -> None:
+        """Positions are not recorded in the targets (at least once)."""
+
+    def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
+        """Never: every target takes every row."""
+        return None
+
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Store the stage watermark, then acknowledge what lies below the open floor."""
         await asyncio.to_thread(self._file.save, self._stage.watermark_us)
@@ -232,7 +409,9 @@ class Checkpointing:
 
     A checkpoint is taken when a round emitted rows, on the final commit, or
     once ``interval_s`` passed since the last one, and only when something
-    changed since.
+    changed since. ``joined``: the only target, in the store's database: a
+    round's checkpoint then commits in the transaction of its output rows
+    (staged by :meth:`before_write`, adopted by :meth:`commit`).
     """
 
     rewinds_on_rebalance = True
@@ -247,8 +426,12 @@ class Checkpointing:
         retry: Retry,
         store: StateStore,
         interval_s: float,
+        joined: RecordsPositions | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._joined = joined
+        # The checkpoint the joined target's flush wrote: (version, keys written, keys deleted).
+        self._landed: tuple[int, set[str], set[str]] | None = None
         self._sources = list(sources)
         self._stage = stage
         self._wm = watermarks
@@ -276,6 +459,7 @@ class Checkpointing:
         self._positions = {}
         self._acks = {}
         self._dirty = False
+        self._landed = None
         self._at = time.monotonic()
         stage = self._stage
         if stage is not None:
@@ -292,6 +476,12 @@ class Checkpointing:
                     self._wm.restore(wm)
 
             await asyncio.to_thread(restart)
+        if self._joined is not None:
+            log.info(
+                "checkpoints of rounds with output commit in the transaction of the output rows "
+                "(%s shares the state store's database)",
+                self._joined.id,
+            )
         if checkpoint.version:
             log.info(
                 "resuming from checkpoint %d (%d state keys, positions of %d sources)",
@@ -313,8 +503,55 @@ class Checkpointing:
         """The watermark moved (a join may have evicted): worth a checkpoint."""
         self._dirty = True
 
+    def before_write(self, batches: Sequence[Batch], rows: bool) -> None:
+        """Joined: stage this round's checkpoint (and the target's positions)
+        in the target, so its flush commits them with the output rows."""
+        joined = self._joined
+        if joined is None or not rows:
+            return
+        for b in batches:
+            if b.position is not None:
+                self._positions.setdefault(b.source_id, {}).update(b.position)
+        stage = self._stage
+        upserts = {} if stage is None else stage.snapshot()
+        deletes = self._keys - set(upserts)
+        positions = {k: dict(v) for k, v in self._positions.items() if v}
+        watermark = stage.watermark_us if stage is not None else None
+        store: JoinableStore = self._store  # type: ignore[assignment]  # checked by choose()
+        expected = self._version
+
+        def checkpoint(connection: object) -> None:
+            version = store.commit_on(
+                connection,
+                self._pipeline,
+                upserts,
+                deletes,
+                positions,
+                watermark,
+                expected_version=expected,
+            )
+            self._landed = (version, set(upserts), deletes)
+
+        joined.stage_positions(positions, checkpoint)
+
+    def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
+        """Never: positions come from the store, every target takes every row."""
+        return None
+
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Checkpoint when due (see the class docstring), then acknowledge."""
+        landed, self._landed = self._landed, None
+        if landed is not None:  # the joined target's flush committed this round's checkpoint
+            landed_version, written, deleted = landed
+            self._version = landed_version
+            self._keys = (self._keys | written) - deleted
+            self._dirty = False
+            self._at = time.monotonic()
+            self._positions = {}
+            m.CHECKPOINTS.labels(self._pipeline).inc()
+            await self._acknowledge()
+            if not final:
+                return True
         due = time.monotonic() - self._at >= self._interval_s
         if not (self._dirty and (emitted or final or due)):
             return True
@@ -346,8 +583,36 @@ class Checkpointing:
         m.CHECKPOINTS.labels(self._pipeline).inc()
         m.CHECKPOINT_SECONDS.labels(self._pipeline).observe(time.perf_counter() - started)
         m.STATE_BYTES.labels(self._pipeline).set(sum(len(v) for v in upserts.values()))
+        await self._acknowledge()
+        self._positions = {}
+        return True
+
+    async def _acknowledge(self) -> None:
         for source in self._sources:
             if source.id in self._acks:
                 await _acknowledge(self._pipeline, source, self._acks.pop(source.id))
-        self._positions = {}
-        return True
+
+
+def _without_held(batch: Batch, held: Position) -> Batch:
+    """``batch`` without its rows below ``held`` (partition -> position a
+    target holds). Reads each row's partition and offset from the raw
+    records: per-row Python, on the replayed batches after a restart only."""
+    raw = batch.raw
+    if not held or raw is None or not batch.num_rows:
+        return batch
+    index = batch.rows if batch.rows is not None else range(batch.num_rows)
+    keep = np.ones(batch.num_rows, dtype=bool)
+    for row, i in enumerate(index):
+        record = raw.record(i)
+        below = held.get(record.partition)
+        if isinstance(below, int) and isinstance(record.offset, int) and record.offset < below:
+            keep[row] = False
+    if keep.all():
+        return batch
+    mask = pa.array(keep)
+    return dataclasses.replace(
+        batch,
+        data=batch.data.filter(mask),
+        rows=None if batch.rows is None else tuple(np.asarray(index)[keep].tolist()),
+        row_partitions=None if batch.row_partitions is None else batch.row_partitions.filter(mask),
+    )

@@ -169,6 +169,9 @@ class Runner:
             WatermarkFile(self.name, _source_names(spec))
             if timed and self._store is None
             else None,
+            # exactly-once: targets that keep source positions in their transaction
+            self.targets,
+            _transactional(spec, self.targets),
         )
         # False once a batch was processed but not written: its effect on the
         # stage state must then not be committed.
@@ -329,7 +332,8 @@ class Runner:
             log.warning("stopping with unwritten dead letters; the batch will be read again")
             self._consistent = False
             return False
-        if out is not None and out.num_rows and not await self._deliver(out):
+        self._policy.before_write(batches, out is not None and out.num_rows > 0)  # positions
+        if out is not None and out.num_rows and not await self._deliver(out, batches):
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             self._consistent = False
             return False
@@ -544,6 +548,7 @@ class Runner:
         if emitted.num_rows:
             if self._window is not None:
                 m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
+            self._policy.before_write((), True)  # positions (a joined checkpoint)
             if not await self._deliver(emitted):
                 self._consistent = False
                 return False
@@ -570,6 +575,7 @@ class Runner:
         if emitted.num_rows:
             if self._window is not None:
                 m.WINDOWS_EMITTED.labels(self.name).inc(emitted.num_rows)
+            self._policy.before_write((), True)  # positions (a joined checkpoint)
             if not await self._deliver(emitted):
                 log.warning("stopped while draining; the open windows will be read again")
                 self._consistent = False
@@ -662,16 +668,25 @@ class Runner:
 
     # -- delivery -------------------------------------------------------------
 
-    async def _deliver(self, data: pa.Table) -> bool:
-        """Write and flush ``data`` to every target, retrying transient failures.
+    async def _deliver(self, data: pa.Table, batches: list[Batch] | None = None) -> bool:
+        """Write and flush ``data`` (made of ``batches``) to every target,
+        retrying transient failures.
 
         False when a stop was requested before every target had it. A target
         that flushed is not written again for this batch, so a retry after a
-        partial fan-out duplicates nothing.
+        partial fan-out duplicates nothing. A target the policy holds back
+        from rows it already has (a replay after a crash mid fan-out) gets the
+        stateless stages' output of the rest of ``batches`` instead.
         """
         for target in self.targets:
+            own: pa.Table | None = data
+            held = self._policy.held_back(target.id, batches) if batches else None
+            if held is not None:
+                rest = [b for b in held if b.num_rows]
+                own = (await self._transform(rest)).out if rest else None
+                own = data.slice(0, 0) if own is None else own
             if await self._retry(
-                target, functools.partial(_write_and_flush, target, data), "write"
+                target, functools.partial(_write_and_flush, target, own), "write"
             ) is (STOPPED):
                 return False
         return True
@@ -730,6 +745,15 @@ def _source_names(spec: PipelineSpec) -> str:
         group = src.reader_group(spec.pipeline_name)
         names.append(f"{src.kind}:{spec.query_of(src)}:{group}")
     return ";".join(sorted(names))
+
+
+def _transactional(spec: PipelineSpec, targets: list[Target]) -> list[bool] | None:
+    """Per target, whether its connector declares ``transactional_positions``
+    (``None`` when the targets are not the spec's, e.g. injected ones)."""
+    specs = spec.all_targets
+    if len(specs) != len(targets) or (spec.transform is not None and spec.transform.cdc):
+        return None if len(specs) != len(targets) else [False] * len(targets)
+    return [registry.of(t).capabilities.transactional_positions for t in specs]
 
 
 def _tagged(batch: Batch) -> pa.Table:

@@ -34,6 +34,13 @@ When the connection dies during ``COMMIT`` itself, the commit may have landed;
 the store remembers that and, on the retry, accepts its own landed commit in
 place of the expected version instead of reporting itself as a rival writer.
 
+**Commit inside a target's transaction.** When a Postgres target writes to the
+same database (:attr:`PostgresStore.database`), :meth:`PostgresStore.commit_on`
+applies the same delta on the target's connection (ADBC), inside the
+transaction of its rows: operator state, output rows and positions then commit
+together (see ``engine/commit.py``). The same fencing applies; the blobs go by
+ADBC bulk ingest into a temporary table.
+
 Errors never carry the URL's password nor the rows of a failed statement.
 """
 
@@ -53,6 +60,8 @@ import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow as pa
 
 from sluice.config.redact import redact_text
 from sluice.connectors.api import Position
@@ -258,6 +267,20 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.id})"
+
+    @property
+    def database(self) -> str | None:
+        """``postgres://host:port/database`` this store writes to (no
+        credentials), as a Postgres target names its own; ``None`` when the
+        url does not parse."""
+        try:
+            given = psycopg.conninfo.conninfo_to_dict(self._url)
+        except psycopg.Error:
+            return None
+        host = str(given.get("host") or "localhost")
+        port = str(given.get("port") or 5432)
+        name = str(given.get("dbname") or given.get("user") or "postgres")
+        return f"postgres://{host}:{port}/{name}"
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -468,6 +491,103 @@ class PostgresStore:
                 raise
             self._in_doubt.pop(pipeline, None)
             return version
+
+    def commit_on(
+        self,
+        connection: Any,
+        pipeline: str,
+        upserts: Mapping[str, bytes],
+        deletes: Collection[str],
+        positions: Mapping[str, Position],
+        watermark_us: int | None,
+        *,
+        expected_version: int,
+    ) -> int:
+        """:meth:`commit` on ``connection``, an open ADBC Postgres connection to
+        :attr:`database` with its transaction open, without committing it: the
+        caller's commit makes the checkpoint durable with whatever else that
+        transaction holds. Returns the new version.
+
+        Raises :class:`ConnectorError` when fenced; the ADBC driver's errors
+        pass through (the caller classifies its own connection's failures).
+        """
+        check_commit(pipeline, upserts, deletes, positions, watermark_us, expected_version)
+        cp = self._ident("sluice_checkpoints")
+        st = self._ident("sluice_state")
+        off = self._ident("sluice_offsets")
+        with connection.cursor() as cur:
+            if expected_version == 0:
+                cur.execute(
+                    f"INSERT INTO {cp} (pipeline, version, watermark_us, writer) "
+                    "VALUES ($1, 1, $2::bigint, $3) ON CONFLICT (pipeline) DO NOTHING "
+                    "RETURNING version",
+                    (pipeline, watermark_us, self.writer),
+                )
+            else:
+                cur.execute(
+                    f"UPDATE {cp} SET version = version + 1, "
+                    "watermark_us = COALESCE($1::bigint, watermark_us), writer = $2, "
+                    "committed_at = now() WHERE pipeline = $3 AND version = $4 RETURNING version",
+                    (watermark_us, self.writer, pipeline, expected_version),
+                )
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(f"SELECT version, writer FROM {cp} WHERE pipeline = $1", (pipeline,))
+                found = cur.fetchone()
+                raise fenced(
+                    pipeline,
+                    expected_version,
+                    0 if found is None else int(found[0]),
+                    "" if found is None else str(found[1]),
+                )
+            version = int(row[0])
+            if upserts:
+                blobs = pa.table(
+                    {
+                        "key": pa.array(list(upserts), pa.string()),
+                        "value": pa.array([bytes(v) for v in upserts.values()], pa.binary()),
+                    }
+                )
+                cur.adbc_ingest("_sluice_state_delta", blobs, mode="replace", temporary=True)
+                cur.execute(
+                    f"INSERT INTO {st} (pipeline, key, value, version, updated_at) "
+                    "SELECT $1, key, value, $2, now() FROM _sluice_state_delta "
+                    "ON CONFLICT (pipeline, key) DO UPDATE SET value = EXCLUDED.value, "
+                    "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
+                    (pipeline, version),
+                )
+            if deletes:
+                gone = pa.table({"key": pa.array(list(deletes), pa.string())})
+                cur.adbc_ingest("_sluice_state_gone", gone, mode="replace", temporary=True)
+                cur.execute(
+                    f"DELETE FROM {st} WHERE pipeline = $1 "
+                    "AND key IN (SELECT key FROM _sluice_state_gone)",
+                    (pipeline,),
+                )
+            for source, by_part in positions.items():
+                for part, pos in by_part.items():
+                    cur.execute(
+                        f"INSERT INTO {off} (pipeline, source, partition, position_int, "
+                        "position_text, version, updated_at) "
+                        "VALUES ($1, $2, $3, $4::bigint, $5::text, $6, now()) "
+                        "ON CONFLICT (pipeline, source, partition) DO UPDATE SET "
+                        "position_int = EXCLUDED.position_int, "
+                        "position_text = EXCLUDED.position_text, "
+                        "version = EXCLUDED.version, updated_at = EXCLUDED.updated_at",
+                        (
+                            pipeline,
+                            source,
+                            part,
+                            pos if isinstance(pos, int) else None,
+                            pos if isinstance(pos, str) else None,
+                            version,
+                        ),
+                    )
+        return version
+
+    def _ident(self, table: str) -> str:
+        """``"schema"."table"`` quoted for text SQL (the ADBC path)."""
+        return ".".join('"' + n.replace('"', '""') + '"' for n in (self.schema, table))
 
     def _finish(self, conn: Conn) -> None:
         """COMMIT: the one step after which a lost connection leaves the

@@ -1,14 +1,22 @@
-"""DuckDB target (append / merge), written by scanning the Arrow table."""
+"""DuckDB target (append / merge), written by scanning the Arrow table.
+
+The source positions the commit policy stages go to ``_sluice_positions`` in
+the target table's schema, in the transaction of the rows
+(:mod:`sluice.connectors.sql.positions`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from sluice.connectors.api import Position
 from sluice.connectors.duckdb.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.connectors.registry import Context
+from sluice.connectors.sql import positions
 from sluice.connectors.sql.embedded import check_mode, quote, require_key
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError
@@ -28,7 +36,21 @@ class DuckDBTarget:
         self._columns: set[str] | None = None  # reflected at open, kept as columns are added
         self._in_tx = False
         self._key = list(spec.table.primary_key or [])
+        self._ledger = positions.Ledger(
+            positions.DUCKDB,
+            f"{quote(self.schema)}.{quote(positions.TABLE)}",
+            ctx.pipeline.pipeline_name,
+            self.id,
+        )
         check_mode("duckdb", spec.mode)
+
+    @property
+    def database(self) -> str | None:
+        """A file: no state store shares it."""
+        return None
+
+    def _run(self, statement: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return list(self._require().execute(statement, list(params)).fetchall())
 
     @property
     def _ident(self) -> str:
@@ -51,6 +73,8 @@ class DuckDBTarget:
             self._key = list(cons[0][0]) if cons else []
         if self._columns is not None:
             require_key(self.id, self.spec.mode, self._key, creating=False)
+        self._conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
+        self._ledger.create(self._run)
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
@@ -99,11 +123,29 @@ class DuckDBTarget:
         finally:
             conn.unregister("_sluice_batch")
 
+    def held_positions(self) -> dict[str, Position]:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
+        return self._ledger.held(self._run)
+
+    def stage_positions(
+        self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
+        self._ledger.stage(positions, also)
+
     def flush(self) -> None:
-        """Commit the open transaction."""
+        """Record the staged positions, then commit the open transaction (the
+        rows and them)."""
+        conn = self._require()
+        if self._ledger.pending:
+            if not self._in_tx:
+                conn.execute("BEGIN TRANSACTION")
+                self._in_tx = True
+            self._ledger.write(self._run, conn)
         if self._in_tx:
-            self._require().execute("COMMIT")
+            conn.execute("COMMIT")
             self._in_tx = False
+        self._ledger.done()
 
     def _require(self) -> Any:
         if self._conn is None:

@@ -39,6 +39,10 @@ the batch.
 or lock wait timeout) is a :class:`TransientError`: the engine reconnects and
 retries the same batch (nothing was committed). Anything else is fatal.
 
+**Positions.** The source positions the commit policy stages go to
+``_sluice_positions`` in the target's database, in the transaction of the rows
+(:mod:`sluice.connectors.sql.positions`).
+
 The session runs with ``time_zone = '+00:00'`` and strict SQL mode. Tested
 against MariaDB 10.11; MySQL 8 should work (``VALUES()`` in ``ON DUPLICATE
 KEY UPDATE`` is deprecated there but still accepted).
@@ -49,17 +53,20 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from sluice.connectors.api import Position
 from sluice.connectors.mysql.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.registry import Context
+from sluice.connectors.sql import positions
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
 
@@ -420,11 +427,22 @@ class MySQLTarget:
         self._columns: dict[str, str] | None = None  # lower-case name -> name
         self._key: list[str] = list(spec.table.primary_key or [])
         self._collation = "utf8mb4_bin"
+        self._ledger = positions.Ledger(
+            positions.MYSQL,
+            f"{_q(self.schema)}.{_q(positions.TABLE)}",
+            ctx.pipeline.pipeline_name,
+            self.id,
+        )
         if spec.mode not in ("append", "merge"):
             raise ConnectorError(
                 f"mode '{spec.mode}' on a streaming mysql target is not implemented yet "
                 "(use append or merge)"
             )
+
+    @property
+    def database(self) -> str | None:
+        """``mysql://host:port/database`` of the target (no credentials)."""
+        return f"mysql://{self._url.host}:{self._url.port}/{self.schema}"
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -439,6 +457,11 @@ class MySQLTarget:
             self._conn = connect(self._url, local_infile=True)
             self._collation = binary_collation(self._conn)
             self._reflect()
+            if not self._query(
+                "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (self.schema,)
+            ):
+                self._query(f"CREATE DATABASE IF NOT EXISTS {_q(self.schema)}")
+            self._ledger.create(self._query)
             self._conn.commit()
         except pymysql.Error as exc:
             self.close()
@@ -592,14 +615,34 @@ class MySQLTarget:
         )
         self._query(f"DROP TEMPORARY TABLE {self._stage}")
 
-    def flush(self) -> None:
-        """Commit the transaction holding every batch written since the last flush."""
+    def held_positions(self) -> dict[str, Position]:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
         try:
+            held = self._ledger.held(self._query)
             self._require().commit()
         except pymysql.Error as exc:
             self._fail(exc)
+        return held
 
-    def _fail(self, exc: pymysql.Error) -> None:
+    def stage_positions(
+        self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
+        self._ledger.stage(positions, also)
+
+    def flush(self) -> None:
+        """Record the staged positions, then commit the transaction holding
+        every batch written since the last flush and them."""
+        try:
+            conn = self._require()
+            if self._ledger.pending:
+                self._ledger.write(self._query, conn)
+            conn.commit()
+        except pymysql.Error as exc:
+            self._fail(exc)
+        self._ledger.done()
+
+    def _fail(self, exc: pymysql.Error) -> NoReturn:
         """Classify a failure: a dead connection (or a deadlock) is transient, anything else fatal."""
         if not alive(self._conn) or _code(exc) in _TRANSIENT_CODES:
             self.close()

@@ -23,20 +23,27 @@ giving nested values to any other column is refused before anything of it
 is written, naming the table, the column and its type. A failure whose connection
 no longer answers is a :class:`TransientError` (the engine reconnects and
 retries the same batch; nothing was committed); any other is fatal.
+
+**Positions.** The source positions the commit policy stages go to
+``<schema>._sluice_positions`` (the target table's schema) in the transaction
+of the rows (:mod:`sluice.connectors.sql.positions`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sluice.connectors.api import Position
 from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
+from sluice.connectors.sql import positions
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
@@ -126,11 +133,22 @@ class PostgresTarget:
         self._columns: dict[str, str] | None = None  # name -> format_type()
         self._json: set[str] = set()  # columns of type json / jsonb (or a domain over one)
         self._key: list[str] = list(spec.table.primary_key or [])
+        self._ledger = positions.Ledger(
+            positions.POSTGRES,
+            f"{_q(self.schema)}.{_q(positions.TABLE)}",
+            ctx.pipeline.pipeline_name,
+            self.id,
+        )
         if spec.mode not in ("append", "merge"):
             raise ConnectorError(
                 f"mode '{spec.mode}' on a streaming postgres target is not implemented yet "
                 "(use append or merge)"
             )
+
+    @property
+    def database(self) -> str | None:
+        """``postgres://host:port/database`` of :attr:`spec`'s url (no credentials)."""
+        return database_of(self.spec.url)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -139,6 +157,9 @@ class PostgresTarget:
         try:
             self._conn = adbc.connect(self.spec.url)
             self._reflect()
+            if not self._query("SELECT 1 FROM pg_namespace WHERE nspname = $1", (self.schema,)):
+                self._execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
+            self._ledger.create(self._query)
             self._conn.commit()
         except adbc_driver_manager.Error as exc:
             self.close()
@@ -284,14 +305,34 @@ class PostgresTarget:
         if added:
             self._reflect()
 
-    def flush(self) -> None:
-        """Commit the transaction holding every batch written since the last flush."""
+    def held_positions(self) -> dict[str, Position]:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
         try:
+            held = self._ledger.held(self._query)
             self._require().commit()
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
+        return held
 
-    def _fail(self, exc: Exception) -> None:
+    def stage_positions(
+        self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
+        self._ledger.stage(positions, also)
+
+    def flush(self) -> None:
+        """Record the staged positions, then commit the transaction holding
+        every batch written since the last flush and them."""
+        try:
+            conn = self._require()
+            if self._ledger.pending:
+                self._ledger.write(self._query, conn)
+            conn.commit()
+        except adbc_driver_manager.Error as exc:
+            self._fail(exc)
+        self._ledger.done()
+
+    def _fail(self, exc: Exception) -> NoReturn:
         """Classify a failure: a dead connection is transient, anything else fatal."""
         if not alive(self._conn):
             self.close()
@@ -357,6 +398,14 @@ def primary_key(run: Query, schema: str, table: str) -> list[str]:
         (schema, table),
     )
     return [str(k[0]) for k in keys]
+
+
+def database_of(url: str) -> str:
+    """``postgres://host:port/database`` of a Postgres url: what two urls must
+    share to reach the same database (credentials and options left out)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    return f"postgres://{host}:{parts.port or 5432}/{parts.path.lstrip('/') or 'postgres'}"
 
 
 def first_line(exc: BaseException) -> str:

@@ -3,19 +3,26 @@
 SQLite has no bulk Arrow path in the standard library: rows are handed to
 ``executemany`` as tuples built by C-level ``zip`` over columns, the cheapest
 route sqlite3 offers.
+
+The source positions the commit policy stages go to ``_sluice_positions`` in
+the same database file, in the transaction of the rows
+(:mod:`sluice.connectors.sql.positions`).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sluice.connectors.api import Position
 from sluice.connectors.registry import Context
+from sluice.connectors.sql import positions
 from sluice.connectors.sql.embedded import check_mode, quote, require_key
 from sluice.connectors.sqlite.spec import SQLiteTarget as SQLiteTargetSpec
 from sluice.errors import ConnectorError
@@ -74,7 +81,18 @@ class SQLiteTarget:
         self._conn: sqlite3.Connection | None = None
         self._columns: list[str] | None = None
         self._key = list(spec.table.primary_key or [])
+        self._ledger = positions.Ledger(
+            positions.SQLITE, quote(positions.TABLE), ctx.pipeline.pipeline_name, self.id
+        )
         check_mode("sqlite", spec.mode)
+
+    @property
+    def database(self) -> str | None:
+        """A file: no state store shares it."""
+        return None
+
+    def _run(self, statement: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return list(self._require().execute(statement, params).fetchall())
 
     def open(self) -> None:
         """Open the database file (created when missing) and reflect the table."""
@@ -86,6 +104,8 @@ class SQLiteTarget:
             self._key = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5] > 0]
         if self._columns is not None:
             require_key(self.id, self.spec.mode, self._key, creating=False)
+        self._ledger.create(self._run)
+        conn.commit()
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
@@ -127,9 +147,26 @@ class SQLiteTarget:
         # Rows apply in order, so within a batch the last row of a key wins.
         conn.executemany(stmt, zip(*_sqlite_columns(data), strict=True))
 
-    def flush(self) -> None:
-        """Commit (durable: WAL with synchronous=FULL)."""
+    def held_positions(self) -> dict[str, Position]:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
+        held = self._ledger.held(self._run)
         self._require().commit()
+        return held
+
+    def stage_positions(
+        self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
+        self._ledger.stage(positions, also)
+
+    def flush(self) -> None:
+        """Record the staged positions, then commit the rows and them (durable:
+        WAL with synchronous=FULL)."""
+        conn = self._require()
+        if self._ledger.pending:
+            self._ledger.write(self._run, conn)
+        conn.commit()
+        self._ledger.done()
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
