@@ -86,7 +86,7 @@ from sluice.connectors.sql.positions import RecordsPositions, ahead, lowest
 from sluice.engine import metrics as m
 from sluice.engine.retry import STOPPED, Retry, Stopped
 from sluice.engine.stages.base import TimedStage
-from sluice.engine.watermark import WatermarkFile, Watermarks
+from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks
 from sluice.state import StateStore
 
 log = logging.getLogger("sluice")
@@ -516,7 +516,7 @@ class Checkpointing:
         upserts = {} if stage is None else stage.snapshot()
         deletes = self._keys - set(upserts)
         positions = {k: dict(v) for k, v in self._positions.items() if v}
-        watermark = stage.watermark_us if stage is not None else None
+        watermark = self._stored_watermark()
         store: JoinableStore = self._store  # type: ignore[assignment]  # checked by choose()
         expected = self._version
 
@@ -560,7 +560,7 @@ class Checkpointing:
         upserts = {} if stage is None else await asyncio.to_thread(stage.snapshot)
         deletes = self._keys - set(upserts)
         positions = {k: dict(v) for k, v in self._positions.items() if v}
-        watermark = stage.watermark_us if stage is not None else None
+        watermark = self._stored_watermark()
         store = self._store
 
         def write() -> int:
@@ -586,6 +586,16 @@ class Checkpointing:
         await self._acknowledge()
         self._positions = {}
         return True
+
+    def _stored_watermark(self) -> int | None:
+        """The stage watermark a checkpoint stores: during a drain (the stage at
+        the end of input) the pipeline's real one instead."""
+        stage = self._stage
+        if stage is None:
+            return None
+        if stage.watermark_us is not None and stage.watermark_us >= END_OF_INPUT_US:
+            return self._wm.global_us()
+        return stage.watermark_us
 
     async def _acknowledge(self) -> None:
         for source in self._sources:

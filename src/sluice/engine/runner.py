@@ -48,7 +48,7 @@ from sluice.engine.stages.base import Stage, TimedStage
 from sluice.engine.stages.join import PARTITION, JoinStage
 from sluice.engine.stages.sql import SqlStage
 from sluice.engine.stages.window import WindowStage
-from sluice.engine.watermark import WatermarkFile, Watermarks, max_event_us
+from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks, max_event_us
 from sluice.errors import DecodeError, SluiceError, StageError
 from sluice.functions import Function, collect
 from sluice.state import StateStore, build_store
@@ -57,11 +57,6 @@ log = logging.getLogger("sluice")
 
 #: Node id of the dead letters in the plan.
 DLQ_NODE = "dlq"
-
-#: The watermark that ends the input (µs): 9999-12-31T00:00:00Z, "+∞" for a
-#: drain. Not int64's maximum, so a stage adding a gap or a size to it cannot
-#: overflow, and still a valid timestamp.
-END_OF_INPUT_US = 253_402_214_400_000_000
 
 
 @dataclass(frozen=True, slots=True)

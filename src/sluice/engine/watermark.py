@@ -36,6 +36,12 @@ log = logging.getLogger("sluice")
 
 _US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1}
 
+#: The watermark that ends the input (µs): 9999-12-31T00:00:00Z, "+∞" for a
+#: drain. Not int64's maximum, so a stage adding a gap or a size to it cannot
+#: overflow, and still a valid timestamp. Never stored: a later run over new
+#: data would find every row late.
+END_OF_INPUT_US = 253_402_214_400_000_000
+
 
 def to_micros(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.int64]:
     """Event times as µs since the epoch: a timestamp of any unit, or an
