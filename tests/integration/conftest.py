@@ -334,3 +334,21 @@ schema = "public"
 name = "{table}"
 {primary_key}
 """
+
+
+def kill_after_reading(f: Flow, rows: float, delay_s: float, timeout_s: float = 90) -> None:
+    """SIGKILL ``f`` ``delay_s`` after it has consumed ``rows`` rows.
+
+    The caller draws ``delay_s`` at random, so that the kill does not always
+    land right after a checkpoint. Fails (with the process's output) when the
+    process exits by itself before the kill.
+    """
+    wait_until(
+        lambda: f.proc.poll() is not None or f.metric("sluice_rows_consumed_total") >= rows,
+        timeout_s,
+        f"the process to consume {rows:.0f} rows",
+        0.02,
+    )
+    time.sleep(delay_s)
+    assert f.proc.poll() is None, f.output()
+    f.kill()
