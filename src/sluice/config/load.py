@@ -41,7 +41,19 @@ def load_text(
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem(name, "", f"invalid TOML: {exc}")]) from None
-    data, problems = interpolate(raw, os.environ if env is None else env)
+    return load_data(raw, name, env)
+
+
+def load_data(
+    raw: dict[str, Any], name: str = "<data>", env: Mapping[str, str] | None = None
+) -> PipelineSpec:
+    """Validate a pipeline given as the table its TOML would parse to (the
+    Python API lowers to this); ``name`` labels the problems."""
+    problems = _connections(raw)
+    # A table whose connection is unknown is left out; saying it is missing would repeat that.
+    unresolved = {p.split(".")[0].split("[")[0] for p, _ in problems}
+    data, more = interpolate(raw, os.environ if env is None else env)
+    problems += more
     problems += _normalise(data)
     # A key already reported (missing variable, bad array form) is not
     # reported again by the checks that follow.
@@ -51,11 +63,58 @@ def load_text(
     later = types + [
         (p, m) for p, m in check_rules(data) if not (p in suggested and m.startswith("missing"))
     ]
-    problems += [(p, m) for p, m in later if p not in reported]
+    problems += [
+        (p, m) for p, m in later if p not in reported and not (p == "" and _about(m, unresolved))
+    ]
     if problems:
         raise ConfigError([ConfigProblem(name, p, m) for p, m in _unique(problems)])
     spec: PipelineSpec = convert(data, spec_type)
     return spec
+
+
+def _about(message: str, roles: set[str]) -> bool:
+    """Whether a whole-file message says a source / target is missing, for ``roles``."""
+    return any(
+        message.startswith(f"missing a {role.rstrip('s')}")
+        for role in roles
+        if role in ("source", "sources", "target", "targets")
+    )
+
+
+def _connections(data: dict[str, Any]) -> list[Problem]:
+    """Replace ``connection = "name"`` in every connector table (sources,
+    targets, lookups, the state store) by that connection's keys; see
+    :mod:`sluice.api.connections`. Unknown names are problems."""
+    from sluice.api.connections import expand
+
+    problems: list[Problem] = []
+    tables: list[tuple[str, dict[str, Any], str]] = []  # (path, parent, key)
+    for key in ("source", "target", "state_store"):
+        tables.append((key, data, key))
+    for key in ("sources", "targets"):
+        if isinstance(data.get(key), list):
+            tables += [(f"{key}[{i}]", data[key], i) for i in range(len(data[key]))]  # type: ignore[misc]
+    lookups = (
+        data.get("transform", {}).get("lookups")
+        if isinstance(data.get("transform"), dict)
+        else None
+    )
+    if isinstance(lookups, dict):
+        tables += [(f"transform.lookups.{n}", lookups, n) for n in lookups]
+    for at, parent, key in tables:
+        table = parent[key] if isinstance(parent, list) else parent.get(key)
+        if not isinstance(table, dict) or "connection" not in table:
+            continue
+        try:
+            # A state store takes a database connection's url only.
+            expanded = expand(table, at, only=("url",) if key == "state_store" else None)
+        except ConfigError as exc:
+            problems += [(p.path, p.message) for p in exc.problems]
+            # Checked no further: its keys are unknown without the connection's.
+            del parent[key]
+            continue
+        parent[key] = expanded
+    return problems
 
 
 def _normalise(data: dict[str, Any]) -> list[Problem]:

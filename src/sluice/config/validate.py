@@ -59,7 +59,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _nearest(word: str, candidates: Iterable[str]) -> str | None:
+def nearest(word: str, candidates: Iterable[str]) -> str | None:
     found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return found[0] if found else None
 
@@ -194,7 +194,7 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
         ):
             msg = f"expected one of {_quote_list(t.values)}, got {got}"
             near = (
-                _nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
+                nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
             )
             if near is not None:
                 msg += f"; did you mean '{near}'?"
@@ -273,7 +273,7 @@ def _walk_tagged(
         return
     if tag not in by_tag:
         msg = f"unknown kind '{tag}'"
-        near = _nearest(tag, by_tag)
+        near = nearest(tag, by_tag)
         if near is not None:
             msg += f"; did you mean '{near}'?"
         problems.append((kind_path, f"{msg} (expected one of {kinds})"))
@@ -323,7 +323,7 @@ def _unknown_key(
             f"{where} (it belongs to kind {_quote_list(owners)}); expected one of {_quote_list(valid)}",
             None,
         )
-    near = _nearest(key, valid)
+    near = nearest(key, valid)
     if near is not None:
         return f"{where}; did you mean '{near}'?", near
     hint = _HINTS.get(key, "")
@@ -618,7 +618,7 @@ def _check_join(
             name = join.get(side)
             if isinstance(name, str) and name not in queries:
                 msg = f"'{name}' matches no [[sources]] query (expected one of {_quote_list(queries)})"
-                near = _nearest(name, [str(q) for q in queries])
+                near = nearest(name, [str(q) for q in queries])
                 if near is not None:
                     msg += f"; did you mean '{near}'?"
                 add((f"{at}.{side}", msg))

@@ -27,7 +27,7 @@ from typing import Any
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
 from sluice.engine.runner import Runner, RunOptions
-from sluice.errors import ConfigError, SluiceError
+from sluice.errors import ConfigError, ConfigProblem, SluiceError
 from sluice.functions import Function, collect
 
 log = logging.getLogger("sluice")
@@ -129,7 +129,7 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     )
     logging.getLogger("sluice.connectors.kafka.source").setLevel(logging.ERROR)
     try:
-        spec = load_file(args.config)
+        spec, functions, origin = _load(args)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -149,9 +149,49 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         len(spec.all_targets),
     )
     run_opts = RunOptions(stop_after_idle_ms=args.stop_after_idle_ms, drain=not args.no_drain)
-    code = asyncio.run(supervise(spec, opts, run_opts, file=args.config))
+    code = asyncio.run(supervise(spec, opts, run_opts, functions, origin))
     log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
     return code
+
+
+def _load(args: argparse.Namespace) -> tuple[PipelineSpec, list[Function], str]:
+    """The pipeline ``flow consume`` runs: a file, or with ``--module`` a
+    pipeline a Python module declares (``@sluice.streaming_pipeline``)."""
+    if args.module is None:
+        return load_file(args.config), [], args.config
+    from sluice.api import load_module
+
+    declared = load_module(args.module)
+    chosen = declared.get(args.config)
+    if chosen is None:
+        names = ", ".join(sorted(declared)) or "none"
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    args.module,
+                    "",
+                    f"declares no streaming pipeline {args.config!r} (it declares: {names})",
+                )
+            ]
+        )
+    functions = [*chosen.udfs, *chosen.aggregate_udfs]
+    return chosen.spec(), functions, f"<python:{args.module}.{chosen.name}>"
+
+
+def _cmd_consume_list(args: argparse.Namespace) -> int:
+    from sluice.api import load_module
+
+    try:
+        declared = load_module(args.module)
+        specs = {name: d.spec() for name, d in sorted(declared.items())}
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    for name, spec in specs.items():
+        sources = ", ".join(spec.query_of(s) for s in spec.all_sources)
+        targets = ", ".join(str(t.kind) for t in spec.all_targets)
+        print(f"{name}\t{sources} -> {targets}")
+    return 0
 
 
 def run_pipeline(
@@ -173,7 +213,32 @@ def run_pipeline(
     An invalid file raises
     :class:`ConfigError`.
     """
-    spec = load_file(config)
+    return run_spec(
+        load_file(config),
+        str(config),
+        udfs=udfs,
+        aggregate_udfs=aggregate_udfs,
+        metrics_port=metrics_port,
+        stop_after_idle_ms=stop_after_idle_ms,
+        restart_on_error=restart_on_error,
+        drain=drain,
+    )
+
+
+def run_spec(
+    spec: PipelineSpec,
+    origin: str,
+    *,
+    udfs: Iterable[Function] = (),
+    aggregate_udfs: Iterable[Function] = (),
+    metrics_port: int | None = None,
+    stop_after_idle_ms: int | None = None,
+    restart_on_error: bool = False,
+    drain: bool = True,
+) -> int:
+    """Run a validated pipeline spec (``origin`` names it in messages: its
+    file, or ``<python:NAME>``); see :func:`run_pipeline`."""
+    config = origin
     functions = [*udfs, *aggregate_udfs]
     collect(functions, spec.transform.udf_modules if spec.transform else (), str(config))
     if metrics_port is not None:
@@ -193,7 +258,19 @@ def run_pipeline(
 def add_consume_parser(sub: Any) -> None:
     """Register ``flow consume`` on the CLI's subparsers."""
     p = sub.add_parser("consume", help="run a pipeline until stopped")
-    p.add_argument("config", nargs="?", default="pipeline.toml", metavar="CONFIG")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default="pipeline.toml",
+        metavar="CONFIG",
+        help="the pipeline file; with --module, the name of a pipeline the module declares",
+    )
+    p.add_argument(
+        "--module",
+        default=None,
+        metavar="MODULE",
+        help="import MODULE and run its @sluice.streaming_pipeline named CONFIG",
+    )
     p.add_argument(
         "--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz"
     )
@@ -218,3 +295,8 @@ def add_consume_parser(sub: Any) -> None:
         "run instead of emitting them (a stop that will be resumed)",
     )
     p.set_defaults(func=_cmd_consume)
+    listing = sub.add_parser(
+        "consume-list", help="list the streaming pipelines a Python module declares"
+    )
+    listing.add_argument("--module", required=True, metavar="MODULE", help="module to import")
+    listing.set_defaults(func=_cmd_consume_list)
