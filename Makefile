@@ -15,12 +15,13 @@ stop: ## stop the services
 	bash scripts/services.sh stop
 
 fmt: ## format the code
-	ruff format src tests benchmarks
-	ruff check --fix src tests benchmarks
+	ruff format src tests benchmarks examples
+	ruff check --fix src tests benchmarks examples
 
-lint: ## ruff
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+lint: ## ruff, and hadolint on the Dockerfile
+	ruff check src tests benchmarks examples
+	ruff format --check src tests benchmarks examples
+	hadolint Dockerfile
 
 typecheck: ## mypy --strict on src/
 	mypy

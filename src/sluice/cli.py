@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from sluice import envflags
 from sluice.config import load_file
 from sluice.config.spec import pipeline_type
 from sluice.engine.plan import build_plan
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flow`` console script; returns the exit code."""
     parser = build_parser()
+    envflags.apply_to(parser, os.environ, ("consume",))
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

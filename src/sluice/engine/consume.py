@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sluice import logs
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
 from sluice.engine.runner import Runner, RunOptions
@@ -122,17 +123,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def _cmd_consume(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("sluice.connectors.kafka.source").setLevel(logging.ERROR)
+    logs.configure(args.log_format, args.log_level)
     try:
         spec, functions, origin = _load(args)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    logs.bind(spec.pipeline_name)
     if args.metrics_port is not None:
         m.serve(args.metrics_port)
     opts = SupervisorOptions(
@@ -293,6 +290,15 @@ def add_consume_parser(sub: Any) -> None:
         action="store_true",
         help="(ours) with --stop-after-idle-ms: keep open windows and join rows for the next "
         "run instead of emitting them (a stop that will be resumed)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="text",
+        help="text for people, json for log collectors (one object per line)",
+    )
+    p.add_argument(
+        "--log-level", choices=logs.LEVELS, default="info", help="least severe level logged"
     )
     p.set_defaults(func=_cmd_consume)
     listing = sub.add_parser(

@@ -394,7 +394,13 @@ class Runner:
                 m.ERRORS.labels(self.name, "stage").inc()
                 error = exc
                 if attempt < attempts:
-                    log.warning("batch failed (attempt %d of %d): %s", attempt, attempts, exc)
+                    log.warning(
+                        "batch failed (attempt %d of %d): %s",
+                        attempt,
+                        attempts,
+                        exc,
+                        extra={"attempt": attempt},
+                    )
                     await self._retry.sleep(min(FIRST_WAIT_S * 2 ** (attempt - 1), MAX_WAIT_S))
         spans = "; ".join(f"source {b.source_id} {b.span()}" for b in batches)
         if self.on_error == "fail":
@@ -402,7 +408,13 @@ class Runner:
         if self.on_error == "drop":
             rows = sum(b.num_rows for b in batches)
             m.ROWS_DROPPED.labels(self.name, "transform").inc(rows)
-            log.warning("dropped a batch of %d row(s) (%s): %s", rows, spans, error)
+            log.warning(
+                "dropped a batch of %d row(s) (%s): %s",
+                rows,
+                spans,
+                error,
+                extra={"rows": rows, "source": ",".join(b.source_id for b in batches)},
+            )
             return _Transformed(None)
         letters = [letter for b in batches for letter in self._batch_letters(b, str(error))]
         return _Transformed(None, letters)
