@@ -262,6 +262,13 @@ class PipelineSpec(Spec, frozen=True, kw_only=True):
     dlq_max_attempts: Annotated[PositiveInt | None, doc("tries of a failing batch before DLQ")] = (
         None
     )
+    replicas: Annotated[
+        bool,
+        doc(
+            "(ours) may run as several processes in one consumer group: state and fencing per "
+            "source partition; windows and joins need input partitioned by their keys"
+        ),
+    ] = False
     source: Annotated[Source | None, doc("the one source")] = None
     sources: Annotated[list[Source] | None, doc("several sources, each with its query")] = None
     target: Annotated[Target | None, doc("the one target")] = None

@@ -427,6 +427,8 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
         _check_cdc(cdc, targets, add)
 
     _check_dlq(data, transform, window, sources, targets, add)
+    if data.get("replicas") is True:
+        _check_replicas(data, sources, window is not None or join is not None, add)
 
     for t_at, t in targets:
         _connector_rules("target", t, t_at, add)
@@ -436,6 +438,47 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
     if state_url is not None:
         state_url("state_store", ss, add)
     return problems
+
+
+def _check_replicas(
+    data: dict[str, Any], sources: list[tuple[str, dict[str, Any]]], stateful: bool, add: Any
+) -> None:
+    """``replicas = true``: partitioned sources read through one consumer
+    group, and (with a window or join) a shared durable state store."""
+    for at, source in sources:
+        connector = registry.of_kind("source", source.get("kind"))
+        if connector is not None and not connector.capabilities.partitioned:
+            add(
+                (
+                    f"{at}.kind",
+                    f"replicas = true needs sources whose partitions a group spreads over "
+                    f"processes (kafka); '{source.get('kind')}' has none",
+                )
+            )
+    if not stateful:
+        return
+    store = _table(data.get("state_store"))
+    if store.get("kind") != "postgres":
+        add(
+            (
+                "state_store",
+                "replicas = true with a window or join needs a postgres [state_store] the "
+                "replicas share (state and fencing per source partition)",
+            )
+        )
+    same = {"bootstrap_servers", "group_id", "security_protocol", "sasl_mechanism"}
+    first = sources[0][1] if sources else {}
+    for at, source in sources[1:]:
+        differ = sorted(k for k in same if source.get(k) != first.get(k))
+        if differ:
+            add(
+                (
+                    f"{at}.{differ[0]}",
+                    "replicas = true reads every source through one consumer (so that "
+                    "partition p of each topic lands on the same replica): the sources must "
+                    f"share {', '.join(differ)}",
+                )
+            )
 
 
 def _connector_rules(role: str, table: dict[str, Any], at: str, add: Any) -> None:

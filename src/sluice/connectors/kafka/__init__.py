@@ -38,6 +38,7 @@ CONNECTOR = Connector(
     targets=(KafkaTarget,),
     capabilities=Capabilities(seekable=True, partitioned=True, dead_letters=True),
     source="sluice.connectors.kafka.source:build_source",
+    shared_sources="sluice.connectors.kafka.shared:build_sources",
     dead_letters=DeadLetters(
         word="topic",
         role="source",
