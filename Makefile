@@ -27,7 +27,8 @@ typecheck: ## mypy --strict on src/
 	mypy
 
 test: services ## start the services, then run every test but the slow ones
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not disruptive"
+	$(PY) -m pytest -m "disruptive and not slow"
 
 test-unit: ## unit tests only (no services)
 	$(PY) -m pytest tests/unit

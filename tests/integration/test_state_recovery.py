@@ -381,6 +381,7 @@ def test_a_session_pipeline_killed_five_times_resumes_at_stored_positions_and_eq
     assert f.metric("sluice_windows_emitted_total") > 0
 
 
+@pytest.mark.disruptive
 def test_the_state_store_down_for_10s_commits_nothing_and_loses_nothing(
     kafka_topic: Callable[..., str], flow: Callable[..., Flow], tmp_path: Path
 ) -> None:
