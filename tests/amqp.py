@@ -102,20 +102,28 @@ def _api(path: str, method: str = "GET") -> Any:
 
 
 def connections(name: str) -> list[str]:
-    """The broker's names of the open connections whose client named itself
-    ``name`` (or ``name`` followed by more)."""
+    """The broker's names of the open connections whose client's connection
+    name contains ``name``."""
     out = []
     for conn in _api("connections?columns=name,client_properties") or []:
         props = conn.get("client_properties") or {}
-        if str(props.get("connection_name", "")).startswith(name):
+        if name in str(props.get("connection_name", "")):
             out.append(str(conn["name"]))
     return out
 
 
-def close_connections(name: str) -> int:
-    """Close, from the broker, every connection whose client named itself
-    ``name``...; how many were closed."""
+def close_connections(name: str, wait_s: float = 20.0) -> int:
+    """Close, from the broker, every connection whose client's connection name
+    contains ``name``; how many were closed.
+
+    The API lists a new connection only after its first statistics (about 5 s
+    on a default broker): waits up to ``wait_s`` for at least one.
+    """
+    deadline = time.monotonic() + wait_s
     names = connections(name)
+    while not names and time.monotonic() < deadline:
+        time.sleep(0.25)
+        names = connections(name)
     for conn in names:
         try:
             _api(f"connections/{urllib.parse.quote(conn, safe='')}", method="DELETE")

@@ -454,6 +454,49 @@ class DeltaLocalHarness(CdcTargetHarness):
         return pa.table(delta.scan())
 
 
+class RabbitMQTargetHarness(TargetHarness):
+    """RabbitMQ: a fresh queue per check; messages read back (and left in the
+    queue) as rows; a drop closes the target's connection through the
+    management API (its connection name holds the queue)."""
+
+    name = "rabbitmq"
+
+    def __init__(self) -> None:
+        self.queues: list[str] = []
+
+    def new_table(self) -> str:
+        self.queues.append(unique("conf"))
+        return self.queues[-1]
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        assert mode == "append" and not key, "a queue has no key to merge on"
+        return {"kind": "rabbitmq", "amqp_url": endpoints.RABBITMQ_URL, "queue": table}
+
+    def read_back(self, table: str) -> pa.Table | None:
+        bodies = amqp.peek(table)
+        if not bodies:
+            return None
+        rows = [msgspec.json.decode(b) for b in bodies]
+        names = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist reads row 0's only
+        return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
+
+    def drop_connection(self, table: str) -> int:
+        return amqp.close_connections(f"-> {table} ")
+
+    def cleanup(self) -> None:
+        for queue in self.queues:
+            amqp.delete(queue)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_target_harness() -> Iterator[RabbitMQTargetHarness]:
+    h = RabbitMQTargetHarness()
+    yield h
+    h.cleanup()
+
+
 @pytest.fixture(scope="session")
 def postgres_harness() -> Iterator[PostgresHarness]:
     h = PostgresHarness()

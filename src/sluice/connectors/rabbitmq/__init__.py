@@ -45,6 +45,7 @@ CONNECTOR = Connector(
     # queue's source is Seekable at run time (the engine asks the source).
     capabilities=Capabilities(ack_only=True),
     source="sluice.connectors.rabbitmq.source:build_source",
+    target="sluice.connectors.rabbitmq.target:build_target",
     source_rules=(_URL, _prefetch_rule),
     target_rules=(_URL,),
 )

@@ -204,7 +204,9 @@ class Link:
         channel.add_on_close_callback(self._on_channel_closed)
         if self._on_return is not None:
             on_return = self._on_return
-            channel.add_on_return_callback(lambda _ch, method, props, body: on_return(method, props, body))
+            channel.add_on_return_callback(
+                lambda _ch, method, props, body: on_return(method, props, body)
+            )
         if self._confirms:
             on_confirm = self._on_confirm or (lambda _frame: None)
             channel.confirm_delivery(on_confirm, callback=lambda _frame: self._opened())

@@ -403,7 +403,11 @@ class _Records:
     def record(self, index: int) -> RawRecord:
         t = self._taken
         return RawRecord(
-            self._queue, self._offset(index), t.stamps_ms[index], t.keys[index].encode(), t.bodies[index]
+            self._queue,
+            self._offset(index),
+            t.stamps_ms[index],
+            t.keys[index].encode(),
+            t.bodies[index],
         )
 
     def where(self, index: int) -> str:
