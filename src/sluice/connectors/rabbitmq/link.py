@@ -34,6 +34,9 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
     raise ModuleNotFoundError("pika", name="pika") from exc
 
 log = logging.getLogger(__name__)
+# pika narrates every connection and channel at INFO; sluice's logs stay quiet
+# in normal operation, and what goes wrong is logged here at WARNING.
+logging.getLogger("pika").setLevel(logging.WARNING)
 
 #: Longest wait for the connection and channel to open, seconds.
 OPEN_TIMEOUT_S = 15.0

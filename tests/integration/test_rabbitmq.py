@@ -1,0 +1,183 @@
+"""RabbitMQ → Postgres through real `flow consume` processes, against the real broker.
+
+* SIGKILL mid-stream and a restart: every message lands, once (merge target).
+* The broker closes the consumer's connection (management API) while a batch
+  is being written: the batch's delivery tags are not acknowledged on the new
+  connection, the broker delivers those messages again, the merge target
+  holds each once, and the queue ends empty (nothing ready, nothing unacked).
+* A target slower than two heartbeat intervals (a table lock held by the
+  test, heartbeat 2 s): the connection stays up and nothing is delivered twice.
+* A message that does not decode follows ``on_error``: fail naming the queue
+  and the delivery tag, drop counted, dlq with the raw payload.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from tests import amqp, endpoints
+from tests.integration.conftest import (
+    Flow,
+    events,
+    kill_after_reading,
+    unique,
+    wait_for_count,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+decode = msgspec.json.Decoder().decode
+
+
+def config(
+    queue: str,
+    table: str,
+    *,
+    url: str = endpoints.RABBITMQ_URL,
+    batch_rows: int = 200,
+    on_error: str | None = None,
+    extra: str = "",
+) -> str:
+    """A RabbitMQ → Postgres merge pipeline (key ``id``)."""
+    transform = f'[transform]\non_error = "{on_error}"\n' if on_error else ""
+    return f"""
+pipeline_name = "{table}"
+source_query = "{queue}"
+idle_pause_ms = 100
+{extra}
+
+[source]
+kind = "rabbitmq"
+amqp_url = "{url}"
+max_batch_rows = {batch_rows}
+max_batch_wait_ms = 100
+
+{transform}
+[target]
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+mode = "merge"
+
+[target.table]
+schema = "public"
+name = "{table}"
+primary_key = ["id"]
+"""
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    name = unique("rq")
+    amqp.declare(name)
+    yield name
+    amqp.delete(name)
+
+
+@pytest.fixture
+def table(pg: psycopg.Connection[Any]) -> Iterator[str]:
+    name = unique("rabbit")
+    yield name
+    pg.execute(f'DROP TABLE IF EXISTS public."{name}"')
+    pg.execute("DELETE FROM public._sluice_positions WHERE pipeline = %s", (name,))
+
+
+def assert_once(table: str, n: int) -> None:
+    """The table holds ids 0..n-1, each once, with the values produced."""
+    with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True) as conn:
+        rows = conn.execute(f"SELECT id, user_id, note FROM public.{table} ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == list(range(n)), f"{len(rows)} rows, expected ids 0..{n - 1}"
+    assert all(u == i % 997 and note == f"n{i}" for i, u, note in rows), "values differ"
+
+
+def queue_settles_empty(queue: str, f: Flow) -> float:
+    """0 ready and 0 unacknowledged while the consumer runs (management API,
+    statistics a few seconds old), then, with the consumer stopped, nothing
+    came back to the queue (a passive declare counts in real time). Returns
+    the rows the process consumed."""
+    wait_until(lambda: amqp.counts(queue) == (0, 0), 30, f"queue {queue} at 0 ready, 0 unacked")
+    consumed = f.metric("sluice_rows_consumed_total")
+    assert f.stop() == 0, f.output()
+    with amqp.connect() as conn:
+        ok = conn.channel().queue_declare(queue, passive=True)
+    assert ok.method.message_count == 0, f"{ok.method.message_count} messages came back"
+    return consumed
+
+
+def consumer_name(queue: str) -> str:
+    """What the source's connection name contains (``sluice <pipeline> <- <queue>``)."""
+    return f"<- {queue}"
+
+
+def test_sigkill_mid_stream_then_restart(queue: str, table: str, flow: Callable[..., Flow]) -> None:
+    n = 4000
+    amqp.publish(queue, events(n))
+    cfg = config(queue, table)
+    first = flow(cfg)
+    kill_after_reading(first, n / 4, random.uniform(0.0, 0.3))
+    landed = wait_for_count(f"public.{table}", lambda c: True, 5, "a count")
+    assert landed < n, "the kill came after everything was written: the test proves nothing"
+    second = flow(cfg)
+    wait_for_count(f"public.{table}", lambda c: c >= n, 60, f"{n} rows")
+    assert_once(table, n)
+    queue_settles_empty(queue, second)
+
+
+def test_connection_closed_by_broker_mid_batch(
+    queue: str, table: str, flow: Callable[..., Flow], pg: psycopg.Connection[Any]
+) -> None:
+    amqp.publish(queue, events(100))
+    f = flow(config(queue, table))
+    wait_for_count(f"public.{table}", lambda c: c == 100, 30, "the first 100 rows")
+    rest = 500
+    with psycopg.connect(endpoints.POSTGRES_URL) as locker:
+        # The test holds the table: the next batch's write waits, unacknowledged.
+        locker.execute(f"LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE")
+        amqp.publish(queue, events(rest, start=100))
+        # A batch is counted as consumed right before its write (which waits).
+        wait_until(
+            lambda: f.metric("sluice_rows_consumed_total") > 100, 30, "the next batch's write"
+        )
+        closed = amqp.close_connections(consumer_name(queue))
+        assert closed == 1, f"closed {closed} connections of the consumer"
+        locker.rollback()  # the write goes on, into a batch whose tags are dead
+    wait_for_count(f"public.{table}", lambda c: c >= 100 + rest, 60, "every row")
+    consumed = queue_settles_empty(queue, f)
+    # The batch written over the closed connection was not acknowledged, and
+    # its messages came again: more rows read than published.
+    assert consumed > 100 + rest, f"{consumed} rows read: nothing was delivered again"
+    assert "not acknowledging delivery tags" in f.output(), f.output()
+    assert_once(table, 100 + rest)
+
+
+def test_slow_target_keeps_the_connection(
+    queue: str, table: str, flow: Callable[..., Flow], pg: psycopg.Connection[Any]
+) -> None:
+    heartbeat_s = 2
+    url = endpoints.RABBITMQ_URL + f"?heartbeat={heartbeat_s}"
+    amqp.publish(queue, events(50))
+    f = flow(config(queue, table, url=url))
+    wait_for_count(f"public.{table}", lambda c: c == 50, 30, "the first 50 rows")
+    names = wait_until(lambda: amqp.connections(consumer_name(queue)), 20, "the consumer")
+    with psycopg.connect(endpoints.POSTGRES_URL) as locker:
+        locker.execute(f"LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE")
+        amqp.publish(queue, events(150, start=50))
+        wait_until(
+            lambda: f.metric("sluice_rows_consumed_total") > 50, 30, "the next batch's write"
+        )
+        # The write waits for 3.5 heartbeat intervals: a client that misses
+        # two is closed by the broker.
+        time.sleep(3.5 * heartbeat_s)
+        locker.rollback()
+    wait_for_count(f"public.{table}", lambda c: c >= 200, 30, "every row")
+    assert amqp.connections(consumer_name(queue)) == names, "the consumer's connection changed"
+    assert "lost:" not in f.output(), f.output()
+    consumed = queue_settles_empty(queue, f)
+    assert consumed == 200, f"{consumed} rows read: messages were delivered twice"
+    assert_once(table, 200)
