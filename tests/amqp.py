@@ -28,6 +28,21 @@ def declare(queue: str, args: dict[str, Any] | None = None) -> None:
         conn.channel().queue_declare(queue, durable=True, arguments=args)
 
 
+def bind_exchange(exchange: str, queue: str) -> None:
+    """Declare a fanout ``exchange`` and a durable ``queue`` bound to it."""
+    with connect() as conn:
+        ch = conn.channel()
+        ch.exchange_declare(exchange, "fanout", durable=True)
+        ch.queue_declare(queue, durable=True)
+        ch.queue_bind(queue, exchange)
+
+
+def delete_exchange(exchange: str) -> None:
+    """Delete ``exchange``."""
+    with connect() as conn:
+        conn.channel().exchange_delete(exchange)
+
+
 def delete(queue: str) -> None:
     """Delete ``queue`` (whatever it holds)."""
     with connect() as conn:
@@ -54,17 +69,16 @@ def publish(
         ch.queue_declare(queue, passive=True)
 
 
-def drain(queue: str, timeout_s: float = 5.0) -> list[bytes]:
-    """Every message in ``queue``, taken (acknowledged): the test's read-back."""
-    out: list[bytes] = []
+def drain(queue: str) -> list[tuple[bytes, dict[str, Any]]]:
+    """Every message ready in ``queue`` with its headers, taken (acknowledged)."""
+    out: list[tuple[bytes, dict[str, Any]]] = []
     with connect() as conn:
         ch = conn.channel()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            method, _props, body = ch.basic_get(queue, auto_ack=True)
+        while True:
+            method, props, body = ch.basic_get(queue, auto_ack=True)
             if method is None:
                 break
-            out.append(body)
+            out.append((body, dict(props.headers or {})))
     return out
 
 

@@ -181,3 +181,69 @@ def test_slow_target_keeps_the_connection(
     consumed = queue_settles_empty(queue, f)
     assert consumed == 200, f"{consumed} rows read: messages were delivered twice"
     assert_once(table, 200)
+
+
+BAD = b'{"id": 3, "user_id": '  # cut short: not JSON
+
+
+def publish_with_bad(queue: str) -> None:
+    """Ids 0-2, one undecodable message (the 4th: delivery tag 4), ids 3-5."""
+    amqp.publish(queue, [*events(3), BAD, *events(3, start=3)])
+
+
+def test_undecodable_message_fails_naming_queue_and_tag(
+    queue: str, table: str, flow: Callable[..., Flow]
+) -> None:
+    publish_with_bad(queue)
+    f = flow(config(queue, table, batch_rows=2))  # the bad one is not in the first batch
+    assert f.proc.wait(timeout=60) == 1, f.output()
+    out = f.output()
+    assert f"cannot decode message at queue {queue} delivery tag 4" in out, out
+    # Nothing at or after it was acknowledged: it is back in the queue.
+    with amqp.connect() as conn:
+        ok = conn.channel().queue_declare(queue, passive=True)
+    assert ok.method.message_count >= 4, f"{ok.method.message_count} messages left"
+
+
+def test_undecodable_message_dropped_and_counted(
+    queue: str, table: str, flow: Callable[..., Flow]
+) -> None:
+    publish_with_bad(queue)
+    f = flow(config(queue, table, on_error="drop"))
+    wait_for_count(f"public.{table}", lambda c: c >= 6, 30, "the 6 good rows")
+    wait_until(lambda: f.metric("sluice_rows_dropped_total") == 1, 10, "one row dropped")
+    queue_settles_empty(queue, f)
+    assert_once(table, 6)
+
+
+def test_undecodable_message_to_the_dead_letter_exchange(
+    queue: str, table: str, flow: Callable[..., Flow]
+) -> None:
+    """``x-dead-letter-exchange`` on the queue: the raw message is published
+    there (confirmed) before the batch is acknowledged."""
+    exchange, letters = unique("dlx"), unique("dead")
+    amqp.bind_exchange(exchange, letters)
+    source_queue = unique("rq")
+    amqp.declare(source_queue, {"x-dead-letter-exchange": exchange})
+    try:
+        publish_with_bad(source_queue)
+        cfg = config(source_queue, table, on_error="dlq", extra='dlq_store = "auto"')
+        cfg = cfg.replace(
+            "max_batch_rows",
+            f'queue_args = {{ "x-dead-letter-exchange" = "{exchange}" }}\nmax_batch_rows',
+        )
+        f = flow(cfg)
+        wait_for_count(f"public.{table}", lambda c: c >= 6, 30, "the 6 good rows")
+        wait_until(lambda: f.metric("sluice_dlq_writes_total") == 1, 10, "one dead letter")
+        queue_settles_empty(source_queue, f)
+        assert_once(table, 6)
+        dead = amqp.drain(letters)
+        assert [body for body, _ in dead] == [BAD], dead
+        headers = dead[0][1]
+        assert headers["sluice.stage"] == "decode", headers
+        assert headers["sluice.partition"] == source_queue and headers["sluice.offset"] == "4"
+        assert "invalid JSON" in headers["sluice.error"], headers
+    finally:
+        amqp.delete(source_queue)
+        amqp.delete(letters)
+        amqp.delete_exchange(exchange)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sluice.connectors.descriptor import Add, Capabilities, Connector, url_rule
+from sluice.connectors.descriptor import Add, Capabilities, Connector, DeadLetters, url_rule
 from sluice.connectors.rabbitmq.spec import MAX_PREFETCH, RabbitMQSource, RabbitMQTarget
 
 _URL = url_rule("amqp_url", ("amqp://", "amqps://"), article="an")
@@ -36,6 +36,14 @@ def _prefetch_rule(at: str, source: dict[str, Any], add: Add) -> None:
         )
 
 
+def _dead_letter_exchange(spec: Any) -> str | None:
+    """A source queue's ``x-dead-letter-exchange`` takes its dead letters."""
+    if not isinstance(spec, RabbitMQSource):
+        return None
+    exchange = spec.queue_args.get("x-dead-letter-exchange")
+    return exchange if isinstance(exchange, str) and exchange else None
+
+
 CONNECTOR = Connector(
     name="rabbitmq",
     extra="rabbitmq",
@@ -43,9 +51,19 @@ CONNECTOR = Connector(
     targets=(RabbitMQTarget,),
     # ack_only: a window or join over a queue needs a [state_store]. A stream
     # queue's source is Seekable at run time (the engine asks the source).
-    capabilities=Capabilities(ack_only=True),
+    capabilities=Capabilities(ack_only=True, dead_letters=True),
     source="sluice.connectors.rabbitmq.source:build_source",
     target="sluice.connectors.rabbitmq.target:build_target",
+    # Dead letters of a source whose queue names x-dead-letter-exchange go
+    # there (published with confirms), like a Kafka source's dead_letter_topic.
+    dead_letters=DeadLetters(
+        word="exchange",
+        role="source",
+        destination="EXCHANGE",
+        pattern=r"[^\s]+",
+        sink="sluice.connectors.rabbitmq.dlq:build_sink",
+        own=_dead_letter_exchange,
+    ),
     source_rules=(_URL, _prefetch_rule),
     target_rules=(_URL,),
 )

@@ -94,66 +94,65 @@ class _Confirms:
         return self.floor >= self.target and not self.above
 
 
-class RabbitMQTarget:
-    """Publishes rows as JSON messages to one queue, durable on flush."""
+class Publisher:
+    """A confirm channel that publishes messages and waits for their confirms.
 
-    def __init__(self, spec: RabbitMQTargetSpec, ctx: Context, index: int) -> None:
-        self.spec = spec
-        self.queue = spec.queue
-        self.id = f"rabbitmq:{spec.queue}"
-        self.pipeline = ctx.pipeline.pipeline_name
-        self._name = f"sluice {self.pipeline} -> {spec.queue} (target {index})"
+    ``what`` names it in errors. Each message is ``(routing_key, body,
+    properties)``, published ``mandatory`` to ``exchange``.
+    """
+
+    def __init__(self, url: str, name: str, what: str) -> None:
+        self.url = url
+        self.name = name
+        self.what = what
         self._link: Link | None = None
         self._confirms = _Confirms()
-        self._staged: list[pa.Table] = []
 
-    def open(self) -> None:
-        """Connect with a confirm channel and declare the queue."""
+    def open(self, declare: tuple[str, dict[str, Any]] | None = None) -> None:
+        """Connect; with ``declare = (queue, queue_args)``, declare that queue (durable)."""
         self.close()
         confirms = _Confirms()
         link = Link(
-            self.spec.amqp_url,
-            self._name,
+            self.url,
+            self.name,
             confirms=True,
             on_confirm=confirms.on_confirm,
             on_return=confirms.on_return,
         )
         link.open()
-        queue, args = self.queue, dict(self.spec.queue_args) or None
         try:
-            link.call(
-                lambda ch, done: ch.queue_declare(
-                    queue, durable=True, arguments=args, callback=done
-                ),
-                f"rabbitmq: declaring queue {queue}",
-            )
+            if declare is not None:
+                queue, args = declare[0], dict(declare[1]) or None
+                link.call(
+                    lambda ch, done: ch.queue_declare(
+                        queue, durable=True, arguments=args, callback=done
+                    ),
+                    f"rabbitmq: declaring queue {queue}",
+                )
         except BaseException:
             link.close()
             raise
         self._link, self._confirms = link, confirms
 
-    def write(self, data: pa.Table) -> None:
-        """Stage ``data`` for the next flush (nothing is sent yet)."""
-        if data.num_rows:
-            self._staged.append(data)
+    def publish(self, exchange: str, messages: list[tuple[str, bytes, Any]]) -> None:
+        """Publish ``messages`` and return once the broker confirmed every one.
 
-    def flush(self) -> None:
-        """Publish every staged row and wait until the broker confirmed them all."""
-        if not self._staged:
+        Raises :class:`ConnectorError` when the broker returned one
+        (unroutable), :class:`TransientError` when it nacked one, the
+        connection was lost or the confirms did not come in time.
+        """
+        if not messages:
             return
         link = self._link
         if link is None or not link.alive:
-            raise TransientError(f"{self.id}: not connected")
-        bodies = _bodies(self._staged)
+            raise TransientError(f"{self.what}: not connected")
         confirms = self._confirms
         with confirms.cond:
             first = confirms.published
-            confirms.published += len(bodies)
+            confirms.published += len(messages)
             confirms.target = confirms.published
             nacked, returned = confirms.nacked, confirms.returned
-        queue = self.queue
-        props = _properties()
-        link.post(lambda ch: _publish(link, ch, queue, bodies, props, 0))
+        link.post(lambda ch: _publish(link, ch, exchange, messages, 0))
         deadline = time.monotonic() + CONFIRM_TIMEOUT_S
         with confirms.cond:
             # Woken by each confirm; every 0.5 s at least, to notice a lost connection.
@@ -166,28 +165,64 @@ class RabbitMQTarget:
         if not confirms.settled():
             failure = link.failure
             reason = f"connection lost: {failure}" if failure else "no confirm in time"
-            what = "unconfirmed" if done else f"unconfirmed after {CONFIRM_TIMEOUT_S:.0f} s"
+            late = "unconfirmed" if done else f"unconfirmed after {CONFIRM_TIMEOUT_S:.0f} s"
             raise TransientError(
-                f"{self.id}: messages {first + 1}-{confirms.target} of this channel {what} "
-                f"({reason}); publishing the batch again"
+                f"{self.what}: messages {first + 1}-{confirms.target} of this channel {late} "
+                f"({reason}); publishing them again"
             )
         if returned:
             raise ConnectorError(
-                f"{self.id}: the broker returned {returned} of {len(bodies)} message(s) "
-                f"as unroutable ({why}): is queue {queue!r} still there?"
+                f"{self.what}: the broker returned {returned} of {len(messages)} message(s) "
+                f"as unroutable ({why})"
             )
         if nacked:
             raise TransientError(
-                f"{self.id}: the broker refused (nacked) {nacked} of {len(bodies)} message(s)"
+                f"{self.what}: the broker refused (nacked) {nacked} of {len(messages)} message(s)"
             )
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+
+class RabbitMQTarget:
+    """Publishes rows as JSON messages to one queue, durable on flush."""
+
+    def __init__(self, spec: RabbitMQTargetSpec, ctx: Context, index: int) -> None:
+        self.spec = spec
+        self.queue = spec.queue
+        self.id = f"rabbitmq:{spec.queue}"
+        self.pipeline = ctx.pipeline.pipeline_name
+        name = f"sluice {self.pipeline} -> {spec.queue} (target {index})"
+        self._publisher = Publisher(spec.amqp_url, name, self.id)
+        self._staged: list[pa.Table] = []
+
+    def open(self) -> None:
+        """Connect with a confirm channel and declare the queue."""
+        self._staged.clear()
+        self._publisher.open((self.queue, self.spec.queue_args))
+
+    def write(self, data: pa.Table) -> None:
+        """Stage ``data`` for the next flush (nothing is sent yet)."""
+        if data.num_rows:
+            self._staged.append(data)
+
+    def flush(self) -> None:
+        """Publish every staged row and wait until the broker confirmed them all
+        (an unroutable message: is the queue still there?)."""
+        if not self._staged:
+            return
+        props = _properties()
+        queue = self.queue
+        self._publisher.publish("", [(queue, body, props) for body in _bodies(self._staged)])
         self._staged.clear()
 
     def close(self) -> None:
         """Drop what was staged and close the connection. Idempotent."""
         self._staged.clear()
-        link, self._link = self._link, None
-        if link is not None:
-            link.close()
+        self._publisher.close()
 
 
 def _properties() -> Any:
@@ -196,13 +231,15 @@ def _properties() -> Any:
     return pika.BasicProperties(content_type="application/json", delivery_mode=2)
 
 
-def _publish(link: Link, ch: Any, queue: str, bodies: list[bytes], props: Any, start: int) -> None:
-    """Publish ``bodies[start:start + _CHUNK]`` (I/O thread), then the rest on a
+def _publish(
+    link: Link, ch: Any, exchange: str, messages: list[tuple[str, bytes, Any]], start: int
+) -> None:
+    """Publish ``messages[start:start + _CHUNK]`` (I/O thread), then the rest on a
     later turn of the loop, so confirms and heartbeats are read in between."""
-    for body in bodies[start : start + _CHUNK]:
-        ch.basic_publish("", queue, body, props, mandatory=True)
-    if start + _CHUNK < len(bodies):
-        link.post(lambda ch2: _publish(link, ch2, queue, bodies, props, start + _CHUNK))
+    for key, body, props in messages[start : start + _CHUNK]:
+        ch.basic_publish(exchange, key, body, props, mandatory=True)
+    if start + _CHUNK < len(messages):
+        link.post(lambda ch2: _publish(link, ch2, exchange, messages, start + _CHUNK))
 
 
 def _bodies(tables: list[pa.Table]) -> list[bytes]:
