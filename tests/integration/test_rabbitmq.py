@@ -247,3 +247,32 @@ def test_undecodable_message_to_the_dead_letter_exchange(
         amqp.delete(source_queue)
         amqp.delete(letters)
         amqp.delete_exchange(exchange)
+
+
+def test_stream_sigkill_then_restart_exactly_once_into_append(
+    table: str, flow: Callable[..., Flow]
+) -> None:
+    """A stream queue is seekable: its offsets go into the target's transaction
+    (``_sluice_positions``) like Kafka's, so a SIGKILL and a restart write every
+    message exactly once even into an append table."""
+    stream = unique("rs")
+    amqp.declare(stream, {"x-queue-type": "stream"})
+    try:
+        n = 4000
+        amqp.publish(stream, events(n))
+        cfg = config(stream, table).replace('mode = "merge"', 'mode = "append"')
+        cfg = cfg.replace('primary_key = ["id"]', "")
+        cfg = cfg.replace(
+            "max_batch_rows", 'queue_args = { "x-queue-type" = "stream" }\nmax_batch_rows'
+        )
+        first = flow(cfg)
+        kill_after_reading(first, n / 4, random.uniform(0.0, 0.3))
+        landed = wait_for_count(f"public.{table}", lambda c: True, 5, "a count")
+        assert landed < n, "the kill came after everything was written: the test proves nothing"
+        second = flow(cfg)
+        wait_for_count(f"public.{table}", lambda c: c >= n, 60, f"{n} rows")
+        time.sleep(1.0)  # a replay that doubled rows would land by now
+        assert second.stop() == 0, second.output()
+        assert_once(table, n)
+    finally:
+        amqp.delete(stream)
