@@ -276,3 +276,63 @@ def test_stream_sigkill_then_restart_exactly_once_into_append(
         assert_once(table, n)
     finally:
         amqp.delete(stream)
+
+
+def build_target(queue: str, queue_args: dict[str, Any] | None = None) -> Any:
+    """The RabbitMQ target of a pipeline writing ``queue``, as `flow consume` builds it."""
+    from sluice.connectors import registry
+    from sluice.testing import load_pipeline
+
+    target: dict[str, Any] = {"kind": "rabbitmq", "amqp_url": endpoints.RABBITMQ_URL}
+    target["queue"] = queue
+    if queue_args:
+        target["queue_args"] = queue_args
+    spec = load_pipeline(
+        {
+            "pipeline_name": unique("p"),
+            "source_query": "unused",
+            "source": {"kind": "kafka", "bootstrap_servers": "unused:9092"},
+            "target": target,
+        }
+    )
+    return registry.build_target(spec.all_targets[0], registry.Context(spec), 0)
+
+
+def test_target_unroutable_message_is_an_error() -> None:
+    """``mandatory`` publishes: with its queue deleted under it, a flush fails
+    loudly instead of the broker dropping the messages."""
+    import pyarrow as pa
+
+    from sluice.errors import ConnectorError
+
+    queue = unique("rt")
+    target = build_target(queue)
+    target.open()
+    try:
+        amqp.delete(queue)
+        target.write(pa.table({"id": [1, 2]}))
+        with pytest.raises(ConnectorError, match="returned 2 of 2 message"):
+            target.flush()
+    finally:
+        target.close()
+        amqp.delete(queue)
+
+
+def test_target_nacked_message_is_a_transient_error() -> None:
+    """A queue full with ``x-overflow = reject-publish`` nacks what does not
+    fit: the flush fails (transiently: the engine publishes again)."""
+    import pyarrow as pa
+
+    from sluice.errors import TransientError
+
+    queue = unique("rt")
+    target = build_target(queue, {"x-max-length": 2, "x-overflow": "reject-publish"})
+    target.open()
+    try:
+        target.write(pa.table({"id": [1, 2, 3, 4, 5]}))
+        with pytest.raises(TransientError, match="nacked\\) 3 of 5"):
+            target.flush()
+        assert sorted(decode(b)["id"] for b in amqp.peek(queue) or []) == [1, 2]
+    finally:
+        target.close()
+        amqp.delete(queue)

@@ -68,16 +68,18 @@ class _Confirms:
         tag = int(method.delivery_tag)
         with self.cond:
             if method.multiple:
-                settled = tag - self.floor - sum(1 for t in self.above if t <= tag)
+                settled = max(0, tag - self.floor - sum(1 for t in self.above if t <= tag))
                 self.above = {t for t in self.above if t > tag}
                 self.floor = max(self.floor, tag)
             else:
-                settled = 1
+                settled = 1 if tag > self.floor and tag not in self.above else 0
                 if tag > self.floor:
                     self.above.add(tag)
-                while self.floor + 1 in self.above:
-                    self.above.discard(self.floor + 1)
-                    self.floor += 1
+            # Tags settled one by one right above the floor join it (the
+            # broker may nack 3-5 before it acks 1-2 with one multiple ack).
+            while self.floor + 1 in self.above:
+                self.above.discard(self.floor + 1)
+                self.floor += 1
             if nack:
                 self.nacked += settled
             self.cond.notify_all()
