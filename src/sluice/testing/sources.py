@@ -171,10 +171,10 @@ def bad_payload_reported(h: SourceHarness) -> None:
     """An undecodable record is reported, with its raw bytes and where it sits.
 
     ``Batch.bad`` names it by index into ``Batch.raw``, whose record carries
-    the raw payload and an offset (an ack-only source: its delivery tag)
-    inside the batch's position keys (an ack-only source: among
-    ``Batch.partitions``), so the engine's ``on_error`` can fail naming it,
-    drop it, or dead-letter it. The good records around it still decode.
+    the raw payload and an offset inside the batch's position keys (an
+    ack-only source: its message id and queue / subscription), so the
+    engine's ``on_error`` can fail naming it, drop it, or dead-letter it.
+    The good records around it still decode.
     """
     stream = h.new_stream()
     h.produce(stream, rows(0, 2))
@@ -193,10 +193,11 @@ def bad_payload_reported(h: SourceHarness) -> None:
     assert record.offset is not None, "a bad record must say where it sits (its offset)"
     if isinstance(source, Seekable):
         assert batch.position is not None, "the batches of a seekable source carry a position"
-        keys: Sequence[str] = tuple(batch.position)
-    else:
-        keys = batch.partitions
-    assert record.partition in keys, f"bad record's partition {record.partition!r} is not in {keys}"
+        assert record.partition in batch.position, (
+            f"bad record's partition {record.partition!r} is not a key of {batch.position}"
+        )
+    else:  # ack-only: the record names its queue / subscription instead
+        assert record.partition, "a bad record of an ack-only source must name where it sits"
     assert batch.raw.where(index), "a bad record must be locatable for the error message"
 
 
