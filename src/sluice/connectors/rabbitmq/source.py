@@ -24,6 +24,9 @@ handed out yet are dropped (they come back). Errors no retry can mend (bad
 credentials, the queue declared with other arguments) raise
 :class:`~sluice.errors.ConnectorError`.
 
+The source is :class:`~sluice.connectors.api.Observable` for its connection
+(``connected``; its lag is not measured).
+
 **_event_ts** is the AMQP ``timestamp`` property (whole seconds since the
 epoch, as the AMQP 0-9-1 specification defines it), else the time the
 message was received.
@@ -250,6 +253,20 @@ class RabbitMQSource:
             return None
         assert self._link is not None and self._deliveries is not None
         return self._link, self._deliveries
+
+    # -- observability -------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection consumes now (``/readyz`` answers 503 while
+        not, and the source does not count as idle)."""
+        link = self._link
+        return link is not None and link.alive
+
+    def lag(self) -> dict[str, int]:
+        """Not measured (a queue's depth costs a round trip per read): empty,
+        which the watermark reads as "no backlog known" for a whole source."""
+        return {}
 
     # -- reading ------------------------------------------------------------
 
