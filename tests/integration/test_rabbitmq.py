@@ -208,14 +208,21 @@ def test_undecodable_message_fails_naming_queue_and_tag(
 
 
 def test_undecodable_message_dropped_and_counted(
-    queue: str, table: str, flow: Callable[..., Flow]
+    queue: str, table: str, flow: Callable[..., Flow], pg: psycopg.Connection[Any]
 ) -> None:
+    started = time.time()
     publish_with_bad(queue)
     f = flow(config(queue, table, on_error="drop"))
     wait_for_count(f"public.{table}", lambda c: c >= 6, 30, "the 6 good rows")
     wait_until(lambda: f.metric("sluice_rows_dropped_total") == 1, 10, "one row dropped")
     queue_settles_empty(queue, f)
     assert_once(table, 6)
+    # No AMQP timestamp on these messages: _event_ts is the time they were received.
+    row = pg.execute(
+        f"SELECT min(extract(epoch FROM _event_ts)), max(extract(epoch FROM _event_ts)) "
+        f"FROM public.{table}"
+    ).fetchone()
+    assert row is not None and started - 1 <= float(row[0]) <= float(row[1]) <= time.time(), row
 
 
 def test_undecodable_message_to_the_dead_letter_exchange(
