@@ -355,3 +355,44 @@ def test_broker_unreachable_is_retried_and_not_ready(table: str, flow: Callable[
     assert f.status("/readyz") == 503
     assert f.proc.poll() is None, f.output()
     assert f.stop() == 0, f.output()
+
+
+def test_window_with_state_store_is_not_starved_by_the_prefetch(
+    queue: str, table: str, flow: Callable[..., Flow], pg: psycopg.Connection[Any]
+) -> None:
+    """A window over a queue acknowledges at checkpoints: once its prefetch
+    (2 x 100 here) is read the broker sends nothing more, so the engine
+    checkpoints at the next idle round instead of waiting for the interval
+    (60 s) or taking the silence for the end of the input."""
+    schema = unique("rstate")
+    amqp.publish(queue, events(1000))
+    window = f"""
+[transform.window]
+kind = "tumbling"
+duration_ms = 3600000
+group_by = ["user_id"]
+max_groups_per_window = 100000
+
+[[transform.window.aggregations]]
+agg = "count"
+as = "n"
+
+[state_store]
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+schema = "{schema}"
+"""
+    cfg = config(queue, table, batch_rows=100).replace("\n[target]", window + "\n[target]", 1)
+    cfg = cfg.replace('primary_key = ["id"]', 'primary_key = ["user_id", "window_start"]')
+    # A bounded run: once idle for 2 s it drains (emits the hour's window),
+    # commits and exits. Starved by the prefetch, it would stop after 200.
+    f = flow(cfg, "--stop-after-idle-ms", "2000")
+    try:
+        assert f.proc.wait(timeout=30) == 0, f.output()
+        with amqp.connect() as conn:
+            ok = conn.channel().queue_declare(queue, passive=True)
+        assert ok.method.message_count == 0, f"{ok.method.message_count} messages came back"
+        # 997 users (id % 997), 1000 events.
+        assert pg.execute(f"SELECT count(*), sum(n) FROM public.{table}").fetchone() == (997, 1000)
+    finally:
+        pg.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

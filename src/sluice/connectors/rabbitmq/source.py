@@ -37,6 +37,8 @@ position is ``{queue: last offset + 1}``, kept like a Kafka offset (in the
 targets' ``_sluice_positions`` or the state store) and, on every commit, in a
 small file under ``$SLUICE_STATE_DIR`` (the broker keeps no offsets for AMQP
 consumers). A new reader with no stored offset starts at the first message.
+Its acknowledgements are only the broker's credit: sent when a batch is
+handed out, so a pipeline that holds commits back is never starved.
 """
 
 from __future__ import annotations
@@ -379,6 +381,13 @@ class RabbitMQStreamSource(RabbitMQSource):
     def _to_batch(self, taken: _Taken) -> Batch:
         batch = super()._to_batch(taken)
         self._next = taken.offsets[-1] + 1  # a reconnection goes on from here
+        # A stream's acks are only the broker's credit (the offset is what is
+        # committed): given as soon as a batch is handed out, so the consumer
+        # is never starved while the engine holds commits back (checkpoints).
+        # The prefetch still bounds what waits here, undelivered to the engine.
+        link, tag = self._link, taken.tags[-1]
+        if link is not None:
+            link.post(lambda ch: ch.basic_ack(tag, multiple=True))
         return batch
 
     def _offsets(self, taken: _Taken) -> list[int]:
@@ -388,18 +397,18 @@ class RabbitMQStreamSource(RabbitMQSource):
         return {self.queue: taken.offsets[-1] + 1}
 
     def _ack(self, taken: _Taken) -> Any:
-        return _StreamAck(Ack(self._generation, taken.tags[-1]), taken.offsets[-1] + 1)
+        return _StreamAck(taken.offsets[-1] + 1)
 
     def commit(self, ack: _StreamAck) -> None:  # type: ignore[override]  # the stream's own token
         """Keep the position in the local file (the rows are durable whatever
-        the connection does), then acknowledge for the broker's credit."""
+        the connection does; the broker's credit was given at hand-out)."""
         write_json(self._checkpoint, {"offset": ack.offset})
-        super().commit(ack.inner)
 
 
 @dataclass(frozen=True, slots=True)
 class _StreamAck:
-    inner: Ack
+    """A stream batch's ack token: the offset after its last message."""
+
     offset: int
 
 
