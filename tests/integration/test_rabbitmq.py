@@ -118,11 +118,11 @@ def consumer_name(queue: str) -> str:
 
 
 def test_sigkill_mid_stream_then_restart(queue: str, table: str, flow: Callable[..., Flow]) -> None:
-    n = 4000
+    n = 6000
     amqp.publish(queue, events(n))
     cfg = config(queue, table)
     first = flow(cfg)
-    kill_after_reading(first, n / 4, random.uniform(0.0, 0.3))
+    kill_after_reading(first, n / 4, random.uniform(0.0, 0.1))
     landed = wait_for_count(f"public.{table}", lambda c: True, 5, "a count")
     assert landed < n, "the kill came after everything was written: the test proves nothing"
     second = flow(cfg)
@@ -267,7 +267,7 @@ def test_stream_sigkill_then_restart_exactly_once_into_append(
     stream = unique("rs")
     amqp.declare(stream, {"x-queue-type": "stream"})
     try:
-        n = 4000
+        n = 6000
         amqp.publish(stream, events(n))
         cfg = config(stream, table).replace('mode = "merge"', 'mode = "append"')
         cfg = cfg.replace('primary_key = ["id"]', "")
@@ -275,7 +275,7 @@ def test_stream_sigkill_then_restart_exactly_once_into_append(
             "max_batch_rows", 'queue_args = { "x-queue-type" = "stream" }\nmax_batch_rows'
         )
         first = flow(cfg)
-        kill_after_reading(first, n / 4, random.uniform(0.0, 0.3))
+        kill_after_reading(first, n / 4, random.uniform(0.0, 0.1))
         landed = wait_for_count(f"public.{table}", lambda c: True, 5, "a count")
         assert landed < n, "the kill came after everything was written: the test proves nothing"
         second = flow(cfg)
