@@ -43,5 +43,6 @@ bench: services ## run the benchmarks (sluice beside the reference engine)
 	$(PY) -m benchmarks.kafka_sql_lookup_to_postgres.run
 	$(PY) -m benchmarks.kafka_tumbling_to_postgres.run
 	$(PY) -m benchmarks.kafka_join_to_postgres.run
+	$(PY) -m benchmarks.brokers.rabbitmq_run
 
 .PHONY: help install services stop fmt lint typecheck test test-unit test-slow bench

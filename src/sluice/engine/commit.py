@@ -425,11 +425,13 @@ class HoldBack:
 class Checkpointing:
     """Commit stage state, positions and watermark to a durable store, then ack.
 
-    A checkpoint is taken when a round emitted rows, on the final commit, or
-    once ``interval_s`` passed since the last one, and only when something
-    changed since. ``joined``: the only target, in the store's database: a
-    round's checkpoint then commits in the transaction of its output rows
-    (staged by :meth:`before_write`, adopted by :meth:`commit`).
+    A checkpoint is taken when a round emitted rows, on the final commit,
+    once ``interval_s`` passed since the last one, or after an idle round
+    while an ack-only source's acknowledgement is pending (the broker sends
+    it nothing more until then), and only when something changed since.
+    ``joined``: the only target, in the store's database: a round's
+    checkpoint then commits in the transaction of its output rows (staged by
+    :meth:`before_write`, adopted by :meth:`commit`).
     """
 
     rewinds_on_rebalance = True
@@ -467,6 +469,11 @@ class Checkpointing:
         self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch since then
         self._dirty = False  # batches processed (or the watermark moved) since then
         self._at = time.monotonic()
+        # Sources that only acknowledge (a queue): the broker sends them no
+        # more than its prefetch of unacknowledged messages, so once that is
+        # read they get nothing until the next checkpoint acknowledges it.
+        self._ack_only = {s.id for s in self._sources if not isinstance(s, Seekable)}
+        self._fresh = False  # on_batch ran since the last commit (not an idle round)
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Load the last checkpoint (connecting the store first) and start the
@@ -569,6 +576,7 @@ class Checkpointing:
                 self._positions.setdefault(b.source_id, {}).update(b.position)
             self._acks[b.source_id] = b.ack
         self._dirty = True
+        self._fresh = True
 
     def on_advance(self) -> None:
         """The watermark moved (a join may have evicted): worth a checkpoint."""
@@ -610,7 +618,12 @@ class Checkpointing:
         return None
 
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
-        """Checkpoint when due (see the class docstring), then acknowledge."""
+        """Checkpoint when due (see the class docstring), then acknowledge.
+
+        Also due after an idle round while an ack-only source waits for its
+        acknowledgement: it may be starved by the broker's prefetch, not idle.
+        """
+        idle, self._fresh = not self._fresh, False
         landed, self._landed = self._landed, None
         if landed is not None:  # the joined target's flush committed this round's checkpoint
             landed_version, written, deleted = landed
@@ -623,7 +636,8 @@ class Checkpointing:
             await self._acknowledge()
             if not final:
                 return True
-        due = time.monotonic() - self._at >= self._interval_s
+        starved = idle and any(source in self._acks for source in self._ack_only)
+        due = time.monotonic() - self._at >= self._interval_s or starved
         if not (self._dirty and (emitted or final or due)):
             return True
         started = time.perf_counter()
