@@ -9,7 +9,15 @@ A broker source does two things with what it read:
 2. ``table = event_table(decoded, timestamps_us)``: the decoded rows with
    ``_event_ts`` from the broker's timestamps.
 
-Encoders: :mod:`sluice.formats.jsontext` (Arrow values as JSON text).
+Avro and Protobuf payloads framed by a schema registry (Confluent wire
+format) decode through :mod:`sluice.formats.confluent` with the codecs of
+:mod:`sluice.formats.avro` / :mod:`sluice.formats.protobuf` and the client
+of :mod:`sluice.formats.registry`; a source with headers calls
+``decoder.decode_with_headers`` when the decoder is a
+:class:`~sluice.formats.confluent.RegistryDecoder` (schema ids in headers).
+
+Encoders: :mod:`sluice.formats.jsontext` (Arrow values as JSON text),
+:mod:`sluice.formats.encode` (rows as JSON / Avro payloads for broker targets).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from sluice.formats.json import Decoded, JsonDecoder
 
 if TYPE_CHECKING:
     from sluice.config.spec import CdcSpec
+    from sluice.formats.registry import RegistrySettings
 
 
 class PayloadDecoder(Protocol):
@@ -71,8 +80,16 @@ class Unsupported:
         )
 
 
-def decoder_for(payload_format: str, cdc: CdcSpec | None, pipeline: str) -> PayloadDecoder:
+def decoder_for(
+    payload_format: str,
+    cdc: CdcSpec | None,
+    pipeline: str,
+    registry: RegistrySettings | None = None,
+) -> PayloadDecoder:
     """The decoder of a source's payloads.
+
+    ``avro`` and ``protobuf`` need ``registry`` (the schema registry the
+    payloads' schema ids point into).
 
     With ``[transform.cdc]`` (``cdc``) payloads are change envelopes and
     decode into change rows where they are read, so a bad one follows
@@ -90,6 +107,19 @@ def decoder_for(payload_format: str, cdc: CdcSpec | None, pipeline: str) -> Payl
         return Json()
     if payload_format == "raw_bytes":
         return RawBytes()
+    if payload_format in ("avro", "protobuf"):
+        if registry is None:
+            raise ConnectorError(f"payload_format '{payload_format}' needs schema_registry_url")
+        from sluice.formats.confluent import RegistryDecoder
+        from sluice.formats.registry import client_for
+
+        if payload_format == "avro":
+            from sluice.formats.avro import build_codec as avro_codec
+
+            return RegistryDecoder("avro", client_for(registry), avro_codec)
+        from sluice.formats.protobuf import build_codec as protobuf_codec
+
+        return RegistryDecoder("protobuf", client_for(registry), protobuf_codec)
     return Unsupported(payload_format)
 
 
