@@ -1,7 +1,6 @@
-"""Kafka (and Kafka-compatible brokers): a consumer-group source and dead letters.
-
-The Kafka target is configuration-only today.
-"""
+"""Kafka (and Kafka-compatible brokers): a consumer-group source, a producer
+target and dead letters. Payloads may be Avro / Protobuf through a schema
+registry (:mod:`sluice.formats`)."""
 
 from __future__ import annotations
 
@@ -26,6 +25,11 @@ def _source_rules(at: str, source: dict[str, Any], add: Add) -> None:
                 add((f"{at}.{key}", "missing: sasl_mechanism 'PLAIN' needs it"))
 
 
+def _target_rules(at: str, target: dict[str, Any], add: Add) -> None:
+    if target.get("payload_format") == "avro" and not target.get("schema_registry_url"):
+        add((f"{at}.schema_registry_url", "missing: payload_format 'avro' needs a schema registry"))
+
+
 def _own_topic(spec: Any) -> str | None:
     topic: str | None = spec.dead_letter_topic if isinstance(spec, KafkaSource) else None
     return topic
@@ -38,6 +42,7 @@ CONNECTOR = Connector(
     targets=(KafkaTarget,),
     capabilities=Capabilities(seekable=True, partitioned=True, dead_letters=True),
     source="sluice.connectors.kafka.source:build_source",
+    target="sluice.connectors.kafka.target:build_target",
     dead_letters=DeadLetters(
         word="topic",
         role="source",
@@ -47,4 +52,5 @@ CONNECTOR = Connector(
         own=_own_topic,
     ),
     source_rules=(_source_rules,),
+    target_rules=(_target_rules,),
 )
