@@ -22,7 +22,9 @@ shapes and error codes:
   incompatible) and accepted for the other types.
 
 Ours, for tests: ``GET /_stats`` returns ``{"fetches": {id: count}}`` (how
-often each schema id was fetched by id), and basic auth is required when
+often each schema id was fetched by id); ``POST /_outage?down=true`` makes
+every other request answer 503 until ``POST /_outage?down=false`` (a
+registry that is down, with its schemas kept); and basic auth is required when
 ``--user`` / ``--password`` are given. Everything is kept in memory.
 """
 
@@ -109,6 +111,7 @@ class ApiError(Exception):
 
 REGISTRY = Registry()
 AUTH: str | None = None  # the expected Authorization header, when auth is on
+OUTAGE = threading.Event()  # set: answer 503 to everything but /_outage
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -138,11 +141,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         try:
-            if AUTH is not None and self.headers.get("Authorization") != AUTH:
-                raise ApiError(401, 40101, "Unauthorized")
             url = urlsplit(self.path)
             parts = [unquote(p) for p in url.path.strip("/").split("/") if p]
+            test_only = bool(parts) and parts[0].startswith("_")  # no auth on the tests' endpoints
+            if AUTH is not None and not test_only and self.headers.get("Authorization") != AUTH:
+                raise ApiError(401, 40101, "Unauthorized")
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            if parts == ["_outage"] and method == "POST":
+                if query.get("down") == "true":
+                    OUTAGE.set()
+                else:
+                    OUTAGE.clear()
+                self._send(200, {"down": OUTAGE.is_set()})
+                return
+            if OUTAGE.is_set():
+                raise ApiError(503, 50003, "the test registry is in an outage")
             with REGISTRY.lock:
                 status, body = route(method, parts, query, self._body if method in ("POST", "PUT") else None)
             self._send(status, body)
