@@ -33,8 +33,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf import timestamp_pb2, wrappers_pb2  # noqa: F401 - into the default pool
+from google.protobuf import (  # noqa: F401 - into the default pool
+    descriptor_pb2,
+    descriptor_pool,
+    message_factory,
+    timestamp_pb2,
+    wrappers_pb2,
+)
 
 F = descriptor_pb2.FieldDescriptorProto
 

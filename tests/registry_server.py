@@ -94,7 +94,9 @@ def _avro_backward(new: Any, old: Any) -> bool:
         if before is None:
             if "default" not in field:
                 return False
-        elif json.dumps(before["type"], sort_keys=True) != json.dumps(field["type"], sort_keys=True):
+        elif json.dumps(before["type"], sort_keys=True) != json.dumps(
+            field["type"], sort_keys=True
+        ):
             if isinstance(field["type"], dict) and field["type"].get("type") == "record":
                 if not _avro_backward(field["type"], before["type"]):
                     return False
@@ -117,7 +119,7 @@ OUTAGE = threading.Event()  # set: answer 503 to everything but /_outage
 class Handler(BaseHTTPRequestHandler):
     server_version = "sluice-test-registry/1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _send(self, status: int, body: Any) -> None:
@@ -157,23 +159,25 @@ class Handler(BaseHTTPRequestHandler):
             if OUTAGE.is_set():
                 raise ApiError(503, 50003, "the test registry is in an outage")
             with REGISTRY.lock:
-                status, body = route(method, parts, query, self._body if method in ("POST", "PUT") else None)
+                status, body = route(
+                    method, parts, query, self._body if method in ("POST", "PUT") else None
+                )
             self._send(status, body)
         except ApiError as exc:
             self._send(exc.status, {"error_code": exc.code, "message": exc.message})
         except Exception as exc:  # a bug here must show in the client, not hang it
             self._send(500, {"error_code": 50001, "message": f"{type(exc).__name__}: {exc}"})
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._handle("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._handle("PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._handle("DELETE")
 
 
@@ -292,7 +296,11 @@ def route(method: str, parts: list[str], query: dict[str, str], body: Any) -> tu
             if subject not in r.config:
                 if query.get("defaultToGlobal") == "true":
                     return 200, {"compatibilityLevel": r.default_level}
-                raise ApiError(404, 40408, f"Subject '{subject}' does not have subject-level compatibility configured")
+                raise ApiError(
+                    404,
+                    40408,
+                    f"Subject '{subject}' does not have subject-level compatibility configured",
+                )
             return 200, {"compatibilityLevel": r.config[subject]}
         case ("PUT", ["config", subject]):
             r.config[subject] = _level(body())
@@ -308,7 +316,7 @@ def _level(body: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    global AUTH
+    global AUTH  # noqa: PLW0603 - set once, before the server starts
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)

@@ -91,7 +91,9 @@ class KafkaTargetHarness(TargetHarness):
             assert m.key() == str(row["id"]).encode(), f"key {m.key()!r} of row {row}"
         if not rows:
             return pa.table({"id": pa.array([], pa.int64())})
-        return pa.Table.from_struct_array(pa.array(rows))  # every key seen, not just the first row's
+        return pa.Table.from_struct_array(
+            pa.array(rows)
+        )  # every key seen, not just the first row's
 
 
 APPLICABLE = [c for c in TARGET_CHECKS if not c.name.startswith("merge_")]
@@ -113,5 +115,7 @@ def kafka_target_harness() -> KafkaTargetHarness:
 
 
 @pytest.mark.parametrize("check", cases(APPLICABLE))
-def test_kafka_target(check: Check[TargetHarness], kafka_target_harness: KafkaTargetHarness) -> None:
+def test_kafka_target(
+    check: Check[TargetHarness], kafka_target_harness: KafkaTargetHarness
+) -> None:
     check(kafka_target_harness)

@@ -19,7 +19,6 @@ import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
-
 from tests import endpoints
 from tests.conformance.test_kafka_target import read_topic
 from tests.integration.conftest import Flow, events, kill_after_reading, produce, unique

@@ -16,7 +16,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +30,6 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, header_schema_
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
-
 from tests import endpoints
 from tests.conformance.test_kafka_target import read_topic
 from tests.integration.conftest import (
@@ -83,7 +81,10 @@ EVENT_V1: dict[str, Any] = {
 }
 EVENT_V2 = {
     **EVENT_V1,
-    "fields": [*EVENT_V1["fields"], {"name": "channel", "type": ["null", "string"], "default": None}],
+    "fields": [
+        *EVENT_V1["fields"],
+        {"name": "channel", "type": ["null", "string"], "default": None},
+    ],
 }
 
 
@@ -343,7 +344,9 @@ def test_protobuf_into_postgres_with_well_known_types(
     ser = ProtobufSerializer(Order, registry(), {"use.deprecated.format": False})
     n = 400
     send(topic, ser, [order(i) for i in range(n)])
-    f = flow(kafka_pg_config(topic, table, batch_rows=150, extra_source=registry_source("protobuf")))
+    f = flow(
+        kafka_pg_config(topic, table, batch_rows=150, extra_source=registry_source("protobuf"))
+    )
     wait_for_count(table, lambda c: c == n, 60, "the Protobuf events")
     assert f.stop() == 0, f.output()
     kinds = columns(table)
@@ -395,9 +398,7 @@ def test_nested_protobuf_message_and_schema_id_in_a_header(
     f = flow(kafka_pg_config(topic, table, extra_source=registry_source("protobuf")))
     wait_for_count(table, lambda c: c == 200, 60, "the nested messages")
     assert f.stop() == 0, f.output()
-    assert select(f"SELECT id, what FROM {table} ORDER BY id") == [
-        (i, f"w{i}") for i in range(200)
-    ]
+    assert select(f"SELECT id, what FROM {table} ORDER BY id") == [(i, f"w{i}") for i in range(200)]
 
 
 # -- bad messages ------------------------------------------------------------------------
@@ -483,7 +484,16 @@ class PrivateRegistry:
         script = Path(__file__).resolve().parents[1] / "registry_server.py"
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(script), "--port", str(self.port), "--user", "sr", "--password", "s3cret-pw"],
+                [
+                    sys.executable,
+                    str(script),
+                    "--port",
+                    str(self.port),
+                    "--user",
+                    "sr",
+                    "--password",
+                    "s3cret-pw",
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
@@ -531,9 +541,7 @@ def test_registry_down_holds_the_batch_and_auth_stays_secret(
             'schema_registry_basic_auth_user = "sr"\n'
             'schema_registry_basic_auth_password = "s3cret-pw"'
         )
-        f = flow(
-            kafka_pg_config(topic, table, extra_source=registry_source("avro", reg.url, auth))
-        )
+        f = flow(kafka_pg_config(topic, table, extra_source=registry_source("avro", reg.url, auth)))
         wait_until(lambda: "HTTP 503" in f.output(), 30, "a registry retry in the log")
         wait_until(lambda: f.output().count("retrying in") >= 3, 30, "more retries")
         assert f.proc.poll() is None, f.output()
@@ -568,7 +576,10 @@ def test_registry_server_speaks_confluents_client() -> None:
     assert client.register_schema(subject, s1) == sid  # idempotent
     assert client.lookup_schema(subject, s1).schema_id == sid
     assert client.get_schema(sid).schema_type == "AVRO"
-    compatible = {**SMALL, "fields": [*SMALL["fields"], {"name": "x", "type": ["null", "int"], "default": None}]}
+    compatible = {
+        **SMALL,
+        "fields": [*SMALL["fields"], {"name": "x", "type": ["null", "int"], "default": None}],
+    }
     incompatible = {**SMALL, "fields": [*SMALL["fields"], {"name": "y", "type": "int"}]}
     assert client.test_compatibility(subject, Schema(json.dumps(compatible), "AVRO"))
     assert not client.test_compatibility(subject, Schema(json.dumps(incompatible), "AVRO"))

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE
-from sluice.errors import ConnectorError
+from sluice.errors import ConnectorError, MissingDependencyError
 from sluice.formats.json import Decoded, JsonDecoder
 
 if TYPE_CHECKING:
@@ -113,13 +113,19 @@ def decoder_for(
         from sluice.formats.confluent import RegistryDecoder
         from sluice.formats.registry import client_for
 
-        if payload_format == "avro":
-            from sluice.formats.avro import build_codec as avro_codec
+        try:
+            if payload_format == "avro":
+                from sluice.formats.avro import build_codec as avro_codec
 
-            return RegistryDecoder("avro", client_for(registry), avro_codec)
-        from sluice.formats.protobuf import build_codec as protobuf_codec
+                return RegistryDecoder("avro", client_for(registry), avro_codec)
+            from sluice.formats.protobuf import build_codec as protobuf_codec
 
-        return RegistryDecoder("protobuf", client_for(registry), protobuf_codec)
+            return RegistryDecoder("protobuf", client_for(registry), protobuf_codec)
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError(
+                f"payload_format '{payload_format}' needs the Python package '{exc.name}': "
+                "pip install 'sluice[registry]'"
+            ) from exc
     return Unsupported(payload_format)
 
 

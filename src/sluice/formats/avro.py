@@ -201,7 +201,7 @@ def build_codec(schema: RegisteredSchema, client: RegistryClient) -> AvroCodec:
     """A codec for ``schema``; Avro references (named types registered under
     other subjects) are fetched and parsed first."""
     named: dict[str, Any] = {}
-    for _name_, subject, version in schema.references:
+    for _, subject, version in schema.references:
         ref = client.version(subject, version)
         fastavro.parse_schema(_strip_logical(json.loads(ref.text)), named_schemas=named)
     return AvroCodec(schema.text, named)

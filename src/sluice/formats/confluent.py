@@ -114,7 +114,9 @@ def frame(payload: bytes, header: bytes | None, protobuf: bool) -> Frame:
         elif len(header) >= 5 and header[0] == 0:
             key, pos = int.from_bytes(header[1:5], "big"), 5
         else:
-            raise BadFrame(f"{VALUE_SCHEMA_HEADER} header: unknown format (magic byte {header[:1]!r})")
+            raise BadFrame(
+                f"{VALUE_SCHEMA_HEADER} header: unknown format (magic byte {header[:1]!r})"
+            )
         indexes = _indexes(header, pos)[0] if protobuf else (0,)
         return Frame(key, 0, indexes)
     if len(payload) < 5:
@@ -223,7 +225,9 @@ class RegistryDecoder:
         if codec is not None:
             return codec
         try:
-            registered = self.client.by_guid(key) if isinstance(key, str) else self.client.schema(key)
+            registered = (
+                self.client.by_guid(key) if isinstance(key, str) else self.client.schema(key)
+            )
             if registered.schema_type != self.name.upper():
                 raise ConnectorError(
                     f"it is a {registered.schema_type} schema, not {self.name.upper()}"

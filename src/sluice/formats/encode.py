@@ -163,7 +163,12 @@ def _avro_type(t: pa.DataType, name: str, names: set[str]) -> Any:
     if pa.types.is_date(t):
         return {"type": "int", "logicalType": "date"}
     if pa.types.is_decimal(t):
-        return {"type": "bytes", "logicalType": "decimal", "precision": t.precision, "scale": t.scale}
+        return {
+            "type": "bytes",
+            "logicalType": "decimal",
+            "precision": t.precision,
+            "scale": t.scale,
+        }
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return {"type": "array", "items": ["null", _avro_type(t.value_type, name, names)]}
     if pa.types.is_map(t) and pa.types.is_string(t.key_type):

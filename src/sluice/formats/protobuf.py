@@ -194,10 +194,7 @@ def _type(f: FieldDescriptor) -> pa.DataType:
     if _is_map(f):
         entry = f.message_type
         return pa.map_(_type(entry.fields_by_name["key"]), _type(entry.fields_by_name["value"]))
-    if f.type == _F.TYPE_MESSAGE:
-        inner = _message_type(f.message_type)
-    else:
-        inner = _SCALAR[f.type]
+    inner = _message_type(f.message_type) if f.type == _F.TYPE_MESSAGE else _SCALAR[f.type]
     return pa.list_(inner) if _repeated(f) else inner
 
 
@@ -210,7 +207,8 @@ def _message_type(desc: Descriptor) -> pa.DataType:
 
 
 def _repeated(f: FieldDescriptor) -> bool:
-    return bool(f.is_repeated)
+    flag = getattr(f, "is_repeated", None)  # protobuf >= 6 (``label`` is gone from upb)
+    return bool(f.label == _F.LABEL_REPEATED) if flag is None else bool(flag)
 
 
 def _is_map(f: FieldDescriptor) -> bool:
@@ -232,7 +230,9 @@ def _column(f: FieldDescriptor, msgs: list[Any]) -> pa.Array:
             lengths = [len(v) for v in values]
             offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
             key_arr = pa.array(keys, _type(entry.fields_by_name["key"]))
-            return pa.MapArray.from_arrays(offsets, key_arr, _messages(value_field.message_type, items, None))
+            return pa.MapArray.from_arrays(
+                offsets, key_arr, _messages(value_field.message_type, items, None)
+            )
         return pa.array([dict(v) for v in values], _type(f))
     if _repeated(f):
         if f.type == _F.TYPE_MESSAGE:

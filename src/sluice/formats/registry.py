@@ -110,7 +110,9 @@ class RegistryClient:
             # format=serialized: a Confluent registry then returns Protobuf
             # schemas as a base64 FileDescriptorProto, which needs no .proto
             # parser (Avro and JSON ignore it).
-            body = self._request("GET", f"/schemas/ids/{schema_id}", params={"format": "serialized"})
+            body = self._request(
+                "GET", f"/schemas/ids/{schema_id}", params={"format": "serialized"}
+            )
             self.fetches += 1
             got = _parse(schema_id, body)
             self._by_id[schema_id] = got
@@ -237,7 +239,9 @@ def _parse(schema_id: int, body: dict[str, Any]) -> RegisteredSchema:
     refs = tuple(
         (str(r["name"]), str(r["subject"]), int(r["version"])) for r in body.get("references") or ()
     )
-    return RegisteredSchema(schema_id, str(body["schema"]), str(body.get("schemaType") or "AVRO"), refs)
+    return RegisteredSchema(
+        schema_id, str(body["schema"]), str(body.get("schemaType") or "AVRO"), refs
+    )
 
 
 _clients: dict[tuple[str, str | None], RegistryClient] = {}

@@ -1,0 +1,107 @@
+"""The registry decoders in process, against the test registry (no broker).
+
+Payloads come from confluent-kafka's serializers. What is checked here is
+below the pipeline: the schema-evolution rule, an incompatible change, the
+one-fetch-per-id cache shared by every decoder of a process.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from confluent_kafka.schema_registry import (
+    ConfigCompatibilityLevel,
+    SchemaRegistryClient,
+    ServerConfig,
+)
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from sluice.formats import decoder_for
+from sluice.formats.registry import RegistrySettings, client_for
+from tests import endpoints
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = RegistrySettings(endpoints.SCHEMA_REGISTRY_URL)
+
+
+def record(*fields: tuple[str, Any]) -> str:
+    return json.dumps(
+        {"type": "record", "name": "R", "fields": [{"name": n, "type": t} for n, t in fields]}
+    )
+
+
+def serialize(topic: str, schema: str, rows: list[dict[str, Any]]) -> list[bytes]:
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    ser = AvroSerializer(client, schema)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    return [ser(r, ctx) for r in rows]
+
+
+def test_new_optional_field_is_a_new_column_and_a_type_change_is_bad() -> None:
+    topic = f"evo_{uuid.uuid4().hex[:8]}"
+    v1 = serialize(topic, record(("id", "long"), ("name", "string")), [{"id": 1, "name": "a"}])
+    v2_schema = json.dumps(
+        {
+            "type": "record",
+            "name": "R",
+            "fields": [
+                {"name": "id", "type": "long"},
+                {"name": "name", "type": "string"},
+                {"name": "extra", "type": ["null", "double"], "default": None},
+            ],
+        }
+    )
+    v2 = serialize(topic, v2_schema, [{"id": 2, "name": "b", "extra": 1.5}])
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    client.set_config(f"{topic}-value", ServerConfig(compatibility=ConfigCompatibilityLevel.NONE))
+    changed = serialize(
+        topic, record(("id", "string"), ("name", "string")), [{"id": "x", "name": "c"}]
+    )
+    assert changed[0][1:5] not in (v1[0][1:5], v2[0][1:5])
+
+    dec = decoder_for("avro", None, "p", SETTINGS)
+    first = dec.decode(v1, [0])
+    assert first.table.column_names == ["id", "name"] and not first.bad
+    mixed = dec.decode([v2[0], changed[0], v1[0]], [1, 2, 3])
+    assert mixed.table.column_names == ["id", "name", "extra"]
+    assert mixed.table.to_pylist() == [
+        {"id": 2, "name": "b", "extra": 1.5},
+        {"id": 1, "name": "a", "extra": None},
+    ]
+    assert mixed.rows == [0, 2]  # in payload order, the bad one left out
+    ((index, why),) = mixed.bad
+    assert index == 1 and "field 'id' is string, the stream's column is int64" in why
+
+
+def test_one_fetch_per_schema_id_per_process() -> None:
+    topic = f"once_{uuid.uuid4().hex[:8]}"
+    payloads = serialize(topic, record(("id", "long")), [{"id": i} for i in range(10)])
+    schema_id = int.from_bytes(payloads[0][1:5], "big")
+    client = client_for(SETTINGS)
+    before = client.fetches
+    for _ in range(3):  # three decoders (three sources of one process), many batches
+        dec = decoder_for("avro", None, "p", SETTINGS)
+        for _ in range(5):
+            assert dec.decode(payloads, list(range(10))).table.num_rows == 10
+    assert client.fetches == before + 1
+    assert client.schema(schema_id).schema_type == "AVRO"
+    assert client.fetches == before + 1
+
+
+def test_a_protobuf_schema_is_not_read_as_avro() -> None:
+    from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+
+    from tests.protos import Address
+
+    topic = f"kind_{uuid.uuid4().hex[:8]}"
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    ser = ProtobufSerializer(Address, client, {"use.deprecated.format": False})
+    payload = ser(Address(city="x"), SerializationContext(topic, MessageField.VALUE))
+    decoded = decoder_for("avro", None, "p", SETTINGS).decode([payload], [0])
+    ((_, why),) = decoded.bad
+    assert "PROTOBUF schema, not AVRO" in why
