@@ -19,10 +19,10 @@ from confluent_kafka.schema_registry import (
 )
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from tests import endpoints
 
 from sluice.formats import decoder_for
 from sluice.formats.registry import RegistrySettings, client_for
-from tests import endpoints
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +95,6 @@ def test_one_fetch_per_schema_id_per_process() -> None:
 
 def test_a_protobuf_schema_is_not_read_as_avro() -> None:
     from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
-
     from tests.protos import Address
 
     topic = f"kind_{uuid.uuid4().hex[:8]}"
