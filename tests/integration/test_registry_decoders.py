@@ -104,3 +104,39 @@ def test_a_protobuf_schema_is_not_read_as_avro() -> None:
     decoded = decoder_for("avro", None, "p", SETTINGS).decode([payload], [0])
     ((_, why),) = decoded.bad
     assert "PROTOBUF schema, not AVRO" in why
+
+
+def test_json_schema_payloads_validated_on_request() -> None:
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+
+    topic = f"js_{uuid.uuid4().hex[:8]}"
+    schema = json.dumps(
+        {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "title": "Reading",
+            "type": "object",
+            "properties": {"id": {"type": "integer"}, "temp": {"type": "number", "maximum": 100}},
+            "required": ["id", "temp"],
+        }
+    )
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    ser = JSONSerializer(schema, client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    good = [ser({"id": i, "temp": 20.5 + i}, ctx) for i in range(3)]
+    prefix = good[0][:5]
+    too_hot = prefix + b'{"id": 9, "temp": 250}'  # valid JSON, against the schema
+    no_temp = prefix + b'{"id": 10}'
+    payloads = [good[0], too_hot, good[1], no_temp, good[2], b"\x03junk"]
+
+    checked = decoder_for("json_schema", None, "p", SETTINGS, validate=True).decode(payloads, [])
+    assert checked.table.to_pylist() == [{"id": i, "temp": 20.5 + i} for i in range(3)]
+    assert checked.rows == [0, 2, 4]
+    reasons = dict(checked.bad)
+    assert set(reasons) == {1, 3, 5}
+    assert "at temp: 250 is greater than the maximum of 100" in reasons[1]
+    assert "'temp' is a required property" in reasons[3]
+    assert "wrong magic byte 3" in reasons[5]
+
+    # Not asked for: the schema only frames the payloads; all decode as JSON.
+    loose = decoder_for("json_schema", None, "p", SETTINGS).decode(payloads[:5], [])
+    assert not loose.bad and loose.table.num_rows == 5

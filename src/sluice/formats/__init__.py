@@ -22,7 +22,8 @@ Encoders: :mod:`sluice.formats.jsontext` (Arrow values as JSON text),
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +46,20 @@ class PayloadDecoder(Protocol):
         """The decoded rows of ``payloads``; undecodable ones are listed in ``bad``
         by index. ``offsets`` name each payload's place in the source (CDC
         envelopes order by them)."""
+        ...
+
+
+@runtime_checkable
+class HeaderAware(Protocol):
+    """A decoder that also reads the messages' headers (schema ids in
+    ``__value_schema_id``): a source with headers calls this instead of ``decode``."""
+
+    def decode_with_headers(
+        self,
+        payloads: list[bytes | None],
+        headers: Sequence[Sequence[tuple[str, bytes | None]] | None] | None,
+    ) -> Decoded:
+        """The decoded rows of ``payloads``, each with its headers (or ``None``)."""
         ...
 
 
@@ -85,11 +100,14 @@ def decoder_for(
     cdc: CdcSpec | None,
     pipeline: str,
     registry: RegistrySettings | None = None,
+    *,
+    validate: bool = False,
 ) -> PayloadDecoder:
     """The decoder of a source's payloads.
 
-    ``avro`` and ``protobuf`` need ``registry`` (the schema registry the
-    payloads' schema ids point into).
+    ``avro``, ``protobuf`` and ``json_schema`` need ``registry`` (the schema
+    registry the payloads' schema ids point into); ``validate`` checks
+    ``json_schema`` bodies against their schema.
 
     With ``[transform.cdc]`` (``cdc``) payloads are change envelopes and
     decode into change rows where they are read, so a bad one follows
@@ -107,13 +125,17 @@ def decoder_for(
         return Json()
     if payload_format == "raw_bytes":
         return RawBytes()
-    if payload_format in ("avro", "protobuf"):
+    if payload_format in ("avro", "protobuf", "json_schema"):
         if registry is None:
             raise ConnectorError(f"payload_format '{payload_format}' needs schema_registry_url")
         from sluice.formats.confluent import RegistryDecoder
         from sluice.formats.registry import client_for
 
         try:
+            if payload_format == "json_schema":
+                from sluice.formats.json_schema import JsonSchemaDecoder
+
+                return JsonSchemaDecoder(client_for(registry), validate)
             if payload_format == "avro":
                 from sluice.formats.avro import build_codec as avro_codec
 

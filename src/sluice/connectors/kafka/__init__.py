@@ -12,7 +12,7 @@ from sluice.connectors.kafka.spec import KafkaSource, KafkaTarget
 
 def _source_rules(at: str, source: dict[str, Any], add: Add) -> None:
     fmt = source.get("payload_format")
-    if fmt in ("avro", "protobuf") and not source.get("schema_registry_url"):
+    if fmt in ("avro", "protobuf", "json_schema") and not source.get("schema_registry_url"):
         add(
             (
                 f"{at}.schema_registry_url",

@@ -39,8 +39,7 @@ from sluice.connectors.api import Batch, Position, RawRecord
 from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats import decoder_for, event_table
-from sluice.formats.confluent import RegistryDecoder
+from sluice.formats import HeaderAware, decoder_for, event_table
 from sluice.formats.registry import RegistrySettings
 
 try:
@@ -119,7 +118,11 @@ class KafkaSource:
         self._consumer: ck.Consumer | None = None
         cdc = ctx.pipeline.transform.cdc if ctx.pipeline.transform else None
         self._decoder = decoder_for(
-            spec.payload_format, cdc, ctx.pipeline.pipeline_name, registry_settings(spec)
+            spec.payload_format,
+            cdc,
+            ctx.pipeline.pipeline_name,
+            registry_settings(spec),
+            validate=spec.json_schema_validation,
         )
         self._resume: Position = {}
         self._assigned: set[str] = set()
@@ -288,7 +291,7 @@ class KafkaSource:
                 self._next[key] = offset
         ts_ms = np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
         values = [m.value() for m in msgs]
-        if isinstance(self._decoder, RegistryDecoder):  # a schema id may be in a header
+        if isinstance(self._decoder, HeaderAware):  # a schema id may be in a header
             decoded = self._decoder.decode_with_headers(values, [m.headers() for m in msgs])
         else:
             decoded = self._decoder.decode(values, [m.offset() for m in msgs])

@@ -37,8 +37,12 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
     bootstrap_servers: Annotated[NonEmptyStr, doc("comma-separated host:port list")]
     group_id: Annotated[str | None, doc("consumer group id; defaults to the pipeline_name")] = None
     payload_format: Annotated[
-        Literal["json", "avro", "protobuf", "raw_bytes"], doc("how message values decode")
+        Literal["json", "avro", "protobuf", "raw_bytes", "json_schema"],
+        doc("how message values decode (json_schema, ours: JSON framed by a schema registry)"),
     ] = "json"
+    json_schema_validation: Annotated[
+        bool, doc("(ours) validate json_schema payloads against their registered schema")
+    ] = False
     auto_offset_reset: Annotated[
         Literal["earliest", "latest"], doc("where a new consumer group starts")
     ] = "earliest"
