@@ -140,3 +140,34 @@ def test_json_schema_payloads_validated_on_request() -> None:
     # Not asked for: the schema only frames the payloads; all decode as JSON.
     loose = decoder_for("json_schema", None, "p", SETTINGS).decode(payloads[:5], [])
     assert not loose.bad and loose.table.num_rows == 5
+
+
+def test_avro_schema_with_a_reference() -> None:
+    """A record that uses a named type registered under another subject."""
+    from confluent_kafka.schema_registry import Schema, SchemaReference
+
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    suffix = uuid.uuid4().hex[:8]
+    addr = {
+        "type": "record",
+        "name": "Addr",
+        "namespace": "ref",
+        "fields": [{"name": "city", "type": "string"}],
+    }
+    client.register_schema(f"addr_{suffix}", Schema(json.dumps(addr), "AVRO"))
+    person = {
+        "type": "record",
+        "name": "Person",
+        "namespace": "ref",
+        "fields": [{"name": "id", "type": "long"}, {"name": "home", "type": "ref.Addr"}],
+    }
+    topic = f"ref_{suffix}"
+    schema = Schema(json.dumps(person), "AVRO", [SchemaReference("ref.Addr", f"addr_{suffix}", 1)])
+    client.register_schema(f"{topic}-value", schema)
+    ser = AvroSerializer(
+        client, schema, conf={"auto.register.schemas": False, "use.latest.version": True}
+    )
+    payload = ser({"id": 1, "home": {"city": "x"}}, SerializationContext(topic, MessageField.VALUE))
+    decoded = decoder_for("avro", None, "p", SETTINGS).decode([payload], [0])
+    assert not decoded.bad, decoded.bad
+    assert decoded.table.to_pylist() == [{"id": 1, "home": {"city": "x"}}]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -71,12 +72,16 @@ _PRIMITIVE = {
 class AvroCodec:
     """Decodes the bodies written with one Avro schema."""
 
-    def __init__(self, text: str, named: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, text: str, named: dict[str, Any] | None = None, references: Sequence[Any] = ()
+    ) -> None:
         try:
             raw = json.loads(text)
         except ValueError as exc:
             raise ConnectorError(f"schema is not JSON: {exc}") from exc
         self._named_types: dict[str, pa.DataType] = {}
+        for ref in references:  # named types the schema uses by name, registered elsewhere
+            self._arrow(ref)
         arrow = self._arrow(raw)
         self.record = pa.types.is_struct(arrow)
         self.schema = (
@@ -201,7 +206,9 @@ def build_codec(schema: RegisteredSchema, client: RegistryClient) -> AvroCodec:
     """A codec for ``schema``; Avro references (named types registered under
     other subjects) are fetched and parsed first."""
     named: dict[str, Any] = {}
+    refs: list[Any] = []
     for _, subject, version in schema.references:
-        ref = client.version(subject, version)
-        fastavro.parse_schema(_strip_logical(json.loads(ref.text)), named_schemas=named)
-    return AvroCodec(schema.text, named)
+        ref = json.loads(client.version(subject, version).text)
+        fastavro.parse_schema(_strip_logical(ref), named_schemas=named)
+        refs.append(ref)
+    return AvroCodec(schema.text, named, refs)
