@@ -198,7 +198,11 @@ class RegistryDecoder:
             if problem is not None:
                 bad.extend((i, problem) for i in index)
                 continue
-            table, group_bad = codec.decode(bodies)
+            try:
+                table, group_bad = codec.decode(bodies)
+            except ConnectorError as exc:  # values the Arrow types cannot hold (a whole group)
+                bad.extend((i, f"{self.name} schema {key}: {exc}") for i in index)
+                continue
             bad.extend((index[j], f"{self.name} schema {key}: {why}") for j, why in group_bad)
             if group_bad:
                 dropped = {j for j, _ in group_bad}
