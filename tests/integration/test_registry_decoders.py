@@ -171,3 +171,38 @@ def test_avro_schema_with_a_reference() -> None:
     decoded = decoder_for("avro", None, "p", SETTINGS).decode([payload], [0])
     assert not decoded.bad, decoded.bad
     assert decoded.table.to_pylist() == [{"id": 1, "home": {"city": "x"}}]
+
+
+def test_nested_field_added_and_int_widened_to_long() -> None:
+    topic = f"nest_{uuid.uuid4().hex[:8]}"
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    client.set_config(f"{topic}-value", ServerConfig(compatibility=ConfigCompatibilityLevel.NONE))
+
+    def schema(count: str, extra: bool) -> str:
+        inner = [{"name": "city", "type": "string"}]
+        if extra:
+            inner.append({"name": "zip", "type": ["null", "string"], "default": None})
+        return json.dumps(
+            {
+                "type": "record",
+                "name": "R",
+                "fields": [
+                    {"name": "n", "type": count},
+                    {"name": "addr", "type": {"type": "record", "name": "A", "fields": inner}},
+                    {"name": "tags", "type": {"type": "array", "items": "int"}},
+                ],
+            }
+        )
+
+    v1 = serialize(topic, schema("int", False), [{"n": 1, "addr": {"city": "a"}, "tags": [1]}])
+    big = {"n": 2**40, "addr": {"city": "b", "zip": "z"}, "tags": [2, 3]}
+    v2 = serialize(topic, schema("long", True), [big])
+    dec = decoder_for("avro", None, "p", SETTINGS)
+    assert dec.decode(v1, [0]).table.schema.field("n").type == "int32"
+    both = dec.decode([v1[0], v2[0]], [1, 2])
+    assert not both.bad, both.bad
+    assert both.table.schema.field("n").type == "int64"
+    assert both.table.to_pylist() == [
+        {"n": 1, "addr": {"city": "a", "zip": None}, "tags": [1]},
+        {"n": 2**40, "addr": {"city": "b", "zip": "z"}, "tags": [2, 3]},
+    ]

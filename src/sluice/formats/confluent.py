@@ -11,8 +11,11 @@ id; Protobuf indexes follow), and then the payload is the body alone.
 its format's :class:`Codec` (built once per schema id, from the registry's
 schema), and keeps one Arrow schema for the stream by the JSON rule of
 :mod:`sluice.formats.json`: the first schema is locked; a later writer
-schema's new field becomes a new nullable column (the target adds it); a
-field whose type changed makes that schema's messages bad (``on_error``).
+schema's new field becomes a new nullable column (the target adds it), a
+new field inside a record a new struct field, and a number may widen
+(``int`` -> ``long``, ``float`` -> ``double``: :func:`merge_types`); a
+field whose type changed otherwise makes that schema's messages bad
+(``on_error``).
 Rows keep the order of the payloads.
 
 Bad messages (reported by index, so the source names topic / partition /
@@ -250,32 +253,68 @@ class RegistryDecoder:
             self._schema = schema
             return None
         known = {f.name: f for f in self._schema}
-        extra = []
+        merged = list(self._schema)
         for field in schema:
             before = known.get(field.name)
             if before is None:
-                extra.append(field.with_nullable(True))
-            elif not _fits(field.type, before.type):
+                merged.append(field.with_nullable(True))
+                continue
+            wider = merge_types(before.type, field.type)
+            if wider is None:
                 return (
                     f"{self.name} schema {key}: field {field.name!r} is {field.type}, "
                     f"the stream's column is {before.type} (incompatible schema change)"
                 )
-        if extra:
-            self._schema = pa.schema([*self._schema, *extra])
+            if not wider.equals(before.type):
+                merged[merged.index(before)] = before.with_type(wider)
+        self._schema = pa.schema(merged)
         return None
 
 
-def _fits(new: pa.DataType, old: pa.DataType) -> bool:
-    """Whether values of ``new`` go into a column of ``old`` as they are."""
-    if new.equals(old):
-        return True
-    if pa.types.is_struct(new) and pa.types.is_struct(old):
-        names = {old.field(i).name: old.field(i).type for i in range(old.num_fields)}
-        return all(
-            new.field(i).name not in names or _fits(new.field(i).type, names[new.field(i).name])
-            for i in range(new.num_fields)
-        ) and {new.field(i).name for i in range(new.num_fields)} == set(names)
-    return False
+#: Numeric promotions a writer schema may make (Avro's int -> long, float -> double).
+_PROMOTIONS = {
+    (pa.int32(), pa.int64()),
+    (pa.float32(), pa.float64()),
+}
+
+
+def merge_types(old: pa.DataType, new: pa.DataType) -> pa.DataType | None:
+    """The column type that holds values of ``old`` and of ``new``, or ``None``.
+
+    The top-level rule, inside records too: a struct gains the fields it did
+    not have (a nested new optional field) and keeps those a writer no longer
+    sends (null for it); numbers widen (int32 -> int64, float32 -> float64);
+    lists and maps merge their items. Anything else (a string where a number
+    was) has no common type.
+    """
+    if old.equals(new):
+        return old
+    if (old, new) in _PROMOTIONS:
+        return new
+    if (new, old) in _PROMOTIONS:
+        return old
+    if pa.types.is_struct(old) and pa.types.is_struct(new):
+        out = [old.field(i) for i in range(old.num_fields)]
+        names = [f.name for f in out]
+        for i in range(new.num_fields):
+            f = new.field(i)
+            if f.name not in names:
+                out.append(f.with_nullable(True))
+                names.append(f.name)
+                continue
+            at = names.index(f.name)
+            wider = merge_types(out[at].type, f.type)
+            if wider is None:
+                return None
+            out[at] = out[at].with_type(wider)
+        return pa.struct(out)
+    if pa.types.is_list(old) and pa.types.is_list(new):
+        item = merge_types(old.value_type, new.value_type)
+        return None if item is None else pa.list_(item)
+    if pa.types.is_map(old) and pa.types.is_map(new) and old.key_type.equals(new.key_type):
+        item = merge_types(old.item_type, new.item_type)
+        return None if item is None else pa.map_(old.key_type, item)
+    return None
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -283,10 +322,31 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     if table.schema.equals(schema):
         return table
     columns = [
-        table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        _cast(table[f.name].combine_chunks(), f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
         for f in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _cast(arr: pa.Array, to: pa.DataType) -> pa.Array:
+    """``arr`` as ``to``, a type :func:`merge_types` made from its own."""
+    if arr.type.equals(to):
+        return arr
+    if pa.types.is_struct(to) and pa.types.is_struct(arr.type):
+        have = {arr.type.field(i).name for i in range(arr.type.num_fields)}
+        children = [
+            _cast(arr.field(f.name), f.type) if f.name in have else pa.nulls(len(arr), f.type)
+            for f in to
+        ]
+        mask = arr.is_null() if arr.null_count else None
+        return pa.StructArray.from_arrays(children, fields=list(to), mask=mask)
+    if pa.types.is_list(to) and pa.types.is_list(arr.type) and arr.offset == 0:
+        values = _cast(arr.values, to.value_type)
+        mask = arr.is_null() if arr.null_count else None
+        return pa.ListArray.from_arrays(arr.offsets, values, type=to, mask=mask)
+    return arr.cast(to)
 
 
 def _schema_header(headers: Headers) -> bytes | None:
