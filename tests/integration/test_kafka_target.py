@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import decimal
 import random
 from collections.abc import Callable
 
@@ -124,3 +125,76 @@ auto_register = true
             "note": f"n{i}",
         }
         assert ts_ms == base_ms + i  # _event_ts became the message timestamp
+
+
+def test_protobuf_target_read_back_by_confluent_deserializer(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    """Avro in (every logical type), Protobuf out: confluent-kafka's
+    ``ProtobufDeserializer``, with a message class built from the registry's
+    schema by the test, reads back every row."""
+    import base64
+
+    from confluent_kafka.schema_registry.protobuf import ProtobufDeserializer
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, timestamp_pb2
+    from tests.integration.test_registry_formats import EVENT_V1, avro, event, send
+
+    n = 300
+    source = kafka_topic(partitions=2, prefix="pb_t_in")
+    target = unique("pb_t_out")
+    send(source, avro(EVENT_V1), [event(i) for i in range(n)])
+    config = kafka_kafka_config(
+        source,
+        target,
+        unique("pb_t"),
+        batch_rows=100,
+        target=f"""
+payload_format = "protobuf"
+schema_registry_url = "{endpoints.SCHEMA_REGISTRY_URL}"
+auto_register = true
+""",
+    )
+    config = config.replace(
+        "max_batch_rows = 100\n",
+        f'max_batch_rows = 100\npayload_format = "avro"\n'
+        f'schema_registry_url = "{endpoints.SCHEMA_REGISTRY_URL}"\n',
+        1,
+    )
+    run = flow(config, "--stop-after-idle-ms", "1500")
+    assert run.proc.wait(timeout=120) == 0, run.output()
+
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    registered = client.get_latest_version(f"{target}-value")
+    assert registered.schema.schema_type == "PROTOBUF"
+    fd = descriptor_pb2.FileDescriptorProto.FromString(
+        base64.b64decode(registered.schema.schema_str)
+    )
+    pool = descriptor_pool.DescriptorPool()
+    ts_file = descriptor_pb2.FileDescriptorProto()
+    timestamp_pb2.DESCRIPTOR.CopyToProto(ts_file)
+    pool.Add(ts_file)
+    pool.Add(fd)
+    cls = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName(f"{fd.package}.{fd.message_type[0].name}")
+    )
+    deserialize = ProtobufDeserializer(cls, {"use.deprecated.format": False})
+    ctx = SerializationContext(target, MessageField.VALUE)
+    msgs = read_topic(target)
+    assert msgs is not None and len(msgs) == n
+    seen = set()
+    for m in msgs:
+        got = deserialize(m.value(), ctx)
+        want = event(got.id)
+        seen.add(got.id)
+        assert got.user_id == want["user_id"]
+        assert got.ts.ToDatetime(tzinfo=want["ts"].tzinfo) == want["ts"]
+        assert got.day == want["day"].isoformat()
+        assert got.amount == str(want["amount"].quantize(decimal.Decimal("0.01")))
+        assert got.uid == str(want["uid"])
+        assert got.HasField("note") == (want["note"] is not None)
+        assert got.note == (want["note"] or "")
+        assert got.addr.city == want["addr"]["city"]
+        assert got.addr.HasField("zip") == (want["addr"]["zip"] is not None)
+        assert list(got.tags) == want["tags"]
+        assert m.key() == str(got.id).encode()
+    assert seen == set(range(n))

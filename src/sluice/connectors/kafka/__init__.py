@@ -26,8 +26,14 @@ def _source_rules(at: str, source: dict[str, Any], add: Add) -> None:
 
 
 def _target_rules(at: str, target: dict[str, Any], add: Add) -> None:
-    if target.get("payload_format") == "avro" and not target.get("schema_registry_url"):
-        add((f"{at}.schema_registry_url", "missing: payload_format 'avro' needs a schema registry"))
+    fmt = target.get("payload_format")
+    if fmt in ("avro", "protobuf") and not target.get("schema_registry_url"):
+        add(
+            (
+                f"{at}.schema_registry_url",
+                f"missing: payload_format '{fmt}' needs a schema registry",
+            )
+        )
 
 
 def _own_topic(spec: Any) -> str | None:

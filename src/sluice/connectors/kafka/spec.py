@@ -93,22 +93,24 @@ class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
     topic: Annotated[NonEmptyStr, doc("topic to produce to")]
     message_key_column: Annotated[str | None, doc("column whose value keys each message")] = None
     payload_format: Annotated[
-        Literal["json", "raw_bytes", "avro"],
-        doc("(ours) how rows encode: a JSON object, one column's bytes, or Avro via the registry"),
+        Literal["json", "raw_bytes", "avro", "protobuf"],
+        doc(
+            "(ours) how rows encode: JSON, one column's bytes, or Avro / Protobuf via the registry"
+        ),
     ] = "json"
     value_column: Annotated[
         NonEmptyStr, doc("(ours) the column written as is with payload_format 'raw_bytes'")
     ] = "value"
     auto_register: Annotated[
         bool,
-        doc("(ours) register the Avro schema derived from the batch, else it must be registered"),
+        doc("(ours) register the schema derived from the batch, else it must be registered"),
     ] = False
     subject_name_strategy: Annotated[
         Literal["topic_name", "record_name", "topic_record_name"],
         doc("(ours) registry subject: <topic>-value, <record>, or <topic>-<record>"),
     ] = "topic_name"
     avro_record_name: Annotated[
-        str | None, doc("(ours) name of the Avro record written; defaults to the topic")
+        str | None, doc("(ours) name of the Avro record / Protobuf message; defaults to the topic")
     ] = None
     librdkafka: Annotated[
         dict[str, str | int | bool], doc("(ours) extra librdkafka producer properties")

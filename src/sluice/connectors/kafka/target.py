@@ -1,7 +1,7 @@
 """Kafka target (confluent-kafka): an idempotent producer, durable on every delivery report.
 
-* ``write`` stages the batch; ``flush`` encodes it (JSON, raw bytes, or Avro
-  through the schema registry, :mod:`sluice.formats.encode`), produces one
+* ``write`` stages the batch; ``flush`` encodes it (JSON, raw bytes, or Avro /
+  Protobuf through the schema registry, :mod:`sluice.formats.encode`), produces one
   message per row (key from ``message_key_column``, cast to text; message
   timestamp from ``_event_ts`` when the batch has it, which is then not part
   of the payload) and returns only when every delivery report came back
@@ -29,7 +29,7 @@ from sluice.connectors.api import EVENT_TS
 from sluice.connectors.kafka.spec import KafkaTarget as KafkaTargetSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats.encode import AvroEncoder, json_payloads, raw_payloads
+from sluice.formats.encode import AvroEncoder, ProtobufEncoder, json_payloads, raw_payloads
 
 try:
     import confluent_kafka as ck
@@ -49,7 +49,7 @@ class KafkaTarget:
         self.id = f"kafka:{spec.topic}"
         self._producer: Any = None
         self._pending: list[pa.Table] = []
-        self._avro: AvroEncoder | None = None
+        self._encoder: AvroEncoder | ProtobufEncoder | None = None
 
     def open(self) -> None:
         """Create the producer (connections are made on first send)."""
@@ -69,13 +69,14 @@ class KafkaTarget:
         conf.update(self.spec.librdkafka)
         self._producer = ck.Producer(conf, logger=log)
         self._pending = []
-        if self.spec.payload_format == "avro" and self._avro is None:
+        fmt = self.spec.payload_format
+        if fmt in ("avro", "protobuf") and self._encoder is None:
             settings = registry_settings(self.spec)
             if settings is None:
-                raise ConnectorError(f"{self.id}: payload_format 'avro' needs schema_registry_url")
+                raise ConnectorError(f"{self.id}: payload_format '{fmt}' needs schema_registry_url")
             from sluice.formats.registry import client_for
 
-            self._avro = AvroEncoder(
+            self._encoder = (AvroEncoder if fmt == "avro" else ProtobufEncoder)(
                 client_for(settings),
                 self.spec.topic,
                 auto_register=self.spec.auto_register,
@@ -136,9 +137,9 @@ class KafkaTarget:
             keys = column.to_pylist()
         if spec.payload_format == "raw_bytes":
             values = raw_payloads(table, spec.value_column)
-        elif spec.payload_format == "avro":
-            assert self._avro is not None  # made by open()
-            values = list(self._avro.payloads(table))
+        elif spec.payload_format in ("avro", "protobuf"):
+            assert self._encoder is not None  # made by open()
+            values = list(self._encoder.payloads(table))
         else:
             values = json_payloads(table)
         topic = spec.topic
