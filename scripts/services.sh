@@ -15,6 +15,7 @@
 #   pubsub    GCP Pub/Sub emulator                  127.0.0.1:8085
 #   moto      moto_server (S3, Kinesis, ...)        http://127.0.0.1:5000
 #   mariadb   MariaDB 10.11 (Debian package)        mysql://root@127.0.0.1:53306/sluice
+#   registry  tests/registry_server.py (ours)       http://127.0.0.1:8081 (Confluent schema registry API)
 #
 # MariaDB: database `sluice`; root connects over TCP from 127.0.0.1 with no
 # password (like the trust-authenticated postgres superuser). The account and
@@ -33,6 +34,7 @@ EPMD_PORT=4369
 PUBSUB_PORT=8085
 MOTO_PORT=5000
 MARIADB_PORT=53306
+REGISTRY_PORT=8081
 
 PG_BIN=/usr/lib/postgresql/15/bin
 RABBIT_SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
@@ -42,10 +44,10 @@ MARIADBD=/usr/sbin/mariadbd
 MARIADB_INSTALL_DB=/usr/bin/mariadb-install-db
 MARIADB_CLIENT=/usr/bin/mariadb
 
-SERVICES=(kafka postgres rabbitmq pubsub moto mariadb)
+SERVICES=(kafka postgres rabbitmq pubsub moto mariadb registry)
 
 # Seconds each service may take from launch to answering.
-declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60)
+declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60 [registry]=30)
 declare -A ENDPOINT=(
   [kafka]=127.0.0.1:$KAFKA_PORT
   [postgres]=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
@@ -53,10 +55,11 @@ declare -A ENDPOINT=(
   [pubsub]=127.0.0.1:$PUBSUB_PORT
   [moto]=http://127.0.0.1:$MOTO_PORT
   [mariadb]=mysql://root@127.0.0.1:$MARIADB_PORT/sluice
+  [registry]=http://127.0.0.1:$REGISTRY_PORT
 )
 # A substring of /proc/PID/cmdline that tells a recorded PID is still ours.
-declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [epmd]=epmd)
-declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT)
+declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [registry]=registry_server [epmd]=epmd)
+declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT [registry]=$REGISTRY_PORT)
 declare -A LAUNCHED_AT=()
 
 die() { echo "services.sh: $*" >&2; exit 1; }
@@ -189,6 +192,11 @@ probe_pubsub() {
 # moto: S3 ListBuckets must answer with its XML document.
 probe_moto() {
   curl -sf -m 3 "http://127.0.0.1:$MOTO_PORT/" 2>/dev/null | grep -q ListAllMyBucketsResult
+}
+
+# The test schema registry: its list of schema types.
+probe_registry() {
+  curl -sf -m 3 "http://127.0.0.1:$REGISTRY_PORT/schemas/types" 2>/dev/null | grep -q AVRO
 }
 
 # MariaDB: `select 1` in database sluice as root over TCP, which also proves
@@ -336,6 +344,14 @@ start_moto() {
   launch moto "$DIR/moto" "$DIR/moto/moto.log" "$exe" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT"
 }
 
+start_registry() {
+  local exe
+  exe=$("$PY" -c 'import sys; print(sys.executable)')
+  mkdir -p "$DIR/registry"
+  launch registry "$DIR/registry" "$DIR/registry/registry.log" \
+    "$exe" "$REPO/tests/registry_server.py" --host 127.0.0.1 --port "$REGISTRY_PORT"
+}
+
 start_mariadb() {
   local d=$DIR/mariadb
   [[ -x $MARIADBD && -x $MARIADB_INSTALL_DB ]] || die "mariadb: $MARIADBD or $MARIADB_INSTALL_DB missing"
@@ -464,7 +480,7 @@ cmd_start() {
   launch_now() { LAUNCHED_AT[$1]=$(now); "start_$1"; booting+=("$1"); }
   local -a booting=()
   # Slowest first.
-  for name in rabbitmq pubsub postgres mariadb; do
+  for name in rabbitmq pubsub postgres mariadb registry; do
     if now_wanted "$name"; then launch_now "$name"; fi
   done
   if [[ -z $pip_pid ]]; then
@@ -513,7 +529,7 @@ stop_rabbitmq() {
 cmd_stop() {
   local name pid
   local -a stopped=()
-  local -a order=(mariadb moto pubsub rabbitmq postgres kafka)
+  local -a order=(registry mariadb moto pubsub rabbitmq postgres kafka)
   (($#)) && order=("$@")
   for name in "${order[@]}"; do
     if pid=$(running_pid "$name"); then
@@ -556,7 +572,7 @@ cmd_status() {
 }
 
 # `start` / `stop` take optional service names (kafka postgres rabbitmq pubsub
-# moto mariadb): tests stop one service to prove sluice rides out an outage.
+# moto mariadb registry): tests stop one service to prove sluice rides out an outage.
 cmd=${1:-}
 shift || true
 for name in "$@"; do

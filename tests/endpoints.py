@@ -41,3 +41,8 @@ AWS_ENDPOINT: Final[str] = os.environ.get("SLUICE_AWS_ENDPOINT", "http://127.0.0
 AWS_ACCESS_KEY_ID: Final[str] = os.environ.get("SLUICE_AWS_ACCESS_KEY_ID", "test")
 AWS_SECRET_ACCESS_KEY: Final[str] = os.environ.get("SLUICE_AWS_SECRET_ACCESS_KEY", "test")
 AWS_REGION: Final[str] = os.environ.get("SLUICE_AWS_REGION", "us-east-1")
+
+SCHEMA_REGISTRY_URL: Final[str] = os.environ.get(
+    "SLUICE_SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"
+)
+"""The test schema registry (``tests/registry_server.py``, Confluent REST API)."""

@@ -23,6 +23,7 @@ from sluice import (
     PostgresConnection,
     PubSubConnection,
     RabbitMQConnection,
+    SchemaRegistryConnection,
     Source,
     SQLiteConnection,
     StateStore,
@@ -270,12 +271,39 @@ def rabbitmq_to_pg() -> dict[str, Any]:
         name="rabbit-events",
         source=RabbitMQConnection(
             name="rabbit",
-            amqp_url="amqp://guest:guest@127.0.0.1:5672/",
+            amqp_url="amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30",
             queue_args={"x-dead-letter-exchange": "sluice.dlx"},
         ),
         source_query="events",
-        target=warehouse,
-        target_table=("public", "rabbit_events"),
+        target=Target(
+            warehouse, table=("public", "rabbit_events"), primary_key=["id"], mode="merge"
+        ),
+    )
+
+
+def avro_to_kafka() -> dict[str, Any]:
+    registry = SchemaRegistryConnection(name="registry", url="http://127.0.0.1:8081")
+    return dict(
+        name="avro-to-kafka",
+        source=KafkaConnection(
+            name="src",
+            bootstrap_servers=BROKER,
+            group_id="sluice-avro-to-kafka",
+            payload_format="avro",
+            schema_registry=registry,
+        ),
+        source_query="orders",
+        transform_sql=(
+            "SELECT order_id, customer_id, amount, ts, _event_ts FROM source WHERE amount > 100"
+        ),
+        target=Target(
+            KafkaConnection(name="out", bootstrap_servers=BROKER),
+            topic="big_orders",
+            message_key_column="customer_id",
+            payload_format="avro",
+            schema_registry_url="http://127.0.0.1:8081",
+            auto_register=True,
+        ),
     )
 
 

@@ -79,7 +79,7 @@ def assert_owned_by(live: list[Flow], schema: str, pipeline: str, partitions: in
         # The group gives every live replica a share, the new one included.
         return got if len(got) == partitions and {pid_of(o) for o in got.values()} == pids else None
 
-    got = wait_until(spread, 60, "every partition owned by a live replica")
+    wait_until(spread, 60, "every partition owned by a live replica")
     for f in live:
         assert f.proc.poll() is None, f.output()
         assert "Traceback" not in f.output(), f.output()

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from sluice.connectors.api import Ack, Batch, Position
-from sluice.connectors.kafka.source import KafkaSource
+from sluice.connectors.kafka.source import KafkaSource, registry_settings
 from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
 from sluice.formats import decoder_for
@@ -42,7 +42,13 @@ class SharedConsumer:
         self.kafka = KafkaSource(merged, _Ctx(ctx, ",".join(topics)))  # type: ignore[arg-type]
         cdc = pipeline.transform.cdc if pipeline.transform else None
         self._decoders = {
-            t: decoder_for(s.payload_format, cdc, pipeline.pipeline_name)
+            t: decoder_for(
+                s.payload_format,
+                cdc,
+                pipeline.pipeline_name,
+                registry_settings(s),
+                validate=s.json_schema_validation,
+            )
             for t, s in zip(topics, specs, strict=True)
         }
         self._lock = threading.Lock()

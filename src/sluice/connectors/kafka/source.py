@@ -40,7 +40,8 @@ from sluice.connectors.api import Batch, Position, RawRecord
 from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats import decoder_for, event_table
+from sluice.formats import HeaderAware, decoder_for, event_table
+from sluice.formats.registry import RegistrySettings
 
 try:
     import confluent_kafka as ck
@@ -90,6 +91,17 @@ def client_config(spec: KafkaSourceSpec | Any) -> dict[str, Any]:
     return conf
 
 
+def registry_settings(spec: Any) -> RegistrySettings | None:
+    """The schema registry a Kafka spec names, if any."""
+    if not spec.schema_registry_url:
+        return None
+    return RegistrySettings(
+        spec.schema_registry_url,
+        spec.schema_registry_basic_auth_user,
+        spec.schema_registry_basic_auth_password,
+    )
+
+
 def partition_key(topic: str, partition: int) -> str:
     """The position key of one partition: ``topic:partition``."""
     return f"{topic}:{partition}"
@@ -106,7 +118,13 @@ class KafkaSource:
         self.group_id = spec.reader_group(ctx.pipeline.pipeline_name)
         self._consumer: ck.Consumer | None = None
         cdc = ctx.pipeline.transform.cdc if ctx.pipeline.transform else None
-        self._decoder = decoder_for(spec.payload_format, cdc, ctx.pipeline.pipeline_name)
+        self._decoder = decoder_for(
+            spec.payload_format,
+            cdc,
+            ctx.pipeline.pipeline_name,
+            registry_settings(spec),
+            validate=spec.json_schema_validation,
+        )
         self._resume: Position = {}
         self._assigned: set[str] = set()
         self._revoked: set[str] = set()
@@ -308,9 +326,12 @@ class KafkaSource:
             if isinstance(offset, int):
                 self._next[key] = offset
         ts_ms = np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
-        decoded = (decoder or self._decoder).decode(
-            [m.value() for m in msgs], [m.offset() for m in msgs]
-        )
+        values = [m.value() for m in msgs]
+        dec = decoder or self._decoder
+        if isinstance(dec, HeaderAware):  # a schema id may be in a header
+            decoded = dec.decode_with_headers(values, [m.headers() for m in msgs])
+        else:
+            decoded = dec.decode(values, [m.offset() for m in msgs])
         table = event_table(decoded, ts_ms * 1000)
         rows, bad = decoded.rows, tuple(decoded.bad)
         row_partitions = self._row_partitions(msgs, topic) if self.track_partitions else None
