@@ -236,6 +236,13 @@ def _cmd_consume(args: argparse.Namespace) -> int:
         )
     if args.no_drain and args.stop_after_idle_ms is None:
         raise UsageError("--no-drain needs --stop-after-idle-ms (it shapes that stop)")
+    spec = load_file(args.config)
+    if spec.transform is not None and spec.transform.udf_modules:
+        collect((), spec.transform.udf_modules, args.config)
+    if args.metrics_port is not None:
+        _serve_metrics(args.metrics_port)
+    # Logging is set up once the run is certain to start: an invalid file
+    # or flag has said so in its one line already.
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -244,11 +251,6 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Redacting())
     logging.getLogger("sluice.connectors.kafka.source").setLevel(logging.ERROR)
-    spec = load_file(args.config)
-    if spec.transform is not None and spec.transform.udf_modules:
-        collect((), spec.transform.udf_modules, args.config)
-    if args.metrics_port is not None:
-        _serve_metrics(args.metrics_port)
     progress_s = args.progress_secs
     if progress_s is None:
         progress_s = 10.0 if sys.stderr.isatty() else 0.0

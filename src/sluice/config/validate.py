@@ -224,7 +224,8 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
         if isinstance(value, bool) or not isinstance(value, ok_types):
             problems.append((path, f"expected {expected_name(t)}, got {got}"))
             return
-        if isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
+        unbounded = t.le is None and t.lt is None
+        if unbounded and isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
             problems.append((path, f"expected {expected_name(t)} (64-bit), got {value}"))
             return
         num = float(cast(float, value))
