@@ -25,6 +25,9 @@ lint: ## ruff
 typecheck: ## mypy --strict on src/
 	mypy
 
+docs: ## regenerate docs/pipeline-toml.md from the spec (after adding or changing keys)
+	$(PY) scripts/gen_docs.py
+
 test: services ## start the services, then run every test but the slow ones
 	$(PY) -m pytest
 
@@ -42,4 +45,4 @@ bench: services ## run the benchmarks (sluice beside the reference engine)
 	$(PY) -m benchmarks.kafka_tumbling_to_postgres.run
 	$(PY) -m benchmarks.kafka_join_to_postgres.run
 
-.PHONY: help install services stop fmt lint typecheck test test-unit test-slow bench
+.PHONY: help install services stop fmt lint typecheck docs test test-unit test-slow bench
