@@ -50,9 +50,7 @@ def test_every_description_of_flow_schema_is_in_the_reference(capsys: Any) -> No
     assert len(descriptions) > 100
     # Struct docstrings are the JSON schema's table descriptions: first lines here.
     missing = [
-        d
-        for d in descriptions
-        if d.replace("|", "\\|") not in doc and d.splitlines()[0] not in doc
+        d for d in descriptions if d.replace("|", "\\|") not in doc and d.splitlines()[0] not in doc
     ]
     assert missing == []
 
