@@ -144,6 +144,8 @@ def test_metrics_expose_build_info_and_per_target_write_latency(tmp_path: Path) 
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     port = _free_port()
+    target = f"sqlite:{tmp_path / 'quickstart.db'}:events"
+    written = f'sluice_target_rows_written_total{{pipeline="quickstart",target="{target}"}} 1200.0'
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -154,6 +156,7 @@ def test_metrics_expose_build_info_and_per_target_write_latency(tmp_path: Path) 
             "--metrics-port",
             str(port),
         ],
+        cwd=tmp_path,  # the file source's checkpoints (.sluice-state) land here
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -167,9 +170,7 @@ def test_metrics_expose_build_info_and_per_target_write_latency(tmp_path: Path) 
                     body = r.read().decode()
             except OSError:
                 body = ""
-            if 'sluice_target_rows_written_total{pipeline="quickstart"' in body and (
-                " 1200.0" in body
-            ):
+            if written in body:
                 break
             time.sleep(0.2)
     finally:
@@ -178,11 +179,7 @@ def test_metrics_expose_build_info_and_per_target_write_latency(tmp_path: Path) 
     assert proc.returncode == 0, err
     assert 'sluice_build_info{python_version="' in body
     assert f'version="{__version__}"' in body
-    target = f"sqlite:{tmp_path / 'quickstart.db'}:events"
-    assert (
-        f'sluice_target_rows_written_total{{pipeline="quickstart",target="{target}"}} 1200.0'
-        in body
-    )
+    assert written in body
     count = re.search(
         rf'sluice_target_write_duration_seconds_count\{{pipeline="quickstart",'
         rf'target="{re.escape(target)}"\}} (\d+)',
