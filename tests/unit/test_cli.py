@@ -368,3 +368,23 @@ def test_init_does_not_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert_clean(err)
     assert out.read_text() == "keep me"
     assert run_main(capsys, "init", "-o", str(out), "--force")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql//admin:SECRET@host/db", "postgresql//admin:***@host/db"),
+        ("postgresql:/admin:SECRET@host/db", "postgresql:/admin:***@host/db"),
+        ("admin:SECRET@host", "admin:***@host"),
+        ("postgres//a:SECRET/x@h/d", "postgres//a:***@h/d"),
+        ("postgres://u:SECRET@h:5432/d", "postgres://u:***@h:5432/d"),
+        (
+            "kafka:topic at 10:30, mail user@example.com",
+            "kafka:topic at 10:30, mail user@example.com",
+        ),
+    ],
+)
+def test_passwords_in_malformed_urls_are_masked(text: str, shown: str) -> None:
+    from sluice.config.redact import redact_text
+
+    assert redact_text(text) == shown
