@@ -388,3 +388,26 @@ def test_passwords_in_malformed_urls_are_masked(text: str, shown: str) -> None:
     from sluice.config.redact import redact_text
 
     assert redact_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("SELECT 'abc FROM source", "Unterminated string literal at Line: 1, Column: 8"),
+        ("SELECT a FROM source GROUP BY", "Expected: an expression, found: EOF"),
+        ("SELECT a FROM source; SELECT b FROM source", "expected one statement"),
+        ("SELECT a FROM source WHERE a > 1", None),
+    ],
+)
+def test_sql_syntax_is_checked_by_datafusion(sql: str, message: str | None) -> None:
+    from sluice.config import load_text
+    from sluice.errors import ConfigError
+
+    text = BASE.format(top="", rest=f'[transform]\nsql = "{sql}"')
+    if message is None:
+        load_text(text)
+        return
+    with pytest.raises(ConfigError) as info:
+        load_text(text)
+    [problem] = info.value.problems
+    assert problem.path == "transform.sql" and message in problem.message

@@ -839,6 +839,8 @@ def _sql_syntax_error(sql: str) -> str | None:
         datafusion.SessionContext().sql(sql)
     except Exception as exc:  # datafusion raises a plain Exception subclass
         text = str(exc)
+        if "only supports a single SQL statement" in text:
+            return "expected one statement (the stage runs a single SELECT), got several"
         for marker in ("ParserError(", "TokenizerError("):
             if marker in text:
                 detail = text.split(marker, 1)[1].rsplit(")", 1)[0].strip('"')
