@@ -411,3 +411,22 @@ def test_sql_syntax_is_checked_by_datafusion(sql: str, message: str | None) -> N
         load_text(text)
     [problem] = info.value.problems
     assert problem.path == "transform.sql" and message in problem.message
+
+
+def test_log_lines_of_a_run_mask_passwords() -> None:
+    import io
+    import logging
+
+    from sluice.cli import _Redacting
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(_Redacting())
+    logger = logging.getLogger("sluice.test_redacting")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.error("cannot connect to %s", f"postgresql//admin:{SECRET}@db:5432/x")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "cannot connect to postgresql//admin:***@db:5432/x\n"
