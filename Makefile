@@ -26,6 +26,9 @@ lint: ## ruff, and hadolint on the Dockerfile
 typecheck: ## mypy --strict on src/
 	mypy
 
+docs: ## regenerate docs/pipeline-toml.md from the spec (after adding or changing keys)
+	$(PY) scripts/gen_docs.py
+
 test: services ## start the services, then run every test but the slow ones
 	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not disruptive"
 	$(PY) -m pytest -m "disruptive and not slow"
@@ -45,4 +48,4 @@ bench: services ## run the benchmarks (sluice beside the reference engine)
 	$(PY) -m benchmarks.kafka_join_to_postgres.run
 	$(PY) -m benchmarks.brokers.rabbitmq_run
 
-.PHONY: help install services stop fmt lint typecheck test test-unit test-slow bench
+.PHONY: help install services stop fmt lint typecheck docs test test-unit test-slow bench

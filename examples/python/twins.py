@@ -1,5 +1,7 @@
 """The pipelines of ``configs/*.toml``, declared with the typed Python API.
 
+Relative paths in a twin resolve from the working directory (the
+repository root), as those of a file resolve from its folder (``configs/``).
 Each function returns the keyword arguments of
 ``sluice.run_streaming_pipeline`` for the file of the same name (``-`` and
 ``.`` as ``_``); ``tests/unit/test_python_api.py`` checks that each lowers
@@ -14,6 +16,7 @@ from sluice import (
     CDC,
     Aggregation,
     DeltaLocalConnection,
+    DuckDBConnection,
     Join,
     KafkaConnection,
     KinesisConnection,
@@ -262,6 +265,36 @@ def quickstart() -> dict[str, Any]:
             table="events",
             primary_key=["event_id"],
             mode="merge",
+        ),
+    )
+
+
+def quickstart_window() -> dict[str, Any]:
+    return dict(
+        name="quickstart-window",
+        source=ObjectStoreLocalConnection(
+            name="files", path="examples/quickstart", format="json_lines"
+        ),
+        source_query="events",
+        target=Target(
+            DuckDBConnection(name="db", path="quickstart.duckdb"),
+            table="events_per_minute",
+            primary_key=["window_start", "event_type"],
+            mode="merge",
+        ),
+        transform_sql=(
+            "SELECT event_type, amount, CAST(ts AS TIMESTAMP) AS event_time\n"
+            "FROM source\nWHERE amount > 0\n"
+        ),
+        window=Window(
+            kind="tumbling",
+            duration_ms=60_000,
+            event_time_column="event_time",
+            group_by=["event_type"],
+            aggregations=[
+                Aggregation(agg="count", as_="events"),
+                Aggregation(agg="sum", column="amount", as_="amount_sum"),
+            ],
         ),
     )
 

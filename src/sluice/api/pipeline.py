@@ -236,8 +236,9 @@ def pipeline_data(
 
 def pipeline_spec(name: str, **kwargs: Any) -> PipelineSpec:
     """Validate :func:`pipeline_data`'s table like a pipeline file; raises
-    :class:`ConfigError` with every problem (labelled ``<python:NAME>``)."""
-    return load_data(pipeline_data(name, **kwargs), f"<python:{name}>")
+    :class:`ConfigError` with every problem (labelled ``<python:NAME>``).
+    Relative local paths resolve from the working directory."""
+    return load_data(pipeline_data(name, **kwargs), f"<python:{name}>", base_dir=os.getcwd())
 
 
 def run_streaming_pipeline(

@@ -15,7 +15,16 @@ from typing import Any
 
 from sluice.config.interpolate import interpolate
 from sluice.config.spec import PipelineSpec, pipeline_type
-from sluice.config.validate import Problem, check_rules, check_types, convert, strip_markers
+from sluice.config.validate import (
+    Problem,
+    check_rules,
+    check_sql,
+    check_types,
+    convert,
+    resolve_dlq_store,
+    resolve_paths,
+    strip_markers,
+)
 from sluice.errors import ConfigError, ConfigProblem
 
 
@@ -29,26 +38,45 @@ def load_file(path: str | Path, env: Mapping[str, str] | None = None) -> Pipelin
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigProblem(name, "", f"cannot read: {exc.strerror}")]) from None
-    return load_text(text, name, env)
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError([ConfigProblem(name, "", f"cannot read: {reason}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigProblem(name, "", f"not a TOML file: not UTF-8 text (byte {exc.start})")]
+        ) from None
+    if "\x00" in text:
+        raise ConfigError([ConfigProblem(name, "", "not a TOML file: it holds NUL bytes")])
+    return load_text(text, name, env, base_dir=Path(path).resolve().parent)
 
 
 def load_text(
-    text: str, name: str = "<string>", env: Mapping[str, str] | None = None
+    text: str,
+    name: str = "<string>",
+    env: Mapping[str, str] | None = None,
+    base_dir: str | Path | None = None,
 ) -> PipelineSpec:
-    """Load and validate pipeline TOML given as text; ``name`` labels the problems."""
+    """Load and validate pipeline TOML given as text; ``name`` labels the problems.
+
+    Relative local paths (database files, folders, a ``.jsonl`` DLQ) resolve
+    from ``base_dir``: :func:`load_file` passes the file's folder. Without
+    it they stay relative (to the working directory).
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigProblem(name, "", f"invalid TOML: {exc}")]) from None
-    return load_data(raw, name, env)
+    return load_data(raw, name, env, base_dir)
 
 
 def load_data(
-    raw: dict[str, Any], name: str = "<data>", env: Mapping[str, str] | None = None
+    raw: dict[str, Any],
+    name: str = "<data>",
+    env: Mapping[str, str] | None = None,
+    base_dir: str | Path | None = None,
 ) -> PipelineSpec:
     """Validate a pipeline given as the table its TOML would parse to (the
-    Python API lowers to this); ``name`` labels the problems."""
+    Python API lowers to this); ``name`` labels the problems, relative local
+    paths resolve from ``base_dir`` (see :func:`load_text`)."""
     problems = _connections(raw)
     # A table whose connection is unknown is left out; saying it is missing would repeat that.
     unresolved = {p.split(".")[0].split("[")[0] for p, _ in problems}
@@ -60,14 +88,19 @@ def load_data(
     reported = {p for p, _ in problems}
     spec_type = pipeline_type()  # the unions of every registered connector
     types, suggested = strip_markers(check_types(data, spec_type))
-    later = types + [
-        (p, m) for p, m in check_rules(data) if not (p in suggested and m.startswith("missing"))
-    ]
+    later = (
+        types
+        + [(p, m) for p, m in check_rules(data) if not (p in suggested and m.startswith("missing"))]
+        + check_sql(data)
+    )
     problems += [
         (p, m) for p, m in later if p not in reported and not (p == "" and _about(m, unresolved))
     ]
     if problems:
         raise ConfigError([ConfigProblem(name, p, m) for p, m in _unique(problems)])
+    if base_dir is not None:
+        resolve_paths(data, spec_type, str(base_dir))
+        resolve_dlq_store(data, str(base_dir))
     spec: PipelineSpec = convert(data, spec_type)
     return spec
 

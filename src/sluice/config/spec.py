@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 
 from sluice.config.base import (
+    LocalPath,
     LookupSpec,
     Ms,
     NonEmptyStr,
@@ -166,7 +167,7 @@ class CdcSpec(Spec, frozen=True, kw_only=True):
 class TlsSpec(Spec, frozen=True, kw_only=True):
     """[transform.tls]: the reference daemon's mesh TLS (accepted; sluice runs single-node)."""
 
-    ca_cert_pem_path: Annotated[NonEmptyStr, doc("CA certificate")]
+    ca_cert_pem_path: Annotated[LocalPath, doc("CA certificate")]
     domain_name_override: Annotated[str | None, doc("TLS server name")] = None
     client_identity: Annotated[dict[str, str] | None, doc("cert_pem_path / key_pem_path")] = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import os
 import re
 from collections.abc import Iterable
 from typing import Any, cast
@@ -20,6 +21,7 @@ from typing import Any, cast
 import msgspec
 import msgspec.inspect as mi
 
+from sluice.config.base import MAX_INT, MAX_MS
 from sluice.config.redact import is_secret_key, redact_text
 from sluice.connectors import registry
 from sluice.connectors.descriptor import DeadLetters, url_rule
@@ -106,7 +108,9 @@ def _unwrap(t: mi.Type) -> mi.Type:
     return t
 
 
-def _bounds(t: mi.IntType | mi.FloatType) -> str:
+def _bounds(t: mi.IntType | mi.FloatType, full: bool = False) -> str:
+    """The bounds of ``t`` for messages; the shared sanity caps (MAX_MS,
+    MAX_INT) only when ``full`` (a value broke one)."""
     parts = []
     if t.gt is not None:
         parts.append(f"> {t.gt}")
@@ -114,7 +118,7 @@ def _bounds(t: mi.IntType | mi.FloatType) -> str:
         parts.append(f">= {t.ge}")
     if t.lt is not None:
         parts.append(f"< {t.lt}")
-    if t.le is not None:
+    if t.le is not None and (full or t.le not in (MAX_MS, MAX_INT)):
         parts.append(f"<= {t.le}")
     return " and ".join(parts)
 
@@ -220,6 +224,10 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
         if isinstance(value, bool) or not isinstance(value, ok_types):
             problems.append((path, f"expected {expected_name(t)}, got {got}"))
             return
+        unbounded = t.le is None and t.lt is None
+        if unbounded and isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
+            problems.append((path, f"expected {expected_name(t)} (64-bit), got {value}"))
+            return
         num = float(cast(float, value))
         if (
             (t.gt is not None and not num > t.gt)
@@ -227,7 +235,9 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
             or (t.lt is not None and not num < t.lt)
             or (t.le is not None and not num <= t.le)
         ):
-            problems.append((path, f"expected {expected_name(t)}, got {value}"))
+            noun = "an integer" if isinstance(t, mi.IntType) else "a number"
+            above = (t.lt is not None and num >= t.lt) or (t.le is not None and num > t.le)
+            problems.append((path, f"expected {noun} {_bounds(t, full=above)}, got {value}"))
         return
     if isinstance(t, mi.NoneType):
         problems.append((path, f"expected no value, got {got}"))
@@ -323,12 +333,23 @@ def _unknown_key(
             f"{where} (it belongs to kind {_quote_list(owners)}); expected one of {_quote_list(valid)}",
             None,
         )
+    misplaced = _MISPLACED.get((key, kind or ""))
+    if misplaced is not None:
+        return f"{where}; {misplaced}", None
     near = nearest(key, valid)
     if near is not None:
         return f"{where}; did you mean '{near}'?", near
     hint = _HINTS.get(key, "")
     return f"{where}; expected one of {_quote_list(valid)}{hint}", None
 
+
+# Keys that exist elsewhere and a fuzzy match would point the wrong way:
+# (key, kind of the table it was found in) -> where it belongs.
+_MISPLACED = {
+    ("lateness_ms", kind): "the watermark's slack is 'lateness_ms' in [watermark] "
+    '(allowed_lateness_ms here keeps windows open for late_data = "reopen")'
+    for kind in ("tumbling", "hopping", "session", "")
+}
 
 # Keys users often put one table too deep.
 _HINTS = {
@@ -823,6 +844,118 @@ def _check_dlq_store(
                 f'"{store}" needs a {" or ".join(table_kinds)} target or [state_store] (its database holds the table)',
             )
         )
+
+
+# ---------------------------------------------------------------------------
+# SQL
+
+
+def check_sql(data: dict[str, Any]) -> list[Problem]:
+    """Parse every SQL statement of the file with DataFusion's parser.
+
+    Only syntax is checked here: the input schema is known once data
+    arrives, so a statement that parses but names an unknown column fails
+    when the stage first plans it. A syntax error is reported now, with
+    DataFusion's message.
+    """
+    problems: list[Problem] = []
+    transform = data.get("transform")
+    if not isinstance(transform, dict):
+        return problems
+    sql = transform.get("sql")
+    if isinstance(sql, str) and sql.strip():
+        message = _sql_syntax_error(sql)
+        if message is not None:
+            problems.append(("transform.sql", f"invalid SQL: {message}"))
+    return problems
+
+
+def _sql_syntax_error(sql: str) -> str | None:
+    """DataFusion's parser or tokenizer error for ``sql``, or None when it parses.
+
+    Planning errors (unknown tables or columns: nothing is registered in
+    this context) are not syntax errors and are ignored.
+    """
+    import datafusion  # lazily: validation of files without SQL stays light
+
+    try:
+        datafusion.SessionContext().sql(sql)
+    except Exception as exc:  # datafusion raises a plain Exception subclass
+        text = str(exc)
+        if "only supports a single SQL statement" in text:
+            return "expected one statement (the stage runs a single SELECT), got several"
+        for marker in ("ParserError(", "TokenizerError("):
+            if marker in text:
+                detail = text.split(marker, 1)[1].rsplit(")", 1)[0].strip('"')
+                return " ".join(detail.split())
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Local paths
+
+
+def resolve_paths(data: Any, spec_type: Any, base: str) -> None:
+    """Make every relative :data:`~sluice.config.base.LocalPath` value in
+    ``data`` absolute, relative to the folder ``base``, in place.
+
+    Runs on data that passed :func:`check_types`, so the walk may trust the
+    shapes. URLs and ``:memory:`` stay as they are.
+    """
+    _resolve(data, mi.type_info(spec_type), base)
+
+
+def _is_local_path(t: mi.Type) -> bool:
+    while isinstance(t, mi.Metadata):
+        if t.extra and t.extra.get("local_path"):
+            return True
+        t = t.type
+    return False
+
+
+def _resolve(value: Any, t: mi.Type, base: str) -> Any:
+    if _is_local_path(t):
+        if isinstance(value, str) and _relative_file(value):
+            return os.path.normpath(os.path.join(base, value))
+        return value
+    t = _unwrap(t)
+    if isinstance(t, mi.UnionType):
+        members = [_unwrap(m) for m in t.types if not isinstance(_unwrap(m), mi.NoneType)]
+        if isinstance(value, dict):
+            for m in members:
+                if isinstance(m, mi.StructType) and (
+                    not m.tag_field or value.get(m.tag_field) == m.tag
+                ):
+                    return _resolve(value, m, base)
+        elif len(members) == 1:
+            return _resolve(value, members[0], base)
+        return value
+    if isinstance(t, mi.StructType) and isinstance(value, dict):
+        for f in t.fields:
+            if f.encode_name in value:
+                value[f.encode_name] = _resolve(value[f.encode_name], f.type, base)
+    elif isinstance(t, mi.ListType) and isinstance(value, list):
+        value[:] = [_resolve(v, t.item_type, base) for v in value]
+    elif isinstance(t, mi.DictType) and isinstance(value, dict):
+        for k in value:
+            value[k] = _resolve(value[k], t.value_type, base)
+    return value
+
+
+def _relative_file(path: str) -> bool:
+    return not (os.path.isabs(path) or "://" in path or path.startswith(":memory:"))
+
+
+def resolve_dlq_store(data: dict[str, Any], base: str) -> None:
+    """A ``dlq_store`` that names a ``.jsonl`` file resolves like any local path."""
+    store = data.get("dlq_store")
+    if (
+        isinstance(store, str)
+        and store.endswith(".jsonl")
+        and ":" not in store
+        and _relative_file(store)
+    ):
+        data["dlq_store"] = os.path.normpath(os.path.join(base, store))
 
 
 def convert(data: dict[str, Any], spec_type: type[Any]) -> Any:

@@ -11,7 +11,6 @@ the restarts. Logs: one line at start, one at stop, and errors.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -22,13 +21,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from sluice import logs
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
 from sluice.engine.runner import Runner, RunOptions
-from sluice.errors import ConfigError, ConfigProblem, SluiceError
+from sluice.errors import ConfigError, SluiceError
 from sluice.functions import Function, collect
 
 log = logging.getLogger("sluice")
@@ -122,75 +119,6 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, SluiceError) else f"{type(exc).__name__}: {exc}"
 
 
-def _cmd_consume(args: argparse.Namespace) -> int:
-    logs.configure(args.log_format, args.log_level)
-    try:
-        spec, functions, origin = _load(args)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    logs.bind(spec.pipeline_name)
-    if args.metrics_port is not None:
-        m.serve(args.metrics_port)
-    opts = SupervisorOptions(
-        restart_on_error=args.restart_on_error,
-        initial_backoff_ms=args.initial_backoff_ms,
-        max_backoff_ms=args.max_backoff_ms,
-        max_restarts=args.max_restarts,
-        reset_backoff_after_secs=args.reset_backoff_after_secs,
-    )
-    log.info(
-        "pipeline %s starting: %d source(s), %d target(s)",
-        spec.pipeline_name,
-        len(spec.all_sources),
-        len(spec.all_targets),
-    )
-    run_opts = RunOptions(stop_after_idle_ms=args.stop_after_idle_ms, drain=not args.no_drain)
-    code = asyncio.run(supervise(spec, opts, run_opts, functions, origin))
-    log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
-    return code
-
-
-def _load(args: argparse.Namespace) -> tuple[PipelineSpec, list[Function], str]:
-    """The pipeline ``flow consume`` runs: a file, or with ``--module`` a
-    pipeline a Python module declares (``@sluice.streaming_pipeline``)."""
-    if args.module is None:
-        return load_file(args.config), [], args.config
-    from sluice.api import load_module
-
-    declared = load_module(args.module)
-    chosen = declared.get(args.config)
-    if chosen is None:
-        names = ", ".join(sorted(declared)) or "none"
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    args.module,
-                    "",
-                    f"declares no streaming pipeline {args.config!r} (it declares: {names})",
-                )
-            ]
-        )
-    functions = [*chosen.udfs, *chosen.aggregate_udfs]
-    return chosen.spec(), functions, f"<python:{args.module}.{chosen.name}>"
-
-
-def _cmd_consume_list(args: argparse.Namespace) -> int:
-    from sluice.api import load_module
-
-    try:
-        declared = load_module(args.module)
-        specs = {name: d.spec() for name, d in sorted(declared.items())}
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    for name, spec in specs.items():
-        sources = ", ".join(spec.query_of(s) for s in spec.all_sources)
-        targets = ", ".join(str(t.kind) for t in spec.all_targets)
-        print(f"{name}\t{sources} -> {targets}")
-    return 0
-
-
 def run_pipeline(
     config: str | Path,
     *,
@@ -250,59 +178,3 @@ def run_spec(
             str(config),
         )
     )
-
-
-def add_consume_parser(sub: Any) -> None:
-    """Register ``flow consume`` on the CLI's subparsers."""
-    p = sub.add_parser("consume", help="run a pipeline until stopped")
-    p.add_argument(
-        "config",
-        nargs="?",
-        default="pipeline.toml",
-        metavar="CONFIG",
-        help="the pipeline file; with --module, the name of a pipeline the module declares",
-    )
-    p.add_argument(
-        "--module",
-        default=None,
-        metavar="MODULE",
-        help="import MODULE and run its @sluice.streaming_pipeline named CONFIG",
-    )
-    p.add_argument(
-        "--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz"
-    )
-    p.add_argument(
-        "--restart-on-error", action="store_true", help="restart in-process after a failure"
-    )
-    p.add_argument("--initial-backoff-ms", "--min-backoff-ms", type=int, default=1_000)
-    p.add_argument("--max-backoff-ms", type=int, default=60_000)
-    p.add_argument("--max-restarts", type=int, default=None, help="unbounded when omitted")
-    p.add_argument("--reset-backoff-after-secs", type=float, default=60.0)
-    p.add_argument(
-        "--stop-after-idle-ms",
-        type=int,
-        default=None,
-        help="(ours) exit 0 once every source has been idle this long (batch-style runs); "
-        "the end of input drains: every open window and buffered join row is emitted first",
-    )
-    p.add_argument(
-        "--no-drain",
-        action="store_true",
-        help="(ours) with --stop-after-idle-ms: keep open windows and join rows for the next "
-        "run instead of emitting them (a stop that will be resumed)",
-    )
-    p.add_argument(
-        "--log-format",
-        choices=logs.FORMATS,
-        default="text",
-        help="text for people, json for log collectors (one object per line)",
-    )
-    p.add_argument(
-        "--log-level", choices=logs.LEVELS, default="info", help="least severe level logged"
-    )
-    p.set_defaults(func=_cmd_consume)
-    listing = sub.add_parser(
-        "consume-list", help="list the streaming pipelines a Python module declares"
-    )
-    listing.add_argument("--module", required=True, metavar="MODULE", help="module to import")
-    listing.set_defaults(func=_cmd_consume_list)

@@ -723,11 +723,15 @@ class Runner:
             await self._retry.sleep(self.spec.idle_pause_ms / 1000)
             return True
         limit = self.options.stop_after_idle_ms
-        if limit is not None and (now - self._idle_since) * 1000 >= limit:
-            self._input_ended = True
-            return False
+        pause_s = self.spec.idle_pause_ms / 1000
+        if limit is not None:
+            left_s = limit / 1000 - (now - self._idle_since)
+            if left_s <= 0:
+                self._input_ended = True
+                return False
+            pause_s = min(pause_s, left_s)  # a long idle_pause_ms must not outlast the limit
         self._export_watermarks()
-        await self._retry.sleep(self.spec.idle_pause_ms / 1000)
+        await self._retry.sleep(pause_s)
         return True
 
     def _union(self, batches: list[Batch]) -> pa.Table:
@@ -755,7 +759,7 @@ class Runner:
                 own = (await self._transform(rest)).out if rest else None
                 own = data.slice(0, 0) if own is None else own
             if await self._retry(
-                target, functools.partial(_write_and_flush, target, own), "write"
+                target, functools.partial(_write_and_flush, self.name, target, own), "write"
             ) is (STOPPED):
                 return False
         return True
@@ -835,6 +839,9 @@ def _tagged(batch: Batch) -> pa.Table:
     return batch.data.append_column(PARTITION, parts)
 
 
-def _write_and_flush(target: Target, data: pa.Table) -> None:
+def _write_and_flush(pipeline: str, target: Target, data: pa.Table) -> None:
+    started = time.perf_counter()
     target.write(data)
     target.flush()
+    m.TARGET_WRITE_SECONDS.labels(pipeline, target.id).observe(time.perf_counter() - started)
+    m.TARGET_ROWS_WRITTEN.labels(pipeline, target.id).inc(data.num_rows)
