@@ -44,6 +44,14 @@ class ConnectorError(SluiceError):
     """A source or target failed talking to its system."""
 
 
+class PositionsMoved(ConnectorError):
+    """A target's stored source positions changed under this process since it
+    last read or wrote them: another process (a replica the group gave these
+    partitions, or one it took them from that is still writing) committed
+    rows for them. The round's transaction was rolled back; the run loop
+    reads again from what the target holds now."""
+
+
 class MissingDependencyError(SluiceError):
     """A connector's library is not installed; the message names the extra to install."""
 

@@ -87,6 +87,7 @@ from sluice.engine import metrics as m
 from sluice.engine.retry import STOPPED, Retry, Stopped
 from sluice.engine.stages.base import TimedStage
 from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks
+from sluice.errors import PositionsMoved
 from sluice.state import StateStore
 from sluice.state.base import ClaimingStore, PartitionsMoved
 
@@ -257,6 +258,7 @@ class Immediate:
         # that is ahead of where the sources resumed (cleared as they pass it).
         self._ahead: dict[str, dict[str, Position]] = {}
         self._unflushed = False  # positions staged that no flush recorded yet
+        self._moved = False
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Resume from the lowest position the recording targets hold per
@@ -320,17 +322,26 @@ class Immediate:
         """No stage state: nothing to do."""
 
     def moved(self) -> bool:
-        """Never: no partition is claimed."""
-        return False
+        """Whether the last commit found a target's positions moved by another
+        process (a stateless replica's partitions taken over)."""
+        return self._moved
 
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Record staged positions no output flush recorded (a round without
         output), then acknowledge each source's last batch written, in source order."""
+        self._moved = False
         if self._unflushed and not emitted:
             assert self._retry is not None
             for target in self._recording:
-                if await self._retry(target, target.flush, "flush positions") is STOPPED:
-                    return False
+                try:
+                    if await self._retry(target, target.flush, "flush positions") is STOPPED:
+                        return False
+                except PositionsMoved as exc:  # another replica wrote there since: read again
+                    log.info("%s; reading again", exc)
+                    self._unflushed = False
+                    self._acks.clear()
+                    self._moved = True
+                    return True
         self._unflushed = False
         for source in self._sources:
             if source.id in self._acks:

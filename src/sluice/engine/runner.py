@@ -50,7 +50,7 @@ from sluice.engine.stages.partitioned import GROUP, PartitionedJoin, Partitioned
 from sluice.engine.stages.sql import SqlStage
 from sluice.engine.stages.window import WindowStage
 from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks, max_event_us
-from sluice.errors import DecodeError, SluiceError, StageError
+from sluice.errors import DecodeError, PositionsMoved, SluiceError, StageError
 from sluice.functions import Function, collect
 from sluice.state import StateStore, build_store
 
@@ -356,7 +356,12 @@ class Runner:
             self._consistent = False
             return False
         self._policy.before_write(batches, out is not None and out.num_rows > 0)  # positions
-        if out is not None and out.num_rows and not await self._deliver(out, batches):
+        try:
+            delivered = out is None or not out.num_rows or await self._deliver(out, batches)
+        except PositionsMoved as exc:  # another replica wrote these partitions: nothing landed
+            log.info("%s; reading again", exc)
+            return await self._read_again()
+        if not delivered:
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             self._consistent = False
             return False

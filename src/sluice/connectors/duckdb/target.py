@@ -19,7 +19,7 @@ from sluice.connectors.registry import Context
 from sluice.connectors.sql import positions
 from sluice.connectors.sql.embedded import check_mode, quote, require_key
 from sluice.connectors.sql.types import pg_type
-from sluice.errors import ConnectorError
+from sluice.errors import ConnectorError, PositionsMoved
 
 _SEQ = "__sluice_seq"
 
@@ -141,7 +141,13 @@ class DuckDBTarget:
             if not self._in_tx:
                 conn.execute("BEGIN TRANSACTION")
                 self._in_tx = True
-            self._ledger.write(self._run, conn)
+            try:
+                self._ledger.write(self._run, conn)
+            except PositionsMoved:
+                self._ledger.drop()
+                conn.execute("ROLLBACK")
+                self._in_tx = False
+                raise
         if self._in_tx:
             conn.execute("COMMIT")
             self._in_tx = False

@@ -67,7 +67,7 @@ from sluice.connectors.api import Position
 from sluice.connectors.mysql.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import positions
-from sluice.errors import ConnectorError, TransientError
+from sluice.errors import ConnectorError, PositionsMoved, TransientError
 from sluice.formats.jsontext import to_json_text
 
 try:
@@ -640,6 +640,11 @@ class MySQLTarget:
             conn.commit()
         except pymysql.Error as exc:
             self._fail(exc)
+        except PositionsMoved:
+            self._ledger.drop()
+            with contextlib.suppress(pymysql.Error):
+                conn.rollback()
+            raise
         self._ledger.done()
 
     def _fail(self, exc: pymysql.Error) -> NoReturn:

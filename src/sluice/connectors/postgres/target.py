@@ -45,7 +45,7 @@ from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import positions
 from sluice.connectors.sql.types import pg_type
-from sluice.errors import ConnectorError, TransientError
+from sluice.errors import ConnectorError, PositionsMoved, TransientError
 from sluice.formats.jsontext import to_json_text
 
 try:
@@ -341,6 +341,12 @@ class PostgresTarget:
             conn.commit()
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
+        except PositionsMoved:
+            self._ledger.drop()
+            with contextlib.suppress(adbc_driver_manager.Error):
+                conn.rollback()
+                self._reflect()  # DDL of the round rolled back too
+            raise
         self._ledger.done()
 
     def _fail(self, exc: Exception) -> NoReturn:

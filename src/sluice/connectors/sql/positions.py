@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from sluice.connectors.api import Position, Target
+from sluice.errors import PositionsMoved
 
 #: The name of the positions table in every target database.
 TABLE = "_sluice_positions"
@@ -74,10 +75,12 @@ class Dialect:
     upsert: str
     text: str = "TEXT"
     part: str = '"partition"'
+    lock: str = ""  # row locks on the read that checks the positions (servers with writers)
 
 
 POSTGRES = Dialect(
     mark=lambda i: f"${i}",
+    lock=" FOR UPDATE",
     upsert='ON CONFLICT (pipeline, target, source, "partition") DO UPDATE SET '
     "position_int = EXCLUDED.position_int, position_text = EXCLUDED.position_text",
 )
@@ -87,6 +90,7 @@ MYSQL = Dialect(
     "position_text = VALUES(position_text)",
     text="VARCHAR(190)",  # four utf8mb4 key columns fit the 3072-byte key limit
     part="`partition`",
+    lock=" FOR UPDATE",
 )
 SQLITE = Dialect(
     mark=lambda i: "?",
@@ -105,6 +109,17 @@ class Ledger:
 
     ``table`` is the quoted, qualified name of the positions table. Not
     thread-safe: the run loop calls one target method at a time.
+
+    **Fencing.** Once :meth:`held` has read the table (the stateless
+    exactly-once policy does, on start and after every rebalance), each
+    :meth:`write` first reads the stored positions of the partitions it
+    records (row-locked on Postgres and MySQL) and checks they are still what
+    this process last read or wrote. If another process committed for one of
+    them since — a replica the group gave the partition, or the one it was
+    taken from, still writing — :class:`~sluice.errors.PositionsMoved` is
+    raised before anything is recorded, and the caller rolls its transaction
+    back: two processes never both commit rows for one stretch of a
+    partition.
     """
 
     def __init__(self, dialect: Dialect, table: str, pipeline: str, target: str) -> None:
@@ -114,6 +129,9 @@ class Ledger:
         self._target = target
         self._staged: dict[str, Position] = {}
         self._also: Callable[[Any], None] | None = None
+        # What the table held, as this process last read or wrote it; None
+        # until held() read it (no fencing then: a joined checkpoint's store fences).
+        self._seen: dict[tuple[str, str], int | str] | None = None
         m = dialect.mark
         t = dialect.text
         self._create = (
@@ -142,13 +160,47 @@ class Ledger:
         run(self._create, ())
 
     def held(self, run: Run) -> dict[str, Position]:
-        """What the table holds for this pipeline and target."""
+        """What the table holds for this pipeline and target (from now on the
+        positions later writes are fenced on)."""
+        out = self._read(run, self._select)
+        self._seen = {(s, p): v for s, parts in out.items() for p, v in parts.items()}
+        return out
+
+    def _read(self, run: Run, statement: str) -> dict[str, Position]:
         out: dict[str, Position] = {}
-        for source, part, pos_int, pos_text in run(self._select, (self._pipeline, self._target)):
+        for source, part, pos_int, pos_text in run(statement, (self._pipeline, self._target)):
             out.setdefault(str(source), {})[str(part)] = (
                 int(pos_int) if pos_int is not None else str(pos_text)
             )
         return out
+
+    def _check(self, run: Run) -> None:
+        """Raise :class:`PositionsMoved` when a partition about to be recorded
+        holds another position than this process last saw."""
+        seen = self._seen
+        if seen is None or not self._staged:
+            return
+        now = self._read(run, self._select + self._d.lock)
+        moved = [
+            f"{source} {part}"
+            for source, parts in self._staged.items()
+            for part in parts
+            if now.get(source, {}).get(part) != seen.get((source, part))
+        ]
+        if moved:
+            raise PositionsMoved(
+                f"{self._target}: another process committed rows for {', '.join(moved[:5])}"
+                + (" ..." if len(moved) > 5 else "")
+                + " since this one last read or wrote its positions (a rebalance); "
+                "this round is rolled back and read again"
+            )
+
+    def drop(self) -> None:
+        """The round was rolled back: forget what it staged, and what was
+        seen (the caller reads the table again with :meth:`held`)."""
+        self._staged = {}
+        self._also = None
+        self._seen = None if self._seen is None else {}
 
     def stage(
         self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
@@ -162,7 +214,9 @@ class Ledger:
     def write(self, run: Run, connection: Any) -> None:
         """Upsert the staged positions and run the staged ``also`` (in the
         caller's open transaction, right before its commit). The staged values
-        are kept until :meth:`done`: a failed commit is retried with them."""
+        are kept until :meth:`done`: a failed commit is retried with them.
+        Raises :class:`PositionsMoved` (see the class docstring)."""
+        self._check(run)
         for source, parts in self._staged.items():
             for part, pos in parts.items():
                 run(
@@ -181,6 +235,11 @@ class Ledger:
 
     def done(self) -> None:
         """The transaction :meth:`write` joined committed: forget what it recorded."""
+        if self._seen is not None:
+            for source, parts in self._staged.items():
+                for part, pos in parts.items():
+                    if isinstance(pos, int | str):
+                        self._seen[(source, part)] = pos
         self._staged = {}
         self._also = None
 

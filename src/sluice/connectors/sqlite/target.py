@@ -25,7 +25,7 @@ from sluice.connectors.registry import Context
 from sluice.connectors.sql import positions
 from sluice.connectors.sql.embedded import check_mode, quote, require_key
 from sluice.connectors.sqlite.spec import SQLiteTarget as SQLiteTargetSpec
-from sluice.errors import ConnectorError
+from sluice.errors import ConnectorError, PositionsMoved
 
 
 def sqlite_type(t: pa.DataType) -> str:
@@ -164,7 +164,12 @@ class SQLiteTarget:
         WAL with synchronous=FULL)."""
         conn = self._require()
         if self._ledger.pending:
-            self._ledger.write(self._run, conn)
+            try:
+                self._ledger.write(self._run, conn)
+            except PositionsMoved:
+                self._ledger.drop()
+                conn.rollback()
+                raise
         conn.commit()
         self._ledger.done()
 
