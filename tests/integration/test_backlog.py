@@ -52,7 +52,16 @@ def send(topic: str, p: int, rows: list[dict[str, Any]]) -> None:
     )
 
 
-def config(topic: str, table: str, idleness_ms: int) -> str:
+#: Fetch each partition in small slices, and prefetch little: the broker then
+#: serves the partitions in runs while the window writes into Postgres.
+SLICES = (
+    'librdkafka = { "max.partition.fetch.bytes" = 8192, "fetch.max.bytes" = 16384, '
+    '"message.max.bytes" = 8192, "queued.min.messages" = 1000, '
+    '"queued.max.messages.kbytes" = 256 }'
+)
+
+
+def config(topic: str, table: str, idleness_ms: int, fetch: str = SLICES) -> str:
     return f"""
 pipeline_name = "{table}"
 source_query = "{topic}"
@@ -64,9 +73,7 @@ bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
 group_id = "{table}"
 session_timeout_ms = 2000
 max_batch_rows = 500
-# Fetch each partition in small slices, and prefetch little: the broker then
-# serves the partitions in runs while the window writes into Postgres.
-librdkafka = {{ "max.partition.fetch.bytes" = 8192, "fetch.max.bytes" = 16384, "message.max.bytes" = 8192, "queued.min.messages" = 1000, "queued.max.messages.kbytes" = 256 }}
+{fetch}
 
 [target]
 kind = "postgres"
@@ -116,32 +123,43 @@ def table_rows(table: str) -> list[tuple[int, int, int, int]]:
     return sorted((int(a), int(b), int(c), int(d)) for a, b, c, d in rows)
 
 
+SMALL = {0: 2_000, 1: 25_000, 2: 25_000}
+#: The issue's case: 1M events, partitions 1 and 2 backlogs of ~half a million
+#: each behind a small partition 0 whose closing event is served first; the
+#: consumer's own (large) fetch sizes.
+MILLION = {0: 20_000, 1: 490_000, 2: 490_000}
+
+
 @pytest.mark.parametrize(
-    "idleness_ms",
+    ("idleness_ms", "sizes", "fetch"),
     [
-        pytest.param(60_000, id="default-idleness"),
-        pytest.param(200, id="backlog-outlasts-idleness"),
+        pytest.param(60_000, SMALL, SLICES, id="default-idleness"),
+        pytest.param(200, SMALL, SLICES, id="backlog-outlasts-idleness"),
+        pytest.param(200, MILLION, "", id="one-million-events"),
     ],
 )
 def test_a_backlog_read_from_the_start_drops_no_row_as_late(
-    idleness_ms: int, kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+    idleness_ms: int,
+    sizes: dict[int, int],
+    fetch: str,
+    kafka_topic: Callable[..., str],
+    flow: Callable[..., Flow],
 ) -> None:
     topic = kafka_topic(partitions=3)
     table = unique("backlog")
-    sizes = {0: 2_000, 1: 25_000, 2: 25_000}
     events: list[dict[str, Any]] = []
     for p in (0, 1, 2):  # partition 0, with its closing event, is on the broker first
         rows = partition_events(p, sizes[p])
         send(topic, p, rows)
         events += rows
     want = expected(events)
-    f = flow(config(topic, table, idleness_ms))
+    f = flow(config(topic, table, idleness_ms, fetch))
 
     def consumed() -> bool:
         assert f.proc.poll() is None, f.output()
         return f.metric("sluice_rows_consumed_total") >= len(events)
 
-    wait_until(consumed, 90, "every event consumed")
+    wait_until(consumed, 240, "every event consumed")
 
     def check() -> bool:
         try:

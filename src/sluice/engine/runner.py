@@ -394,12 +394,17 @@ class Runner:
             )
         if self.on_error == "drop" or batch.raw is None:
             m.ROWS_DROPPED.labels(self.name, "decode").inc(len(batch.bad))
+            at: dict[str, object] = {"source": batch.source_id, "rows": len(batch.bad)}
+            if batch.raw is not None:
+                record = batch.raw.record(first)
+                at.update(partition=record.partition, offset=record.offset)
             log.warning(
                 "source %s: dropped %d undecodable message(s), first at %s: %s",
                 batch.source_id,
                 len(batch.bad),
                 where,
                 reason,
+                extra=at,
             )
             return []
         raw = batch.raw
@@ -713,6 +718,12 @@ class Runner:
 
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
+        if self._replicas and any(
+            self._epochs.get(s.id) != s.epoch for s in self._partitioned if s.assignment()
+        ):
+            # A replica given partitions that have nothing new to read still
+            # claims them and loads their state (their open windows must close).
+            return await self._read_again()
         if self._timed is not None and not await self._window_tick(self._timed):
             return False
         if not await self._policy.commit():  # a checkpoint may be due by its interval
