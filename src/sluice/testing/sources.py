@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, Source
+from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, Seekable, Source
 from sluice.testing.checks import Check, bounded, commit
 from sluice.testing.harness import Row, SourceHarness, unique
 
@@ -171,7 +171,8 @@ def bad_payload_reported(h: SourceHarness) -> None:
     """An undecodable record is reported, with its raw bytes and where it sits.
 
     ``Batch.bad`` names it by index into ``Batch.raw``, whose record carries
-    the raw payload and an offset inside the batch's position keys, so the
+    the raw payload and an offset inside the batch's position keys (an
+    ack-only source: its message id and queue / subscription), so the
     engine's ``on_error`` can fail naming it, drop it, or dead-letter it.
     The good records around it still decode.
     """
@@ -179,7 +180,8 @@ def bad_payload_reported(h: SourceHarness) -> None:
     h.produce(stream, rows(0, 2))
     raw = h.produce_bad(stream)
     h.produce(stream, rows(2, 2))
-    batches = consume(h.build(stream, unique("g")), set(range(4)))
+    source = h.build(stream, unique("g"))
+    batches = consume(source, set(range(4)))
     _exactly(ids_of(batches), range(4), "good records around a bad one")
     reported = [(b, index, why) for b in batches for index, why in b.bad]
     assert len(reported) == 1, f"expected one bad record reported, got {len(reported)}"
@@ -189,10 +191,13 @@ def bad_payload_reported(h: SourceHarness) -> None:
     record = batch.raw.record(index)
     assert record.payload == raw, f"raw bytes {record.payload!r}, produced {raw!r}"
     assert record.offset is not None, "a bad record must say where it sits (its offset)"
-    assert batch.position is not None, "the batches of a seekable source carry a position"
-    assert record.partition in batch.position, (
-        f"bad record's partition {record.partition!r} is not a key of {batch.position}"
-    )
+    if isinstance(source, Seekable):
+        assert batch.position is not None, "the batches of a seekable source carry a position"
+        assert record.partition in batch.position, (
+            f"bad record's partition {record.partition!r} is not a key of {batch.position}"
+        )
+    else:  # ack-only: the record names its queue / subscription instead
+        assert record.partition, "a bad record of an ack-only source must name where it sits"
     assert batch.raw.where(index), "a bad record must be locatable for the error message"
 
 
