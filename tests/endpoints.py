@@ -38,3 +38,6 @@ AWS_ENDPOINT: Final[str] = os.environ.get("SLUICE_AWS_ENDPOINT", "http://127.0.0
 AWS_ACCESS_KEY_ID: Final[str] = os.environ.get("SLUICE_AWS_ACCESS_KEY_ID", "test")
 AWS_SECRET_ACCESS_KEY: Final[str] = os.environ.get("SLUICE_AWS_SECRET_ACCESS_KEY", "test")
 AWS_REGION: Final[str] = os.environ.get("SLUICE_AWS_REGION", "us-east-1")
+
+KINESIS_ENDPOINT: Final[str] = os.environ.get("SLUICE_KINESIS_ENDPOINT", "http://127.0.0.1:4568")
+"""kinesis-local (kinesis-mock): Kinesis with resharding (moto keeps writing to a split parent)."""
