@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import UTC, datetime, timedelta
 from collections.abc import Sequence
 from concurrent import futures
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -85,7 +85,7 @@ class PubSub:
             self.pub.publish(topic_path(topic), p, ordering_key=keys[i] if keys else "")
             for i, p in enumerate(payloads)
         ]
-        done, pending = futures.wait(sent, timeout=120)
+        _done, pending = futures.wait(sent, timeout=120)
         assert not pending, f"{len(pending)} publishes unanswered"
         return [str(f.result()) for f in sent]
 

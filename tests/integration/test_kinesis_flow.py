@@ -14,12 +14,6 @@ from typing import Any
 
 import msgspec
 import pytest
-
-from sluice.config import load_text
-from sluice.connectors import registry
-from sluice.connectors.kinesis.source import KinesisSource
-from sluice.connectors.kinesis.target import KinesisTarget
-from sluice.testing.targets import table as rows_table
 from tests import endpoints, kinesis_kit
 from tests.integration.conftest import (
     events,
@@ -29,6 +23,12 @@ from tests.integration.conftest import (
     wait_for_count,
     wait_until,
 )
+
+from sluice.config import load_text
+from sluice.connectors import registry
+from sluice.connectors.kinesis.source import KinesisSource
+from sluice.connectors.kinesis.target import KinesisTarget
+from sluice.testing.targets import table as rows_table
 
 pytestmark = pytest.mark.integration
 
@@ -318,13 +318,10 @@ def test_undecodable_record_follows_on_error(kin: Any, flow: Any, pg: Any) -> No
     wait_until(lambda: f.metric("sluice_dlq_writes_total") == 1, 30, "the dead letter")
     assert f.stop() == 0, f.output()
     rows = pg.execute(
-        'SELECT payload, "partition", "offset" FROM public.sluice_dead_letters '
-        "WHERE pipeline = %s",
+        'SELECT payload, "partition", "offset" FROM public.sluice_dead_letters WHERE pipeline = %s',
         (table + "q",),
     ).fetchall()
     (shard,) = kin.shards(stream)
     assert [(bytes(p), part, o) for p, part, o in rows] == [
         (BAD, f"{stream}:{shard['ShardId']}", seqs[-1])
     ]
-
-

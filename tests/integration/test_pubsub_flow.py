@@ -14,11 +14,6 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from sluice.config import load_text
-from sluice.connectors import registry
-from sluice.connectors.pubsub.source import PubSubSource
-from sluice.errors import ConnectorError
 from tests import endpoints, pubsub_kit
 from tests.integration.conftest import (
     events,
@@ -28,6 +23,11 @@ from tests.integration.conftest import (
     wait_for_count,
     wait_until,
 )
+
+from sluice.config import load_text
+from sluice.connectors import registry
+from sluice.connectors.pubsub.source import PubSubSource
+from sluice.errors import ConnectorError
 
 pytestmark = pytest.mark.integration
 
@@ -153,9 +153,7 @@ def test_target_slower_than_the_ack_deadline_causes_no_redelivery(
     total = 100 + n
     wait_for_count(table, lambda c: c >= total, 60, f"{total} rows")
     # Anything redelivered would now be pulled and appended a second time.
-    wait_until(
-        lambda: f.metric("sluice_rows_consumed_total") >= total, 30, "every row consumed"
-    )
+    wait_until(lambda: f.metric("sluice_rows_consumed_total") >= total, 30, "every row consumed")
     assert f.stop() == 0, f.output()
     assert pg_count(table) == total, "a message was delivered twice"
     assert pg_count(table, "count(DISTINCT id)") == total
@@ -232,17 +230,23 @@ def test_ordering_keys_keep_per_key_order_across_batches_and_redelivery(
 def test_dead_letter_policy_set_when_missing_and_checked_when_present(
     ps: pubsub_kit.PubSub,
 ) -> None:
-    topic, sub = fresh(ps)
+    _topic, sub = fresh(ps)
     dead = ps.topic(unique("dead"))
-    source = _source(sub, 10, f'dead_letter_policy = {{ topic = "{dead}", max_delivery_attempts = 7 }}')
+    source = _source(
+        sub, 10, f'dead_letter_policy = {{ topic = "{dead}", max_delivery_attempts = 7 }}'
+    )
     source.open(None)
     source.close()
     got = ps.sub.get_subscription(subscription=pubsub_kit.sub_path(sub)).dead_letter_policy
     assert (got.dead_letter_topic, got.max_delivery_attempts) == (pubsub_kit.topic_path(dead), 7)
     source.open(None)  # the same policy: accepted
     source.close()
-    other = _source(sub, 10, f'dead_letter_policy = {{ topic = "{dead}", max_delivery_attempts = 9 }}')
-    with pytest.raises(ConnectorError, match=r"max_delivery_attempts = 7.*max_delivery_attempts = 9"):
+    other = _source(
+        sub, 10, f'dead_letter_policy = {{ topic = "{dead}", max_delivery_attempts = 9 }}'
+    )
+    with pytest.raises(
+        ConnectorError, match=r"max_delivery_attempts = 7.*max_delivery_attempts = 9"
+    ):
         other.open(None)
     other.close()
 

@@ -155,7 +155,9 @@ class KinesisSource:
             sid = s["ShardId"]
             if sid in self._shards:
                 continue
-            parents = tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p)
+            parents = tuple(
+                p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p
+            )
             stored = self._base.get(self.key(sid))
             self._shards[sid] = _Shard(
                 sid,

@@ -38,6 +38,11 @@ def _plain(spec: Any) -> str | None:
     return None
 
 
+def _anonymous() -> Any:
+    # google-auth leaves AnonymousCredentials' __init__ unannotated.
+    return AnonymousCredentials()  # type: ignore[no-untyped-call]
+
+
 def _channel(host: str) -> grpc.Channel:
     options = [
         ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
@@ -51,7 +56,7 @@ def subscriber(spec: Any) -> pubsub_v1.SubscriberClient:
     host = _plain(spec)
     if host is not None:
         transport = SubscriberGrpcTransport(
-            host=host, channel=_channel(host), credentials=AnonymousCredentials()
+            host=host, channel=_channel(host), credentials=_anonymous()
         )
         return pubsub_v1.SubscriberClient(transport=transport)
     if spec.endpoint:
@@ -66,7 +71,7 @@ def publisher(spec: Any, batch: pubsub_v1.types.BatchSettings, ordered: bool) ->
     kwargs: dict[str, Any] = {}
     if host is not None:
         kwargs["transport"] = PublisherGrpcTransport(
-            host=host, channel=_channel(host), credentials=AnonymousCredentials()
+            host=host, channel=_channel(host), credentials=_anonymous()
         )
     elif spec.endpoint:
         kwargs["client_options"] = {"api_endpoint": spec.endpoint}

@@ -111,9 +111,13 @@ class PubSubSource:
                 subscription=self.subscription, timeout=RPC_TIMEOUT_S
             )
         except pc.gexc.NotFound as exc:
-            raise ConnectorError(f"pubsub: subscription {self.subscription} does not exist") from exc
+            raise ConnectorError(
+                f"pubsub: subscription {self.subscription} does not exist"
+            ) from exc
         except _RETRYABLE as exc:
-            raise TransientError(f"pubsub: reading subscription {self.subscription}: {exc}") from exc
+            raise TransientError(
+                f"pubsub: reading subscription {self.subscription}: {exc}"
+            ) from exc
         self._lease_s = self.spec.lease_secs or int(sub.ack_deadline_seconds) or 10
         self._ordered = bool(sub.enable_message_ordering)
         self._check_dead_letters(sub)
@@ -130,7 +134,10 @@ class PubSubSource:
         topic = path("topics", self.spec.project_id, want.topic)
         have = sub.dead_letter_policy
         if not have.dead_letter_topic:
-            policy = {"dead_letter_topic": topic, "max_delivery_attempts": want.max_delivery_attempts}
+            policy = {
+                "dead_letter_topic": topic,
+                "max_delivery_attempts": want.max_delivery_attempts,
+            }
             try:
                 self._client.update_subscription(
                     request={
@@ -174,7 +181,9 @@ class PubSubSource:
         try:
             for chunk in _chunks(pending):
                 client.modify_ack_deadline(
-                    subscription=self.subscription, ack_ids=chunk, ack_deadline_seconds=0,
+                    subscription=self.subscription,
+                    ack_ids=chunk,
+                    ack_deadline_seconds=0,
                     timeout=5.0,
                 )
         except pc.gexc.GoogleAPICallError as exc:  # they come back when the lease lapses

@@ -12,6 +12,7 @@ that failed, so the retry is accepted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent import futures
 from typing import Any
@@ -69,10 +70,8 @@ class PubSubTarget:
         try:
             self._publisher.get_topic(topic=self.topic, timeout=RPC_TIMEOUT_S)
         except pc.gexc.NotFound:
-            try:
+            with contextlib.suppress(pc.gexc.AlreadyExists):
                 self._publisher.create_topic(name=self.topic, timeout=RPC_TIMEOUT_S)
-            except pc.gexc.AlreadyExists:
-                pass
         except pc.gexc.GoogleAPICallError as exc:
             raise TransientError(f"pubsub: reading topic {self.topic}: {exc}") from exc
 
@@ -109,7 +108,7 @@ class PubSubTarget:
         else:
             keys = None
             sent = [publisher.publish(self.topic, m) for m in messages]
-        done, pending = futures.wait(sent, timeout=FLUSH_TIMEOUT_S)
+        _done, pending = futures.wait(sent, timeout=FLUSH_TIMEOUT_S)
         if pending:
             raise TransientError(
                 f"pubsub target {self.topic}: {len(pending)} message(s) not acknowledged "
@@ -124,8 +123,13 @@ class PubSubTarget:
         first = failed[0][1]
         message = f"pubsub target {self.topic}: {len(failed)} message(s) failed: {first}"
         if isinstance(first, pc.gexc.GoogleAPICallError) and not isinstance(
-            first, pc.gexc.ServiceUnavailable | pc.gexc.DeadlineExceeded | pc.gexc.InternalServerError
-            | pc.gexc.Aborted | pc.gexc.ResourceExhausted | pc.gexc.Unknown
+            first,
+            pc.gexc.ServiceUnavailable
+            | pc.gexc.DeadlineExceeded
+            | pc.gexc.InternalServerError
+            | pc.gexc.Aborted
+            | pc.gexc.ResourceExhausted
+            | pc.gexc.Unknown,
         ):
             raise ConnectorError(message)
         raise TransientError(message)
