@@ -355,9 +355,10 @@ install_kinesis() {
 start_kinesis() {
   command -v node >/dev/null || die "kinesis: node missing"
   [[ -s $(kinesis_main) ]] || die "kinesis: $(kinesis_main) missing (npm install failed?)"
-  # Resharding and stream creation take 500 ms by default: short enough for tests.
+  # Resharding and stream creation take 500 ms by default: short enough for
+  # tests. The default limit of 50 shards per account is too few for a test run.
   (export KINESIS_MOCK_PLAIN_PORT=$KINESIS_PORT KINESIS_MOCK_TLS_PORT=$KINESIS_TLS_PORT \
-      AWS_REGION=us-east-1 LOG_LEVEL=WARN &&
+      AWS_REGION=us-east-1 LOG_LEVEL=WARN SHARD_LIMIT=10000 &&
     launch kinesis "$(dirname "$(kinesis_main)")" "$DIR/kinesis/kinesis.log" \
       node "$(kinesis_main)")
 }

@@ -6,6 +6,7 @@ Everything goes to the real kinesis-local (``tests.endpoints.KINESIS_ENDPOINT``)
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,14 @@ class Kinesis:
 
     def __init__(self) -> None:
         self.k = client()
+        self.created: list[str] = []
+
+    def cleanup(self) -> None:
+        """Delete the streams this object created (shards count against a limit)."""
+        for name in self.created:
+            with contextlib.suppress(self.k.exceptions.ResourceNotFoundException):
+                self.k.delete_stream(StreamName=name, EnforceConsumerDeletion=True)
+        self.created = []
 
     def wait_active(self, name: str, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
@@ -61,6 +70,7 @@ class Kinesis:
 
     def stream(self, name: str, shards: int = 1) -> str:
         self.k.create_stream(StreamName=name, ShardCount=shards)
+        self.created.append(name)
         self.wait_active(name)
         return name
 

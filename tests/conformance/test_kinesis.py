@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +81,17 @@ class KinesisTargetHarness(TargetHarness):
 
 
 @pytest.fixture(scope="module")
-def source_harness() -> KinesisSourceHarness:
-    return KinesisSourceHarness()
+def source_harness() -> Iterator[KinesisSourceHarness]:
+    h = KinesisSourceHarness()
+    yield h
+    h.kin.cleanup()
 
 
 @pytest.fixture(scope="module")
-def target_harness() -> KinesisTargetHarness:
-    return KinesisTargetHarness()
+def target_harness() -> Iterator[KinesisTargetHarness]:
+    h = KinesisTargetHarness()
+    yield h
+    h.kin.cleanup()
 
 
 @pytest.mark.parametrize("check", cases(SOURCE_CHECKS))

@@ -10,6 +10,7 @@ and botocore raises exactly the ``ClientError`` the service's answer would.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -34,8 +35,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def kin() -> kinesis_kit.Kinesis:
-    return kinesis_kit.Kinesis()
+def kin() -> Iterator[kinesis_kit.Kinesis]:
+    k = kinesis_kit.Kinesis()
+    yield k
+    k.cleanup()
 
 
 def config(
