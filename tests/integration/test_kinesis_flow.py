@@ -127,10 +127,17 @@ def test_split_mid_stream_every_record_once_parent_before_children(
         for k in keys:
             payloads.append(enc.encode({"id": len(payloads), "k": k, "seq": seq}))
             pkeys.append(k)
-    half = len(payloads) // 2
-    f = flow(config(stream, table, batch_rows=300))
-    kin.put(stream, payloads[:half], pkeys[:half])
-    wait_for_count(table, lambda c: c >= 300, 60, "the first rows")
+    quarter, half = len(payloads) // 4, len(payloads) // 2
+    # The pipeline reads the first quarter and is killed; the parent then gets
+    # the second quarter, is split, and the children get the second half: on
+    # restart the parent holds unread records while its children hold newer
+    # ones of the same keys, which must wait until the parent is read to its end.
+    cfg = config(stream, table, batch_rows=100)
+    f = flow(cfg)
+    kin.put(stream, payloads[:quarter], pkeys[:quarter])
+    wait_for_count(table, lambda c: c >= quarter, 60, "the first quarter")
+    f.kill()
+    kin.put(stream, payloads[quarter:half], pkeys[quarter:half])
     (parent,) = kin.shards(stream)
     kin.split(stream, parent["ShardId"])
     kin.put(stream, payloads[half:], pkeys[half:])
@@ -141,6 +148,7 @@ def test_split_mid_stream_every_record_once_parent_before_children(
     for shard, _ in kin.read_all(stream):
         per_shard[shard] += 1
     assert per_shard[parent["ShardId"]] == half, per_shard
+    f = flow(cfg)
     total = len(payloads)
     wait_for_count(table, lambda c: c >= total, 60, f"{total} rows")
     assert f.stop() == 0, f.output()

@@ -103,11 +103,11 @@ def test_sigkill_mid_stream_restart_loses_and_doubles_nothing(
 ) -> None:
     topic, sub = fresh(ps)
     table = unique("psk")
-    n = 12_000
+    n = 6_000
     ps.publish(topic, events(n))
     cfg = config(sub, table)
     f = flow(cfg)
-    kill_after_reading(f, 4_000, random.uniform(0.0, 0.5))
+    kill_after_reading(f, 2_000, random.uniform(0.0, 0.5))
     killed = time.monotonic()
     # The messages the killed process held come back once their lease lapses.
     g = flow(cfg)
@@ -145,8 +145,8 @@ def test_target_slower_than_the_ack_deadline_causes_no_redelivery(
     started = time.monotonic()
     n = 2_000
     ps.publish(topic, events(n, 100))
-    # The process pulled them (and is stuck writing the first batch).
-    wait_until(lambda: f.metric("sluice_rows_consumed_total") >= 600, 30, "rows pulled")
+    # The process pulled some (and is stuck writing them).
+    wait_until(lambda: f.metric("sluice_rows_consumed_total") > 100, 30, "rows pulled")
     time.sleep(max(0.0, 30 - (time.monotonic() - started)))  # the slow write: 30 s
     release.set()
     holder.join(30)

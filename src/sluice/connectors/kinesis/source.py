@@ -91,6 +91,7 @@ class KinesisSource:
         self._base: Position = {}  # where shards start: resume, else the position file
         self._refreshed = 0.0
         self._listed_once = False
+        self._turn = 0  # rotates the shard read first
 
     def key(self, shard_id: str) -> str:
         """The position key of a shard: ``<stream>:<shard id>``."""
@@ -188,11 +189,16 @@ class KinesisSource:
             if now - self._refreshed >= self.spec.shard_refresh_ms / 1000:
                 self._refresh()
             moved = False
-            for shard in list(self._shards.values()):
+            # Every ready shard gets a share of the batch, the first turn
+            # rotating: a shard with a backlog does not starve the others.
+            ready = [s for s in self._shards.values() if self._ready(s, now)]
+            self._turn += 1
+            for i in range(len(ready)):
                 if len(got) >= limit:
                     break
-                if self._ready(shard, now):
-                    moved = self._get(shard, limit - len(got), got) or moved
+                shard = ready[(self._turn + i) % len(ready)]
+                share = max(1, (limit - len(got)) // (len(ready) - i))
+                moved = self._get(shard, share, got) or moved
             now = time.monotonic()
             if got or now >= deadline or len(got) >= limit:
                 break
