@@ -336,3 +336,36 @@ def test_undecodable_record_follows_on_error(kin: Any, flow: Any, pg: Any) -> No
     assert [(bytes(p), part, o) for p, part, o in rows] == [
         (BAD, f"{stream}:{shard['ShardId']}", seqs[-1])
     ]
+
+
+def test_target_partition_key_from_a_column(kin: Any) -> None:
+    stream = kin.stream(unique("kp"), shards=2)
+    spec = load_text(
+        f"""
+pipeline_name = "{unique("p")}"
+source_query = "unused"
+[source]
+kind = "kafka"
+bootstrap_servers = "unused:9092"
+[target]
+kind = "kinesis"
+stream_name = "{stream}"
+endpoint = "{kinesis_kit.ENDPOINT}"
+region = "us-east-1"
+access_key_id = "test"
+secret_access_key = "test"
+partition_key_column = "user"
+""",
+        "<test>",
+    )
+    target = registry.build_target(spec.all_targets[0], registry.Context(spec), 0)
+    target.open()
+    try:
+        target.write(rows_table({"id": i, "user": f"u{i % 7}"} for i in range(50)))
+        target.flush()
+    finally:
+        target.close()
+    landed = {
+        msgspec.json.decode(r["Data"])["id"]: r["PartitionKey"] for _, r in kin.read_all(stream)
+    }
+    assert landed == {i: f"u{i % 7}" for i in range(50)}

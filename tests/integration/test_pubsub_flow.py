@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from tests import endpoints, pubsub_kit
@@ -28,6 +29,7 @@ from sluice.config import load_text
 from sluice.connectors import registry
 from sluice.connectors.pubsub.source import PubSubSource
 from sluice.errors import ConnectorError
+from sluice.testing.targets import table as rows_table
 
 pytestmark = pytest.mark.integration
 
@@ -290,3 +292,44 @@ def test_undecodable_message_follows_on_error(ps: pubsub_kit.PubSub, flow: Any, 
         (table + "q",),
     ).fetchall()
     assert [(bytes(p), o) for p, o in rows] == [(BAD, ids[-1])]
+
+
+def test_target_publishes_ordering_keys_from_a_column(ps: pubsub_kit.PubSub) -> None:
+    topic = ps.topic(unique("pst"))
+    sub = ps.subscription(f"{topic}-read", topic, ordered=True)
+    spec = load_text(
+        f"""
+pipeline_name = "{unique("p")}"
+source_query = "unused"
+[source]
+kind = "kafka"
+bootstrap_servers = "unused:9092"
+[target]
+kind = "pubsub"
+project_id = "{pubsub_kit.PROJECT}"
+topic = "{topic}"
+endpoint = "{pubsub_kit.HOST}"
+anonymous_auth = true
+ordering_key_column = "k"
+""",
+        "<test>",
+    )
+    target = registry.build_target(spec.all_targets[0], registry.Context(spec), 0)
+    target.open()
+    n = 300
+    try:
+        target.write(rows_table({"id": i, "k": f"k{i % 3}", "seq": i // 3} for i in range(n)))
+        target.flush()
+    finally:
+        target.close()
+    got: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(got) < n:  # an ordered subscription hands a key's next messages after an ack
+        assert time.monotonic() < deadline, f"{len(got)} of {n} messages"
+        got.extend(ps.pull(sub))
+    per_key: dict[str, list[int]] = {}
+    for m in got:
+        row = msgspec.json.decode(m.data)
+        assert m.ordering_key == row["k"]
+        per_key.setdefault(m.ordering_key, []).append(row["seq"])
+    assert per_key == {f"k{j}": list(range(n // 3)) for j in range(3)}
