@@ -29,11 +29,18 @@ _MAX_MESSAGE_BYTES = 64 << 20
 
 
 def _plain(spec: Any) -> str | None:
-    """The host:port to reach without TLS or credentials, if any."""
+    """The host:port to reach without TLS or credentials, if any.
+
+    ``endpoint`` may carry a scheme (``http://host:port``, the form the
+    reference daemon takes): ``http://`` means plaintext, like
+    ``anonymous_auth``.
+    """
     emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
-    if spec.endpoint and (spec.anonymous_auth or spec.endpoint == emulator):
-        return str(spec.endpoint)
-    if not spec.endpoint and emulator:
+    endpoint = str(spec.endpoint or "")
+    host = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+    if host and (spec.anonymous_auth or endpoint.startswith("http://") or host == emulator):
+        return host
+    if not host and emulator:
         return emulator
     return None
 
@@ -60,7 +67,8 @@ def subscriber(spec: Any) -> pubsub_v1.SubscriberClient:
         )
         return pubsub_v1.SubscriberClient(transport=transport)
     if spec.endpoint:
-        return pubsub_v1.SubscriberClient(client_options={"api_endpoint": spec.endpoint})
+        host = str(spec.endpoint).removeprefix("https://").rstrip("/")
+        return pubsub_v1.SubscriberClient(client_options={"api_endpoint": host})
     return pubsub_v1.SubscriberClient()
 
 
@@ -74,5 +82,6 @@ def publisher(spec: Any, batch: pubsub_v1.types.BatchSettings, ordered: bool) ->
             host=host, channel=_channel(host), credentials=_anonymous()
         )
     elif spec.endpoint:
-        kwargs["client_options"] = {"api_endpoint": spec.endpoint}
+        host = str(spec.endpoint).removeprefix("https://").rstrip("/")
+        kwargs["client_options"] = {"api_endpoint": host}
     return pubsub_v1.PublisherClient(batch, options, **kwargs)

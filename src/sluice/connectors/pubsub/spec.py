@@ -31,7 +31,10 @@ class PubSubSource(SourceSpec, tag="pubsub", tag_field="kind", frozen=True, kw_o
         str | None, doc("subscription to pull; defaults to the source query")
     ] = None
     endpoint: Annotated[
-        str | None, doc("emulator or private endpoint host:port (else PUBSUB_EMULATOR_HOST)")
+        str | None,
+        doc(
+            "emulator or private endpoint host:port; http://host:port is plaintext (else PUBSUB_EMULATOR_HOST)"
+        ),
     ] = None
     anonymous_auth: Annotated[bool, doc("skip credentials (emulator)")] = False
     dead_letter_policy: Annotated[
@@ -56,7 +59,10 @@ class PubSubTarget(TargetSpec, tag="pubsub", tag_field="kind", frozen=True, kw_o
     project_id: Annotated[NonEmptyStr, doc("GCP project")]
     topic: Annotated[NonEmptyStr, doc("topic to publish to (created when missing)")]
     endpoint: Annotated[
-        str | None, doc("emulator or private endpoint host:port (else PUBSUB_EMULATOR_HOST)")
+        str | None,
+        doc(
+            "emulator or private endpoint host:port; http://host:port is plaintext (else PUBSUB_EMULATOR_HOST)"
+        ),
     ] = None
     anonymous_auth: Annotated[bool, doc("skip credentials (emulator)")] = False
     ordering_key_column: Annotated[
