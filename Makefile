@@ -15,18 +15,23 @@ stop: ## stop the services
 	bash scripts/services.sh stop
 
 fmt: ## format the code
-	ruff format src tests benchmarks
-	ruff check --fix src tests benchmarks
+	ruff format src tests benchmarks examples
+	ruff check --fix src tests benchmarks examples
 
-lint: ## ruff
-	ruff check src tests benchmarks
-	ruff format --check src tests benchmarks
+lint: ## ruff, and hadolint on the Dockerfile
+	ruff check src tests benchmarks examples
+	ruff format --check src tests benchmarks examples
+	hadolint Dockerfile
 
 typecheck: ## mypy --strict on src/
 	mypy
 
+docs: ## regenerate docs/pipeline-toml.md from the spec (after adding or changing keys)
+	$(PY) scripts/gen_docs.py
+
 test: services ## start the services, then run every test but the slow ones
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not disruptive"
+	$(PY) -m pytest -m "disruptive and not slow"
 
 test-unit: ## unit tests only (no services)
 	$(PY) -m pytest tests/unit
@@ -41,5 +46,6 @@ bench: services ## run the benchmarks (sluice beside the reference engine)
 	$(PY) -m benchmarks.kafka_sql_lookup_to_postgres.run
 	$(PY) -m benchmarks.kafka_tumbling_to_postgres.run
 	$(PY) -m benchmarks.kafka_join_to_postgres.run
+	$(PY) -m benchmarks.brokers.rabbitmq_run
 
-.PHONY: help install services stop fmt lint typecheck test test-unit test-slow bench
+.PHONY: help install services stop fmt lint typecheck docs test test-unit test-slow bench

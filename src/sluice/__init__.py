@@ -2,9 +2,13 @@
 
 Public API: load a pipeline file into a typed spec, compile its plan, run it
 (:func:`run_pipeline`), and declare Python functions for its SQL
-(:func:`udf`, :func:`udaf`).
+(:func:`udf`, :func:`udaf`); or declare the pipeline itself in Python with
+typed connections (:func:`run_streaming_pipeline`, ``@sluice.connection``,
+``@sluice.streaming_pipeline``; see :mod:`sluice.api`).
 """
 
+from sluice.api import *  # noqa: F403  (the typed API, listed in sluice.api.__all__)
+from sluice.api import __all__ as _api
 from sluice.config import PipelineSpec, load_file, load_text
 from sluice.engine.consume import run_pipeline
 from sluice.engine.plan import Plan, build_plan
@@ -13,7 +17,8 @@ from sluice.functions import udaf, udf
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: PLE0604
+    *_api,
     "ConfigError",
     "PipelineSpec",
     "Plan",

@@ -29,9 +29,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from sluice.testing import CdcTargetHarness, Check, SourceHarness, unique
+from sluice.testing import CdcTargetHarness, Check, SourceHarness, TargetHarness, unique
 from sluice.testing.harness import Row
-from tests import endpoints
+from tests import amqp, endpoints
 
 H = TypeVar("H")
 
@@ -143,9 +143,68 @@ class FilesHarness(SourceHarness):
         return raw
 
 
+class RabbitMQHarness(SourceHarness):
+    """RabbitMQ: a fresh durable queue per check (a stream queue with
+    ``stream``), JSON messages with the AMQP ``timestamp`` property."""
+
+    encode = msgspec.json.Encoder().encode
+
+    def __init__(self, *, stream: bool = False) -> None:
+        self.args: dict[str, Any] = {"x-queue-type": "stream"} if stream else {}
+        self.name = "rabbitmq_stream" if stream else "rabbitmq"
+        self.queues: list[str] = []
+        self._stamp_s = int(time.time()) - 3600
+
+    def new_stream(self) -> str:
+        queue = unique("conf")
+        amqp.declare(queue, self.args or None)
+        self.queues.append(queue)
+        return queue
+
+    def source(self, stream: str) -> dict[str, Any]:
+        spec: dict[str, Any] = {"kind": "rabbitmq", "amqp_url": endpoints.RABBITMQ_URL}
+        if self.args:
+            spec["queue_args"] = dict(self.args)
+        return spec
+
+    def produce(self, stream: str, rows: Sequence[Row]) -> list[int]:
+        # AMQP timestamps are whole seconds: one second apart per row.
+        stamps = [self._stamp_s + i for i in range(len(rows))]
+        self._stamp_s += len(rows)
+        amqp.publish(stream, [self.encode(dict(r)) for r in rows], stamps)
+        return [s * 1_000_000 for s in stamps]
+
+    def produce_bad(self, stream: str) -> bytes:
+        raw = b'{"id": 1, "name": '
+        amqp.publish(stream, [raw])
+        return raw
+
+    def cleanup(self) -> None:
+        for queue in self.queues:
+            amqp.delete(queue)
+
+
 @pytest.fixture(scope="session")
 def kafka_harness() -> KafkaHarness:
     return KafkaHarness()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_harness() -> Iterator[RabbitMQHarness]:
+    h = RabbitMQHarness()
+    yield h
+    h.cleanup()
+
+
+@pytest.fixture
+def rabbitmq_stream_harness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[RabbitMQHarness]:
+    # A stream source keeps its committed offset under $SLUICE_STATE_DIR.
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path / "state"))
+    h = RabbitMQHarness(stream=True)
+    yield h
+    h.cleanup()
 
 
 @pytest.fixture
@@ -393,6 +452,49 @@ class DeltaLocalHarness(CdcTargetHarness):
         # DeltaTable.scan, not to_pyarrow_dataset: a pyarrow dataset over
         # deltalake makes the process abort at exit.
         return pa.table(delta.scan())
+
+
+class RabbitMQTargetHarness(TargetHarness):
+    """RabbitMQ: a fresh queue per check; messages read back (and left in the
+    queue) as rows; a drop closes the target's connection through the
+    management API (its connection name holds the queue)."""
+
+    name = "rabbitmq"
+
+    def __init__(self) -> None:
+        self.queues: list[str] = []
+
+    def new_table(self) -> str:
+        self.queues.append(unique("conf"))
+        return self.queues[-1]
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        assert mode == "append" and not key, "a queue has no key to merge on"
+        return {"kind": "rabbitmq", "amqp_url": endpoints.RABBITMQ_URL, "queue": table}
+
+    def read_back(self, table: str) -> pa.Table | None:
+        bodies = amqp.peek(table)
+        if not bodies:
+            return None
+        rows = [msgspec.json.decode(b) for b in bodies]
+        names = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist reads row 0's only
+        return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
+
+    def drop_connection(self, table: str) -> int:
+        return amqp.close_connections(f"-> {table} ")
+
+    def cleanup(self) -> None:
+        for queue in self.queues:
+            amqp.delete(queue)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_target_harness() -> Iterator[RabbitMQTargetHarness]:
+    h = RabbitMQTargetHarness()
+    yield h
+    h.cleanup()
 
 
 @pytest.fixture(scope="session")

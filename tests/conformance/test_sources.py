@@ -1,11 +1,11 @@
-"""The source conformance suite over Kafka and local files, against the real services."""
+"""The source conformance suite over Kafka, RabbitMQ and local files, against the real services."""
 
 from __future__ import annotations
 
 import pytest
 
-from sluice.testing import SOURCE_CHECKS, Check, SourceHarness
-from tests.conformance.conftest import FilesHarness, KafkaHarness, cases
+from sluice.testing import ACK_ONLY_SOURCE_CHECKS, SOURCE_CHECKS, Check, SourceHarness
+from tests.conformance.conftest import FilesHarness, KafkaHarness, RabbitMQHarness, cases
 
 pytestmark = pytest.mark.integration
 
@@ -18,3 +18,15 @@ def test_kafka(check: Check[SourceHarness], kafka_harness: KafkaHarness) -> None
 @pytest.mark.parametrize("check", cases(SOURCE_CHECKS))
 def test_object_store_local(check: Check[SourceHarness], files_harness: FilesHarness) -> None:
     check(files_harness)
+
+
+@pytest.mark.parametrize("check", cases(ACK_ONLY_SOURCE_CHECKS))
+def test_rabbitmq(check: Check[SourceHarness], rabbitmq_harness: RabbitMQHarness) -> None:
+    check(rabbitmq_harness)
+
+
+@pytest.mark.parametrize("check", cases(SOURCE_CHECKS))
+def test_rabbitmq_stream(
+    check: Check[SourceHarness], rabbitmq_stream_harness: RabbitMQHarness
+) -> None:
+    check(rabbitmq_stream_harness)

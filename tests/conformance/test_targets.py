@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from sluice.testing import CDC_CHECKS, TARGET_CHECKS, CdcTargetHarness, Check, TargetHarness
+from sluice.testing import (
+    CDC_CHECKS,
+    MESSAGE_TARGET_CHECKS,
+    TARGET_CHECKS,
+    CdcTargetHarness,
+    Check,
+    TargetHarness,
+)
 from tests.conformance.conftest import cases
 
 pytestmark = pytest.mark.integration
@@ -31,3 +38,10 @@ def test_cdc_target(
     check: Check[CdcTargetHarness], kind: str, request: pytest.FixtureRequest
 ) -> None:
     check(request.getfixturevalue(f"{kind}_harness"))
+
+
+@pytest.mark.parametrize("check", cases(MESSAGE_TARGET_CHECKS))
+def test_rabbitmq_target(
+    check: Check[TargetHarness], rabbitmq_target_harness: TargetHarness
+) -> None:
+    check(rabbitmq_target_harness)

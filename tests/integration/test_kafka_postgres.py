@@ -161,12 +161,14 @@ def _postgres_down_for_10s(kafka_topic: Any, flow: Any) -> list[int]:
     return rss
 
 
+@pytest.mark.disruptive
 def test_postgres_down_for_10s_retries_commits_nothing_and_loses_nothing(
     kafka_topic: Any, flow: Any
 ) -> None:
     _postgres_down_for_10s(kafka_topic, flow)
 
 
+@pytest.mark.disruptive
 @pytest.mark.slow
 def test_memory_stays_bounded_while_postgres_is_down(kafka_topic: Any, flow: Any) -> None:
     """The outage above, measured: RSS bounds depend on the machine, so they

@@ -412,6 +412,7 @@ def test_url_parts_are_percent_decoded_and_a_bad_url_never_shows_the_password() 
         assert "secret" not in str(info.value)
 
 
+@pytest.mark.disruptive
 def test_a_server_restart_mid_write_is_transient_and_a_reopen_resumes(table: str) -> None:
     rows_per_batch = 20_000
     target = _target(table, "merge", ["id"])

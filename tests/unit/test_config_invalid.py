@@ -135,7 +135,7 @@ CASES = [
         (
             "source.group_id: unknown key for kind 'rabbitmq' (it belongs to kind 'kafka'); "
             "expected one of 'max_batch_rows', 'max_batch_wait_ms', 'amqp_url', "
-            "'queue_args', 'prefetch_count'"
+            "'queue_args', 'payload_format', 'prefetch_count'"
         ),
     ),
     case(

@@ -18,10 +18,23 @@ from sluice.config.redact import redact_value
 # ---------------------------------------------------------------------------
 # Shared field types. The unit is in the name (``_ms``) and in the constraint.
 
-Ms = Annotated[int, Meta(ge=0)]
-PositiveMs = Annotated[int, Meta(gt=0)]
-PositiveInt = Annotated[int, Meta(gt=0)]
+# The largest duration a ``*_ms`` key takes: about 31.7 years. Durations are
+# added to event times in microseconds (int64), so an unbounded value
+# (9223372036854775807) overflows at run time; this bound fails it in
+# ``flow validate`` instead, with room to spare.
+MAX_MS = 1_000_000_000_000
+# Counts and sizes are 64-bit integers wherever they end up (Arrow, SQL).
+MAX_INT = 2**63 - 1
+
+Ms = Annotated[int, Meta(ge=0, le=MAX_MS)]
+PositiveMs = Annotated[int, Meta(gt=0, le=MAX_MS)]
+PositiveInt = Annotated[int, Meta(gt=0, le=MAX_INT)]
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
+# A file or folder on this machine. A relative one is resolved from the
+# folder of the pipeline file that names it (not the working directory), so
+# the same file runs the same from anywhere. URLs (``s3://``) and
+# ``:memory:`` are left as they are.
+LocalPath = Annotated[str, Meta(min_length=1, extra={"local_path": True})]
 
 
 def doc(text: str) -> Meta:

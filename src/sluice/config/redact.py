@@ -26,6 +26,12 @@ _URL_QUERY_PW = re.compile(
 )
 
 
+# A malformed URL ("postgresql//admin:SECRET@host", "admin:SECRET@host")
+# still carries the password between the last ":" and the "@" of a
+# "user:password@host" token; mask it too.
+_BARE_USERINFO = re.compile(r"(?P<head>[^\s:@/'\"]+:)(?P<pw>[^\s@'\"/][^\s@'\"]*)(?=@)")
+
+
 def is_secret_key(key: str) -> bool:
     """True when a config key holds a secret (its value is never shown)."""
     return bool(_SECRET_KEY.search(key))
@@ -34,6 +40,9 @@ def is_secret_key(key: str) -> bool:
 def redact_text(text: str) -> str:
     """Mask passwords inside URLs anywhere in ``text``."""
     text = _URL_USERINFO.sub(lambda m: m.group("head") + MASK, text)
+    text = _BARE_USERINFO.sub(
+        lambda m: m.group(0) if m.group("pw") == MASK else m.group("head") + MASK, text
+    )
     return _URL_QUERY_PW.sub(lambda m: m.group("head") + MASK, text)
 
 

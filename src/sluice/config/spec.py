@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 
 from sluice.config.base import (
+    LocalPath,
     LookupSpec,
     Ms,
     NonEmptyStr,
@@ -166,7 +167,7 @@ class CdcSpec(Spec, frozen=True, kw_only=True):
 class TlsSpec(Spec, frozen=True, kw_only=True):
     """[transform.tls]: the reference daemon's mesh TLS (accepted; sluice runs single-node)."""
 
-    ca_cert_pem_path: Annotated[NonEmptyStr, doc("CA certificate")]
+    ca_cert_pem_path: Annotated[LocalPath, doc("CA certificate")]
     domain_name_override: Annotated[str | None, doc("TLS server name")] = None
     client_identity: Annotated[dict[str, str] | None, doc("cert_pem_path / key_pem_path")] = None
 
@@ -262,6 +263,13 @@ class PipelineSpec(Spec, frozen=True, kw_only=True):
     dlq_max_attempts: Annotated[PositiveInt | None, doc("tries of a failing batch before DLQ")] = (
         None
     )
+    replicas: Annotated[
+        bool,
+        doc(
+            "(ours) may run as several processes in one consumer group: state and fencing per "
+            "source partition; windows and joins need input partitioned by their keys"
+        ),
+    ] = False
     source: Annotated[Source | None, doc("the one source")] = None
     sources: Annotated[list[Source] | None, doc("several sources, each with its query")] = None
     target: Annotated[Target | None, doc("the one target")] = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import os
 import re
 from collections.abc import Iterable
 from typing import Any, cast
@@ -20,6 +21,7 @@ from typing import Any, cast
 import msgspec
 import msgspec.inspect as mi
 
+from sluice.config.base import MAX_INT, MAX_MS
 from sluice.config.redact import is_secret_key, redact_text
 from sluice.connectors import registry
 from sluice.connectors.descriptor import DeadLetters, url_rule
@@ -59,7 +61,7 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _nearest(word: str, candidates: Iterable[str]) -> str | None:
+def nearest(word: str, candidates: Iterable[str]) -> str | None:
     found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return found[0] if found else None
 
@@ -106,7 +108,9 @@ def _unwrap(t: mi.Type) -> mi.Type:
     return t
 
 
-def _bounds(t: mi.IntType | mi.FloatType) -> str:
+def _bounds(t: mi.IntType | mi.FloatType, full: bool = False) -> str:
+    """The bounds of ``t`` for messages; the shared sanity caps (MAX_MS,
+    MAX_INT) only when ``full`` (a value broke one)."""
     parts = []
     if t.gt is not None:
         parts.append(f"> {t.gt}")
@@ -114,7 +118,7 @@ def _bounds(t: mi.IntType | mi.FloatType) -> str:
         parts.append(f">= {t.ge}")
     if t.lt is not None:
         parts.append(f"< {t.lt}")
-    if t.le is not None:
+    if t.le is not None and (full or t.le not in (MAX_MS, MAX_INT)):
         parts.append(f"<= {t.le}")
     return " and ".join(parts)
 
@@ -194,7 +198,7 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
         ):
             msg = f"expected one of {_quote_list(t.values)}, got {got}"
             near = (
-                _nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
+                nearest(str(value), [str(v) for v in t.values]) if isinstance(value, str) else None
             )
             if near is not None:
                 msg += f"; did you mean '{near}'?"
@@ -220,6 +224,10 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
         if isinstance(value, bool) or not isinstance(value, ok_types):
             problems.append((path, f"expected {expected_name(t)}, got {got}"))
             return
+        unbounded = t.le is None and t.lt is None
+        if unbounded and isinstance(value, int) and not -MAX_INT - 1 <= value <= MAX_INT:
+            problems.append((path, f"expected {expected_name(t)} (64-bit), got {value}"))
+            return
         num = float(cast(float, value))
         if (
             (t.gt is not None and not num > t.gt)
@@ -227,7 +235,9 @@ def _check_scalar(value: Any, t: mi.Type, path: str, problems: list[Problem]) ->
             or (t.lt is not None and not num < t.lt)
             or (t.le is not None and not num <= t.le)
         ):
-            problems.append((path, f"expected {expected_name(t)}, got {value}"))
+            noun = "an integer" if isinstance(t, mi.IntType) else "a number"
+            above = (t.lt is not None and num >= t.lt) or (t.le is not None and num > t.le)
+            problems.append((path, f"expected {noun} {_bounds(t, full=above)}, got {value}"))
         return
     if isinstance(t, mi.NoneType):
         problems.append((path, f"expected no value, got {got}"))
@@ -273,7 +283,7 @@ def _walk_tagged(
         return
     if tag not in by_tag:
         msg = f"unknown kind '{tag}'"
-        near = _nearest(tag, by_tag)
+        near = nearest(tag, by_tag)
         if near is not None:
             msg += f"; did you mean '{near}'?"
         problems.append((kind_path, f"{msg} (expected one of {kinds})"))
@@ -323,12 +333,23 @@ def _unknown_key(
             f"{where} (it belongs to kind {_quote_list(owners)}); expected one of {_quote_list(valid)}",
             None,
         )
-    near = _nearest(key, valid)
+    misplaced = _MISPLACED.get((key, kind or ""))
+    if misplaced is not None:
+        return f"{where}; {misplaced}", None
+    near = nearest(key, valid)
     if near is not None:
         return f"{where}; did you mean '{near}'?", near
     hint = _HINTS.get(key, "")
     return f"{where}; expected one of {_quote_list(valid)}{hint}", None
 
+
+# Keys that exist elsewhere and a fuzzy match would point the wrong way:
+# (key, kind of the table it was found in) -> where it belongs.
+_MISPLACED = {
+    ("lateness_ms", kind): "the watermark's slack is 'lateness_ms' in [watermark] "
+    '(allowed_lateness_ms here keeps windows open for late_data = "reopen")'
+    for kind in ("tumbling", "hopping", "session", "")
+}
 
 # Keys users often put one table too deep.
 _HINTS = {
@@ -427,6 +448,8 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
         _check_cdc(cdc, targets, add)
 
     _check_dlq(data, transform, window, sources, targets, add)
+    if data.get("replicas") is True:
+        _check_replicas(data, sources, window is not None or join is not None, add)
 
     for t_at, t in targets:
         _connector_rules("target", t, t_at, add)
@@ -436,6 +459,47 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
     if state_url is not None:
         state_url("state_store", ss, add)
     return problems
+
+
+def _check_replicas(
+    data: dict[str, Any], sources: list[tuple[str, dict[str, Any]]], stateful: bool, add: Any
+) -> None:
+    """``replicas = true``: partitioned sources read through one consumer
+    group, and (with a window or join) a shared durable state store."""
+    for at, source in sources:
+        connector = registry.of_kind("source", source.get("kind"))
+        if connector is not None and not connector.capabilities.partitioned:
+            add(
+                (
+                    f"{at}.kind",
+                    f"replicas = true needs sources whose partitions a group spreads over "
+                    f"processes (kafka); '{source.get('kind')}' has none",
+                )
+            )
+    if not stateful:
+        return
+    store = _table(data.get("state_store"))
+    if store.get("kind") != "postgres":
+        add(
+            (
+                "state_store",
+                "replicas = true with a window or join needs a postgres [state_store] the "
+                "replicas share (state and fencing per source partition)",
+            )
+        )
+    same = {"bootstrap_servers", "group_id", "security_protocol", "sasl_mechanism"}
+    first = sources[0][1] if sources else {}
+    for at, source in sources[1:]:
+        differ = sorted(k for k in same if source.get(k) != first.get(k))
+        if differ:
+            add(
+                (
+                    f"{at}.{differ[0]}",
+                    "replicas = true reads every source through one consumer (so that "
+                    "partition p of each topic lands on the same replica): the sources must "
+                    f"share {', '.join(differ)}",
+                )
+            )
 
 
 def _connector_rules(role: str, table: dict[str, Any], at: str, add: Any) -> None:
@@ -618,7 +682,7 @@ def _check_join(
             name = join.get(side)
             if isinstance(name, str) and name not in queries:
                 msg = f"'{name}' matches no [[sources]] query (expected one of {_quote_list(queries)})"
-                near = _nearest(name, [str(q) for q in queries])
+                near = nearest(name, [str(q) for q in queries])
                 if near is not None:
                     msg += f"; did you mean '{near}'?"
                 add((f"{at}.{side}", msg))
@@ -780,6 +844,118 @@ def _check_dlq_store(
                 f'"{store}" needs a {" or ".join(table_kinds)} target or [state_store] (its database holds the table)',
             )
         )
+
+
+# ---------------------------------------------------------------------------
+# SQL
+
+
+def check_sql(data: dict[str, Any]) -> list[Problem]:
+    """Parse every SQL statement of the file with DataFusion's parser.
+
+    Only syntax is checked here: the input schema is known once data
+    arrives, so a statement that parses but names an unknown column fails
+    when the stage first plans it. A syntax error is reported now, with
+    DataFusion's message.
+    """
+    problems: list[Problem] = []
+    transform = data.get("transform")
+    if not isinstance(transform, dict):
+        return problems
+    sql = transform.get("sql")
+    if isinstance(sql, str) and sql.strip():
+        message = _sql_syntax_error(sql)
+        if message is not None:
+            problems.append(("transform.sql", f"invalid SQL: {message}"))
+    return problems
+
+
+def _sql_syntax_error(sql: str) -> str | None:
+    """DataFusion's parser or tokenizer error for ``sql``, or None when it parses.
+
+    Planning errors (unknown tables or columns: nothing is registered in
+    this context) are not syntax errors and are ignored.
+    """
+    import datafusion  # lazily: validation of files without SQL stays light
+
+    try:
+        datafusion.SessionContext().sql(sql)
+    except Exception as exc:  # datafusion raises a plain Exception subclass
+        text = str(exc)
+        if "only supports a single SQL statement" in text:
+            return "expected one statement (the stage runs a single SELECT), got several"
+        for marker in ("ParserError(", "TokenizerError("):
+            if marker in text:
+                detail = text.split(marker, 1)[1].rsplit(")", 1)[0].strip('"')
+                return " ".join(detail.split())
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Local paths
+
+
+def resolve_paths(data: Any, spec_type: Any, base: str) -> None:
+    """Make every relative :data:`~sluice.config.base.LocalPath` value in
+    ``data`` absolute, relative to the folder ``base``, in place.
+
+    Runs on data that passed :func:`check_types`, so the walk may trust the
+    shapes. URLs and ``:memory:`` stay as they are.
+    """
+    _resolve(data, mi.type_info(spec_type), base)
+
+
+def _is_local_path(t: mi.Type) -> bool:
+    while isinstance(t, mi.Metadata):
+        if t.extra and t.extra.get("local_path"):
+            return True
+        t = t.type
+    return False
+
+
+def _resolve(value: Any, t: mi.Type, base: str) -> Any:
+    if _is_local_path(t):
+        if isinstance(value, str) and _relative_file(value):
+            return os.path.normpath(os.path.join(base, value))
+        return value
+    t = _unwrap(t)
+    if isinstance(t, mi.UnionType):
+        members = [_unwrap(m) for m in t.types if not isinstance(_unwrap(m), mi.NoneType)]
+        if isinstance(value, dict):
+            for m in members:
+                if isinstance(m, mi.StructType) and (
+                    not m.tag_field or value.get(m.tag_field) == m.tag
+                ):
+                    return _resolve(value, m, base)
+        elif len(members) == 1:
+            return _resolve(value, members[0], base)
+        return value
+    if isinstance(t, mi.StructType) and isinstance(value, dict):
+        for f in t.fields:
+            if f.encode_name in value:
+                value[f.encode_name] = _resolve(value[f.encode_name], f.type, base)
+    elif isinstance(t, mi.ListType) and isinstance(value, list):
+        value[:] = [_resolve(v, t.item_type, base) for v in value]
+    elif isinstance(t, mi.DictType) and isinstance(value, dict):
+        for k in value:
+            value[k] = _resolve(value[k], t.value_type, base)
+    return value
+
+
+def _relative_file(path: str) -> bool:
+    return not (os.path.isabs(path) or "://" in path or path.startswith(":memory:"))
+
+
+def resolve_dlq_store(data: dict[str, Any], base: str) -> None:
+    """A ``dlq_store`` that names a ``.jsonl`` file resolves like any local path."""
+    store = data.get("dlq_store")
+    if (
+        isinstance(store, str)
+        and store.endswith(".jsonl")
+        and ":" not in store
+        and _relative_file(store)
+    ):
+        data["dlq_store"] = os.path.normpath(os.path.join(base, store))
 
 
 def convert(data: dict[str, Any], spec_type: type[Any]) -> Any:

@@ -99,6 +99,10 @@ class Connector:
     lookups: tuple[type[LookupSpec], ...] = ()
     capabilities: Capabilities = Capabilities()
     source: str | None = None
+    #: Builds several sources of this kind that read through one reader (a
+    #: pipeline run as replicas reads every topic through one consumer, so
+    #: partition p of each lands on the same replica): ``(specs, ctx) -> sources``.
+    shared_sources: str | None = None
     target: str | None = None
     cdc_target: str | None = None
     lookup: str | None = None

@@ -15,6 +15,7 @@ the extra to install.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
@@ -163,6 +164,20 @@ def build_source(spec: SourceSpec, ctx: Context) -> Source:
     """The source connector for ``spec``."""
     source: Source = _entry(spec, "source", of(spec).source)(spec, ctx)
     return source
+
+
+def build_sources(specs: Sequence[SourceSpec], ctx: Context, *, shared: bool) -> list[Source]:
+    """The sources of ``specs``; with ``shared`` (a pipeline run as replicas)
+    several of one kind whose connector can read them through one reader do
+    (``Connector.shared_sources``), so their partitions are assigned together."""
+    kinds = {of(s) for s in specs}
+    if shared and len(specs) > 1 and len(kinds) == 1:
+        connector = next(iter(kinds))
+        if connector.shared_sources is not None:
+            build = resolve(connector.shared_sources, specs[0].kind, "source", connector.extra)
+            built: list[Source] = build(specs, ctx)
+            return built
+    return [build_source(s, ctx) for s in specs]
 
 
 def build_target(spec: TargetSpec, ctx: Context, index: int) -> Target:

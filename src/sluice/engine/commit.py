@@ -75,7 +75,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -88,6 +88,7 @@ from sluice.engine.retry import STOPPED, Retry, Stopped
 from sluice.engine.stages.base import TimedStage
 from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks
 from sluice.state import StateStore
+from sluice.state.base import ClaimingStore, PartitionsMoved
 
 log = logging.getLogger("sluice")
 
@@ -136,6 +137,10 @@ class CommitPolicy(Protocol):
         rows; ``final``: the run is stopping cleanly. False when stopped
         while the store was down (nothing was acknowledged then)."""
 
+    def moved(self) -> bool:
+        """Whether the last commit found partitions of this replica claimed
+        by another (nothing was committed): the loop must read again."""
+
 
 class JoinableStore(Protocol):
     """A state store that can commit inside a target's transaction
@@ -170,6 +175,7 @@ def choose(
     watermark_file: WatermarkFile | None,
     targets: Sequence[Target] = (),
     transactional: Sequence[bool] | None = None,
+    replicas: Callable[[], Collection[str]] | None = None,
 ) -> CommitPolicy:
     """The policy for a run: :class:`Checkpointing` with a durable ``store``,
     :class:`HoldBack` with a window or join (``stage``) and no store (then
@@ -179,7 +185,9 @@ def choose(
     ``targets[i]``'s connector declares ``transactional_positions`` (``None``:
     ask the targets alone, e.g. injected test doubles). Those that do and
     implement :class:`RecordsPositions` record positions (see the module
-    docstring)."""
+    docstring). ``replicas``: the run is one of several replicas (``replicas
+    = true``); it returns the partitions the sources are assigned now, which
+    a checkpointing replica claims (see :class:`Checkpointing`)."""
     recording = [
         t
         for i, t in enumerate(targets)
@@ -188,7 +196,8 @@ def choose(
     if store is not None:
         joined: RecordsPositions | None = None
         if (
-            stage is not None
+            replicas is None
+            and stage is not None
             and len(targets) == 1
             and len(recording) == 1
             and hasattr(store, "commit_on")  # only PostgresStore can
@@ -205,6 +214,7 @@ def choose(
             store,
             checkpoint_interval_ms / 1000,
             joined,
+            replicas,
         )
     if stage is not None:
         if watermark_file is None:
@@ -309,6 +319,10 @@ class Immediate:
     def on_advance(self) -> None:
         """No stage state: nothing to do."""
 
+    def moved(self) -> bool:
+        """Never: no partition is claimed."""
+        return False
+
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Record staged positions no output flush recorded (a round without
         output), then acknowledge each source's last batch written, in source order."""
@@ -388,6 +402,10 @@ class HoldBack:
         """Never: every target takes every row."""
         return None
 
+    def moved(self) -> bool:
+        """Never: no partition is claimed."""
+        return False
+
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Store the stage watermark, then acknowledge what lies below the open floor."""
         await asyncio.to_thread(self._file.save, self._stage.watermark_us)
@@ -407,11 +425,13 @@ class HoldBack:
 class Checkpointing:
     """Commit stage state, positions and watermark to a durable store, then ack.
 
-    A checkpoint is taken when a round emitted rows, on the final commit, or
-    once ``interval_s`` passed since the last one, and only when something
-    changed since. ``joined``: the only target, in the store's database: a
-    round's checkpoint then commits in the transaction of its output rows
-    (staged by :meth:`before_write`, adopted by :meth:`commit`).
+    A checkpoint is taken when a round emitted rows, on the final commit,
+    once ``interval_s`` passed since the last one, or after an idle round
+    while an ack-only source's acknowledgement is pending (the broker sends
+    it nothing more until then), and only when something changed since.
+    ``joined``: the only target, in the store's database: a round's
+    checkpoint then commits in the transaction of its output rows (staged by
+    :meth:`before_write`, adopted by :meth:`commit`).
     """
 
     rewinds_on_rebalance = True
@@ -427,9 +447,14 @@ class Checkpointing:
         store: StateStore,
         interval_s: float,
         joined: RecordsPositions | None = None,
+        replicas: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._joined = joined
+        # Replicas: the current assignment, and the generation of each claim held.
+        self._replicas = replicas
+        self._owned: dict[str, int] = {}
+        self._moved = False
         # The checkpoint the joined target's flush wrote: (version, keys written, keys deleted).
         self._landed: tuple[int, set[str], set[str]] | None = None
         self._sources = list(sources)
@@ -444,13 +469,21 @@ class Checkpointing:
         self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch since then
         self._dirty = False  # batches processed (or the watermark moved) since then
         self._at = time.monotonic()
+        # Sources that only acknowledge (a queue): the broker sends them no
+        # more than its prefetch of unacknowledged messages, so once that is
+        # read they get nothing until the next checkpoint acknowledges it.
+        self._ack_only = {s.id for s in self._sources if not isinstance(s, Seekable)}
+        self._fresh = False  # on_batch ran since the last commit (not an idle round)
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Load the last checkpoint (connecting the store first) and start the
-        stage from it; its positions."""
+        stage from it; its positions. A replica claims the partitions it is
+        assigned now and loads only theirs (:meth:`_claim`)."""
         store = self._store
         if await self._retry(store, store.open, "open") is STOPPED:
             return STOPPED
+        if self._replicas is not None:
+            return await self._claim()
         checkpoint = await self._retry(store, lambda: store.load(self._pipeline), "load")
         if checkpoint is STOPPED:
             return STOPPED
@@ -491,6 +524,51 @@ class Checkpointing:
             )
         return checkpoint.positions
 
+    async def _claim(self) -> dict[str, Position] | Stopped:
+        """A replica's restore: claim the assigned partitions (fencing their
+        previous owner), start the stage from their state alone, each
+        partition group at its own watermark, and measure the pipeline's
+        watermark afresh (it may go back: a group taken over may be behind)."""
+        assert self._replicas is not None
+        store: ClaimingStore = self._store  # type: ignore[assignment]  # checked by the config
+        stage = self._stage
+        partitions = list(self._replicas())
+        keys = _keys_for(stage, partitions)
+        claimed = await self._retry(
+            store, lambda: store.claim(self._pipeline, partitions, keys), "claim"
+        )
+        if claimed is STOPPED:
+            return STOPPED
+        self._owned = dict(claimed.generations)
+        self._keys = set(claimed.checkpoint.state)
+        self._positions, self._acks = {}, {}
+        self._dirty = self._moved = False
+        self._landed = None
+        self._at = time.monotonic()
+        state = claimed.checkpoint.state
+
+        def restart() -> None:
+            if stage is not None:
+                stage.close()
+                stage.open()
+                if state:
+                    stage.restore(state)
+            self._wm.reset()
+
+        await asyncio.to_thread(restart)
+        if partitions:
+            log.info(
+                "replica: claimed %d partition(s) (%s), %d state key(s)",
+                len(partitions),
+                _shorten(partitions),
+                len(state),
+            )
+        return claimed.checkpoint.positions
+
+    def moved(self) -> bool:
+        """See :meth:`CommitPolicy.moved`."""
+        return self._moved
+
     def on_batch(self, batches: Sequence[Batch], tops_us: Sequence[int | None]) -> None:
         """Remember where each source stands after ``batches``."""
         for b in batches:
@@ -498,6 +576,7 @@ class Checkpointing:
                 self._positions.setdefault(b.source_id, {}).update(b.position)
             self._acks[b.source_id] = b.ack
         self._dirty = True
+        self._fresh = True
 
     def on_advance(self) -> None:
         """The watermark moved (a join may have evicted): worth a checkpoint."""
@@ -539,7 +618,12 @@ class Checkpointing:
         return None
 
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
-        """Checkpoint when due (see the class docstring), then acknowledge."""
+        """Checkpoint when due (see the class docstring), then acknowledge.
+
+        Also due after an idle round while an ack-only source waits for its
+        acknowledgement: it may be starved by the broker's prefetch, not idle.
+        """
+        idle, self._fresh = not self._fresh, False
         landed, self._landed = self._landed, None
         if landed is not None:  # the joined target's flush committed this round's checkpoint
             landed_version, written, deleted = landed
@@ -552,7 +636,8 @@ class Checkpointing:
             await self._acknowledge()
             if not final:
                 return True
-        due = time.monotonic() - self._at >= self._interval_s
+        starved = idle and any(source in self._acks for source in self._ack_only)
+        due = time.monotonic() - self._at >= self._interval_s or starved
         if not (self._dirty and (emitted or final or due)):
             return True
         started = time.perf_counter()
@@ -573,7 +658,26 @@ class Checkpointing:
                 expected_version=self._version,
             )
 
-        version = await self._retry(store, write, "commit")
+        if self._replicas is not None:
+            owned = self._owned
+            mine = {
+                s: {p: v for p, v in parts.items() if p in owned} for s, parts in positions.items()
+            }
+            claiming: ClaimingStore = store  # type: ignore[assignment]  # checked by the config
+
+            def write_owned() -> int:
+                return claiming.commit_owned(
+                    self._pipeline, upserts, deletes, {s: p for s, p in mine.items() if p}, owned
+                )
+
+            try:
+                version = await self._retry(store, write_owned, "commit")
+            except PartitionsMoved as exc:
+                log.info("replica: %s; reading again for the new assignment", exc)
+                self._moved = True
+                return True
+        else:
+            version = await self._retry(store, write, "commit")
         if version is STOPPED:
             return False
         self._version = version
@@ -601,6 +705,17 @@ class Checkpointing:
         for source in self._sources:
             if source.id in self._acks:
                 await _acknowledge(self._pipeline, source, self._acks.pop(source.id))
+
+
+def _keys_for(stage: TimedStage | None, partitions: Collection[str]) -> list[str]:
+    """The state keys a replica owning ``partitions`` loads (its stage's scheme)."""
+    if stage is None:
+        return []
+    return sorted(stage.keys_for(partitions))  # type: ignore[attr-defined]  # a partitioned stage
+
+
+def _shorten(items: Sequence[str], most: int = 6) -> str:
+    return ", ".join(items[:most]) + (" ..." if len(items) > most else "")
 
 
 def _without_held(batch: Batch, held: Position) -> Batch:

@@ -11,7 +11,6 @@ the restarts. Logs: one line at start, one at stop, and errors.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -22,7 +21,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
@@ -121,39 +119,6 @@ def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, SluiceError) else f"{type(exc).__name__}: {exc}"
 
 
-def _cmd_consume(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("sluice.connectors.kafka.source").setLevel(logging.ERROR)
-    try:
-        spec = load_file(args.config)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    if args.metrics_port is not None:
-        m.serve(args.metrics_port)
-    opts = SupervisorOptions(
-        restart_on_error=args.restart_on_error,
-        initial_backoff_ms=args.initial_backoff_ms,
-        max_backoff_ms=args.max_backoff_ms,
-        max_restarts=args.max_restarts,
-        reset_backoff_after_secs=args.reset_backoff_after_secs,
-    )
-    log.info(
-        "pipeline %s starting: %d source(s), %d target(s)",
-        spec.pipeline_name,
-        len(spec.all_sources),
-        len(spec.all_targets),
-    )
-    run_opts = RunOptions(stop_after_idle_ms=args.stop_after_idle_ms, drain=not args.no_drain)
-    code = asyncio.run(supervise(spec, opts, run_opts, file=args.config))
-    log.info("pipeline %s stopped (exit %d)", spec.pipeline_name, code)
-    return code
-
-
 def run_pipeline(
     config: str | Path,
     *,
@@ -173,7 +138,32 @@ def run_pipeline(
     An invalid file raises
     :class:`ConfigError`.
     """
-    spec = load_file(config)
+    return run_spec(
+        load_file(config),
+        str(config),
+        udfs=udfs,
+        aggregate_udfs=aggregate_udfs,
+        metrics_port=metrics_port,
+        stop_after_idle_ms=stop_after_idle_ms,
+        restart_on_error=restart_on_error,
+        drain=drain,
+    )
+
+
+def run_spec(
+    spec: PipelineSpec,
+    origin: str,
+    *,
+    udfs: Iterable[Function] = (),
+    aggregate_udfs: Iterable[Function] = (),
+    metrics_port: int | None = None,
+    stop_after_idle_ms: int | None = None,
+    restart_on_error: bool = False,
+    drain: bool = True,
+) -> int:
+    """Run a validated pipeline spec (``origin`` names it in messages: its
+    file, or ``<python:NAME>``); see :func:`run_pipeline`."""
+    config = origin
     functions = [*udfs, *aggregate_udfs]
     collect(functions, spec.transform.udf_modules if spec.transform else (), str(config))
     if metrics_port is not None:
@@ -188,33 +178,3 @@ def run_pipeline(
             str(config),
         )
     )
-
-
-def add_consume_parser(sub: Any) -> None:
-    """Register ``flow consume`` on the CLI's subparsers."""
-    p = sub.add_parser("consume", help="run a pipeline until stopped")
-    p.add_argument("config", nargs="?", default="pipeline.toml", metavar="CONFIG")
-    p.add_argument(
-        "--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz"
-    )
-    p.add_argument(
-        "--restart-on-error", action="store_true", help="restart in-process after a failure"
-    )
-    p.add_argument("--initial-backoff-ms", "--min-backoff-ms", type=int, default=1_000)
-    p.add_argument("--max-backoff-ms", type=int, default=60_000)
-    p.add_argument("--max-restarts", type=int, default=None, help="unbounded when omitted")
-    p.add_argument("--reset-backoff-after-secs", type=float, default=60.0)
-    p.add_argument(
-        "--stop-after-idle-ms",
-        type=int,
-        default=None,
-        help="(ours) exit 0 once every source has been idle this long (batch-style runs); "
-        "the end of input drains: every open window and buffered join row is emitted first",
-    )
-    p.add_argument(
-        "--no-drain",
-        action="store_true",
-        help="(ours) with --stop-after-idle-ms: keep open windows and join rows for the next "
-        "run instead of emitting them (a stop that will be resumed)",
-    )
-    p.set_defaults(func=_cmd_consume)

@@ -9,6 +9,7 @@ connected and the pipeline is making progress: 503 otherwise).
 
 from __future__ import annotations
 
+import platform
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -17,6 +18,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.exposition import generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sluice")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+        from sluice import __version__
+
+        return __version__
+
 
 _P = ["pipeline"]
 
@@ -97,6 +111,28 @@ CHECKPOINT_SECONDS = Histogram(
     registry=REGISTRY,
 )
 STATE_BYTES = _gauge("sluice_state_bytes", "Size of the stage state at the last checkpoint.")
+
+# Per target: rows and the time of one write + flush (the durable part of a
+# batch), so a slow target shows itself among several.
+TARGET_ROWS_WRITTEN = _counter(
+    "sluice_target_rows_written", "Rows written durably to one target.", "target"
+)
+TARGET_WRITE_SECONDS = Histogram(
+    "sluice_target_write_duration_seconds",
+    "Time to write and flush one batch to one target (retries not included).",
+    [*_P, "target"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+# Which sluice is running: constant 1, the facts in the labels (the
+# Prometheus "info" convention, joinable on instance).
+BUILD_INFO = Gauge(
+    "sluice_build_info",
+    "sluice build: version and Python version in the labels; always 1.",
+    ["version", "python_version"],
+    registry=REGISTRY,
+)
+BUILD_INFO.labels(_version(), platform.python_version()).set(1)
 
 
 class Health:

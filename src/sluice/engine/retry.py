@@ -85,7 +85,14 @@ class Retry:
                 m.RETRIES.labels(self.pipeline, endpoint.id).inc()
                 if now - failing_since >= NOT_READY_AFTER_S:
                     m.HEALTH.set_ready(False, f"{endpoint.id} failing: {exc}")
-                log.warning("%s %s failed, retrying in %.1fs: %s", endpoint.id, what, backoff, exc)
+                log.warning(
+                    "%s %s failed, retrying in %.1fs: %s",
+                    endpoint.id,
+                    what,
+                    backoff,
+                    exc,
+                    extra={"target": endpoint.id},
+                )
                 await asyncio.to_thread(quietly, endpoint.close)
                 await self.sleep(backoff * random.uniform(0.8, 1.2))
                 if self.stop.is_set():

@@ -46,6 +46,7 @@ from sluice.engine.lookups import LookupTables
 from sluice.engine.retry import FIRST_WAIT_S, MAX_WAIT_S, STOPPED, Retry, quietly
 from sluice.engine.stages.base import Stage, TimedStage
 from sluice.engine.stages.join import PARTITION, JoinStage
+from sluice.engine.stages.partitioned import GROUP, PartitionedJoin, PartitionedWindow, groups_of
 from sluice.engine.stages.sql import SqlStage
 from sluice.engine.stages.window import WindowStage
 from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks, max_event_us
@@ -106,9 +107,14 @@ class Runner:
         self.stop = stop
         self.options = options or RunOptions()
         self.name = spec.pipeline_name
-        self.sources: list[Source] = sources or [
-            registry.build_source(s, registry.Context(spec)) for s in spec.all_sources
-        ]
+        transform = spec.transform
+        stateful = transform is not None and (transform.window or transform.join) is not None
+        #: Run as one of several replicas in a consumer group: state and
+        #: fencing per source partition (see engine/stages/partitioned.py).
+        self._replicas = spec.replicas and stateful
+        self.sources: list[Source] = sources or registry.build_sources(
+            spec.all_sources, registry.Context(spec), shared=self._replicas
+        )
         if targets is None and spec.transform is not None and spec.transform.cdc is not None:
             from sluice.engine import cdc  # CDC targets apply change events (engine/cdc.py)
 
@@ -143,8 +149,20 @@ class Runner:
         join = transform.join if transform else None
         timed = window or join
         self._event_column = timed.event_time_column if timed else EVENT_TS
-        self._window = WindowStage(window, self.name) if window else None
-        self._join = JoinStage(join, self.name, join.max_buffer_rows) if join else None
+        self._window: WindowStage | PartitionedWindow | None = None
+        self._join: JoinStage | PartitionedJoin | None = None
+        if window is not None:
+            self._window = (
+                PartitionedWindow(window, self.name)
+                if self._replicas
+                else WindowStage(window, self.name)
+            )
+        if join is not None:
+            self._join = (
+                PartitionedJoin(join, self.name, join.max_buffer_rows)
+                if self._replicas
+                else JoinStage(join, self.name, join.max_buffer_rows)
+            )
         self._timed: TimedStage | None = self._window or self._join
         # A durable store (postgres) holds the stage state and the source
         # positions. An in_memory store keeps state in the process, which the
@@ -167,16 +185,26 @@ class Runner:
             # exactly-once: targets that keep source positions in their transaction
             self.targets,
             _transactional(spec, self.targets),
+            replicas=self._assignment if self._replicas else None,
         )
         # False once a batch was processed but not written: its effect on the
         # stage state must then not be committed.
         self._consistent = True
-        self._epochs: dict[str, int] = {}
+        # Epoch of each source's assignment the state was restored for. A
+        # replica restores at its first assignment too (epoch 0 = none yet):
+        # the partitions it is given are claimed, and their state loaded.
+        self._epochs: dict[str, int] = (
+            {s.id: 0 for s in self._partitioned} if self._replicas else {}
+        )
         self._dlq_own: dict[str, dlq.DeadLetterSink] = {}
         self._dlq_default: dlq.DeadLetterSink | None = None
         if self.on_error == "dlq" or (window is not None and window.late_data == "dlq"):
             ids = {i: src.id for i, src in enumerate(self.sources)}
             self._dlq_own, self._dlq_default = dlq.build_sinks(spec, ids)
+
+    def _assignment(self) -> list[str]:
+        """Every partition the sources are assigned now (a replica's claim)."""
+        return sorted({p for source in self._partitioned for p in source.assignment()})
 
     def edges(self) -> list[tuple[str, str]]:
         """The edges this runner wires, as (from, to) node ids of the plan
@@ -338,6 +366,8 @@ class Runner:
         )
         if not await self._policy.commit(emitted=out is not None and out.num_rows > 0):
             return False
+        if self._policy.moved():  # another replica took partitions of this checkpoint
+            return await self._read_again()
         m.BATCHES.labels(self.name).inc()
         if out is not None:
             m.ROWS_WRITTEN.labels(self.name).inc(out.num_rows)
@@ -394,7 +424,13 @@ class Runner:
                 m.ERRORS.labels(self.name, "stage").inc()
                 error = exc
                 if attempt < attempts:
-                    log.warning("batch failed (attempt %d of %d): %s", attempt, attempts, exc)
+                    log.warning(
+                        "batch failed (attempt %d of %d): %s",
+                        attempt,
+                        attempts,
+                        exc,
+                        extra={"attempt": attempt},
+                    )
                     await self._retry.sleep(min(FIRST_WAIT_S * 2 ** (attempt - 1), MAX_WAIT_S))
         spans = "; ".join(f"source {b.source_id} {b.span()}" for b in batches)
         if self.on_error == "fail":
@@ -402,22 +438,33 @@ class Runner:
         if self.on_error == "drop":
             rows = sum(b.num_rows for b in batches)
             m.ROWS_DROPPED.labels(self.name, "transform").inc(rows)
-            log.warning("dropped a batch of %d row(s) (%s): %s", rows, spans, error)
+            log.warning(
+                "dropped a batch of %d row(s) (%s): %s",
+                rows,
+                spans,
+                error,
+                extra={"rows": rows, "source": ",".join(b.source_id for b in batches)},
+            )
             return _Transformed(None)
         letters = [letter for b in batches for letter in self._batch_letters(b, str(error))]
         return _Transformed(None, letters)
 
     # -- windows and joins ----------------------------------------------------------
 
-    async def _windowed(self, window: WindowStage, batches: list[Batch]) -> _Transformed:
+    async def _windowed(
+        self, window: WindowStage | PartitionedWindow, batches: list[Batch]
+    ) -> _Transformed:
         """SQL per source batch (each source's event times count for its own
         watermark), then the window over all of them."""
         parts: list[pa.Table] = []
         tops: list[int | None] = []
         for b in batches:
-            out = b.data
-            for stage in self.stages:
-                out = await asyncio.to_thread(stage.process, out)
+            if isinstance(window, PartitionedWindow):
+                out = await self._grouped(b)
+            else:
+                out = b.data
+                for stage in self.stages:
+                    out = await asyncio.to_thread(stage.process, out)
             column = out[self._event_column] if self._event_column in out.column_names else None
             if self._event_column not in b.data.column_names and column is not None:
                 # Computed by the SQL, whose rows need not line up with the
@@ -436,7 +483,32 @@ class Runner:
         m.WINDOWS_EMITTED.labels(self.name).inc(result.emitted.num_rows)
         return _Transformed(result.emitted, letters, tuple(tops))
 
-    async def _joined(self, join: JoinStage, batches: list[Batch]) -> _Transformed:
+    async def _grouped(self, b: Batch) -> pa.Table:
+        """A replica's window input: ``b``'s rows through the SQL, each with its
+        partition group in ``__group``. With SQL, per group (the SQL's rows
+        need not line up with the batch's); without, in the batch's order."""
+        if b.row_partitions is None:
+            raise StageError(f"source {b.source_id} does not name the partition of its rows")
+        groups = groups_of(b.row_partitions)
+        if not self.stages:
+            return b.data.append_column(GROUP, groups)
+        pieces: list[pa.Table] = []
+        values = groups.to_numpy(zero_copy_only=False).astype(str)
+        for g in sorted(set(values.tolist())):
+            out = b.data.filter(pa.array(values == g))
+            for stage in self.stages:
+                out = await asyncio.to_thread(stage.process, out)
+            pieces.append(out.append_column(GROUP, pa.repeat(pa.scalar(g), out.num_rows)))
+        nonempty = [p for p in pieces if p.num_rows] or pieces[:1]
+        return (
+            nonempty[0]
+            if len(nonempty) == 1
+            else pa.concat_tables(nonempty, promote_options="permissive")
+        )
+
+    async def _joined(
+        self, join: JoinStage | PartitionedJoin, batches: list[Batch]
+    ) -> _Transformed:
         """The join over this round's batches, each source on its side."""
         sides: tuple[list[Batch], list[Batch]] = ([], [])
         tops: list[int | None] = []
@@ -640,6 +712,8 @@ class Runner:
             return False
         if not await self._policy.commit():  # a checkpoint may be due by its interval
             return False
+        if self._policy.moved():
+            return await self._read_again()
         now = time.monotonic()
         # Idleness counts only once every source is connected: a consumer
         # still joining its group has not seen the data yet.
@@ -649,11 +723,15 @@ class Runner:
             await self._retry.sleep(self.spec.idle_pause_ms / 1000)
             return True
         limit = self.options.stop_after_idle_ms
-        if limit is not None and (now - self._idle_since) * 1000 >= limit:
-            self._input_ended = True
-            return False
+        pause_s = self.spec.idle_pause_ms / 1000
+        if limit is not None:
+            left_s = limit / 1000 - (now - self._idle_since)
+            if left_s <= 0:
+                self._input_ended = True
+                return False
+            pause_s = min(pause_s, left_s)  # a long idle_pause_ms must not outlast the limit
         self._export_watermarks()
-        await self._retry.sleep(self.spec.idle_pause_ms / 1000)
+        await self._retry.sleep(pause_s)
         return True
 
     def _union(self, batches: list[Batch]) -> pa.Table:
@@ -681,7 +759,7 @@ class Runner:
                 own = (await self._transform(rest)).out if rest else None
                 own = data.slice(0, 0) if own is None else own
             if await self._retry(
-                target, functools.partial(_write_and_flush, target, own), "write"
+                target, functools.partial(_write_and_flush, self.name, target, own), "write"
             ) is (STOPPED):
                 return False
         return True
@@ -761,6 +839,9 @@ def _tagged(batch: Batch) -> pa.Table:
     return batch.data.append_column(PARTITION, parts)
 
 
-def _write_and_flush(target: Target, data: pa.Table) -> None:
+def _write_and_flush(pipeline: str, target: Target, data: pa.Table) -> None:
+    started = time.perf_counter()
     target.write(data)
     target.flush()
+    m.TARGET_WRITE_SECONDS.labels(pipeline, target.id).observe(time.perf_counter() - started)
+    m.TARGET_ROWS_WRITTEN.labels(pipeline, target.id).inc(data.num_rows)

@@ -237,6 +237,17 @@ class Watermarks:
                 self._global = mark
         return self._global
 
+    def reset(self) -> None:
+        """Forget every source's and partition's progress and the global
+        watermark, as at the start of a run: a replica whose partitions moved
+        restores each partition's state at its own watermark, and the global
+        one is measured again from what they deliver (it may go back)."""
+        now = self._clock()
+        self._active_at = {(s, ""): now for s in {s for s, _ in self._active_at}}
+        self._max = {}
+        self._lag = {}
+        self._global = None
+
     def restore(self, watermark_us: int) -> None:
         """Start no lower than ``watermark_us`` (the watermark a previous run stored)."""
         if self._global is None or watermark_us > self._global:

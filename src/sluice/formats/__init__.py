@@ -9,12 +9,21 @@ A broker source does two things with what it read:
 2. ``table = event_table(decoded, timestamps_us)``: the decoded rows with
    ``_event_ts`` from the broker's timestamps.
 
-Encoders: :mod:`sluice.formats.jsontext` (Arrow values as JSON text).
+Avro and Protobuf payloads framed by a schema registry (Confluent wire
+format) decode through :mod:`sluice.formats.confluent` with the codecs of
+:mod:`sluice.formats.avro` / :mod:`sluice.formats.protobuf` and the client
+of :mod:`sluice.formats.registry`; a source with headers calls
+``decoder.decode_with_headers`` when the decoder is a
+:class:`~sluice.formats.confluent.RegistryDecoder` (schema ids in headers).
+
+Encoders: :mod:`sluice.formats.jsontext` (Arrow values as JSON text),
+:mod:`sluice.formats.encode` (rows as JSON / Avro payloads for broker targets).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -22,11 +31,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE
-from sluice.errors import ConnectorError
+from sluice.errors import ConnectorError, MissingDependencyError
 from sluice.formats.json import Decoded, JsonDecoder
 
 if TYPE_CHECKING:
     from sluice.config.spec import CdcSpec
+    from sluice.formats.registry import RegistrySettings
 
 
 class PayloadDecoder(Protocol):
@@ -36,6 +46,20 @@ class PayloadDecoder(Protocol):
         """The decoded rows of ``payloads``; undecodable ones are listed in ``bad``
         by index. ``offsets`` name each payload's place in the source (CDC
         envelopes order by them)."""
+        ...
+
+
+@runtime_checkable
+class HeaderAware(Protocol):
+    """A decoder that also reads the messages' headers (schema ids in
+    ``__value_schema_id``): a source with headers calls this instead of ``decode``."""
+
+    def decode_with_headers(
+        self,
+        payloads: list[bytes | None],
+        headers: Sequence[Sequence[tuple[str, bytes | None]] | None] | None,
+    ) -> Decoded:
+        """The decoded rows of ``payloads``, each with its headers (or ``None``)."""
         ...
 
 
@@ -71,8 +95,19 @@ class Unsupported:
         )
 
 
-def decoder_for(payload_format: str, cdc: CdcSpec | None, pipeline: str) -> PayloadDecoder:
+def decoder_for(
+    payload_format: str,
+    cdc: CdcSpec | None,
+    pipeline: str,
+    registry: RegistrySettings | None = None,
+    *,
+    validate: bool = False,
+) -> PayloadDecoder:
     """The decoder of a source's payloads.
+
+    ``avro``, ``protobuf`` and ``json_schema`` need ``registry`` (the schema
+    registry the payloads' schema ids point into); ``validate`` checks
+    ``json_schema`` bodies against their schema.
 
     With ``[transform.cdc]`` (``cdc``) payloads are change envelopes and
     decode into change rows where they are read, so a bad one follows
@@ -90,6 +125,29 @@ def decoder_for(payload_format: str, cdc: CdcSpec | None, pipeline: str) -> Payl
         return Json()
     if payload_format == "raw_bytes":
         return RawBytes()
+    if payload_format in ("avro", "protobuf", "json_schema"):
+        if registry is None:
+            raise ConnectorError(f"payload_format '{payload_format}' needs schema_registry_url")
+        from sluice.formats.confluent import RegistryDecoder
+        from sluice.formats.registry import client_for
+
+        try:
+            if payload_format == "json_schema":
+                from sluice.formats.json_schema import JsonSchemaDecoder
+
+                return JsonSchemaDecoder(client_for(registry), validate)
+            if payload_format == "avro":
+                from sluice.formats.avro import build_codec as avro_codec
+
+                return RegistryDecoder("avro", client_for(registry), avro_codec)
+            from sluice.formats.protobuf import build_codec as protobuf_codec
+
+            return RegistryDecoder("protobuf", client_for(registry), protobuf_codec)
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError(
+                f"payload_format '{payload_format}' needs the Python package '{exc.name}': "
+                "pip install 'sluice[registry]'"
+            ) from exc
     return Unsupported(payload_format)
 
 

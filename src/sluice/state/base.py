@@ -194,3 +194,53 @@ def fenced(pipeline: str, expected: int, found: int, by: str = "") -> ConnectorE
         "resumed from a stale checkpoint; nothing was written. Stop the other process and "
         "restart this one so it loads the latest checkpoint."
     )
+
+
+class PartitionsMoved(ConnectorError):
+    """A replica's checkpoint names partitions another replica claimed since
+    (a rebalance this process has not seen yet): nothing was written. The
+    run loop reads again from the store for its current assignment."""
+
+    def __init__(self, pipeline: str, moved: Collection[str]) -> None:
+        self.moved = sorted(moved)
+        shown = ", ".join(self.moved[:5]) + (" ..." if len(self.moved) > 5 else "")
+        super().__init__(
+            f"state store: pipeline {pipeline!r}: partitions {shown} are owned by another "
+            "replica now; nothing was written"
+        )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What :meth:`ClaimingStore.claim` returns: the checkpoint of the claimed
+    partitions (their state keys and positions; no version or watermark) and
+    the generation of each claim, which later commits must still hold."""
+
+    checkpoint: Checkpoint
+    generations: dict[str, int]
+
+
+@runtime_checkable
+class ClaimingStore(StateStore, Protocol):
+    """A store that lets replicas of one pipeline own its partitions
+    (``replicas = true``): state and fencing per source partition."""
+
+    def claim(self, pipeline: str, partitions: Collection[str], keys: Collection[str]) -> Claimed:
+        """Take ``partitions`` (position keys, ``topic:partition``) for this
+        process, fencing any replica that held them, and read their positions
+        and the state ``keys`` in the same transaction."""
+        ...
+
+    def commit_owned(
+        self,
+        pipeline: str,
+        upserts: Mapping[str, bytes],
+        deletes: Collection[str],
+        positions: Mapping[str, Position],
+        owned: Mapping[str, int],
+    ) -> int:
+        """:meth:`StateStore.commit` for a replica: instead of the pipeline's
+        version, each partition in ``owned`` must still be held at its
+        generation; raises :class:`PartitionsMoved` (nothing written) when
+        not."""
+        ...

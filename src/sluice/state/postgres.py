@@ -66,7 +66,7 @@ import pyarrow as pa
 from sluice.config.redact import redact_text
 from sluice.connectors.api import Position
 from sluice.errors import ConnectorError, SluiceError, TransientError
-from sluice.state.base import Checkpoint, check_commit, fenced
+from sluice.state.base import Checkpoint, Claimed, PartitionsMoved, check_commit, fenced
 
 try:
     import psycopg
@@ -214,7 +214,25 @@ class PostgresStore:
             "cp": t("sluice_checkpoints"),
             "st": t("sluice_state"),
             "off": t("sluice_offsets"),
+            "own": t("sluice_owners"),
         }
+        self._q_claim = sql.SQL(
+            "INSERT INTO {own} AS o (pipeline, partition, owner, generation) "
+            "SELECT %s, p, %s, 1 FROM unnest(%s::text[]) AS p ON CONFLICT (pipeline, partition) "
+            "DO UPDATE SET owner = EXCLUDED.owner, generation = o.generation + 1, "
+            "claimed_at = now() RETURNING partition, generation"
+        ).format(**names)
+        self._q_owned = sql.SQL(
+            "SELECT partition, owner, generation FROM {own} "
+            "WHERE pipeline = %s AND partition = ANY(%s::text[]) ORDER BY partition FOR UPDATE"
+        ).format(**names)
+        self._q_read_keys = sql.SQL(
+            "SELECT key, value FROM {st} WHERE pipeline = %s AND key = ANY(%s::text[])"
+        ).format(**names)
+        self._q_read_parts = sql.SQL(
+            "SELECT source, partition, position_int, position_text FROM {off} "
+            "WHERE pipeline = %s AND partition = ANY(%s::text[])"
+        ).format(**names)
         self._q_read_cp = sql.SQL(
             "SELECT version, watermark_us FROM {cp} WHERE pipeline = %s"
         ).format(**names)
@@ -490,6 +508,61 @@ class PostgresStore:
                 self._rollback_quietly()
                 raise
             self._in_doubt.pop(pipeline, None)
+            return version
+
+    def claim(self, pipeline: str, partitions: Collection[str], keys: Collection[str]) -> Claimed:
+        """See :meth:`sluice.state.base.ClaimingStore.claim`: one transaction."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.cursor(binary=True) as cur:
+                    cur.execute(self._q_claim, (pipeline, self.writer, sorted(partitions)))
+                    generations = {str(p): int(g) for p, g in cur.fetchall()}
+                    cur.execute(self._q_read_keys, (pipeline, sorted(keys)))
+                    state: dict[str, bytes] = dict(cur.fetchall())
+                    cur.execute(self._q_read_parts, (pipeline, sorted(partitions)))
+                    positions: dict[str, Position] = {}
+                    for source, part, pos_int, pos_text in cur.fetchall():
+                        positions.setdefault(source, {})[part] = (
+                            pos_text if pos_int is None else pos_int
+                        )
+                self._finish(conn)
+            except psycopg.Error as exc:
+                raise self._failure(exc, f"claiming partitions of {pipeline!r} failed") from exc
+            except BaseException:
+                self._rollback_quietly()
+                raise
+        return Claimed(Checkpoint(state=state, positions=positions), generations)
+
+    def commit_owned(
+        self,
+        pipeline: str,
+        upserts: Mapping[str, bytes],
+        deletes: Collection[str],
+        positions: Mapping[str, Position],
+        owned: Mapping[str, int],
+    ) -> int:
+        """See :meth:`sluice.state.base.ClaimingStore.commit_owned`."""
+        check_commit(pipeline, upserts, deletes, positions, None, None)
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.cursor() as cur:
+                    # The row locks serialise this commit with any claim of these partitions.
+                    cur.execute(self._q_owned, (pipeline, sorted(owned)))
+                    held = {str(p): (str(o), int(g)) for p, o, g in cur.fetchall()}
+                    moved = [p for p, g in owned.items() if held.get(p) != (self.writer, g)]
+                    if moved:
+                        raise PartitionsMoved(pipeline, moved)
+                    version = self._bump(cur, pipeline, None, None)
+                    self._write_state(cur, pipeline, version, upserts, deletes)
+                    self._write_positions(cur, pipeline, version, positions)
+                self._finish(conn)
+            except psycopg.Error as exc:
+                raise self._failure(exc, f"commit of pipeline {pipeline!r} failed") from exc
+            except BaseException:
+                self._rollback_quietly()
+                raise
             return version
 
     def commit_on(

@@ -4,7 +4,8 @@
   :class:`MemoryTarget`, and :class:`FlakyTarget` to inject transient failures.
 * Conformance suites, written once and run by every connector against its
   real system: :data:`SOURCE_CHECKS`, :data:`TARGET_CHECKS`,
-  :data:`CDC_CHECKS`, each a tuple of named :class:`Check` s that take a
+  :data:`CDC_CHECKS` (and :data:`ACK_ONLY_SOURCE_CHECKS` for sources that
+  cannot seek, :data:`MESSAGE_TARGET_CHECKS` for message targets), each a tuple of named :class:`Check` s that take a
   harness (:class:`SourceHarness`, :class:`TargetHarness`,
   :class:`CdcTargetHarness`). Run them one per test (pytest
   ``parametrize`` over the tuple) or all at once with :func:`run_all`.
@@ -19,11 +20,13 @@ from sluice.testing.harness import (
     unique,
 )
 from sluice.testing.memory import FlakyTarget, MemorySource, MemoryStream, MemoryTarget
-from sluice.testing.sources import SOURCE_CHECKS
-from sluice.testing.targets import CDC_CHECKS, TARGET_CHECKS
+from sluice.testing.sources import ACK_ONLY_SOURCE_CHECKS, SOURCE_CHECKS
+from sluice.testing.targets import CDC_CHECKS, MESSAGE_TARGET_CHECKS, TARGET_CHECKS
 
 __all__ = [
+    "ACK_ONLY_SOURCE_CHECKS",
     "CDC_CHECKS",
+    "MESSAGE_TARGET_CHECKS",
     "SOURCE_CHECKS",
     "TARGET_CHECKS",
     "CdcTargetHarness",

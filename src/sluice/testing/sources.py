@@ -225,3 +225,9 @@ SOURCE_CHECKS: tuple[Check[SourceHarness], ...] = (
     Check("event_ts_typed_and_right", event_ts_typed_and_right),
 )
 """Every source check, in the order a failure is easiest to read."""
+
+ACK_ONLY_SOURCE_CHECKS: tuple[Check[SourceHarness], ...] = tuple(
+    c for c in SOURCE_CHECKS if c.name != "resume_honoured"
+)
+"""The checks of a source that is not :class:`~sluice.connectors.api.Seekable`
+(a queue, a subscription): it acknowledges, it cannot be opened at a position."""

@@ -220,6 +220,13 @@ TARGET_CHECKS: tuple[Check[TargetHarness], ...] = (
 )
 """Every target check."""
 
+MESSAGE_TARGET_CHECKS: tuple[Check[TargetHarness], ...] = tuple(
+    c for c in TARGET_CHECKS if not c.name.startswith("merge_")
+)
+"""The checks of a target that publishes messages (a queue, a topic): it has
+no key to merge on. Its harness reads the messages back as rows (``None``
+while there are none)."""
+
 
 # -- CDC targets -----------------------------------------------------------------
 

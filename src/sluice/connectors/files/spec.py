@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from sluice.config.base import NonEmptyStr, PositiveInt, SourceSpec, Spec, TargetSpec, doc
+from sluice.config.base import (
+    LocalPath,
+    PositiveInt,
+    SourceSpec,
+    Spec,
+    TargetSpec,
+    doc,
+)
 
 FileFormat = Literal["parquet", "csv", "json_lines", "jsonl", "orc"]
 
@@ -18,7 +25,7 @@ class ObjectStoreLocalSource(
 ):
     """(ours) New files under a local folder prefix, each read once."""
 
-    path: Annotated[NonEmptyStr, doc("root folder; source_query is the watched prefix")]
+    path: Annotated[LocalPath, doc("root folder; source_query is the watched prefix")]
     format: Annotated[FileFormat, doc("file format")]
 
 
@@ -70,4 +77,4 @@ class ObjectStoreLocalTarget(
 ):
     """Files (parquet / csv / json_lines / orc) under a local folder."""
 
-    path: Annotated[NonEmptyStr, doc("root folder")]
+    path: Annotated[LocalPath, doc("root folder")]

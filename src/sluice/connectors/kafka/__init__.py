@@ -1,7 +1,6 @@
-"""Kafka (and Kafka-compatible brokers): a consumer-group source and dead letters.
-
-The Kafka target is configuration-only today.
-"""
+"""Kafka (and Kafka-compatible brokers): a consumer-group source, a producer
+target and dead letters. Payloads may be Avro / Protobuf through a schema
+registry (:mod:`sluice.formats`)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from sluice.connectors.kafka.spec import KafkaSource, KafkaTarget
 
 def _source_rules(at: str, source: dict[str, Any], add: Add) -> None:
     fmt = source.get("payload_format")
-    if fmt in ("avro", "protobuf") and not source.get("schema_registry_url"):
+    if fmt in ("avro", "protobuf", "json_schema") and not source.get("schema_registry_url"):
         add(
             (
                 f"{at}.schema_registry_url",
@@ -24,6 +23,17 @@ def _source_rules(at: str, source: dict[str, Any], add: Add) -> None:
         for key in ("sasl_plain_username", "sasl_plain_password"):
             if not source.get(key):
                 add((f"{at}.{key}", "missing: sasl_mechanism 'PLAIN' needs it"))
+
+
+def _target_rules(at: str, target: dict[str, Any], add: Add) -> None:
+    fmt = target.get("payload_format")
+    if fmt in ("avro", "protobuf") and not target.get("schema_registry_url"):
+        add(
+            (
+                f"{at}.schema_registry_url",
+                f"missing: payload_format '{fmt}' needs a schema registry",
+            )
+        )
 
 
 def _own_topic(spec: Any) -> str | None:
@@ -38,6 +48,8 @@ CONNECTOR = Connector(
     targets=(KafkaTarget,),
     capabilities=Capabilities(seekable=True, partitioned=True, dead_letters=True),
     source="sluice.connectors.kafka.source:build_source",
+    shared_sources="sluice.connectors.kafka.shared:build_sources",
+    target="sluice.connectors.kafka.target:build_target",
     dead_letters=DeadLetters(
         word="topic",
         role="source",
@@ -47,4 +59,5 @@ CONNECTOR = Connector(
         own=_own_topic,
     ),
     source_rules=(_source_rules,),
+    target_rules=(_target_rules,),
 )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,8 @@ from sluice.connectors.api import Batch, Position, RawRecord
 from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats import decoder_for, event_table
+from sluice.formats import HeaderAware, decoder_for, event_table
+from sluice.formats.registry import RegistrySettings
 
 try:
     import confluent_kafka as ck
@@ -89,6 +91,17 @@ def client_config(spec: KafkaSourceSpec | Any) -> dict[str, Any]:
     return conf
 
 
+def registry_settings(spec: Any) -> RegistrySettings | None:
+    """The schema registry a Kafka spec names, if any."""
+    if not spec.schema_registry_url:
+        return None
+    return RegistrySettings(
+        spec.schema_registry_url,
+        spec.schema_registry_basic_auth_user,
+        spec.schema_registry_basic_auth_password,
+    )
+
+
 def partition_key(topic: str, partition: int) -> str:
     """The position key of one partition: ``topic:partition``."""
     return f"{topic}:{partition}"
@@ -105,7 +118,13 @@ class KafkaSource:
         self.group_id = spec.reader_group(ctx.pipeline.pipeline_name)
         self._consumer: ck.Consumer | None = None
         cdc = ctx.pipeline.transform.cdc if ctx.pipeline.transform else None
-        self._decoder = decoder_for(spec.payload_format, cdc, ctx.pipeline.pipeline_name)
+        self._decoder = decoder_for(
+            spec.payload_format,
+            cdc,
+            ctx.pipeline.pipeline_name,
+            registry_settings(spec),
+            validate=spec.json_schema_validation,
+        )
         self._resume: Position = {}
         self._assigned: set[str] = set()
         self._revoked: set[str] = set()
@@ -210,6 +229,35 @@ class KafkaSource:
 
     def read(self, timeout_s: float) -> Batch | None:
         """Up to ``max_batch_rows`` messages within ``timeout_s`` (at most ``max_batch_wait_ms``)."""
+        consumer, good = self._fetch(timeout_s)
+        batch = self._to_batch(good, consumer) if good else None
+        # After the batch: the lag then agrees with what was handed out.
+        self._measure_lag(consumer)
+        if batch is None:
+            return None
+        with self._settled:
+            self._in_flight += 1
+        return batch
+
+    def read_topics(self, timeout_s: float, decoders: dict[str, Any]) -> list[Batch]:
+        """Like :meth:`read`, one batch per topic that delivered, each with
+        its topic as source id, decoded by ``decoders[topic]`` (several
+        sources read through this one consumer, see ``shared.py``)."""
+        consumer, good = self._fetch(timeout_s)
+        by_topic: dict[str, list[Any]] = {}
+        for m in good:
+            by_topic.setdefault(m.topic() or "", []).append(m)
+        batches = [
+            self._to_batch(msgs, consumer, topic, decoders[topic])
+            for topic, msgs in by_topic.items()
+        ]
+        self._measure_lag(consumer)
+        with self._settled:
+            self._in_flight += len(batches)
+        return batches
+
+    def _fetch(self, timeout_s: float) -> tuple[ck.Consumer, list[Any]]:
+        """The messages of one consume call, without errors and revoked partitions."""
         consumer = self._require()
         wait = min(timeout_s, self.spec.max_batch_wait_ms / 1000)
         self._revoked.clear()
@@ -240,14 +288,7 @@ class KafkaSource:
                 for m in good
                 if partition_key(m.topic() or "", m.partition() or 0) in self._assigned
             ]
-        batch = self._to_batch(good, consumer) if good else None
-        # After the batch: the lag then agrees with what was handed out.
-        self._measure_lag(consumer)
-        if batch is None:
-            return None
-        with self._settled:
-            self._in_flight += 1
-        return batch
+        return consumer, good
 
     def assignment(self) -> tuple[str, ...]:
         """See :meth:`sluice.connectors.api.Partitioned.assignment`."""
@@ -264,27 +305,45 @@ class KafkaSource:
             self._in_flight = 0
             self._settled.notify_all()
 
-    def _to_batch(self, msgs: list[Any], consumer: ck.Consumer) -> Batch:
+    def _to_batch(
+        self,
+        msgs: list[Any],
+        consumer: ck.Consumer,
+        topic: str | None = None,
+        decoder: Any = None,
+    ) -> Batch:
+        """``msgs`` as a batch of this source (``topic``: of that topic only,
+        decoded by ``decoder``, with the topic as source id)."""
         # Per-message work here is what bounds the source: one pass for the
         # timestamps, one for the values; positions come from the consumer.
         position = self._positions(consumer, msgs)
+        assigned = sorted(self._assigned)
+        if topic is not None:
+            prefix = f"{topic}:"
+            position = {k: v for k, v in position.items() if k.startswith(prefix)}
+            assigned = [k for k in assigned if k.startswith(prefix)]
         for key, offset in position.items():
             if isinstance(offset, int):
                 self._next[key] = offset
         ts_ms = np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
-        decoded = self._decoder.decode([m.value() for m in msgs], [m.offset() for m in msgs])
+        values = [m.value() for m in msgs]
+        dec = decoder or self._decoder
+        if isinstance(dec, HeaderAware):  # a schema id may be in a header
+            decoded = dec.decode_with_headers(values, [m.headers() for m in msgs])
+        else:
+            decoded = dec.decode(values, [m.offset() for m in msgs])
         table = event_table(decoded, ts_ms * 1000)
         rows, bad = decoded.rows, tuple(decoded.bad)
-        row_partitions = self._row_partitions(msgs) if self.track_partitions else None
+        row_partitions = self._row_partitions(msgs, topic) if self.track_partitions else None
         if rows is not None and row_partitions is not None:
             row_partitions = row_partitions.take(pa.array(rows, pa.int64()))
         return Batch(
-            self.id,
+            self.id if topic is None else topic,
             table,
             position,
             position=position,
             raw_count=len(msgs),
-            partitions=tuple(sorted(self._assigned)),
+            partitions=tuple(assigned),
             raw=_Records(msgs),
             bad=bad,
             rows=None if rows is None else tuple(rows),
@@ -292,12 +351,14 @@ class KafkaSource:
             row_partitions=row_partitions,
         )
 
-    def _row_partitions(self, msgs: list[Any]) -> pa.Array:
-        """The ``topic:partition`` of every message, dictionary-encoded."""
-        if len(self.topics) == 1:
+    def _row_partitions(self, msgs: list[Any], topic: str | None = None) -> pa.Array:
+        """The ``topic:partition`` of every message (all of ``topic`` when
+        given), dictionary-encoded."""
+        if topic is not None or len(self.topics) == 1:
+            name = topic if topic is not None else self.topics[0]
             parts = np.fromiter((m.partition() for m in msgs), dtype=np.int32, count=len(msgs))
             top = int(parts.max()) if len(parts) else 0
-            names = pa.array([partition_key(self.topics[0], p) for p in range(top + 1)])
+            names = pa.array([partition_key(name, p) for p in range(top + 1)])
             return pa.DictionaryArray.from_arrays(pa.array(parts), names)
         keys = [partition_key(m.topic() or "", m.partition() or 0) for m in msgs]
         return pa.array(keys).dictionary_encode()
@@ -323,7 +384,7 @@ class KafkaSource:
             position = {partition_key(t, p): o + 1 for (t, p), o in last.items()}
         return position
 
-    def rewind(self, positions: Position | None = None) -> None:
+    def rewind(self, positions: Position | None = None, topics: Collection[str] = ()) -> None:
         """Read every assigned partition again from ``positions`` (a state
         store's checkpoint; from now on also where a new assignment starts),
         else from its committed offset.
@@ -332,9 +393,14 @@ class KafkaSource:
         fetched past that point are discarded by the consumer.
         """
         consumer = self._require()
-        if positions is not None:
+        keys = sorted(self._assigned)
+        if topics:  # only these topics' partitions (one of several sources sharing the consumer)
+            keys = [k for k in keys if _split(k)[0] in topics]
+            self._resume = {k: v for k, v in self._resume.items() if _split(k)[0] not in topics}
+            self._resume.update(positions or {})
+        elif positions is not None:
             self._resume = dict(positions)
-        tps = [ck.TopicPartition(*_split(k)) for k in sorted(self._assigned)]
+        tps = [ck.TopicPartition(*_split(k)) for k in keys]
         if not tps:
             return
         try:

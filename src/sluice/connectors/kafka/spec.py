@@ -37,8 +37,12 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
     bootstrap_servers: Annotated[NonEmptyStr, doc("comma-separated host:port list")]
     group_id: Annotated[str | None, doc("consumer group id; defaults to the pipeline_name")] = None
     payload_format: Annotated[
-        Literal["json", "avro", "protobuf", "raw_bytes"], doc("how message values decode")
+        Literal["json", "avro", "protobuf", "raw_bytes", "json_schema"],
+        doc("how message values decode (json_schema, ours: JSON framed by a schema registry)"),
     ] = "json"
+    json_schema_validation: Annotated[
+        bool, doc("(ours) validate json_schema payloads against their registered schema")
+    ] = False
     auto_offset_reset: Annotated[
         Literal["earliest", "latest"], doc("where a new consumer group starts")
     ] = "earliest"
@@ -83,11 +87,34 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
 
 
 class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", frozen=True, kw_only=True):
-    """A Kafka topic, one JSON message per row."""
+    """A Kafka topic, one message per row (JSON by default)."""
 
     bootstrap_servers: Annotated[NonEmptyStr, doc("comma-separated host:port list")]
     topic: Annotated[NonEmptyStr, doc("topic to produce to")]
     message_key_column: Annotated[str | None, doc("column whose value keys each message")] = None
+    payload_format: Annotated[
+        Literal["json", "raw_bytes", "avro", "protobuf"],
+        doc(
+            "(ours) how rows encode: JSON, one column's bytes, or Avro / Protobuf via the registry"
+        ),
+    ] = "json"
+    value_column: Annotated[
+        NonEmptyStr, doc("(ours) the column written as is with payload_format 'raw_bytes'")
+    ] = "value"
+    auto_register: Annotated[
+        bool,
+        doc("(ours) register the schema derived from the batch, else it must be registered"),
+    ] = False
+    subject_name_strategy: Annotated[
+        Literal["topic_name", "record_name", "topic_record_name"],
+        doc("(ours) registry subject: <topic>-value, <record>, or <topic>-<record>"),
+    ] = "topic_name"
+    avro_record_name: Annotated[
+        str | None, doc("(ours) name of the Avro record / Protobuf message; defaults to the topic")
+    ] = None
+    librdkafka: Annotated[
+        dict[str, str | int | bool], doc("(ours) extra librdkafka producer properties")
+    ] = msgspec.field(default_factory=dict)
     group_id: Annotated[str | None, doc("consumer group (transactional Kafka-to-Kafka)")] = None
     schema_registry_url: Annotated[str | None, doc("schema registry for avro / protobuf")] = None
     schema_registry_basic_auth_user: Annotated[str | None, doc("schema registry user")] = None

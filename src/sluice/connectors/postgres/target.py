@@ -157,6 +157,7 @@ class PostgresTarget:
         try:
             self._conn = adbc.connect(self.spec.url)
             self._reflect()
+            self._query("SELECT pg_advisory_xact_lock(hashtext($1))", (self._ident,))
             if not self._query("SELECT 1 FROM pg_namespace WHERE nspname = $1", (self.schema,)):
                 self._execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
             self._ledger.create(self._query)
@@ -282,7 +283,17 @@ class PostgresTarget:
         else:
             self._execute(f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {self._stage}")
 
+    def _ddl_lock(self) -> None:
+        """Serialise this table's DDL with other writers' (replicas starting
+        together): two concurrent ``CREATE TABLE IF NOT EXISTS`` of one name
+        can fail on Postgres's catalog unique index. Held to the end of the
+        transaction; then the table is reflected again under it."""
+        self._query("SELECT pg_advisory_xact_lock(hashtext($1))", (self._ident,))
+        self._reflect()
+
     def _ensure_table(self, schema: pa.Schema) -> None:
+        if self._columns is None or any(f.name not in self._columns for f in schema):
+            self._ddl_lock()
         if self._columns is None:
             if self.spec.mode == "merge" and not self._key:
                 raise ConnectorError(

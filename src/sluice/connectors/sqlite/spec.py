@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from sluice.config.base import DbTable, LookupSpec, NonEmptyStr, TargetSpec, WriteMode, doc
+from sluice.config.base import (
+    DbTable,
+    LocalPath,
+    LookupSpec,
+    TargetSpec,
+    WriteMode,
+    doc,
+)
 
 
 class SQLiteTarget(TargetSpec, tag="sqlite", tag_field="kind", frozen=True, kw_only=True):
     """A SQLite table (the embedded default)."""
 
-    path: Annotated[NonEmptyStr, doc("database file")]
+    path: Annotated[LocalPath, doc("database file")]
     table: Annotated[DbTable, doc("the table")]
     mode: Annotated[WriteMode, doc("(ours) append, merge, scd2, truncate")] = "append"
 
@@ -18,4 +25,4 @@ class SQLiteTarget(TargetSpec, tag="sqlite", tag_field="kind", frozen=True, kw_o
 class SQLiteLookup(LookupSpec, tag="sqlite", tag_field="kind", frozen=True, kw_only=True):
     """A lookup table loaded from SQLite."""
 
-    path: Annotated[NonEmptyStr, doc("database file")]
+    path: Annotated[LocalPath, doc("database file")]

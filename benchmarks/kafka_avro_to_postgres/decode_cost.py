@@ -1,0 +1,137 @@
+"""Micro-benchmark: what sluice's registry decoders cost per 1M messages (one core).
+
+    python -m benchmarks.kafka_avro_to_postgres.decode_cost [--messages 200000]
+
+Payloads are made by confluent-kafka's serializers against the schema
+registry (``--schema-registry-url``, default the test registry of
+``scripts/services.sh``), then decoded in batches of 10,000 (the engine's
+batch size order) by :func:`sluice.formats.decoder_for`, as the Kafka source
+does; the wall time of the decode calls alone is scaled to 1M messages.
+Schemas: the benchmark's flat event (7 fields, as ``run.py`` produces), and
+a wide one with logical types (timestamp-micros, date, decimal, uuid,
+nullable union, nested record, array) for Avro; ``tests/protos.py``'s
+``Order`` (Timestamp, wrapper, enum, repeated, nested, optional, map) for
+Protobuf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import decimal
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.schema_registry.protobuf import ProtobufSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from benchmarks.kafka_avro_to_postgres.run import DEFAULT_REGISTRY, EVENT_SCHEMA
+from sluice.formats import decoder_for
+from sluice.formats.registry import RegistrySettings
+
+BATCH = 10_000
+WIDE = {
+    "type": "record",
+    "name": "Wide",
+    "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "ts", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "day", "type": {"type": "int", "logicalType": "date"}},
+        {
+            "name": "amount",
+            "type": {"type": "bytes", "logicalType": "decimal", "precision": 10, "scale": 2},
+        },
+        {"name": "uid", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "note", "type": ["null", "string"], "default": None},
+        {
+            "name": "addr",
+            "type": {"type": "record", "name": "A", "fields": [{"name": "city", "type": "string"}]},
+        },
+        {"name": "tags", "type": {"type": "array", "items": "string"}},
+    ],
+}
+
+
+def measure(fmt: str, url: str, payloads: list[bytes], n: int) -> float:
+    """Seconds per 1M messages to decode ``n`` messages cycling over ``payloads``."""
+    dec = decoder_for(fmt, None, "bench", RegistrySettings(url))
+    batch = (payloads * (BATCH // len(payloads) + 1))[:BATCH]
+    dec.decode(batch, [])  # the one registry fetch, outside the timing
+    spent = 0.0
+    done = 0
+    while done < n:
+        started = time.perf_counter()
+        out = dec.decode(batch, [])
+        spent += time.perf_counter() - started
+        assert not out.bad and out.table.num_rows == BATCH
+        done += BATCH
+    return spent * 1_000_000 / done
+
+
+def serialize(ser: Callable[[Any, SerializationContext], bytes], values: list[Any]) -> list[bytes]:
+    ctx = SerializationContext(f"decode-cost-{uuid.uuid4().hex[:8]}", MessageField.VALUE)
+    return [ser(v, ctx) for v in values]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--messages", type=int, default=200_000)
+    p.add_argument("--schema-registry-url", default=DEFAULT_REGISTRY)
+    a = p.parse_args(argv)
+    client = SchemaRegistryClient({"url": a.schema_registry_url})
+    from benchmarks.kafka_to_postgres.run import events
+
+    flat = serialize(
+        AvroSerializer(client, json.dumps(EVENT_SCHEMA)),
+        [json.loads(e) for _, e in events(1000, 42)],
+    )
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    wide = serialize(
+        AvroSerializer(client, json.dumps(WIDE)),
+        [
+            {
+                "id": i,
+                "ts": base + datetime.timedelta(seconds=i),
+                "day": datetime.date(2026, 1, 1),
+                "amount": decimal.Decimal(i) / 4,
+                "uid": uuid.UUID(int=i),
+                "note": None if i % 2 else f"n{i}",
+                "addr": {"city": f"c{i % 7}"},
+                "tags": ["a", "b"][: i % 3],
+            }
+            for i in range(1000)
+        ],
+    )
+    from tests.protos import Order
+
+    def order(i: int) -> Any:
+        o = Order(id=i, name=f"o{i}", status=i % 2, tags=["a", "b"][: i % 3])
+        o.ts.FromSeconds(1_700_000_000 + i)
+        if i % 2:
+            o.qty.value = i
+        o.addr.city = "c"
+        o.attrs["k"] = i
+        return o
+
+    proto = serialize(
+        ProtobufSerializer(Order, client, {"use.deprecated.format": False}),
+        [order(i) for i in range(1000)],
+    )
+    for name, fmt, payloads in (
+        ("avro, flat event (7 fields)", "avro", flat),
+        ("avro, logical types + nested (8 fields)", "avro", wide),
+        ("protobuf, Order (9 fields, WKT, map)", "protobuf", proto),
+    ):
+        per_million = measure(fmt, a.schema_registry_url, payloads, a.messages)
+        print(f"{name:42s} {per_million:6.1f} s per 1M messages ({1e6 / per_million:,.0f} msgs/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The typed Python API: connections and streaming pipelines without TOML.
+
+Everything here lowers to the same validated :class:`~sluice.config.PipelineSpec`
+as a ``pipeline.toml`` (:func:`pipeline_spec`), so a pipeline behaves the same
+whichever way it was declared. See :mod:`sluice.api.connections` for the
+connection name chain and :mod:`sluice.api.pipeline` for the pipeline shape.
+"""
+
+from sluice.api.connections import (
+    Connection,
+    DeltaLocalConnection,
+    DeltaS3Connection,
+    DuckDBConnection,
+    KafkaConnection,
+    KinesisConnection,
+    MySQLConnection,
+    ObjectStoreLocalConnection,
+    ObjectStoreS3Connection,
+    PostgresConnection,
+    PubSubConnection,
+    RabbitMQConnection,
+    SchemaRegistryConnection,
+    SQLiteConnection,
+    connection,
+    register_connection,
+    resolve,
+)
+from sluice.api.pipeline import (
+    CDC,
+    Aggregation,
+    Join,
+    Lookup,
+    Source,
+    StateStore,
+    Target,
+    Watermark,
+    Window,
+    declared,
+    load_module,
+    pipeline_data,
+    pipeline_spec,
+    run_declared,
+    run_streaming_pipeline,
+    streaming_pipeline,
+)
+
+__all__ = [
+    "CDC",
+    "Aggregation",
+    "Connection",
+    "DeltaLocalConnection",
+    "DeltaS3Connection",
+    "DuckDBConnection",
+    "Join",
+    "KafkaConnection",
+    "KinesisConnection",
+    "Lookup",
+    "MySQLConnection",
+    "ObjectStoreLocalConnection",
+    "ObjectStoreS3Connection",
+    "PostgresConnection",
+    "PubSubConnection",
+    "RabbitMQConnection",
+    "SQLiteConnection",
+    "SchemaRegistryConnection",
+    "Source",
+    "StateStore",
+    "Target",
+    "Watermark",
+    "Window",
+    "connection",
+    "declared",
+    "load_module",
+    "pipeline_data",
+    "pipeline_spec",
+    "register_connection",
+    "resolve",
+    "run_declared",
+    "run_streaming_pipeline",
+    "streaming_pipeline",
+]
