@@ -8,7 +8,7 @@ help: ## list the targets
 install: ## install sluice with every connector and the dev tools
 	$(PY) -m pip install -e ".[all,dev]"
 
-services: ## start the real services the tests use (Kafka, Postgres, MariaDB, RabbitMQ, Pub/Sub, S3/Kinesis)
+services: ## start the real services the tests use (Kafka, Postgres, MariaDB, RabbitMQ, Pub/Sub, S3 + Kinesis on moto, kinesis-local)
 	bash scripts/services.sh start
 
 stop: ## stop the services

@@ -16,6 +16,7 @@
 #   moto      moto_server (S3, Kinesis, ...)        http://127.0.0.1:5000
 #   mariadb   MariaDB 10.11 (Debian package)        mysql://root@127.0.0.1:53306/sluice
 #   registry  tests/registry_server.py (ours)       http://127.0.0.1:8081 (Confluent schema registry API)
+#   kinesis   kinesis-local (npm, Node)             http://127.0.0.1:4568 (resharding; moto cannot)
 #
 # MariaDB: database `sluice`; root connects over TCP from 127.0.0.1 with no
 # password (like the trust-authenticated postgres superuser). The account and
@@ -35,6 +36,9 @@ PUBSUB_PORT=8085
 MOTO_PORT=5000
 MARIADB_PORT=53306
 REGISTRY_PORT=8081
+KINESIS_PORT=4568
+KINESIS_TLS_PORT=4567
+KINESIS_LOCAL_VERSION=0.6.2
 
 PG_BIN=/usr/lib/postgresql/15/bin
 RABBIT_SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
@@ -44,10 +48,10 @@ MARIADBD=/usr/sbin/mariadbd
 MARIADB_INSTALL_DB=/usr/bin/mariadb-install-db
 MARIADB_CLIENT=/usr/bin/mariadb
 
-SERVICES=(kafka postgres rabbitmq pubsub moto mariadb registry)
+SERVICES=(kafka postgres rabbitmq pubsub moto mariadb registry kinesis)
 
 # Seconds each service may take from launch to answering.
-declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60 [registry]=30)
+declare -A TIMEOUT=([kafka]=30 [postgres]=60 [rabbitmq]=120 [pubsub]=60 [moto]=60 [mariadb]=60 [registry]=30 [kinesis]=60)
 declare -A ENDPOINT=(
   [kafka]=127.0.0.1:$KAFKA_PORT
   [postgres]=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
@@ -56,10 +60,11 @@ declare -A ENDPOINT=(
   [moto]=http://127.0.0.1:$MOTO_PORT
   [mariadb]=mysql://root@127.0.0.1:$MARIADB_PORT/sluice
   [registry]=http://127.0.0.1:$REGISTRY_PORT
+  [kinesis]=http://127.0.0.1:$KINESIS_PORT
 )
 # A substring of /proc/PID/cmdline that tells a recorded PID is still ours.
-declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [registry]=registry_server [epmd]=epmd)
-declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT [registry]=$REGISTRY_PORT)
+declare -A CMDLINE=([kafka]=tansu [postgres]=postgres [rabbitmq]=rabbitmq [pubsub]=pubsub [moto]=moto.server [mariadb]=mariadbd [registry]=registry_server [kinesis]=kinesis-local [epmd]=epmd)
+declare -A PORT=([kafka]=$KAFKA_PORT [postgres]=$PG_PORT [rabbitmq]=$AMQP_PORT [pubsub]=$PUBSUB_PORT [moto]=$MOTO_PORT [mariadb]=$MARIADB_PORT [registry]=$REGISTRY_PORT [kinesis]=$KINESIS_PORT)
 declare -A LAUNCHED_AT=()
 
 die() { echo "services.sh: $*" >&2; exit 1; }
@@ -207,6 +212,14 @@ probe_mariadb() {
         --connect-timeout=3 -N -B -e 'select 1' sluice 2>/dev/null) == 1 ]]
 }
 
+# kinesis-local: ListStreams must answer with its JSON document.
+probe_kinesis() {
+  curl -sf -m 3 -X POST "http://127.0.0.1:$KINESIS_PORT/" \
+    -H 'Content-Type: application/x-amz-json-1.1' -H 'X-Amz-Target: Kinesis_20131202.ListStreams' -H 'X-Amz-Date: 20200101T000000Z' \
+    -H 'Authorization: AWS4-HMAC-SHA256 Credential=test/20200101/us-east-1/kinesis/aws4_request, SignedHeaders=host, Signature=0' \
+    -d '{}' 2>/dev/null | grep -q StreamNames
+}
+
 # ----------------------------------------------------------------- installs
 
 tansu_bin() {
@@ -344,6 +357,28 @@ start_moto() {
   launch moto "$DIR/moto" "$DIR/moto/moto.log" "$exe" -m moto.server -H 127.0.0.1 -p "$MOTO_PORT"
 }
 
+# kinesis-local (kinesis-mock built for Node): installed with npm into its own
+# folder, and run from the package folder (it reads server.json there).
+kinesis_main() { echo "$DIR/kinesis/node_modules/kinesis-local/main.js"; }
+
+install_kinesis() {
+  command -v npm >/dev/null || die "kinesis: npm missing"
+  mkdir -p "$DIR/kinesis"
+  npm install --prefix "$DIR/kinesis" --no-audit --no-fund --silent \
+    "kinesis-local@$KINESIS_LOCAL_VERSION"
+}
+
+start_kinesis() {
+  command -v node >/dev/null || die "kinesis: node missing"
+  [[ -s $(kinesis_main) ]] || die "kinesis: $(kinesis_main) missing (npm install failed?)"
+  # Resharding and stream creation take 500 ms by default: short enough for
+  # tests. The default limit of 50 shards per account is too few for a test run.
+  (export KINESIS_MOCK_PLAIN_PORT=$KINESIS_PORT KINESIS_MOCK_TLS_PORT=$KINESIS_TLS_PORT \
+      AWS_REGION=us-east-1 LOG_LEVEL=WARN SHARD_LIMIT=10000 &&
+    launch kinesis "$(dirname "$(kinesis_main)")" "$DIR/kinesis/kinesis.log" \
+      node "$(kinesis_main)")
+}
+
 start_registry() {
   local exe
   exe=$("$PY" -c 'import sys; print(sys.executable)')
@@ -463,6 +498,12 @@ cmd_start() {
     install_pip >"$DIR/install-pip.log" 2>&1 &
     pip_pid=$!
   fi
+  local npm_pid=''
+  if wanted kinesis && [[ ! -s $(kinesis_main) ]]; then
+    echo "installing kinesis-local@$KINESIS_LOCAL_VERSION with npm"
+    install_kinesis >"$DIR/install-npm.log" 2>&1 &
+    npm_pid=$!
+  fi
   for name in rabbitmq mariadb; do
     if wanted "$name"; then
       pkg=$(apt_package "$name")
@@ -475,12 +516,14 @@ cmd_start() {
     apt_pid=$!
   fi
   # Whether NAME is to start now (wanted and not waiting for its apt install).
-  now_wanted() { wanted "$1" && [[ " ${after_apt[*]} " != *" $1 "* ]]; }
+  now_wanted() {
+    wanted "$1" && [[ " ${after_apt[*]} " != *" $1 "* ]] && { [[ $1 != kinesis || -z $npm_pid ]]; }
+  }
 
   launch_now() { LAUNCHED_AT[$1]=$(now); "start_$1"; booting+=("$1"); }
   local -a booting=()
   # Slowest first.
-  for name in rabbitmq pubsub postgres mariadb registry; do
+  for name in rabbitmq pubsub postgres mariadb registry kinesis; do
     if now_wanted "$name"; then launch_now "$name"; fi
   done
   if [[ -z $pip_pid ]]; then
@@ -491,7 +534,12 @@ cmd_start() {
 
   # Poll everything that boots; launch the rest as soon as its install is done.
   local -a still
-  while ((${#booting[@]})) || [[ -n $pip_pid || -n $apt_pid ]]; do
+  while ((${#booting[@]})) || [[ -n $pip_pid || -n $apt_pid || -n $npm_pid ]]; do
+    if [[ -n $npm_pid ]] && ! alive "$npm_pid"; then
+      wait "$npm_pid" || { tail -n 40 "$DIR/install-npm.log" >&2; die "npm install kinesis-local failed"; }
+      npm_pid=''
+      launch_now kinesis
+    fi
     if [[ -n $pip_pid ]] && ! alive "$pip_pid"; then
       wait "$pip_pid" || { tail -n 40 "$DIR/install-pip.log" >&2; die "pip install failed"; }
       pip_pid=''
@@ -529,7 +577,7 @@ stop_rabbitmq() {
 cmd_stop() {
   local name pid
   local -a stopped=()
-  local -a order=(registry mariadb moto pubsub rabbitmq postgres kafka)
+  local -a order=(kinesis registry mariadb moto pubsub rabbitmq postgres kafka)
   (($#)) && order=("$@")
   for name in "${order[@]}"; do
     if pid=$(running_pid "$name"); then
@@ -572,7 +620,7 @@ cmd_status() {
 }
 
 # `start` / `stop` take optional service names (kafka postgres rabbitmq pubsub
-# moto mariadb registry): tests stop one service to prove sluice rides out an outage.
+# moto mariadb registry kinesis): tests stop one service to prove sluice rides out an outage.
 cmd=${1:-}
 shift || true
 for name in "$@"; do

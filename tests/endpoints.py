@@ -46,3 +46,6 @@ SCHEMA_REGISTRY_URL: Final[str] = os.environ.get(
     "SLUICE_SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"
 )
 """The test schema registry (``tests/registry_server.py``, Confluent REST API)."""
+
+KINESIS_ENDPOINT: Final[str] = os.environ.get("SLUICE_KINESIS_ENDPOINT", "http://127.0.0.1:4568")
+"""kinesis-local (kinesis-mock): Kinesis with resharding (moto keeps writing to a split parent)."""

@@ -198,7 +198,7 @@ def kinesis_to_pg() -> dict[str, Any]:
         source=KinesisConnection(
             name="kinesis",
             region="us-east-1",
-            endpoint="http://127.0.0.1:5000",
+            endpoint="http://127.0.0.1:4568",
             access_key_id="test",
             secret_access_key="${AWS_SECRET_ACCESS_KEY:-test}",
         ),

@@ -1,10 +1,16 @@
-"""GCP Pub/Sub: subscription source and topic target, configuration-only today."""
+"""GCP Pub/Sub: a subscription source (pull, leases, ack last) and a topic target."""
 
 from __future__ import annotations
 
-from sluice.connectors.descriptor import Connector
+from sluice.connectors.descriptor import Capabilities, Connector
 from sluice.connectors.pubsub.spec import PubSubSource, PubSubTarget
 
 CONNECTOR = Connector(
-    name="pubsub", extra="pubsub", sources=(PubSubSource,), targets=(PubSubTarget,)
+    name="pubsub",
+    extra="pubsub",
+    sources=(PubSubSource,),
+    targets=(PubSubTarget,),
+    capabilities=Capabilities(ack_only=True),
+    source="sluice.connectors.pubsub.source:build_source",
+    target="sluice.connectors.pubsub.target:build_target",
 )
