@@ -67,7 +67,7 @@ from sluice.connectors.api import Position
 from sluice.connectors.mysql.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import positions
-from sluice.errors import ConnectorError, PositionsMoved, TransientError
+from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
 
 try:
@@ -617,12 +617,9 @@ class MySQLTarget:
 
     def held_positions(self) -> dict[str, Position]:
         """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
-        try:
-            held = self._ledger.held(self._query)
-            self._require().commit()
-        except pymysql.Error as exc:
-            self._fail(exc)
-        return held
+        return self._ledger.held_committed(
+            self._query, self._require(), (pymysql.Error,), self._fail
+        )
 
     def stage_positions(
         self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
@@ -632,20 +629,9 @@ class MySQLTarget:
 
     def flush(self) -> None:
         """Record the staged positions, then commit the transaction holding
-        every batch written since the last flush and them."""
-        try:
-            conn = self._require()
-            if self._ledger.pending:
-                self._ledger.write(self._query, conn)
-            conn.commit()
-        except pymysql.Error as exc:
-            self._fail(exc)
-        except PositionsMoved:
-            self._ledger.drop()
-            with contextlib.suppress(pymysql.Error):
-                conn.rollback()
-            raise
-        self._ledger.done()
+        every batch written since the last flush and them (see
+        :meth:`~sluice.connectors.sql.positions.Ledger.flush`)."""
+        self._ledger.flush(self._query, self._require(), (pymysql.Error,), self._fail)
 
     def _fail(self, exc: pymysql.Error) -> NoReturn:
         """Classify a failure: a dead connection (or a deadlock) is transient, anything else fatal."""

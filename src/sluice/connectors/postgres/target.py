@@ -45,7 +45,7 @@ from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import positions
 from sluice.connectors.sql.types import pg_type
-from sluice.errors import ConnectorError, PositionsMoved, TransientError
+from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
 
 try:
@@ -318,12 +318,9 @@ class PostgresTarget:
 
     def held_positions(self) -> dict[str, Position]:
         """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
-        try:
-            held = self._ledger.held(self._query)
-            self._require().commit()
-        except adbc_driver_manager.Error as exc:
-            self._fail(exc)
-        return held
+        return self._ledger.held_committed(
+            self._query, self._require(), (adbc_driver_manager.Error,), self._fail
+        )
 
     def stage_positions(
         self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
@@ -333,21 +330,11 @@ class PostgresTarget:
 
     def flush(self) -> None:
         """Record the staged positions, then commit the transaction holding
-        every batch written since the last flush and them."""
-        try:
-            conn = self._require()
-            if self._ledger.pending:
-                self._ledger.write(self._query, conn)
-            conn.commit()
-        except adbc_driver_manager.Error as exc:
-            self._fail(exc)
-        except PositionsMoved:
-            self._ledger.drop()
-            with contextlib.suppress(adbc_driver_manager.Error):
-                conn.rollback()
-                self._reflect()  # DDL of the round rolled back too
-            raise
-        self._ledger.done()
+        every batch written since the last flush and them (see
+        :meth:`~sluice.connectors.sql.positions.Ledger.flush`)."""
+        self._ledger.flush(
+            self._query, self._require(), (adbc_driver_manager.Error,), self._fail, self._reflect
+        )
 
     def _fail(self, exc: Exception) -> NoReturn:
         """Classify a failure: a dead connection is transient, anything else fatal."""

@@ -23,9 +23,10 @@ data row.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 from sluice.connectors.api import Position, Target
 from sluice.errors import PositionsMoved
@@ -35,6 +36,8 @@ TABLE = "_sluice_positions"
 
 #: Runs one statement with parameters on the target's connection; its rows.
 Run = Callable[[str, tuple[Any, ...]], list[tuple[Any, ...]]]
+#: Turns a driver error into sluice's (transient or not) and raises it.
+Fail = Callable[[Any], NoReturn]
 
 
 @runtime_checkable
@@ -194,6 +197,46 @@ class Ledger:
                 + " since this one last read or wrote its positions (a rebalance); "
                 "this round is rolled back and read again"
             )
+
+    def held_committed(
+        self, run: Run, connection: Any, errors: tuple[type[Exception], ...], fail: Fail
+    ) -> dict[str, Position]:
+        """:meth:`held` in its own transaction on a server's ``connection``;
+        a driver error (one of ``errors``) goes to ``fail`` (which raises)."""
+        try:
+            held = self.held(run)
+            connection.commit()
+        except errors as exc:
+            fail(exc)
+        return held
+
+    def flush(
+        self,
+        run: Run,
+        connection: Any,
+        errors: tuple[type[Exception], ...],
+        fail: Fail,
+        rolled_back: Callable[[], None] | None = None,
+    ) -> None:
+        """A server target's flush: record the staged positions, then commit
+        ``connection``'s transaction (the round's rows and them). A driver
+        error goes to ``fail``; on :class:`PositionsMoved` the transaction is
+        rolled back (then ``rolled_back()``: the caller's caches) and the
+        error raised."""
+        try:
+            if self.pending:
+                self.write(run, connection)
+            connection.commit()
+        except errors as exc:
+            fail(exc)
+        except PositionsMoved:
+            self.drop()
+            with contextlib.suppress(*errors):
+                connection.rollback()
+                if rolled_back is not None:
+                    rolled_back()
+            raise
+        self.done()
 
     def drop(self) -> None:
         """The round was rolled back: forget what it staged, and what was
