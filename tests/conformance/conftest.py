@@ -116,7 +116,9 @@ class FilesHarness(SourceHarness):
         self._mtime_s = 1_700_000_000  # whole seconds: exact in st_mtime's float
 
     def new_stream(self) -> str:
-        return unique("conf")
+        stream = unique("conf")
+        (self.root / stream).mkdir(parents=True)  # a missing folder is an error
+        return stream
 
     def source(self, stream: str) -> dict[str, Any]:
         return {"kind": "object_store_local", "path": str(self.root), "format": "json_lines"}
@@ -138,9 +140,67 @@ class FilesHarness(SourceHarness):
         return [mtime_s * 1_000_000] * len(rows)
 
     def produce_bad(self, stream: str) -> bytes:
-        raw = b'{"id": 1, "name": \n'
-        self._write(stream, raw)
+        raw = b'{"id": 1, "name": '
+        self._write(stream, raw + b"\n")
+        return raw  # the record is the line, without its line break
+
+
+class S3FilesHarness(SourceHarness):
+    """S3 (moto) objects (``object_store_s3``): one bucket per session, a fresh
+    prefix per check, one JSON-lines object per produce."""
+
+    name = "object_store_s3"
+    encode = msgspec.json.Encoder().encode
+
+    def __init__(self) -> None:
+        import boto3
+
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoints.AWS_ENDPOINT,
+            aws_access_key_id=endpoints.AWS_ACCESS_KEY_ID,
+            aws_secret_access_key=endpoints.AWS_SECRET_ACCESS_KEY,
+            region_name=endpoints.AWS_REGION,
+        )
+        self.bucket = unique("conf").replace("_", "-")
+        self.client.create_bucket(Bucket=self.bucket)
+        self._objects = 0
+
+    def new_stream(self) -> str:
+        return unique("conf") + "/"
+
+    def source(self, stream: str) -> dict[str, Any]:
+        return {
+            "kind": "object_store_s3",
+            "bucket": self.bucket,
+            "endpoint": endpoints.AWS_ENDPOINT,
+            "region": endpoints.AWS_REGION,
+            "access_key_id": endpoints.AWS_ACCESS_KEY_ID,
+            "secret_access_key": endpoints.AWS_SECRET_ACCESS_KEY,
+            "format": "json_lines",
+        }
+
+    def _put(self, stream: str, body: bytes) -> int:
+        """Put one object; its LastModified as listed, in µs."""
+        self._objects += 1
+        key = f"{stream}{self._objects:05d}.jsonl"
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        (obj,) = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key)["Contents"]
+        return int(obj["LastModified"].timestamp() * 1_000_000)
+
+    def produce(self, stream: str, rows: Sequence[Row]) -> list[int]:
+        mtime_us = self._put(stream, b"".join(self.encode(dict(r)) + b"\n" for r in rows))
+        return [mtime_us] * len(rows)
+
+    def produce_bad(self, stream: str) -> bytes:
+        raw = b'{"id": 1, "name": '
+        self._put(stream, raw + b"\n")
         return raw
+
+
+@pytest.fixture(scope="session")
+def s3_files_harness() -> S3FilesHarness:
+    return S3FilesHarness()
 
 
 @pytest.fixture(scope="session")

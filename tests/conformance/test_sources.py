@@ -1,11 +1,13 @@
-"""The source conformance suite over Kafka and local files, against the real services."""
+"""The source conformance suite over Kafka, local files and S3 objects, against the real services."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from sluice.testing import SOURCE_CHECKS, Check, SourceHarness
-from tests.conformance.conftest import FilesHarness, KafkaHarness, cases
+from tests.conformance.conftest import FilesHarness, KafkaHarness, S3FilesHarness, cases
 
 pytestmark = pytest.mark.integration
 
@@ -18,3 +20,14 @@ def test_kafka(check: Check[SourceHarness], kafka_harness: KafkaHarness) -> None
 @pytest.mark.parametrize("check", cases(SOURCE_CHECKS))
 def test_object_store_local(check: Check[SourceHarness], files_harness: FilesHarness) -> None:
     check(files_harness)
+
+
+@pytest.mark.parametrize("check", cases(SOURCE_CHECKS))
+def test_object_store_s3(
+    check: Check[SourceHarness],
+    s3_files_harness: S3FilesHarness,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path / "state"))
+    check(s3_files_harness)

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any, Union
 from sluice.connectors import (
     delta,
     duckdb,
-    files,
     kafka,
     kinesis,
     mysql,
-    object_store_s3,
+    object_store,
     postgres,
     pubsub,
     rabbitmq,
@@ -53,8 +52,7 @@ BUILTIN: tuple[Connector, ...] = (
     pubsub.CONNECTOR,
     kinesis.CONNECTOR,
     delta.CONNECTOR,
-    files.CONNECTOR,
-    object_store_s3.CONNECTOR,
+    object_store.CONNECTOR,
 )
 
 _connectors: list[Connector] = list(BUILTIN)
