@@ -262,8 +262,9 @@ class Csv:
         tables: list[pa.Table] = []
         rows: list[int] = []
         bad: list[tuple[int, str]] = []
-        self._bisect([lines.line(i) for i in range(len(lines))], list(range(len(lines))),
-                     tables, rows, bad)
+        self._bisect(
+            [lines.line(i) for i in range(len(lines))], list(range(len(lines))), tables, rows, bad
+        )
         bad.sort()
         if not tables:
             return Decoded(pa.table({}), bad, rows)

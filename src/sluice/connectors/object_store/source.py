@@ -210,6 +210,7 @@ class _Text:
             _skip(self._stream, start)
         self._read_to = start  # stream offset read so far
         self._lines: int | None = 0 if start == 0 else None  # line breaks before self.pos
+        self.needs_header = start == 0  # (CSV) the header line is still ahead
 
     def close(self) -> None:
         self._stream.close()
@@ -227,20 +228,31 @@ class _Text:
             self._eof = True
         return bytes(data)
 
+    @property
+    def finished(self) -> bool:
+        """Whether every byte of the file (as listed) was handed out."""
+        return self._eof and not self._carry and not self._discarding
+
+    @property
+    def lines(self) -> int | None:
+        """Line breaks before :attr:`pos` (``None``: not counted, resumed mid-file)."""
+        return self._lines
+
     def _growing(self) -> bool:
         """Whether the file is longer now than when it was listed (being appended to)."""
         return self._limit >= 0 and self._raw.size() > self._limit
 
-    def header(self, max_record: int) -> bytes | None:
+    def header(self, max_record: int, comment: int | None) -> bytes | None:
         """The file's first line (from a fresh reader when resuming mid-file)."""
         if self.pos == 0:
             return None
         reader = _Text(self.store, self.entry, self.compression, 0)
         try:
-            got = reader.chunk(1 << 16, 1, max_record)
-            if got is None or not got[0]:
-                return None
-            return got[0].split(b"\n", 1)[0].rstrip(b"\r")
+            while (got := reader.chunk(1 << 16, 1000, max_record)) is not None:
+                lines = split_lines(got[0], comment)
+                if len(lines):
+                    return lines.line(0)
+            return None
         finally:
             reader.close()
 
@@ -290,8 +302,12 @@ class _Text:
             if last < 0 and not self._eof:
                 if len(buf) > max_record:
                     bad.append(
-                        _Bad(base, buf[:_HEAD_BYTES], f"line longer than {max_record} bytes "
-                             "(max_record_bytes); its first 64 KiB kept")
+                        _Bad(
+                            base,
+                            buf[:_HEAD_BYTES],
+                            f"line longer than {max_record} bytes "
+                            "(max_record_bytes); its first 64 KiB kept",
+                        )
                     )
                     self._discarding = True
                     self.pos += len(buf)
@@ -550,7 +566,7 @@ class ObjectStoreSource:
                 self._text = _Text(self.store, entry, compression, start)
                 decoder = self._decoder(fmt)
                 if decoder.has_header and start > 0:
-                    decoder.header(self._text.header(self.spec.max_record_bytes))
+                    decoder.header(self._text.header(self.spec.max_record_bytes, decoder.comment))
             else:
                 self._columnar = _Columnar(self.store, entry, fmt, start, self._max_rows)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -573,8 +589,15 @@ class ObjectStoreSource:
         file's position moves to ``end``."""
         position: Position = {entry.key: end}
         self._read.update(position)
-        raw = _Records(entry.key, self._label(entry.key), entry.mtime_us // 1000, None, 0,
-                       None, [_Bad(offset, None, why)])
+        raw = _Records(
+            entry.key,
+            self._label(entry.key),
+            entry.mtime_us // 1000,
+            None,
+            0,
+            None,
+            [_Bad(offset, None, why)],
+        )
         return Batch(
             self.id,
             pa.table({}),
@@ -613,25 +636,22 @@ class ObjectStoreSource:
         fmt, compression = file_format(entry.key, self.spec.format) or ("json_lines", None)
         decoder = self._decoder(fmt)
         limits = (self.spec.max_batch_bytes, self._max_rows, self.spec.max_record_bytes)
-        lines_known = reader._lines
+        lines_known = reader.lines
         got = reader.chunk(*limits)
-        if got is not None and decoder.has_header and got[1] == 0 and got[0]:
-            # The header line opens the file: take it, read on.
-            head, _, rest = got[0].partition(b"\n")
-            decoder.header(head.rstrip(b"\r"))
-            base = len(head) + 1
-            lines_known = 1
-            got = (rest, base, got[2]) if rest else reader.chunk(*limits)
         if got is None:
             end = reader.pos if compression is None else FINISHED + entry.size
-            position = self._finish(entry, end)
-            return Batch(self.id, pa.table({}), position, position=position,
-                         partitions=(self.id,))
+            done = self._finish(entry, end)
+            return Batch(self.id, pa.table({}), done, position=done, partitions=(self.id,))
         chunk, base, dropped = got
         lines = split_lines(chunk, getattr(decoder, "comment", None))
+        if decoder.has_header and reader.needs_header and len(lines):
+            # The file's first record line is its header: take it, read on.
+            decoder.header(lines.line(0))
+            reader.needs_header = False
+            lines = Lines(chunk, lines.starts[1:], lines.ends[1:])
         decoded = decoder.decode(lines)
         pos = reader.pos
-        finished = reader._eof and not reader._carry and not reader._discarding
+        finished = reader.finished
         if finished and compression is not None:
             pos = FINISHED + entry.size
         position: Position = {entry.key: pos}
@@ -654,8 +674,15 @@ class ObjectStoreSource:
         bad_records = [
             _Bad(b.offset, b.payload, f"line {line_of(b.offset)}: {b.reason}") for b in dropped
         ]
-        raw = _Records(entry.key, self._label(entry.key), entry.mtime_us // 1000, lines, base,
-                       line_of, bad_records)
+        raw = _Records(
+            entry.key,
+            self._label(entry.key),
+            entry.mtime_us // 1000,
+            lines,
+            base,
+            line_of,
+            bad_records,
+        )
         n = len(lines)
         bad = [(i, f"line {line_of(raw.offset(i))}: {why}") for i, why in decoded.bad]
         bad.extend((n + j, b.reason) for j, b in enumerate(bad_records))
@@ -679,8 +706,7 @@ class ObjectStoreSource:
         batch = reader.next()
         if batch is None:
             position = self._finish(entry, FINISHED + entry.size)
-            return Batch(self.id, pa.table({}), position, position=position,
-                         partitions=(self.id,))
+            return Batch(self.id, pa.table({}), position, position=position, partitions=(self.id,))
         try:
             table = self._conform(pa.Table.from_batches([batch]))
         except _Misfit as exc:
@@ -717,9 +743,7 @@ class ObjectStoreSource:
             if pa.types.is_integer(have) and pa.types.is_floating(f.type):
                 schema = schema.set(i, pa.field(f.name, pa.float64()))
             elif not _fits(f.type, have):
-                raise _Misfit(
-                    f"column {f.name!r} is {f.type}, the stream's schema has {have}"
-                )
+                raise _Misfit(f"column {f.name!r} is {f.type}, the stream's schema has {have}")
         self._schema = schema
         columns = []
         for f in schema:
@@ -739,13 +763,15 @@ def _fits(got: pa.DataType, have: pa.DataType) -> bool:
     """Whether values of ``got`` cast to ``have`` without loss of meaning
     (a narrower integer or float, a string / binary of another width)."""
     t = pa.types
-    if t.is_integer(got) and t.is_integer(have):
+    if t.is_integer(got) and (t.is_integer(have) or t.is_floating(have)):
         return True
     if t.is_floating(got) and t.is_floating(have):
         return True
-    if (t.is_string(got) or t.is_large_string(got)) and (t.is_string(have) or t.is_large_string(have)):
+    if (t.is_string(got) or t.is_large_string(got)) and (
+        t.is_string(have) or t.is_large_string(have)
+    ):
         return True
-    return t.is_timestamp(got) and t.is_timestamp(have)
+    return bool(t.is_timestamp(got) and t.is_timestamp(have))
 
 
 def build_source(spec: ObjectStoreSourceSpec, ctx: Context) -> ObjectStoreSource:

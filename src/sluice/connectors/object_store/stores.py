@@ -137,7 +137,9 @@ class S3Store:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise ConnectorError(f"object_store_s3: bucket {self.bucket!r} does not exist") from exc
+                raise ConnectorError(
+                    f"object_store_s3: bucket {self.bucket!r} does not exist"
+                ) from exc
             raise ConnectorError(f"object_store_s3: bucket {self.bucket!r}: {exc}") from exc
         except BotoCoreError as exc:
             raise TransientError(f"object_store_s3: {exc}") from exc
