@@ -47,7 +47,7 @@ CONNECTOR = Connector(
     extra="delta",
     sources=(DeltaLocalSource, DeltaS3Source),
     targets=(DeltaLocalTarget, DeltaS3Target),
-    capabilities=Capabilities(table=True, merge=True, cdc=True),
+    capabilities=Capabilities(table=True, merge=True, cdc=True, transactional_positions=True),
     target="sluice.connectors.delta.target:build_target",
     cdc_target="sluice.connectors.delta.target:DeltaCdcTarget",
     target_rules=(_merge_needs_key,),
