@@ -13,8 +13,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
-
-from sluice.connectors.delta.target import app_id
 from tests import endpoints
 from tests.integration.conftest import (
     Flow,
@@ -24,6 +22,8 @@ from tests.integration.conftest import (
     unique,
     wait_until,
 )
+
+from sluice.connectors.delta.target import app_id
 
 pytestmark = pytest.mark.integration
 

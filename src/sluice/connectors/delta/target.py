@@ -168,13 +168,12 @@ def _crash_hook() -> None:
     limit = os.environ.get("SLUICE_TEST_KILL_AFTER_DELTA_COMMITS")
     if not limit:
         return
-    global _commits
-    _commits += 1
-    if _commits >= int(limit):
+    _commits.append(1)
+    if len(_commits) >= int(limit):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-_commits = 0
+_commits: list[int] = []  # one entry per Delta commit of this process (the hook counts them)
 
 
 class DeltaTarget:
