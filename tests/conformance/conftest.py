@@ -9,6 +9,7 @@ fails the tests.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -29,7 +30,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from sluice.testing import CdcTargetHarness, Check, SourceHarness, unique
+from sluice.testing import CdcTargetHarness, Check, SourceHarness, TargetHarness, unique
 from sluice.testing.harness import Row
 from tests import endpoints
 
@@ -453,6 +454,169 @@ class DeltaLocalHarness(CdcTargetHarness):
         # DeltaTable.scan, not to_pyarrow_dataset: a pyarrow dataset over
         # deltalake makes the process abort at exit.
         return pa.table(delta.scan())
+
+
+S3_DELTA_OPTIONS = {
+    "AWS_ENDPOINT_URL": endpoints.AWS_ENDPOINT,
+    "AWS_ACCESS_KEY_ID": endpoints.AWS_ACCESS_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": endpoints.AWS_SECRET_ACCESS_KEY,
+    "AWS_REGION": endpoints.AWS_REGION,
+    "AWS_ALLOW_HTTP": "true",
+}
+S3_KEYS = {
+    "endpoint": endpoints.AWS_ENDPOINT,
+    "region": endpoints.AWS_REGION,
+    "access_key_id": endpoints.AWS_ACCESS_KEY_ID,
+    "secret_access_key": endpoints.AWS_SECRET_ACCESS_KEY,
+}
+
+
+def _bucket() -> str:
+    import boto3
+
+    name = unique("conf").replace("_", "-")
+    boto3.client(
+        "s3",
+        endpoint_url=endpoints.AWS_ENDPOINT,
+        aws_access_key_id=endpoints.AWS_ACCESS_KEY_ID,
+        aws_secret_access_key=endpoints.AWS_SECRET_ACCESS_KEY,
+        region_name=endpoints.AWS_REGION,
+    ).create_bucket(Bucket=name)
+    return name
+
+
+class DeltaS3Harness(CdcTargetHarness):
+    """Delta on S3 (moto): one bucket per session, one table prefix per check."""
+
+    name = "delta_s3"
+    has_connection = False  # no connection held between requests
+
+    def __init__(self) -> None:
+        self.bucket = _bucket()
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "kind": "delta_s3",
+            "bucket": self.bucket,
+            "prefix": table,
+            "mode": mode,
+            **S3_KEYS,
+        }
+        if key:
+            spec["table"] = {"primary_key": list(key)}
+        return spec
+
+    def read_back(self, table: str) -> pa.Table | None:
+        try:
+            delta = DeltaTable(f"s3://{self.bucket}/{table}", storage_options=S3_DELTA_OPTIONS)
+        except TableNotFoundError:
+            return None
+        return pa.table(delta.scan())
+
+
+class ObjectStoreHarness(TargetHarness):
+    """Files under a prefix (local folder or S3 bucket): one prefix per check.
+    Reads back the files the newest manifest lists (the committed ones)."""
+
+    has_connection = False
+
+    def __init__(self, kind: str, fmt: str, root: Path | None = None) -> None:
+        self.name = f"{kind}:{fmt}"
+        self.kind = kind
+        self.format = fmt
+        self.root = root
+        if kind == "object_store_s3":
+            import pyarrow.fs as pafs
+
+            self.bucket = _bucket()
+            self.fs: Any = pafs.S3FileSystem(
+                endpoint_override=endpoints.AWS_ENDPOINT,
+                access_key=endpoints.AWS_ACCESS_KEY_ID,
+                secret_key=endpoints.AWS_SECRET_ACCESS_KEY,
+                region=endpoints.AWS_REGION,
+            )
+            self.base = self.bucket
+        else:
+            import pyarrow.fs as pafs
+
+            assert root is not None
+            self.fs = pafs.LocalFileSystem()
+            self.base = root.as_posix()
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {"kind": self.kind, "format": self.format, "prefix": table}
+        if self.kind == "object_store_s3":
+            spec.update(bucket=self.bucket, **S3_KEYS)
+        else:
+            spec["path"] = self.base
+        return spec
+
+    def read_back(self, table: str) -> pa.Table | None:
+        import pyarrow.csv as pacsv
+        import pyarrow.fs as pafs
+        import pyarrow.json as pajson
+        import pyarrow.parquet as pq
+
+        folder = f"{self.base}/{table}/_sluice"
+        infos = self.fs.get_file_info(
+            pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+        )
+        manifests = sorted(i.path for i in infos if i.path.endswith(".json"))
+        if not manifests:
+            return None
+        with self.fs.open_input_stream(manifests[-1]) as f:
+            newest = json.loads(f.read())
+        files = []
+        for m in manifests:  # every committed flush (older manifests may be gone)
+            with self.fs.open_input_stream(m) as f:
+                files.extend(json.loads(f.read())["files"])
+        committed = {p for p in files}
+        listed = self.fs.get_file_info(
+            pafs.FileSelector(f"{self.base}/{table}", recursive=True, allow_not_found=True)
+        )
+        seq = int(newest["seq"])
+        parts = []
+        for info in listed:
+            name = info.path.rsplit("/", 1)[-1]
+            if not name.startswith("part-"):
+                continue
+            # files of committed flushes only: seq at most the newest manifest's
+            if int(name.split("-")[2]) > seq and info.path not in committed:
+                continue
+            with self.fs.open_input_file(info.path) as f:
+                if self.format == "parquet":
+                    parts.append(pq.read_table(f))
+                elif self.format == "csv":
+                    parts.append(pacsv.read_csv(f))
+                else:
+                    parts.append(pajson.read_json(f))
+        if not parts:
+            return pa.table({})
+        return pa.concat_tables(parts, promote_options="permissive")
+
+
+@pytest.fixture(scope="session")
+def delta_s3_harness() -> DeltaS3Harness:
+    return DeltaS3Harness()
+
+
+@pytest.fixture
+def object_store_local_harness(tmp_path: Path) -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_local", "parquet", tmp_path)
+
+
+@pytest.fixture
+def object_store_local_csv_harness(tmp_path: Path) -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_local", "csv", tmp_path)
+
+
+@pytest.fixture(scope="session")
+def object_store_s3_harness() -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_s3", "json_lines")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
   :class:`MemoryTarget`, and :class:`FlakyTarget` to inject transient failures.
 * Conformance suites, written once and run by every connector against its
   real system: :data:`SOURCE_CHECKS`, :data:`TARGET_CHECKS`,
-  :data:`CDC_CHECKS`, each a tuple of named :class:`Check` s that take a
+  :data:`CDC_CHECKS` (and :data:`APPEND_TARGET_CHECKS` for targets without
+  merge, :data:`POSITIONS_CHECKS` for targets recording positions), each a tuple of named :class:`Check` s that take a
   harness (:class:`SourceHarness`, :class:`TargetHarness`,
   :class:`CdcTargetHarness`). Run them one per test (pytest
   ``parametrize`` over the tuple) or all at once with :func:`run_all`.
@@ -20,10 +21,17 @@ from sluice.testing.harness import (
 )
 from sluice.testing.memory import FlakyTarget, MemorySource, MemoryStream, MemoryTarget
 from sluice.testing.sources import SOURCE_CHECKS
-from sluice.testing.targets import CDC_CHECKS, TARGET_CHECKS
+from sluice.testing.targets import (
+    APPEND_TARGET_CHECKS,
+    CDC_CHECKS,
+    POSITIONS_CHECKS,
+    TARGET_CHECKS,
+)
 
 __all__ = [
+    "APPEND_TARGET_CHECKS",
     "CDC_CHECKS",
+    "POSITIONS_CHECKS",
     "SOURCE_CHECKS",
     "TARGET_CHECKS",
     "CdcTargetHarness",

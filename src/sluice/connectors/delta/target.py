@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
+from sluice import faults
 from sluice.config.spec import CdcSpec
 from sluice.connectors.api import Position
 from sluice.connectors.cdc_apply import (
@@ -160,20 +159,6 @@ _RECENT_COMMITS = 50
 def app_id(pipeline: str, source: str, partition: str) -> str:
     """The Delta app-transaction id of one source partition of a pipeline."""
     return f"sluice/{pipeline}/{source}/{partition}"
-
-
-def _crash_hook() -> None:
-    """Tests only: ``SLUICE_TEST_KILL_AFTER_DELTA_COMMITS=N`` SIGKILLs the process
-    right after its N-th Delta commit, between that commit and the source's."""
-    limit = os.environ.get("SLUICE_TEST_KILL_AFTER_DELTA_COMMITS")
-    if not limit:
-        return
-    _commits.append(1)
-    if len(_commits) >= int(limit):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_commits: list[int] = []  # one entry per Delta commit of this process (the hook counts them)
 
 
 class DeltaTarget:
@@ -301,7 +286,7 @@ class DeltaTarget:
         for source, parts in self._staged.items():
             self._held.setdefault(source, {}).update(parts)
         self._staged = {}
-        _crash_hook()
+        faults.reached("DELTA_COMMITS")  # crash tests: between this commit and the source's
 
     def _table(self) -> DeltaTable | None:
         try:

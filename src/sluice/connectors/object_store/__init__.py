@@ -1,5 +1,6 @@
 """Object stores (local folders and S3): a new-files source streaming each file
-in bounded batches; the file targets are configuration-only today."""
+in bounded batches, and a file target committing each flush with a manifest
+that holds the source positions."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ CONNECTOR = Connector(
     extra="aws",
     sources=(ObjectStoreLocalSource, ObjectStoreS3Source),
     targets=(ObjectStoreLocalTarget, ObjectStoreS3Target),
-    # Positions are per file (byte / record offset): a reopened source resumes mid-file.
-    capabilities=Capabilities(seekable=True),
+    # Source: positions are per file (byte / record offset), a reopened source
+    # resumes mid-file. Target: positions commit in the flush's manifest.
+    capabilities=Capabilities(seekable=True, transactional_positions=True),
     source="sluice.connectors.object_store.source:build_source",
+    target="sluice.connectors.object_store.target:build_target",
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+import msgspec
+
 from sluice.config.base import NonEmptyStr, PositiveInt, SourceSpec, Spec, TargetSpec, doc
 
 FileFormat = Literal["parquet", "csv", "json_lines", "jsonl", "orc"]
@@ -105,6 +107,13 @@ class ObjectStoreTargetSpec(TargetSpec, frozen=True, kw_only=True):
     csv_escape: Annotated[str | None, doc("one ASCII char (default: doubled quote)")] = None
     csv_null_value: Annotated[str | None, doc("how null cells render (default '')")] = None
     read_options: Annotated[ReadOptions | None, doc("how files written here are read back")] = None
+    partition_by: Annotated[
+        list[NonEmptyStr], doc("(ours) columns that make hive folders (col=value/)")
+    ] = msgspec.field(default_factory=list)
+    max_file_rows: Annotated[PositiveInt, doc("(ours) most rows in one file")] = 1_000_000
+    max_file_bytes: Annotated[PositiveInt, doc("(ours) most bytes (of Arrow data) in one file")] = (
+        256 << 20
+    )
 
 
 class ObjectStoreLocalTarget(
