@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
-from sluice.connectors.api import Batch, Position, RawRecord
+from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
 from sluice.connectors.object_store.decode import Csv, JsonLines, Lines, split_lines
 from sluice.connectors.object_store.spec import ObjectStoreS3Source, ObjectStoreSourceSpec
 from sluice.connectors.object_store.stores import Entry, LocalStore, S3Store, Store
@@ -91,6 +91,8 @@ _EXTENSIONS = {
     ".json": "json_lines",
     ".orc": "orc",
 }
+#: The rows of a batch that has none (a file's end, a report).
+_EMPTY = pa.table({EVENT_TS: pa.array([], EVENT_TS_TYPE)})
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
 
 
@@ -600,7 +602,7 @@ class ObjectStoreSource:
         )
         return Batch(
             self.id,
-            pa.table({}),
+            _EMPTY,
             position,
             position=position,
             raw_count=1,
@@ -641,7 +643,7 @@ class ObjectStoreSource:
         if got is None:
             end = reader.pos if compression is None else FINISHED + entry.size
             done = self._finish(entry, end)
-            return Batch(self.id, pa.table({}), done, position=done, partitions=(self.id,))
+            return Batch(self.id, _EMPTY, done, position=done, partitions=(self.id,))
         chunk, base, dropped = got
         lines = split_lines(chunk, getattr(decoder, "comment", None))
         if decoder.has_header and reader.needs_header and len(lines):
@@ -686,9 +688,7 @@ class ObjectStoreSource:
         n = len(lines)
         bad = [(i, f"line {line_of(raw.offset(i))}: {why}") for i, why in decoded.bad]
         bad.extend((n + j, b.reason) for j, b in enumerate(bad_records))
-        table = decoded.table
-        if table.num_rows or not bad:
-            table = with_event_ts(table, entry.mtime_us)
+        table = with_event_ts(decoded.table, entry.mtime_us)
         return Batch(
             self.id,
             table,
@@ -706,7 +706,7 @@ class ObjectStoreSource:
         batch = reader.next()
         if batch is None:
             position = self._finish(entry, FINISHED + entry.size)
-            return Batch(self.id, pa.table({}), position, position=position, partitions=(self.id,))
+            return Batch(self.id, _EMPTY, position, position=position, partitions=(self.id,))
         try:
             table = self._conform(pa.Table.from_batches([batch]))
         except _Misfit as exc:
