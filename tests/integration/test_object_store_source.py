@@ -292,3 +292,51 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "SLUICE_STATE_DIR"}
+
+
+@pytest.mark.slow
+def test_a_1_gb_file_streams_through_flow_consume_under_300_mb(tmp_path: Path) -> None:
+    """`flow consume` of a 1 GB JSON-lines file into Parquet files: peak RSS < 300 MB."""
+    import os
+    import time
+
+    folder = tmp_path / "files"
+    (folder / "in").mkdir(parents=True)
+    line = enc({"id": 0, "name": "x" * 100, "amount": 1.5}) + b"\n"
+    block = line * 10_000
+    with (folder / "in" / "big.jsonl").open("wb") as fh:
+        for _ in range((1 << 30) // len(block)):
+            fh.write(block)
+    config = tmp_path / "p.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            pipeline_name = "big"
+            source_query = "in"
+            [source]
+            kind = "object_store_local"
+            path = "{folder}"
+            [target]
+            kind = "object_store_local"
+            path = "{tmp_path / "out"}"
+            format = "parquet"
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluice", "consume", str(config), "--stop-after-idle-ms", "500"],
+        env={**_env(), "SLUICE_STATE_DIR": str(tmp_path / "st")},
+    )
+    peak_kb = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as status:
+                for row in status:
+                    if row.startswith("VmHWM:"):
+                        peak_kb = max(peak_kb, int(row.split()[1]))
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    assert proc.wait() == 0
+    assert peak_kb < 300 * 1024, f"peak RSS {peak_kb // 1024} MB"
+    assert os.path.exists(tmp_path / "out" / "_sluice" / "big")
