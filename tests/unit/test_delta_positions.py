@@ -108,3 +108,59 @@ def test_merge_commits_positions_in_its_one_commit(tmp_path: Path) -> None:
         {"id": 2, "v": "B"},
         {"id": 3, "v": "c"},
     ]
+
+
+def deferring(path: Path, extra: str) -> DeltaTarget:
+    spec = load_text(
+        f"""
+pipeline_name = "p"
+source_query = "t"
+[source]
+kind = "kafka"
+bootstrap_servers = "127.0.0.1:1"
+[target]
+kind = "delta_local"
+path = "{path}"
+{extra}
+"""
+    )
+    assert spec.target is not None
+    t = build_target(spec.target, Context(spec), 0)
+    assert isinstance(t, DeltaTarget)
+    return t
+
+
+def test_flush_rows_defers_commits_that_carry_positions(tmp_path: Path) -> None:
+    from sluice.connectors.sql.positions import DefersCommits
+
+    t = deferring(tmp_path / "t", "flush_rows = 3")
+    assert isinstance(t, DefersCommits)
+    t.open()
+    t.stage_positions({"s": {"s:0": 2}})
+    t.write(pa.table({"id": [1, 2]}))
+    t.flush()
+    assert t.deferred and not (tmp_path / "t" / "_delta_log").exists()
+    t.close()  # a failed commit's retry closes and reopens: what was taken stays
+    t.open()
+    t.stage_positions({"s": {"s:0": 4}})
+    t.write(pa.table({"id": [3, 4]}))
+    t.flush()  # 4 rows wait: due
+    assert not t.deferred
+    table = DeltaTable(str(tmp_path / "t"))
+    assert table.version() == 0 and table.transaction_version(app_id("p", "s", "s:0")) == 4
+    t.stage_positions({"s": {"s:0": 5}})
+    t.write(pa.table({"id": [5]}))
+    t.flush()
+    assert t.deferred
+    t.commit_deferred(force=False)
+    assert t.deferred  # not due yet
+    t.commit_deferred(force=True)  # the run stops
+    assert pa.table(DeltaTable(str(tmp_path / "t")).scan()).num_rows == 5
+
+
+def test_without_positions_every_flush_commits(tmp_path: Path) -> None:
+    t = deferring(tmp_path / "t", "flush_interval_ms = 3600000")
+    t.open()
+    t.write(pa.table({"id": [1]}))
+    t.flush()  # no positions staged (a window pipeline's hold-back): commit now
+    assert not t.deferred and DeltaTable(str(tmp_path / "t")).version() == 0

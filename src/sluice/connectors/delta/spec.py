@@ -6,7 +6,15 @@ from typing import Annotated
 
 import msgspec
 
-from sluice.config.base import NonEmptyStr, SourceSpec, TableSpec, TargetSpec, WriteMode, doc
+from sluice.config.base import (
+    NonEmptyStr,
+    PositiveInt,
+    SourceSpec,
+    TableSpec,
+    TargetSpec,
+    WriteMode,
+    doc,
+)
 
 
 class DeltaLocalSource(SourceSpec, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
@@ -45,6 +53,12 @@ class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", frozen=T
     )
     table: Annotated[DeltaTable | None, doc("key declaration for merge / CDC")] = None
     mode: Annotated[WriteMode, doc("(ours) append, merge, scd2, truncate")] = "append"
+    flush_rows: Annotated[
+        PositiveInt | None, doc("(ours) commit once this many rows wait (default: every batch)")
+    ] = None
+    flush_interval_ms: Annotated[
+        PositiveInt | None, doc("(ours) commit at least this often (default: every batch)")
+    ] = None
 
 
 class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
@@ -61,3 +75,9 @@ class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", frozen=True, k
     )
     table: Annotated[DeltaTable | None, doc("key declaration for merge / CDC")] = None
     mode: Annotated[WriteMode, doc("(ours) append, merge, scd2, truncate")] = "append"
+    flush_rows: Annotated[
+        PositiveInt | None, doc("(ours) commit once this many rows wait (default: every batch)")
+    ] = None
+    flush_interval_ms: Annotated[
+        PositiveInt | None, doc("(ours) commit at least this often (default: every batch)")
+    ] = None

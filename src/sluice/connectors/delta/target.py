@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -173,7 +174,10 @@ class DeltaTarget:
     read back with :meth:`DeltaTable.transaction_version`. A round without
     rows commits its positions alone (a commit with no files). A flush whose
     staged positions are all at or below the ones the table holds is a replay
-    of rows already committed: skipped. Text positions (no Delta
+    of rows already committed: skipped. With ``flush_rows`` /
+    ``flush_interval_ms`` a flush that carries positions is kept for a later
+    commit (:class:`~sluice.connectors.sql.positions.DefersCommits`: the
+    sources are acknowledged only after it). Text positions (no Delta
     transaction can hold them) are not recorded: those sources resume from
     their own commits (at least once).
     """
@@ -184,9 +188,15 @@ class DeltaTarget:
         self.id = f"{spec.kind}:{self.uri}"
         self.key = list(spec.table.primary_key or []) if spec.table else []
         self.pipeline = ctx.pipeline.pipeline_name
-        self._pending: list[pa.Table] = []
-        self._staged: dict[str, Position] = {}
+        self._pending: list[pa.Table] = []  # written since the last flush
+        self._staged: dict[str, Position] = {}  # positions staged since the last flush
+        # Taken by a flush, not committed yet (deferred): kept across close / open,
+        # so a retry after a failed commit commits them.
+        self._rows: list[pa.Table] = []
+        self._accepted: dict[str, Position] = {}
         self._held: dict[str, Position] = {}  # what the table holds (loaded, then as committed)
+        self._defer = spec.flush_rows is not None or spec.flush_interval_ms is not None
+        self._last_commit = time.monotonic()
         if spec.mode not in ("append", "merge"):
             raise ConnectorError(
                 f"mode '{spec.mode}' on a streaming Delta target is not implemented yet "
@@ -258,7 +268,7 @@ class DeltaTarget:
 
     def _replayed(self) -> bool:
         """Whether every staged position is at or below what the table holds."""
-        staged = [(s, p, v) for s, parts in self._staged.items() for p, v in parts.items()]
+        staged = [(s, p, v) for s, parts in self._accepted.items() for p, v in parts.items()]
         return bool(staged) and all(
             isinstance(v, int)
             and isinstance(held := self._held.get(s, {}).get(p), int)
@@ -267,25 +277,26 @@ class DeltaTarget:
         )
 
     def _commit_properties(self) -> CommitProperties | None:
-        if not self._staged:
+        if not self._accepted:
             return None
         merged = {s: dict(p) for s, p in self._held.items()}
-        for source, parts in self._staged.items():
+        for source, parts in self._accepted.items():
             merged.setdefault(source, {}).update(parts)
         return CommitProperties(
             custom_metadata={POSITIONS_KEY + self.pipeline: json.dumps(merged)},
             app_transactions=[
                 Transaction(app_id(self.pipeline, s, p), v)
-                for s, parts in self._staged.items()
+                for s, parts in self._accepted.items()
                 for p, v in parts.items()
                 if isinstance(v, int)
             ],
         )
 
     def _committed(self) -> None:
-        for source, parts in self._staged.items():
+        for source, parts in self._accepted.items():
             self._held.setdefault(source, {}).update(parts)
-        self._staged = {}
+        self._accepted = {}
+        self._last_commit = time.monotonic()
         faults.reached("DELTA_COMMITS")  # crash tests: between this commit and the source's
 
     def _table(self) -> DeltaTable | None:
@@ -305,27 +316,59 @@ class DeltaTarget:
             self._pending.append(data.select(names))
 
     def flush(self) -> None:
-        """Commit what was written since the last flush, with the staged
-        positions, as one Delta commit (positions alone when no rows came)."""
-        if not self._pending and not self._staged:
+        """Take what was written since the last flush, with the staged
+        positions, and commit it as one Delta commit (positions alone when no
+        rows came) — or, with ``flush_rows`` / ``flush_interval_ms`` and
+        positions staged, keep it for :meth:`commit_deferred` until due."""
+        self._rows.extend(self._pending)
+        for source, parts in self._staged.items():
+            self._accepted.setdefault(source, {}).update(parts)
+        defer = bool(self._staged) and self._defer
+        self._pending, self._staged = [], {}
+        if not defer or self._due():
+            self._commit()
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows or positions taken by a flush wait for their commit."""
+        return bool(self._rows or self._accepted)
+
+    def commit_deferred(self, force: bool) -> None:
+        """Commit what waits when ``flush_rows`` / ``flush_interval_ms`` say so, or ``force``."""
+        if self.deferred and (force or self._due()):
+            self._commit()
+
+    def _due(self) -> bool:
+        rows = sum(t.num_rows for t in self._rows)
+        flush_rows = self.spec.flush_rows
+        interval_ms = self.spec.flush_interval_ms
+        if flush_rows is not None and rows >= flush_rows:
+            return True
+        return (
+            interval_ms is not None and (time.monotonic() - self._last_commit) * 1000 >= interval_ms
+        )
+
+    def _commit(self) -> None:
+        """One Delta commit of the taken rows and positions."""
+        if not self._rows and not self._accepted:
             return
         if self._replayed():
             log.warning(
                 "%s: skipping a replayed batch: the table holds its positions already", self.id
             )
-            self._pending, self._staged = [], {}
+            self._rows, self._accepted = [], {}
             return
         props = self._commit_properties()
         try:
             table = self._table()
-            if not self._pending:
+            if not self._rows:
                 if table is not None and props is not None:
                     table.create_write_transaction(
                         [], mode="append", schema=table.schema(), commit_properties=props
                     )
                 self._committed()
                 return
-            data = pa.concat_tables(self._pending, promote_options="permissive")
+            data = pa.concat_tables(self._rows, promote_options="permissive")
             if self.spec.mode == "merge":  # the last row of a key wins, also when creating
                 data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
                 data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
@@ -343,7 +386,7 @@ class DeltaTarget:
                 )
         except (DeltaError, OSError) as exc:
             raise _fail(self.id, "write failed", exc) from exc
-        self._pending = []
+        self._rows = []
         self._committed()
 
     def _merge(self, table: DeltaTable, data: pa.Table, props: CommitProperties | None) -> None:
