@@ -147,3 +147,20 @@ def test_a_flush_that_crashed_before_its_manifest_is_rolled_back_and_replayed_in
     assert sorted(files(tmp_path)) == sorted(crashed)
     manifest = json.loads((tmp_path / "out" / "_sluice" / "p" / "000000000002.json").read_text())
     assert manifest["positions"] == {"s": {"s:0": 8}}
+
+
+def test_flush_rows_rolls_several_batches_into_one_commit(tmp_path: Path) -> None:
+    t = build(tmp_path, format="parquet", flush_rows=4, flush_interval_ms=3_600_000)
+    t.open()
+    for i in range(3):
+        t.stage_positions({"s": {"s:0": 2 * (i + 1)}})
+        t.write(pa.table({"id": [2 * i, 2 * i + 1]}))
+        t.flush()
+        assert t.deferred == (i != 1)  # the second flush made 4 rows: written
+    assert files(tmp_path) == ["part-p-000000000001-00000.parquet"]
+    assert pq.read_table(tmp_path / "out" / files(tmp_path)[0]).num_rows == 4
+    t.commit_deferred(force=True)  # the run stops
+    assert len(files(tmp_path)) == 2 and not t.deferred
+    again = build(tmp_path, format="parquet")
+    again.open()
+    assert again.held_positions() == {"s": {"s:0": 6}}

@@ -114,6 +114,13 @@ class ObjectStoreTargetSpec(TargetSpec, frozen=True, kw_only=True):
     max_file_bytes: Annotated[PositiveInt, doc("(ours) most bytes (of Arrow data) in one file")] = (
         256 << 20
     )
+    flush_rows: Annotated[
+        PositiveInt | None,
+        doc("(ours) write the files once this many rows wait (default: every batch)"),
+    ] = None
+    flush_interval_ms: Annotated[
+        PositiveInt | None, doc("(ours) write the files at least this often (default: every batch)")
+    ] = None
 
 
 class ObjectStoreLocalTarget(

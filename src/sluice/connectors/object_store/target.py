@@ -4,7 +4,10 @@ writes the rows as files (Parquet, CSV, JSON lines, ORC) under ``prefix``.
 **Files.** A flush is commit number ``seq`` of the pipeline. Its rows are
 split by ``partition_by`` into hive folders (``col=value/``, a null value as
 ``__HIVE_DEFAULT_PARTITION__``), then into files of at most
-``max_file_rows`` rows and about ``max_file_bytes`` bytes of Arrow data,
+``max_file_rows`` rows and about ``max_file_bytes`` bytes of Arrow data
+(with ``flush_rows`` / ``flush_interval_ms``, the rows of several batches
+wait for one commit, so files are fewer and larger: the sources are
+acknowledged only after it),
 named ``part-<pipeline>-<seq>-<n>.<ext>``. Each file is written atomically:
 locally to a hidden temporary name renamed into place, on S3 as one upload
 that appears whole when it completes.
@@ -33,6 +36,7 @@ import json
 import logging
 import os
 import posixpath
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -97,8 +101,13 @@ class ObjectStoreTarget:
             raise ConnectorError(f"{self.id}: csv_quote other than '\"' is not supported")
         if spec.csv_escape is not None:
             raise ConnectorError(f"{self.id}: csv_escape is not supported (quotes are doubled)")
-        self._pending: list[pa.Table] = []
-        self._staged: dict[str, Position] = {}
+        self._pending: list[pa.Table] = []  # written since the last flush
+        self._staged: dict[str, Position] = {}  # positions staged since the last flush
+        # Taken by a flush, not committed yet (deferred): kept across close / open.
+        self._rows: list[pa.Table] = []
+        self._accepted: dict[str, Position] = {}
+        self._defer = spec.flush_rows is not None or spec.flush_interval_ms is not None
+        self._last_commit = time.monotonic()
         self._held: dict[str, Position] = {}
         self._seq = 0  # the last committed flush
         self._client: Any = None
@@ -208,14 +217,46 @@ class ObjectStoreTarget:
             self._pending.append(data)
 
     def flush(self) -> None:
-        """Write the files of the rows written since the last flush, then the manifest."""
-        if not self._pending and not self._staged:
+        """Take the rows written since the last flush and the staged positions,
+        and commit them (files, then the manifest) — or, with ``flush_rows`` /
+        ``flush_interval_ms`` and positions staged, keep them for
+        :meth:`commit_deferred` until due (files roll then)."""
+        self._rows.extend(self._pending)
+        for source, parts in self._staged.items():
+            self._accepted.setdefault(source, {}).update(parts)
+        defer = bool(self._staged) and self._defer
+        self._pending, self._staged = [], {}
+        if not defer or self._due():
+            self._commit()
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows or positions taken by a flush wait for their commit."""
+        return bool(self._rows or self._accepted)
+
+    def commit_deferred(self, force: bool) -> None:
+        """Commit what waits when ``flush_rows`` / ``flush_interval_ms`` say so, or ``force``."""
+        if self.deferred and (force or self._due()):
+            self._commit()
+
+    def _due(self) -> bool:
+        rows = sum(t.num_rows for t in self._rows)
+        flush_rows, interval_ms = self.spec.flush_rows, self.spec.flush_interval_ms
+        if flush_rows is not None and rows >= flush_rows:
+            return True
+        return (
+            interval_ms is not None and (time.monotonic() - self._last_commit) * 1000 >= interval_ms
+        )
+
+    def _commit(self) -> None:
+        """Write the taken rows' files, then the manifest (the commit)."""
+        if not self._rows and not self._accepted:
             return
         seq = self._seq + 1
         files: list[str] = []
         try:
-            if self._pending:
-                data = pa.concat_tables(self._pending, promote_options="permissive")
+            if self._rows:
+                data = pa.concat_tables(self._rows, promote_options="permissive")
                 for folder, part in self._partitions(data):
                     for piece in self._pieces(part):
                         name = (
@@ -225,7 +266,7 @@ class ObjectStoreTarget:
                         self._put(path, piece)
                         files.append(path)
             held = {s: dict(p) for s, p in self._held.items()}
-            for source, parts in self._staged.items():
+            for source, parts in self._accepted.items():
                 held.setdefault(source, {}).update(parts)
             faults.reached("FILE_PARTS")  # crash tests: files written, no manifest yet
             manifest = json.dumps({"seq": seq, "files": files, "positions": held}).encode()
@@ -235,8 +276,9 @@ class ObjectStoreTarget:
         faults.reached("FILE_COMMITS")  # crash tests: committed, the source not yet
         self._seq = seq
         self._held = held
-        self._pending = []
-        self._staged = {}
+        self._rows = []
+        self._accepted = {}
+        self._last_commit = time.monotonic()
         old = seq - _KEEP_MANIFESTS
         if old > 0:
             # Already gone (an earlier crash) or a race: harmless.
