@@ -396,3 +396,15 @@ def test_the_state_dir_default_is_absolute(monkeypatch: pytest.MonkeyPatch, tmp_
     assert state_root(None) == Path(os.getcwd()) / "rel"
     with pytest.raises(ConnectorError, match="absolute"):
         state_root("rel")
+
+
+def test_csv_resumed_mid_file_keeps_its_header(root: Path) -> None:
+    head = "# made by hand\nid,name\n"
+    body = "".join(f"{i},n{i}\n" for i in range(20))
+    (root / "in" / "a.csv").write_text(head + body)
+    offset = len(head) + len("".join(f"{i},n{i}\n" for i in range(12)))
+    source = build(root, read_options={"csv": {"comment": "#"}})
+    source.open({"in/a.csv": offset})
+    batches = drain(source)
+    assert got_ids(batches) == list(range(12, 20))
+    assert batches[0].data.column_names[:2] == ["id", "name"]
