@@ -304,8 +304,9 @@ def test_a_1_gb_file_streams_through_flow_consume_under_300_mb(tmp_path: Path) -
     (folder / "in").mkdir(parents=True)
     line = enc({"id": 0, "name": "x" * 100, "amount": 1.5}) + b"\n"
     block = line * 10_000
+    blocks = (1 << 30) // len(block)
     with (folder / "in" / "big.jsonl").open("wb") as fh:
-        for _ in range((1 << 30) // len(block)):
+        for _ in range(blocks):
             fh.write(block)
     config = tmp_path / "p.toml"
     config.write_text(
@@ -340,3 +341,8 @@ def test_a_1_gb_file_streams_through_flow_consume_under_300_mb(tmp_path: Path) -
     assert proc.wait() == 0
     assert peak_kb < 300 * 1024, f"peak RSS {peak_kb // 1024} MB"
     assert os.path.exists(tmp_path / "out" / "_sluice" / "big")
+    import pyarrow.parquet as pq
+
+    written = sum(pq.ParquetFile(p).metadata.num_rows for p in (tmp_path / "out").glob("*.parquet"))
+    assert written == blocks * 10_000
+    print(f"1 GB file: {written} rows, peak RSS {peak_kb // 1024} MB")
