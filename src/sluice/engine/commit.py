@@ -260,6 +260,16 @@ class Immediate:
         assert self._retry is not None  # given with recording targets
         held: dict[str, dict[str, Position]] = {}
         for target in self._recording:
+            # Rows a deferring target took before a rebalance commit first, with
+            # their positions, so the rewind starts after them (never twice).
+            if isinstance(target, DefersCommits) and target.deferred:
+
+                def now(t: DefersCommits = target) -> None:
+                    t.commit_deferred(True)
+
+                if await self._retry(target, now, "commit") is STOPPED:
+                    return STOPPED
+        for target in self._recording:
             got = await self._retry(target, target.held_positions, "read positions")
             if got is STOPPED:
                 return STOPPED
