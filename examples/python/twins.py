@@ -23,6 +23,7 @@ from sluice import (
     Lookup,
     MySQLConnection,
     ObjectStoreLocalConnection,
+    ObjectStoreS3Connection,
     PostgresConnection,
     PubSubConnection,
     RabbitMQConnection,
@@ -409,5 +410,47 @@ def tumbling() -> dict[str, Any]:
                 Aggregation(agg="avg", column="amount", as_="amount_avg"),
                 Aggregation(agg="count_distinct", column="event_type", as_="distinct_event_types"),
             ],
+        ),
+    )
+
+
+def files_to_delta() -> dict[str, Any]:
+    return dict(
+        name="files_to_delta",
+        source=Source(
+            ObjectStoreS3Connection(
+                name="landing",
+                bucket="landing",
+                endpoint="${AWS_ENDPOINT_URL:-http://127.0.0.1:5000}",
+                region="us-east-1",
+                access_key_id="${AWS_ACCESS_KEY_ID:-test}",
+                secret_access_key="${AWS_SECRET_ACCESS_KEY:-test}",
+            ),
+            rescan_interval_ms=60_000,
+            max_batch_rows=50_000,
+            read_options={"csv": {"delimiter": ";", "null_regex": "^(NA|)$"}},
+        ),
+        source_query="incoming/",
+        dlq_store="/var/lib/lake/dead_letters.jsonl",
+        on_error="dlq",
+        target=Target(
+            DeltaLocalConnection(name="lake", path="/var/lib/lake/events"),
+            partition_by=["event_type"],
+            flush_rows=100_000,
+            flush_interval_ms=10_000,
+        ),
+    )
+
+
+def delta_to_postgres() -> dict[str, Any]:
+    return dict(
+        name="delta_to_postgres",
+        source=DeltaLocalConnection(name="lake", path="/var/lib/lake"),
+        source_query="events",
+        target=Target(
+            PostgresConnection(name="pg", url="postgres://postgres@127.0.0.1:55432/postgres"),
+            table=("public", "events_mirror"),
+            primary_key=["id"],
+            mode="merge",
         ),
     )

@@ -9,6 +9,7 @@ fails the tests.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -116,7 +117,9 @@ class FilesHarness(SourceHarness):
         self._mtime_s = 1_700_000_000  # whole seconds: exact in st_mtime's float
 
     def new_stream(self) -> str:
-        return unique("conf")
+        stream = unique("conf")
+        (self.root / stream).mkdir(parents=True)  # a missing folder is an error
+        return stream
 
     def source(self, stream: str) -> dict[str, Any]:
         return {"kind": "object_store_local", "path": str(self.root), "format": "json_lines"}
@@ -138,8 +141,61 @@ class FilesHarness(SourceHarness):
         return [mtime_s * 1_000_000] * len(rows)
 
     def produce_bad(self, stream: str) -> bytes:
-        raw = b'{"id": 1, "name": \n'
-        self._write(stream, raw)
+        raw = b'{"id": 1, "name": '
+        self._write(stream, raw + b"\n")
+        return raw  # the record is the line, without its line break
+
+
+class S3FilesHarness(SourceHarness):
+    """S3 (moto) objects (``object_store_s3``): one bucket per session, a fresh
+    prefix per check, one JSON-lines object per produce."""
+
+    name = "object_store_s3"
+    encode = msgspec.json.Encoder().encode
+
+    def __init__(self) -> None:
+        import boto3
+
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoints.AWS_ENDPOINT,
+            aws_access_key_id=endpoints.AWS_ACCESS_KEY_ID,
+            aws_secret_access_key=endpoints.AWS_SECRET_ACCESS_KEY,
+            region_name=endpoints.AWS_REGION,
+        )
+        self.bucket = unique("conf").replace("_", "-")
+        self.client.create_bucket(Bucket=self.bucket)
+        self._objects = 0
+
+    def new_stream(self) -> str:
+        return unique("conf") + "/"
+
+    def source(self, stream: str) -> dict[str, Any]:
+        return {
+            "kind": "object_store_s3",
+            "bucket": self.bucket,
+            "endpoint": endpoints.AWS_ENDPOINT,
+            "region": endpoints.AWS_REGION,
+            "access_key_id": endpoints.AWS_ACCESS_KEY_ID,
+            "secret_access_key": endpoints.AWS_SECRET_ACCESS_KEY,
+            "format": "json_lines",
+        }
+
+    def _put(self, stream: str, body: bytes) -> int:
+        """Put one object; its LastModified as listed, in µs."""
+        self._objects += 1
+        key = f"{stream}{self._objects:05d}.jsonl"
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        (obj,) = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key)["Contents"]
+        return int(obj["LastModified"].timestamp() * 1_000_000)
+
+    def produce(self, stream: str, rows: Sequence[Row]) -> list[int]:
+        mtime_us = self._put(stream, b"".join(self.encode(dict(r)) + b"\n" for r in rows))
+        return [mtime_us] * len(rows)
+
+    def produce_bad(self, stream: str) -> bytes:
+        raw = b'{"id": 1, "name": '
+        self._put(stream, raw + b"\n")
         return raw
 
 
@@ -182,6 +238,70 @@ class RabbitMQHarness(SourceHarness):
     def cleanup(self) -> None:
         for queue in self.queues:
             amqp.delete(queue)
+
+
+class DeltaSourceHarness(SourceHarness):
+    """A Delta table per check (created empty), one append (version) per produce;
+    local or on S3 (moto)."""
+
+    encode = msgspec.json.Encoder().encode
+    SCHEMA = pa.schema([pa.field("id", pa.int64()), pa.field("name", pa.string())])
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+        self.name = "delta_local" if root is not None else "delta_s3"
+        self.bucket = "" if root is not None else _bucket()
+
+    def _uri(self, stream: str) -> str:
+        return str(self.root / stream) if self.root is not None else f"s3://{self.bucket}/{stream}"
+
+    def _options(self) -> dict[str, str] | None:
+        return None if self.root is not None else S3_DELTA_OPTIONS
+
+    def new_stream(self) -> str:
+        stream = unique("conf")
+        DeltaTable.create(self._uri(stream), self.SCHEMA, storage_options=self._options())
+        return stream
+
+    def source(self, stream: str) -> dict[str, Any]:
+        if self.root is not None:
+            return {"kind": "delta_local", "path": str(self.root)}
+        return {"kind": "delta_s3", "bucket": self.bucket, **S3_KEYS}
+
+    def produce(self, stream: str, rows: Sequence[Row]) -> list[int]:
+        from deltalake import write_deltalake
+
+        uri, options = self._uri(stream), self._options()
+        write_deltalake(
+            uri,
+            pa.Table.from_pylist([dict(r) for r in rows], self.SCHEMA),
+            mode="append",
+            storage_options=options,
+        )
+        ms = int(DeltaTable(uri, storage_options=options).history(1)[0]["timestamp"])
+        return [ms * 1000] * len(rows)
+
+    def produce_bad(self, stream: str) -> bytes:  # pragma: no cover - not run for Delta
+        raise NotImplementedError("a Delta table holds no undecodable records")
+
+
+@pytest.fixture
+def delta_local_source_harness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> DeltaSourceHarness:
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path / "state"))
+    return DeltaSourceHarness(tmp_path / "lake")
+
+
+@pytest.fixture
+def delta_s3_source_harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> DeltaSourceHarness:
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path / "state"))
+    return DeltaSourceHarness(None)
+
+
+@pytest.fixture(scope="session")
+def s3_files_harness() -> S3FilesHarness:
+    return S3FilesHarness()
 
 
 @pytest.fixture(scope="session")
@@ -495,6 +615,169 @@ def rabbitmq_target_harness() -> Iterator[RabbitMQTargetHarness]:
     h = RabbitMQTargetHarness()
     yield h
     h.cleanup()
+
+
+S3_DELTA_OPTIONS = {
+    "AWS_ENDPOINT_URL": endpoints.AWS_ENDPOINT,
+    "AWS_ACCESS_KEY_ID": endpoints.AWS_ACCESS_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": endpoints.AWS_SECRET_ACCESS_KEY,
+    "AWS_REGION": endpoints.AWS_REGION,
+    "AWS_ALLOW_HTTP": "true",
+}
+S3_KEYS = {
+    "endpoint": endpoints.AWS_ENDPOINT,
+    "region": endpoints.AWS_REGION,
+    "access_key_id": endpoints.AWS_ACCESS_KEY_ID,
+    "secret_access_key": endpoints.AWS_SECRET_ACCESS_KEY,
+}
+
+
+def _bucket() -> str:
+    import boto3
+
+    name = unique("conf").replace("_", "-")
+    boto3.client(
+        "s3",
+        endpoint_url=endpoints.AWS_ENDPOINT,
+        aws_access_key_id=endpoints.AWS_ACCESS_KEY_ID,
+        aws_secret_access_key=endpoints.AWS_SECRET_ACCESS_KEY,
+        region_name=endpoints.AWS_REGION,
+    ).create_bucket(Bucket=name)
+    return name
+
+
+class DeltaS3Harness(CdcTargetHarness):
+    """Delta on S3 (moto): one bucket per session, one table prefix per check."""
+
+    name = "delta_s3"
+    has_connection = False  # no connection held between requests
+
+    def __init__(self) -> None:
+        self.bucket = _bucket()
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "kind": "delta_s3",
+            "bucket": self.bucket,
+            "prefix": table,
+            "mode": mode,
+            **S3_KEYS,
+        }
+        if key:
+            spec["table"] = {"primary_key": list(key)}
+        return spec
+
+    def read_back(self, table: str) -> pa.Table | None:
+        try:
+            delta = DeltaTable(f"s3://{self.bucket}/{table}", storage_options=S3_DELTA_OPTIONS)
+        except TableNotFoundError:
+            return None
+        return pa.table(delta.scan())
+
+
+class ObjectStoreHarness(TargetHarness):
+    """Files under a prefix (local folder or S3 bucket): one prefix per check.
+    Reads back the files the newest manifest lists (the committed ones)."""
+
+    has_connection = False
+
+    def __init__(self, kind: str, fmt: str, root: Path | None = None) -> None:
+        self.name = f"{kind}:{fmt}"
+        self.kind = kind
+        self.format = fmt
+        self.root = root
+        if kind == "object_store_s3":
+            import pyarrow.fs as pafs
+
+            self.bucket = _bucket()
+            self.fs: Any = pafs.S3FileSystem(
+                endpoint_override=endpoints.AWS_ENDPOINT,
+                access_key=endpoints.AWS_ACCESS_KEY_ID,
+                secret_key=endpoints.AWS_SECRET_ACCESS_KEY,
+                region=endpoints.AWS_REGION,
+            )
+            self.base = self.bucket
+        else:
+            import pyarrow.fs as pafs
+
+            assert root is not None
+            self.fs = pafs.LocalFileSystem()
+            self.base = root.as_posix()
+
+    def target(
+        self, table: str, *, mode: str = "append", key: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {"kind": self.kind, "format": self.format, "prefix": table}
+        if self.kind == "object_store_s3":
+            spec.update(bucket=self.bucket, **S3_KEYS)
+        else:
+            spec["path"] = self.base
+        return spec
+
+    def read_back(self, table: str) -> pa.Table | None:
+        import pyarrow.csv as pacsv
+        import pyarrow.fs as pafs
+        import pyarrow.json as pajson
+        import pyarrow.parquet as pq
+
+        folder = f"{self.base}/{table}/_sluice"
+        infos = self.fs.get_file_info(
+            pafs.FileSelector(folder, recursive=True, allow_not_found=True)
+        )
+        manifests = sorted(i.path for i in infos if i.path.endswith(".json"))
+        if not manifests:
+            return None
+        with self.fs.open_input_stream(manifests[-1]) as f:
+            newest = json.loads(f.read())
+        files = []
+        for m in manifests:  # every committed flush (older manifests may be gone)
+            with self.fs.open_input_stream(m) as f:
+                files.extend(json.loads(f.read())["files"])
+        committed = {p for p in files}
+        listed = self.fs.get_file_info(
+            pafs.FileSelector(f"{self.base}/{table}", recursive=True, allow_not_found=True)
+        )
+        seq = int(newest["seq"])
+        parts = []
+        for info in listed:
+            name = info.path.rsplit("/", 1)[-1]
+            if not name.startswith("part-"):
+                continue
+            # files of committed flushes only: seq at most the newest manifest's
+            if int(name.split("-")[2]) > seq and info.path not in committed:
+                continue
+            with self.fs.open_input_file(info.path) as f:
+                if self.format == "parquet":
+                    parts.append(pq.read_table(f))
+                elif self.format == "csv":
+                    parts.append(pacsv.read_csv(f))
+                else:
+                    parts.append(pajson.read_json(f))
+        if not parts:
+            return pa.table({})
+        return pa.concat_tables(parts, promote_options="permissive")
+
+
+@pytest.fixture(scope="session")
+def delta_s3_harness() -> DeltaS3Harness:
+    return DeltaS3Harness()
+
+
+@pytest.fixture
+def object_store_local_harness(tmp_path: Path) -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_local", "parquet", tmp_path)
+
+
+@pytest.fixture
+def object_store_local_csv_harness(tmp_path: Path) -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_local", "csv", tmp_path)
+
+
+@pytest.fixture(scope="session")
+def object_store_s3_harness() -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_s3", "json_lines")
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from sluice.testing import (
+    APPEND_TARGET_CHECKS,
     CDC_CHECKS,
     MESSAGE_TARGET_CHECKS,
+    POSITIONS_CHECKS,
     TARGET_CHECKS,
     CdcTargetHarness,
     Check,
@@ -17,7 +19,10 @@ from tests.conformance.conftest import cases
 
 pytestmark = pytest.mark.integration
 
-KINDS = ["postgres", "mysql", "sqlite", "duckdb", "delta_local"]
+KINDS = ["postgres", "mysql", "sqlite", "duckdb", "delta_local", "delta_s3"]
+#: Targets without merge (files), and every target recording positions in its commits.
+FILE_KINDS = ["object_store_local", "object_store_local_csv", "object_store_s3"]
+POSITION_KINDS = ["delta_local", "delta_s3", *FILE_KINDS]
 
 
 @pytest.mark.parametrize(
@@ -45,3 +50,25 @@ def test_rabbitmq_target(
     check: Check[TargetHarness], rabbitmq_target_harness: TargetHarness
 ) -> None:
     check(rabbitmq_target_harness)
+
+
+@pytest.mark.parametrize(
+    ("check", "kind"),
+    [
+        pytest.param(*case.values, kind, id=f"{case.id}-{kind}")
+        for kind in FILE_KINDS
+        for case in cases(APPEND_TARGET_CHECKS)
+    ],
+)
+def test_file_target(
+    check: Check[TargetHarness], kind: str, request: pytest.FixtureRequest
+) -> None:
+    check(request.getfixturevalue(f"{kind}_harness"))
+
+
+@pytest.mark.parametrize("kind", POSITION_KINDS)
+@pytest.mark.parametrize("check", cases(POSITIONS_CHECKS))
+def test_positions_target(
+    check: Check[TargetHarness], kind: str, request: pytest.FixtureRequest
+) -> None:
+    check(request.getfixturevalue(f"{kind}_harness"))

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Any, Union
 from sluice.connectors import (
     delta,
     duckdb,
-    files,
     kafka,
     kinesis,
     mysql,
-    object_store_s3,
+    object_store,
     postgres,
     pubsub,
     rabbitmq,
@@ -54,8 +53,7 @@ BUILTIN: tuple[Connector, ...] = (
     pubsub.CONNECTOR,
     kinesis.CONNECTOR,
     delta.CONNECTOR,
-    files.CONNECTOR,
-    object_store_s3.CONNECTOR,
+    object_store.CONNECTOR,
 )
 
 _connectors: list[Connector] = list(BUILTIN)

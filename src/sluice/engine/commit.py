@@ -82,7 +82,7 @@ import numpy as np
 import pyarrow as pa
 
 from sluice.connectors.api import Ack, Batch, Position, Seekable, Source, Target
-from sluice.connectors.sql.positions import RecordsPositions, ahead, lowest
+from sluice.connectors.sql.positions import DefersCommits, RecordsPositions, ahead, lowest
 from sluice.engine import metrics as m
 from sluice.engine.retry import STOPPED, Retry, Stopped
 from sluice.engine.stages.base import TimedStage
@@ -272,6 +272,16 @@ class Immediate:
         assert self._retry is not None  # given with recording targets
         held: dict[str, dict[str, Position]] = {}
         for target in self._recording:
+            # Rows a deferring target took before a rebalance commit first, with
+            # their positions, so the rewind starts after them (never twice).
+            if isinstance(target, DefersCommits) and target.deferred:
+
+                def now(t: DefersCommits = target) -> None:
+                    t.commit_deferred(True)
+
+                if await self._retry(target, now, "commit") is STOPPED:
+                    return STOPPED
+        for target in self._recording:
             got = await self._retry(target, target.held_positions, "read positions")
             if got is STOPPED:
                 return STOPPED
@@ -328,7 +338,10 @@ class Immediate:
 
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
         """Record staged positions no output flush recorded (a round without
-        output), then acknowledge each source's last batch written, in source order."""
+        output), commit what deferring targets hold when due (always when
+        ``final``), then acknowledge each source's last batch written, in
+        source order: not while a target still defers (the acknowledgement
+        waits for its commit)."""
         self._moved = False
         if self._unflushed and not emitted:
             assert self._retry is not None
@@ -343,6 +356,18 @@ class Immediate:
                     self._moved = True
                     return True
         self._unflushed = False
+        deferring = [t for t in self._recording if isinstance(t, DefersCommits)]
+        for target in deferring:
+            if target.deferred:
+                assert self._retry is not None
+
+                def due(t: DefersCommits = target) -> None:
+                    t.commit_deferred(final)
+
+                if await self._retry(target, due, "commit") is STOPPED:
+                    return False
+        if any(t.deferred for t in deferring):
+            return True
         for source in self._sources:
             if source.id in self._acks:
                 await _acknowledge(self._pipeline, source, self._acks.pop(source.id))

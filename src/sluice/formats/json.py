@@ -68,6 +68,18 @@ class JsonDecoder:
                     return Decoded(table)
         return self._slow(payloads)
 
+    def parse_lines(self, buf: bytes, count: int) -> pa.Table | None:
+        """Parse ``buf``, ``count`` JSON objects one per line, on the fast path
+        only (no Python per line): the table, or ``None`` when some line does
+        not decode or fit the schema (then :meth:`decode` them one by one)."""
+        if not count:
+            return pa.table({})
+        try:
+            table = self._parse(buf)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+        return table if table.num_rows == count else None
+
     def _parse(self, buf: bytes) -> pa.Table:
         block = _BLOCK_BYTES if len(buf) > _BLOCK_BYTES else max(len(buf) + 1, 1 << 16)
         read = pajson.ReadOptions(use_threads=True, block_size=block)

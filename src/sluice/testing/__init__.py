@@ -5,7 +5,9 @@
 * Conformance suites, written once and run by every connector against its
   real system: :data:`SOURCE_CHECKS`, :data:`TARGET_CHECKS`,
   :data:`CDC_CHECKS` (and :data:`ACK_ONLY_SOURCE_CHECKS` for sources that
-  cannot seek, :data:`MESSAGE_TARGET_CHECKS` for message targets), each a tuple of named :class:`Check` s that take a
+  cannot seek, :data:`MESSAGE_TARGET_CHECKS` for message targets,
+  :data:`APPEND_TARGET_CHECKS` for targets without merge,
+  :data:`POSITIONS_CHECKS` for targets recording positions), each a tuple of named :class:`Check` s that take a
   harness (:class:`SourceHarness`, :class:`TargetHarness`,
   :class:`CdcTargetHarness`). Run them one per test (pytest
   ``parametrize`` over the tuple) or all at once with :func:`run_all`.
@@ -21,12 +23,20 @@ from sluice.testing.harness import (
 )
 from sluice.testing.memory import FlakyTarget, MemorySource, MemoryStream, MemoryTarget
 from sluice.testing.sources import ACK_ONLY_SOURCE_CHECKS, SOURCE_CHECKS
-from sluice.testing.targets import CDC_CHECKS, MESSAGE_TARGET_CHECKS, TARGET_CHECKS
+from sluice.testing.targets import (
+    APPEND_TARGET_CHECKS,
+    CDC_CHECKS,
+    MESSAGE_TARGET_CHECKS,
+    POSITIONS_CHECKS,
+    TARGET_CHECKS,
+)
 
 __all__ = [
     "ACK_ONLY_SOURCE_CHECKS",
+    "APPEND_TARGET_CHECKS",
     "CDC_CHECKS",
     "MESSAGE_TARGET_CHECKS",
+    "POSITIONS_CHECKS",
     "SOURCE_CHECKS",
     "TARGET_CHECKS",
     "CdcTargetHarness",

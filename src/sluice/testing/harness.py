@@ -143,11 +143,18 @@ class TargetHarness(ABC):
         raise NotImplementedError(f"{self.name}: has_connection is set but drop_connection is not")
 
     def pipeline(
-        self, table: str, *, mode: str = "append", key: Sequence[str] = (), **transform: Any
+        self,
+        table: str,
+        *,
+        mode: str = "append",
+        key: Sequence[str] = (),
+        pipeline_name: str | None = None,
+        **transform: Any,
     ) -> PipelineSpec:
-        """A pipeline writing ``table`` (its source is never built)."""
+        """A pipeline writing ``table`` (its source is never built), named
+        ``pipeline_name`` (default: a fresh name)."""
         data: dict[str, Any] = {
-            "pipeline_name": unique("conf"),
+            "pipeline_name": pipeline_name or unique("conf"),
             "source_query": "unused",
             "source": {"kind": "kafka", "bootstrap_servers": "unused:9092"},
             "target": self.target(table, mode=mode, key=key),
@@ -156,9 +163,16 @@ class TargetHarness(ABC):
             data["transform"] = transform
         return load_pipeline(data)
 
-    def build(self, table: str, *, mode: str = "append", key: Sequence[str] = ()) -> Target:
+    def build(
+        self,
+        table: str,
+        *,
+        mode: str = "append",
+        key: Sequence[str] = (),
+        pipeline_name: str | None = None,
+    ) -> Target:
         """The target connector, built as ``flow consume`` builds it."""
-        spec = self.pipeline(table, mode=mode, key=key)
+        spec = self.pipeline(table, mode=mode, key=key, pipeline_name=pipeline_name)
         (target_spec,) = spec.all_targets
         return registry.build_target(target_spec, registry.Context(spec), 0)
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from sluice.connectors.api import Target
 from sluice.errors import TransientError
 from sluice.testing.checks import Check, bounded
-from sluice.testing.harness import CdcTargetHarness, TargetHarness
+from sluice.testing.harness import CdcTargetHarness, TargetHarness, unique
 
 #: id -> the row's other columns.
 Rows = dict[int, dict[str, Any]]
@@ -226,6 +226,48 @@ MESSAGE_TARGET_CHECKS: tuple[Check[TargetHarness], ...] = tuple(
 """The checks of a target that publishes messages (a queue, a topic): it has
 no key to merge on. Its harness reads the messages back as rows (``None``
 while there are none)."""
+
+
+def positions_commit_with_rows(h: TargetHarness) -> None:
+    """A target recording positions (``transactional_positions``) holds, after a
+    restart, the positions its last flush committed with its rows, and none of
+    a flush that never ran; a round without rows commits positions alone."""
+    from sluice.connectors.sql.positions import RecordsPositions
+
+    name, pipeline = h.new_table(), unique("p")
+    target = h.build(name, pipeline_name=pipeline)
+    assert isinstance(target, RecordsPositions), f"{h.name}: the target records no positions"
+    target.open()
+    try:
+        assert target.held_positions() == {}, "a new table holds positions"
+        target.stage_positions({"src": {"src:0": 5, "src:1": 2}})
+        write_flush(target, table(_named(0, 3)))
+        target.stage_positions({"src": {"src:0": 9}})
+        target.flush()  # positions alone
+        target.stage_positions({"src": {"src:1": 7}})
+        target.write(table(_named(3, 2)))  # never flushed: a crash
+    finally:
+        close(target)
+    again = h.build(name, pipeline_name=pipeline)  # the same pipeline, restarted
+    assert isinstance(again, RecordsPositions)
+    again.open()
+    try:
+        held = again.held_positions()
+    finally:
+        close(again)
+    assert held == {"src": {"src:0": 9, "src:1": 2}}, f"held after a restart: {held}"
+    assert landed(h, name, ["name"]) == _expect(_named(0, 3), ["name"])
+
+
+APPEND_TARGET_CHECKS: tuple[Check[TargetHarness], ...] = tuple(
+    c for c in TARGET_CHECKS if not c.name.startswith("merge")
+)
+"""The checks of targets without ``mode = "merge"`` (files)."""
+
+POSITIONS_CHECKS: tuple[Check[TargetHarness], ...] = (
+    Check("positions_commit_with_rows", positions_commit_with_rows),
+)
+"""The checks of targets that record source positions in their commits."""
 
 
 # -- CDC targets -----------------------------------------------------------------

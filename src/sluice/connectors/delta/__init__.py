@@ -1,7 +1,5 @@
-"""Delta Lake (local or S3): a table target (append / merge) and CDC apply.
-
-Delta sources are configuration-only today.
-"""
+"""Delta Lake (local or S3): a source (each new version once), a table target
+(append / merge, source positions in the Delta commit) and CDC apply."""
 
 from __future__ import annotations
 
@@ -47,7 +45,10 @@ CONNECTOR = Connector(
     extra="delta",
     sources=(DeltaLocalSource, DeltaS3Source),
     targets=(DeltaLocalTarget, DeltaS3Target),
-    capabilities=Capabilities(table=True, merge=True, cdc=True),
+    capabilities=Capabilities(
+        seekable=True, table=True, merge=True, cdc=True, transactional_positions=True
+    ),
+    source="sluice.connectors.delta.source:build_source",
     target="sluice.connectors.delta.target:build_target",
     cdc_target="sluice.connectors.delta.target:DeltaCdcTarget",
     target_rules=(_merge_needs_key,),

@@ -6,13 +6,22 @@ from typing import Annotated
 
 import msgspec
 
-from sluice.config.base import NonEmptyStr, SourceSpec, TableSpec, TargetSpec, WriteMode, doc
+from sluice.config.base import (
+    LocalPath,
+    NonEmptyStr,
+    PositiveInt,
+    SourceSpec,
+    TableSpec,
+    TargetSpec,
+    WriteMode,
+    doc,
+)
 
 
 class DeltaLocalSource(SourceSpec, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
     """(ours) A local Delta table; each new version read once."""
 
-    path: Annotated[NonEmptyStr, doc("table folder")]
+    path: Annotated[LocalPath, doc("table folder")]
 
 
 class DeltaS3Source(SourceSpec, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
@@ -39,12 +48,18 @@ class DeltaTable(TableSpec, frozen=True, kw_only=True):
 class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
     """A local Delta Lake table."""
 
-    path: Annotated[NonEmptyStr, doc("table folder")]
+    path: Annotated[LocalPath, doc("table folder")]
     partition_by: Annotated[list[NonEmptyStr], doc("partition columns")] = msgspec.field(
         default_factory=list
     )
     table: Annotated[DeltaTable | None, doc("key declaration for merge / CDC")] = None
     mode: Annotated[WriteMode, doc("(ours) append, merge, scd2, truncate")] = "append"
+    flush_rows: Annotated[
+        PositiveInt | None, doc("(ours) commit once this many rows wait (default: every batch)")
+    ] = None
+    flush_interval_ms: Annotated[
+        PositiveInt | None, doc("(ours) commit at least this often (default: every batch)")
+    ] = None
 
 
 class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
@@ -61,3 +76,9 @@ class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", frozen=True, k
     )
     table: Annotated[DeltaTable | None, doc("key declaration for merge / CDC")] = None
     mode: Annotated[WriteMode, doc("(ours) append, merge, scd2, truncate")] = "append"
+    flush_rows: Annotated[
+        PositiveInt | None, doc("(ours) commit once this many rows wait (default: every batch)")
+    ] = None
+    flush_interval_ms: Annotated[
+        PositiveInt | None, doc("(ours) commit at least this often (default: every batch)")
+    ] = None

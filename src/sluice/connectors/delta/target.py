@@ -42,7 +42,10 @@ lacks becomes null) and leave the other columns as they are.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +54,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
+from sluice import faults
 from sluice.config.spec import CdcSpec
+from sluice.connectors.api import Position
 from sluice.connectors.cdc_apply import (
     Applied,
     Evolution,
@@ -66,7 +71,7 @@ from sluice.formats import cdc as env
 
 try:
     import deltalake
-    from deltalake import DeltaTable, write_deltalake
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
     from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
     from deltalake.schema import PrimitiveType
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
@@ -144,15 +149,54 @@ def _last_per_key(data: pa.Table, key: list[str], order: list[str]) -> pa.Table:
     return data.filter(pa.array(last))
 
 
+#: The commit-info key (suffixed with the pipeline name) listing the source
+#: positions a target holds; the values of the integer ones are read back
+#: from the app transactions, which are authoritative.
+POSITIONS_KEY = "sluice.positions/"
+#: How many recent commits are searched first for the positions (then all).
+_RECENT_COMMITS = 50
+
+
+def app_id(pipeline: str, source: str, partition: str) -> str:
+    """The Delta app-transaction id of one source partition of a pipeline."""
+    return f"sluice/{pipeline}/{source}/{partition}"
+
+
 class DeltaTarget:
-    """Appends or merges batches into one Delta table, one commit per flush."""
+    """Appends or merges batches into one Delta table, one commit per flush.
+
+    **Positions** (capability ``transactional_positions``): the source
+    positions the commit policy stages go into the same Delta commit as the
+    rows, one app transaction (``txn`` action) per integer position,
+    ``app_id = sluice/<pipeline>/<source>/<partition>`` and ``version`` = the
+    position; the commit info also lists every position the target holds
+    (``sluice.positions/<pipeline>``), so a restart knows which app ids to
+    read back with :meth:`DeltaTable.transaction_version`. A round without
+    rows commits its positions alone (a commit with no files). A flush whose
+    staged positions are all at or below the ones the table holds is a replay
+    of rows already committed: skipped. With ``flush_rows`` /
+    ``flush_interval_ms`` a flush that carries positions is kept for a later
+    commit (:class:`~sluice.connectors.sql.positions.DefersCommits`: the
+    sources are acknowledged only after it). Text positions (no Delta
+    transaction can hold them) are not recorded: those sources resume from
+    their own commits (at least once).
+    """
 
     def __init__(self, spec: DeltaSpec, ctx: Context, index: int) -> None:
         self.spec = spec
         self.uri, self.options = location(spec)
         self.id = f"{spec.kind}:{self.uri}"
         self.key = list(spec.table.primary_key or []) if spec.table else []
-        self._pending: list[pa.Table] = []
+        self.pipeline = ctx.pipeline.pipeline_name
+        self._pending: list[pa.Table] = []  # written since the last flush
+        self._staged: dict[str, Position] = {}  # positions staged since the last flush
+        # Taken by a flush, not committed yet (deferred): kept across close / open,
+        # so a retry after a failed commit commits them.
+        self._rows: list[pa.Table] = []
+        self._accepted: dict[str, Position] = {}
+        self._held: dict[str, Position] = {}  # what the table holds (loaded, then as committed)
+        self._defer = spec.flush_rows is not None or spec.flush_interval_ms is not None
+        self._last_commit = time.monotonic()
         if spec.mode not in ("append", "merge"):
             raise ConnectorError(
                 f"mode '{spec.mode}' on a streaming Delta target is not implemented yet "
@@ -176,6 +220,84 @@ class DeltaTarget:
     def close(self) -> None:
         """Forget what was not flushed."""
         self._pending = []
+        self._staged = {}
+
+    # -- positions (RecordsPositions) ---------------------------------------------
+
+    @property
+    def database(self) -> str | None:
+        """A Delta table shares no transaction with a state store."""
+        return None
+
+    def held_positions(self) -> dict[str, Position]:
+        """The positions the table holds for this pipeline (see the class docstring)."""
+        table = self._table()
+        self._held = {}
+        if table is None:
+            return {}
+        key = POSITIONS_KEY + self.pipeline
+        listed: dict[str, Position] | None = None
+        try:
+            for limit in (_RECENT_COMMITS, None):
+                for commit in table.history(limit):
+                    if key in commit:
+                        listed = json.loads(commit[key])
+                        break
+                if listed is not None or table.version() < _RECENT_COMMITS:
+                    break
+            for source, parts in (listed or {}).items():
+                for part, value in parts.items():
+                    if isinstance(value, int):
+                        version = table.transaction_version(app_id(self.pipeline, source, part))
+                        if version is None:
+                            continue
+                        value = version
+                    self._held.setdefault(source, {})[part] = value
+        except (DeltaError, OSError) as exc:
+            raise _fail(self.id, "cannot read the positions", exc) from exc
+        return {s: dict(p) for s, p in self._held.items()}
+
+    def stage_positions(
+        self, positions: Mapping[str, Position], also: Callable[[Any], None] | None = None
+    ) -> None:
+        """Record ``positions`` in the next flush's commit."""
+        if also is not None:  # pragma: no cover - database is None: never joined
+            raise ConnectorError(f"{self.id}: a state store cannot commit in a Delta commit")
+        for source, parts in positions.items():
+            self._staged.setdefault(source, {}).update(parts)
+
+    def _replayed(self) -> bool:
+        """Whether every staged position is at or below what the table holds."""
+        staged = [(s, p, v) for s, parts in self._accepted.items() for p, v in parts.items()]
+        return bool(staged) and all(
+            isinstance(v, int)
+            and isinstance(held := self._held.get(s, {}).get(p), int)
+            and v <= held
+            for s, p, v in staged
+        )
+
+    def _commit_properties(self) -> CommitProperties | None:
+        if not self._accepted:
+            return None
+        merged = {s: dict(p) for s, p in self._held.items()}
+        for source, parts in self._accepted.items():
+            merged.setdefault(source, {}).update(parts)
+        return CommitProperties(
+            custom_metadata={POSITIONS_KEY + self.pipeline: json.dumps(merged)},
+            app_transactions=[
+                Transaction(app_id(self.pipeline, s, p), v)
+                for s, parts in self._accepted.items()
+                for p, v in parts.items()
+                if isinstance(v, int)
+            ],
+        )
+
+    def _committed(self) -> None:
+        for source, parts in self._accepted.items():
+            self._held.setdefault(source, {}).update(parts)
+        self._accepted = {}
+        self._last_commit = time.monotonic()
+        faults.reached("DELTA_COMMITS")  # crash tests: between this commit and the source's
 
     def _table(self) -> DeltaTable | None:
         try:
@@ -194,17 +316,64 @@ class DeltaTarget:
             self._pending.append(data.select(names))
 
     def flush(self) -> None:
-        """Commit what was written since the last flush (one Delta commit)."""
-        if not self._pending:
+        """Take what was written since the last flush, with the staged
+        positions, and commit it as one Delta commit (positions alone when no
+        rows came) — or, with ``flush_rows`` / ``flush_interval_ms`` and
+        positions staged, keep it for :meth:`commit_deferred` until due."""
+        self._rows.extend(self._pending)
+        for source, parts in self._staged.items():
+            self._accepted.setdefault(source, {}).update(parts)
+        defer = bool(self._staged) and self._defer
+        self._pending, self._staged = [], {}
+        if not defer or self._due():
+            self._commit()
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows or positions taken by a flush wait for their commit."""
+        return bool(self._rows or self._accepted)
+
+    def commit_deferred(self, force: bool) -> None:
+        """Commit what waits when ``flush_rows`` / ``flush_interval_ms`` say so, or ``force``."""
+        if self.deferred and (force or self._due()):
+            self._commit()
+
+    def _due(self) -> bool:
+        rows = sum(t.num_rows for t in self._rows)
+        flush_rows = self.spec.flush_rows
+        interval_ms = self.spec.flush_interval_ms
+        if flush_rows is not None and rows >= flush_rows:
+            return True
+        return (
+            interval_ms is not None and (time.monotonic() - self._last_commit) * 1000 >= interval_ms
+        )
+
+    def _commit(self) -> None:
+        """One Delta commit of the taken rows and positions."""
+        if not self._rows and not self._accepted:
             return
-        data = pa.concat_tables(self._pending, promote_options="permissive")
-        if self.spec.mode == "merge":  # the last row of a key wins, also when creating the table
-            data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
-            data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
+        if self._replayed():
+            log.warning(
+                "%s: skipping a replayed batch: the table holds its positions already", self.id
+            )
+            self._rows, self._accepted = [], {}
+            return
+        props = self._commit_properties()
         try:
             table = self._table()
+            if not self._rows:
+                if table is not None and props is not None:
+                    table.create_write_transaction(
+                        [], mode="append", schema=table.schema(), commit_properties=props
+                    )
+                self._committed()
+                return
+            data = pa.concat_tables(self._rows, promote_options="permissive")
+            if self.spec.mode == "merge":  # the last row of a key wins, also when creating
+                data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
+                data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
             if self.spec.mode == "merge" and table is not None:
-                self._merge(table, data)
+                self._merge(table, data, props)
             else:
                 write_deltalake(
                     self.uri,
@@ -213,16 +382,25 @@ class DeltaTarget:
                     partition_by=self.spec.partition_by or None,
                     schema_mode="merge",
                     storage_options=self.options,
+                    commit_properties=props,
                 )
         except (DeltaError, OSError) as exc:
             raise _fail(self.id, "write failed", exc) from exc
-        self._pending = []
+        self._rows = []
+        self._committed()
 
-    def _merge(self, table: DeltaTable, data: pa.Table) -> None:
-        """Upsert ``data`` (one row per key) on the primary key."""
+    def _merge(self, table: DeltaTable, data: pa.Table, props: CommitProperties | None) -> None:
+        """Upsert ``data`` (one row per key) on the primary key: one MERGE, one commit."""
         on = " AND ".join(f"t.{_quote(k)} = s.{_quote(k)}" for k in self.key)
         (
-            table.merge(data, on, source_alias="s", target_alias="t", merge_schema=True)
+            table.merge(
+                data,
+                on,
+                source_alias="s",
+                target_alias="t",
+                merge_schema=True,
+                commit_properties=props,
+            )
             .when_matched_update_all()
             .when_not_matched_insert_all()
             .execute()

@@ -64,6 +64,23 @@ class RecordsPositions(Target, Protocol):
         to tell whether a state store shares it; ``None`` for files."""
 
 
+@runtime_checkable
+class DefersCommits(RecordsPositions, Protocol):
+    """A target recording positions that may hold what :meth:`flush` took for a
+    later commit (``flush_rows`` / ``flush_interval_ms``: fewer, larger
+    commits). It defers only while the commit policy stages positions in it
+    (the :class:`~sluice.engine.commit.Immediate` policy, which then holds
+    the sources' acknowledgements back until the commit): rows and positions
+    still commit together, and a crash re-reads what was deferred."""
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows or positions taken by :meth:`flush` wait for a commit."""
+
+    def commit_deferred(self, force: bool) -> None:
+        """Commit what waits when it is due (``force``: now, the run is stopping)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Dialect:
     """How one system spells the positions table's statements.
