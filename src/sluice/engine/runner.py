@@ -331,7 +331,7 @@ class Runner:
         if not batches:
             return await self._idle()
         if self._policy.rewinds_on_rebalance and self._rebalanced(batches):
-            return await self._read_again()
+            return await self._read_again(rebalanced=True)
         self._idle_since = None
         if not self.stop.is_set():
             # Read ahead: the next batch is read and decoded while this one is
@@ -596,16 +596,29 @@ class Runner:
                 changed = True
         return changed
 
-    async def _read_again(self) -> bool:
+    async def _read_again(self, *, rebalanced: bool = False) -> bool:
         """After a rebalance: forget the stage state and what was read since
         the last commit, and read again from there (the policy says where:
         a checkpoint's positions, else each source's committed ones). False
-        when stopped while the store was down."""
+        when stopped while the store was down.
+
+        A replica (``replicas = true``) first checkpoints what it processed
+        for the partitions it still holds a claim on (every batch it
+        processed was written), so the next owner of a partition revoked from
+        it starts there rather than at an older checkpoint; a partition the
+        next owner claimed already is fenced and simply not written."""
         log.warning(
             "partitions were reassigned: dropping the state read since the last commit and "
             "reading again from there"
         )
         await self._drop_read_ahead()
+        if (
+            rebalanced
+            and self._replicas
+            and self._consistent
+            and not await self._policy.commit(final=True)
+        ):
+            return False
         positions = await self._policy.restore()
         if positions is STOPPED:
             return False
@@ -723,7 +736,7 @@ class Runner:
         ):
             # A replica given partitions that have nothing new to read still
             # claims them and loads their state (their open windows must close).
-            return await self._read_again()
+            return await self._read_again(rebalanced=True)
         if self._timed is not None and not await self._window_tick(self._timed):
             return False
         if not await self._policy.commit():  # a checkpoint may be due by its interval
