@@ -438,5 +438,9 @@ name = "pairs"
 
     # Appended, not merged: a pair written twice would show here.
     wait_for(pairs, joins.expected(orders, payments, "inner"), f, "every pair, once", 60)
-    assert committed(name, orders_t, 2) + committed(name, payments_t, 2) == total
+    wait_until(  # the broker commit follows the store's
+        lambda: committed(name, orders_t, 2) + committed(name, payments_t, 2) == total,
+        30,
+        "every position committed to the broker",
+    )
     assert f.stop() == 0
