@@ -217,3 +217,19 @@ def test_a_replica_whose_partition_was_claimed_since_cannot_commit_it() -> None:
             store.close()
         with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_a_join_of_topics_with_different_partition_counts_is_refused(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    orders_t, payments_t = kafka_topic(6, "orders"), kafka_topic(4, "payments")
+    name = unique("rep_counts")
+    config = "replicas = true\n" + recovery.join_config(
+        orders_t, payments_t, name, recovery.pg_merge_target(name, "left_order_id")
+    )
+    f = flow(config)
+    assert f.proc.wait(timeout=60) == 1
+    out = f.output()
+    assert "need the same partition count" in out, out
+    assert f"{orders_t}: 6, {payments_t}: 4" in out or f"{payments_t}: 4" in out, out
+    assert "Traceback" not in out

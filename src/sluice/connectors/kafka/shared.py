@@ -26,6 +26,7 @@ from sluice.connectors.api import Ack, Batch, Position
 from sluice.connectors.kafka.source import KafkaSource, registry_settings
 from sluice.connectors.kafka.spec import KafkaSource as KafkaSourceSpec
 from sluice.connectors.registry import Context
+from sluice.errors import ConnectorError
 from sluice.formats import decoder_for
 
 
@@ -65,6 +66,18 @@ class SharedConsumer:
             if not self._open and self._opened >= set(self.topics):
                 self.kafka.open(self._resume)
                 self._open = True
+                self._check_partitions()
+
+    def _check_partitions(self) -> None:
+        """The topics must have one partition count: partition p of each is
+        matched with partition p of the others (co-partitioned)."""
+        counts = self.kafka.partition_counts()
+        if len(set(counts.values())) > 1:
+            shown = ", ".join(f"{t}: {n}" for t, n in sorted(counts.items()))
+            raise ConnectorError(
+                "replicas = true reads these topics as co-partitioned (partition p of each "
+                f"on the same replica), so they need the same partition count; got {shown}"
+            )
 
     def read(self, topic: str, timeout_s: float) -> Batch | None:
         with self._lock:

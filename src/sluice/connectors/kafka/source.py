@@ -290,6 +290,18 @@ class KafkaSource:
             ]
         return consumer, good
 
+    def partition_counts(self, timeout_s: float = 30) -> dict[str, int]:
+        """The number of partitions of each topic this source reads (broker metadata)."""
+        consumer = self._require()
+        try:
+            meta = consumer.list_topics(timeout=timeout_s)
+        except ck.KafkaException as exc:
+            raise TransientError(f"kafka {self.id}: reading topic metadata: {exc}") from exc
+        missing = [t for t in self.topics if t not in meta.topics or meta.topics[t].error]
+        if missing:
+            raise ConnectorError(f"kafka {self.id}: no such topic: {', '.join(missing)}")
+        return {t: len(meta.topics[t].partitions) for t in self.topics}
+
     def assignment(self) -> tuple[str, ...]:
         """See :meth:`sluice.connectors.api.Partitioned.assignment`."""
         return self._assignment
