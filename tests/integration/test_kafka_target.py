@@ -53,7 +53,8 @@ message_key_column = "id"
 def test_kafka_to_kafka_sigkill_loses_nothing(
     kafka_topic: Callable[..., str], flow: Callable[..., Flow]
 ) -> None:
-    n = 3000
+    # Enough rows that the kill lands mid-stream: a batch of 100 takes ~5 ms.
+    n = 20_000
     source = kafka_topic(partitions=3, prefix="k2k_in")
     target = unique("k2k_out")
     name = unique("k2k")
@@ -61,7 +62,7 @@ def test_kafka_to_kafka_sigkill_loses_nothing(
     config = kafka_kafka_config(source, target, name, batch_rows=100)
 
     first = flow(config)
-    kill_after_reading(first, rows=n / 3, delay_s=random.uniform(0, 0.3))
+    kill_after_reading(first, rows=n / 10, delay_s=random.uniform(0, 0.05))
     out = read_topic(target) or []
     assert len(out) < n, "the first run wrote everything before the kill: the test proves nothing"
 
