@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from sluice.connectors import registry
-from sluice.testing import TARGET_CHECKS, Check, TargetHarness, unique
+from sluice.testing import APPEND_TARGET_CHECKS, TARGET_CHECKS, Check, TargetHarness, unique
 from tests import endpoints
 from tests.conformance.conftest import cases
 
@@ -96,7 +96,7 @@ class KafkaTargetHarness(TargetHarness):
         )  # every key seen, not just the first row's
 
 
-APPLICABLE = [c for c in TARGET_CHECKS if not c.name.startswith("merge_")]
+APPLICABLE = list(APPEND_TARGET_CHECKS)
 
 
 def test_kafka_target_is_not_merge_capable() -> None:

@@ -10,7 +10,14 @@ import msgspec
 import pyarrow as pa
 import pytest
 
-from sluice.testing import SOURCE_CHECKS, TARGET_CHECKS, Check, SourceHarness, TargetHarness, unique
+from sluice.testing import (
+    APPEND_TARGET_CHECKS,
+    SOURCE_CHECKS,
+    Check,
+    SourceHarness,
+    TargetHarness,
+    unique,
+)
 from sluice.testing.harness import Row
 from tests import kinesis_kit
 from tests.conformance.conftest import cases
@@ -18,7 +25,6 @@ from tests.conformance.conftest import cases
 pytestmark = pytest.mark.integration
 
 #: A stream has no merge.
-TARGET_SKIP = {"merge_last_row_wins", "merge_replay_changes_nothing"}
 
 
 class KinesisSourceHarness(SourceHarness):
@@ -105,6 +111,6 @@ def test_source(
     check(source_harness)
 
 
-@pytest.mark.parametrize("check", cases(c for c in TARGET_CHECKS if c.name not in TARGET_SKIP))
+@pytest.mark.parametrize("check", cases(APPEND_TARGET_CHECKS))
 def test_target(check: Check[TargetHarness], target_harness: KinesisTargetHarness) -> None:
     check(target_harness)

@@ -9,7 +9,14 @@ import msgspec
 import pyarrow as pa
 import pytest
 
-from sluice.testing import SOURCE_CHECKS, TARGET_CHECKS, Check, SourceHarness, TargetHarness, unique
+from sluice.testing import (
+    APPEND_TARGET_CHECKS,
+    SOURCE_CHECKS,
+    Check,
+    SourceHarness,
+    TargetHarness,
+    unique,
+)
 from sluice.testing.harness import Row
 from tests import pubsub_kit
 from tests.conformance.conftest import cases
@@ -17,9 +24,8 @@ from tests.conformance.conftest import cases
 pytestmark = pytest.mark.integration
 
 #: Checks that do not apply: a subscription is ack-only (no positions to
-#: resume from), a topic has no merge.
+#: resume from); a topic has no merge (APPEND_TARGET_CHECKS).
 SOURCE_SKIP = {"resume_honoured"}
-TARGET_SKIP = {"merge_last_row_wins", "merge_replay_changes_nothing"}
 
 
 def _connection() -> dict[str, Any]:
@@ -112,6 +118,6 @@ def test_source(check: Check[SourceHarness], source_harness: PubSubSourceHarness
     check(source_harness)
 
 
-@pytest.mark.parametrize("check", cases(c for c in TARGET_CHECKS if c.name not in TARGET_SKIP))
+@pytest.mark.parametrize("check", cases(APPEND_TARGET_CHECKS))
 def test_target(check: Check[TargetHarness], target_harness: PubSubTargetHarness) -> None:
     check(target_harness)

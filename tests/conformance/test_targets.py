@@ -8,7 +8,6 @@ import pytest
 from sluice.testing import (
     APPEND_TARGET_CHECKS,
     CDC_CHECKS,
-    MESSAGE_TARGET_CHECKS,
     POSITIONS_CHECKS,
     TARGET_CHECKS,
     CdcTargetHarness,
@@ -45,7 +44,7 @@ def test_cdc_target(
     check(request.getfixturevalue(f"{kind}_harness"))
 
 
-@pytest.mark.parametrize("check", cases(MESSAGE_TARGET_CHECKS))
+@pytest.mark.parametrize("check", cases(APPEND_TARGET_CHECKS))
 def test_rabbitmq_target(
     check: Check[TargetHarness], rabbitmq_target_harness: TargetHarness
 ) -> None:

@@ -5,8 +5,8 @@
 * Conformance suites, written once and run by every connector against its
   real system: :data:`SOURCE_CHECKS`, :data:`TARGET_CHECKS`,
   :data:`CDC_CHECKS` (and :data:`ACK_ONLY_SOURCE_CHECKS` for sources that
-  cannot seek, :data:`MESSAGE_TARGET_CHECKS` for message targets,
-  :data:`APPEND_TARGET_CHECKS` for targets without merge,
+  cannot seek, :data:`APPEND_TARGET_CHECKS` for targets without merge: files,
+  queues, topics,
   :data:`POSITIONS_CHECKS` for targets recording positions), each a tuple of named :class:`Check` s that take a
   harness (:class:`SourceHarness`, :class:`TargetHarness`,
   :class:`CdcTargetHarness`). Run them one per test (pytest
@@ -26,7 +26,6 @@ from sluice.testing.sources import ACK_ONLY_SOURCE_CHECKS, SOURCE_CHECKS
 from sluice.testing.targets import (
     APPEND_TARGET_CHECKS,
     CDC_CHECKS,
-    MESSAGE_TARGET_CHECKS,
     POSITIONS_CHECKS,
     TARGET_CHECKS,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "ACK_ONLY_SOURCE_CHECKS",
     "APPEND_TARGET_CHECKS",
     "CDC_CHECKS",
-    "MESSAGE_TARGET_CHECKS",
     "POSITIONS_CHECKS",
     "SOURCE_CHECKS",
     "TARGET_CHECKS",

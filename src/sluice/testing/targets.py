@@ -220,13 +220,6 @@ TARGET_CHECKS: tuple[Check[TargetHarness], ...] = (
 )
 """Every target check."""
 
-MESSAGE_TARGET_CHECKS: tuple[Check[TargetHarness], ...] = tuple(
-    c for c in TARGET_CHECKS if not c.name.startswith("merge_")
-)
-"""The checks of a target that publishes messages (a queue, a topic): it has
-no key to merge on. Its harness reads the messages back as rows (``None``
-while there are none)."""
-
 
 def positions_commit_with_rows(h: TargetHarness) -> None:
     """A target recording positions (``transactional_positions``) holds, after a
@@ -262,7 +255,9 @@ def positions_commit_with_rows(h: TargetHarness) -> None:
 APPEND_TARGET_CHECKS: tuple[Check[TargetHarness], ...] = tuple(
     c for c in TARGET_CHECKS if not c.name.startswith("merge")
 )
-"""The checks of targets without ``mode = "merge"`` (files)."""
+"""The checks of targets without ``mode = "merge"``: files, and targets that
+publish messages (a queue, a topic), which have no key to merge on (their
+harness reads the messages back as rows)."""
 
 POSITIONS_CHECKS: tuple[Check[TargetHarness], ...] = (
     Check("positions_commit_with_rows", positions_commit_with_rows),
