@@ -1,0 +1,1 @@
+"""Batch jobs: ``@sluice.job``, workflows, schedules, the run log, alerters."""
