@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from tests.unit.test_window_runner import (
     LogSource,
@@ -20,8 +21,13 @@ from tests.unit.test_window_runner import (
     _spec,
 )
 
+from sluice.config import load_text
 from sluice.connectors.api import Position
+from sluice.engine.commit import Checkpointing
+from sluice.engine.retry import Retry
 from sluice.engine.runner import Runner, RunOptions
+from sluice.engine.stages.join import JoinStage
+from sluice.engine.watermark import Watermarks
 from sluice.errors import ConnectorError, TransientError
 from sluice.state import InMemoryStore
 
@@ -207,3 +213,52 @@ def test_a_bounded_run_drains_and_checkpoints_the_real_watermark_with_no_state()
     _run(SPEC, again, target, store)
     assert again.read_rows == 0
     assert target.rows == before
+
+
+@pytest.mark.parametrize("stored_us", [None, 1_000_000])
+def test_a_restore_measures_the_watermark_again_from_the_rows_read_again(
+    stored_us: int | None,
+) -> None:
+    # A rebalance reads again from the checkpoint: the watermark the discarded
+    # rounds reached goes with them, or the rows read again (a join judges
+    # each row) would be late against it and dropped.
+    store = InMemoryStore()
+    store.commit("p", {}, (), {}, stored_us, expected_version=None)
+    marks = Watermarks(["log"], lateness_ms=0)
+    stage = JoinStage(load_text(JOIN).transform.join, "p")
+    policy = Checkpointing("p", [], stage, marks, Retry("p", asyncio.Event()), store, 3600)
+    for top in (5_000_000, 9_000_000):
+        marks.observe("log", pa.array([top], pa.int64()))
+    assert marks.global_us() == 9_000_000
+    asyncio.run(policy.restore())
+    assert marks.global_us() == stored_us
+    assert stage.watermark_us == stored_us
+    marks.observe("log", pa.array([2_000_000], pa.int64()))  # read again
+    assert marks.global_us() == max(2_000_000, stored_us or 0)
+
+
+JOIN = """
+pipeline_name = "p"
+[[sources]]
+query = "l"
+kind = "kafka"
+bootstrap_servers = "x:1"
+[[sources]]
+query = "r"
+kind = "kafka"
+bootstrap_servers = "x:1"
+[target]
+kind = "sqlite"
+path = ":memory:"
+[target.table]
+name = "t"
+[state_store]
+kind = "in_memory"
+[transform.join]
+kind = "inner"
+left_source = "l"
+right_source = "r"
+left_keys = ["k"]
+right_keys = ["k"]
+time_window_ms = 1000
+"""

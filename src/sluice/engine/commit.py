@@ -418,6 +418,7 @@ class HoldBack:
     def _restart_stage(self) -> None:
         self._stage.close()
         self._stage.open()
+        self._wm.reset()  # the rows since the commit are read again (see Checkpointing)
         stored = self._file.load()
         if stored is not None:
             self._stage.advance(stored)
@@ -538,6 +539,10 @@ class Checkpointing:
                 stage.open()
                 if checkpoint.state:
                     stage.restore(checkpoint.state)
+                # The rows read since the checkpoint are read again: the
+                # watermark they raised goes with them (a join would find
+                # them late against it), and is measured again from there.
+                self._wm.reset()
                 wm = checkpoint.watermark_us
                 if wm is not None:
                     if stage.watermark_us is None or stage.watermark_us < wm:
