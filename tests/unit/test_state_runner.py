@@ -225,7 +225,9 @@ def test_a_restore_measures_the_watermark_again_from_the_rows_read_again(
     store = InMemoryStore()
     store.commit("p", {}, (), {}, stored_us, expected_version=None)
     marks = Watermarks(["log"], lateness_ms=0)
-    stage = JoinStage(load_text(JOIN).transform.join, "p")
+    transform = load_text(JOIN).transform
+    assert transform is not None and transform.join is not None
+    stage = JoinStage(transform.join, "p")
     policy = Checkpointing("p", [], stage, marks, Retry("p", asyncio.Event()), store, 3600)
     for top in (5_000_000, 9_000_000):
         marks.observe("log", pa.array([top], pa.int64()))
