@@ -147,9 +147,7 @@ def test_webhook_posts_the_event_as_json_with_basic_auth(http: HttpSink) -> None
     alerter.notify(FAILURE)
     (request,) = http.requests
     assert request.path == "/hook?team=data"
-    assert request.headers["authorization"] == "Basic " + base64.b64encode(
-        b"ops:s@cret"
-    ).decode()
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"ops:s@cret").decode()
     assert request.body == {
         "kind": "failure",
         "job": "load_users",
@@ -272,7 +270,10 @@ def test_stdout_alerter_writes_one_line() -> None:
     ("url", "expected"),
     [
         ("ftp://ops:hunter2@files/x", "unknown alerter scheme 'ftp://': expected one of stdout://"),
-        ("hooks.slack.com/services/T/B/X", "not an alerter URL: expected one of stdout://, slack://"),
+        (
+            "hooks.slack.com/services/T/B/X",
+            "not an alerter URL: expected one of stdout://, slack://",
+        ),
         ("slack://", "no host"),
         ("stdout://extra", "stdout:// takes nothing"),
         ("email://ops:hunter2@mail:587", "no recipient"),
@@ -318,7 +319,7 @@ class _Handler:
     def __init__(self, box: Mailbox) -> None:
         self.box = box
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd hook name
         self.box.messages.append(
             (envelope.mail_from, list(envelope.rcpt_tos), message_from_bytes(envelope.content))
         )
