@@ -280,6 +280,7 @@ def test_stdout_alerter_writes_one_line() -> None:
         ("email://ops:hunter2@mail:587?to=a@x&starttls=maybe", "starttls='maybe'"),
         ("email://mail?to=a@x&starttls=true&ssl=true", "exclude each other"),
         ("email://mail?to=a@x&cc=b@x", "unknown query parameter 'cc'"),
+        ("email://mail?to=a@x&from=b@x&from=c@x", "query parameter 'from' given twice"),
         ("pagerduty://", "expected pagerduty://ROUTING_KEY"),
         ("pagerduty://KEY?severity=fatal", "severity='fatal'"),
         ("pagerduty://KEY?endpoint=ftp://x", "expected an http:// or https:// URL"),
@@ -368,11 +369,12 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
-@pytest.fixture(params=["plain", "starttls"])
+@pytest.fixture(params=["plain", "starttls", "ssl"])
 def smtp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Mailbox, str]]:
     """A local SMTP server asking for AUTH (user ``ops``, password ``p@ss``);
-    with ``starttls`` it requires STARTTLS first, with a self-signed
-    certificate whose file is the query the alerter URL needs."""
+    with ``starttls`` it requires STARTTLS first, with ``ssl`` it speaks TLS
+    from the start (SMTPS), both with a self-signed certificate; the second
+    value is the query the alerter URL needs."""
     box = Mailbox(_free_port())
 
     def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
@@ -382,12 +384,17 @@ def smtp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Mailb
 
     kwargs: dict[str, Any] = {"authenticator": authenticate, "auth_required": True}
     query = ""
-    if request.param == "starttls":
+    if request.param in {"starttls", "ssl"}:
         cert, key = _self_signed(tmp_path)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
-        kwargs |= {"tls_context": context, "require_starttls": True}
-        query = f"&starttls=true&ca_file={cert}"
+        if request.param == "starttls":
+            kwargs |= {"tls_context": context, "require_starttls": True}
+        else:
+            # SMTPS: TLS from the first byte. aiosmtpd does not count a TLS
+            # listener as TLS for AUTH, so it must be told AUTH is fine here.
+            kwargs |= {"ssl_context": context, "auth_require_tls": False}
+        query = f"&{request.param}=true&ca_file={cert}"
     else:
         # Only this test's loopback server takes AUTH without TLS.
         kwargs["auth_require_tls"] = False
@@ -408,7 +415,7 @@ def test_email_sends_one_mail_per_event(smtp: tuple[Mailbox, str]) -> None:
     box, query = smtp
     url = (
         f"email://ops:p%40ss@127.0.0.1:{box.port}"
-        f"?from=sluice@example.com&to=oncall@example.com,data@example.com{query}"
+        f"?from=sluice@example.com&to=oncall@example.com&to=data@example.com{query}"
     )
     alerter = build_alerter(url)
     assert isinstance(alerter, EmailAlerter)

@@ -21,7 +21,7 @@ URL                                         Delivers
 ``email://user:pass@host:port?from=&to=``   a mail through SMTP (``smtplib``);
                                             ``starttls=true``, ``ssl=true``,
                                             ``ca_file=``; ``to`` may list several,
-                                            comma-separated
+                                            comma-separated or repeated
 ``pagerduty://ROUTING_KEY``                 PagerDuty Events API v2: ``trigger`` on a
                                             failure, ``resolve`` on the recovery, one
                                             ``dedup_key`` per job; ``severity=``,
@@ -321,15 +321,21 @@ class PagerDutyAlerter:
         _post_json(self.endpoint, self.shown, body)
 
 
-def _query(url: str, query: str, allowed: set[str]) -> dict[str, str]:
-    """The URL's query as a dict; unknown or repeated keys are config errors."""
+def _query(
+    url: str, query: str, allowed: set[str], repeatable: frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """The URL's query as a dict; unknown keys, and keys given twice that
+    are not ``repeatable``, are config errors. A repeated key's values are
+    joined with commas."""
     out: dict[str, str] = {}
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
             raise _bad(url, f"unknown query parameter {key!r} (expected: {known})")
         if key in out:
-            raise _bad(url, f"query parameter {key!r} given twice")
+            if key not in repeatable:
+                raise _bad(url, f"query parameter {key!r} given twice")
+            value = f"{out[key]},{value}"
         out[key] = value
     return out
 
@@ -354,10 +360,12 @@ def _port(url: str, parts: urllib.parse.SplitResult) -> int | None:
 def _email(url: str, parts: urllib.parse.SplitResult) -> EmailAlerter:
     if not parts.hostname:
         raise _bad(url, "no SMTP host: expected email://user:pass@host:port?from=...&to=...")
-    q = _query(url, parts.query, {"from", "to", "starttls", "ssl", "ca_file"})
+    q = _query(url, parts.query, {"from", "to", "starttls", "ssl", "ca_file"}, frozenset({"to"}))
     recipients = tuple(a.strip() for a in q.get("to", "").split(",") if a.strip())
     if not recipients:
-        raise _bad(url, "no recipient: add ?to=someone@example.com (comma-separated for several)")
+        raise _bad(
+            url, "no recipient: add ?to=someone@example.com (several: comma-separated or repeated)"
+        )
     starttls = _flag(url, "starttls", q.get("starttls"))
     use_ssl = _flag(url, "ssl", q.get("ssl"))
     if starttls and use_ssl:
@@ -365,7 +373,7 @@ def _email(url: str, parts: urllib.parse.SplitResult) -> EmailAlerter:
     user = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password is not None else None
     sender = q.get("from") or (
-        user if user and "@" in user else f"sluice@{socket.getfqdn() or 'localhost'}"
+        user if user and "@" in user else f"sluice@{socket.gethostname() or 'localhost'}"
     )
     return EmailAlerter(
         host=parts.hostname,
