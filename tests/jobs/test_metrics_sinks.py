@@ -122,10 +122,16 @@ def test_prometheus_sink_is_scraped_over_http() -> None:
 
 
 def test_prometheus_without_a_port_records_without_serving() -> None:
+    from sluice.engine.metrics import REGISTRY
+
+    job = f"job_{uuid.uuid4().hex[:8]}"
     sink = build_sink("prometheus://")
     assert isinstance(sink, PrometheusSink) and sink.port is None
-    sink.record(_runs("no_server")[1])
+    sink.record(_runs(job)[1])
     sink.close()
+    labels = {"job": job, "status": "success"}
+    assert REGISTRY.get_sample_value("sluice_job_runs_total", labels) == 1
+    assert REGISTRY.get_sample_value("sluice_job_rows_total", {"job": job}) == 120
 
 
 def test_prometheus_on_a_taken_port_is_a_config_error() -> None:
