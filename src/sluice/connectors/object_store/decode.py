@@ -147,12 +147,14 @@ def null_values(regex: str) -> list[str]:
     if body.startswith("(") and body.endswith(")"):
         body = body[1:-1]
     words = body.split("|")
-    if any(re.escape(w) != w for w in words):
+    # Literal characters, or a special one escaped ("\\N" is the cell \N).
+    literal = re.compile(r"(?:[^\\.^$*+?{}\[\]|()]|\\[^A-Za-z0-9])*")
+    if not all(literal.fullmatch(w) for w in words):
         raise ConnectorError(
             f"read_options.csv.null_regex = {regex!r}: only a list of literal cells "
             "(e.g. '^(NA|null|)$') is supported"
         )
-    return words
+    return [re.sub(r"\\(.)", r"\1", w) for w in words]
 
 
 class Csv:
@@ -174,6 +176,14 @@ class Csv:
             escape_char=escape if escape else False,
         )
         self._nulls = None if o.null_regex is None else null_values(o.null_regex)
+        # pyarrow matches null cells after unescaping (an unquoted \N with
+        # escape \ reads as "N"): match the unescaped marker, unquoted only,
+        # so the quoted string "N" stays a string.
+        self._quoted_nulls = True
+        if escape and self._nulls is not None:
+            unescaped = [re.sub(re.escape(escape) + "(.)", r"\1", w) for w in self._nulls]
+            if unescaped != self._nulls:
+                self._nulls, self._quoted_nulls = unescaped, False
         self._truncated_ok = bool(o.truncated_rows_ok)
         self._names: list[str] | None = None
         self._schema: pa.Schema | None = None  # locked: name -> type
@@ -192,7 +202,10 @@ class Csv:
         if self._nulls is None:
             return pacsv.ConvertOptions(column_types=types)
         return pacsv.ConvertOptions(
-            column_types=types, null_values=self._nulls, strings_can_be_null=True
+            column_types=types,
+            null_values=self._nulls,
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=self._quoted_nulls,
         )
 
     def _read(self, buf: bytes) -> pa.Table:
