@@ -241,6 +241,48 @@ def test_csv_read_options(root: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("infer", [None, 3])
+def test_schema_infer_max_records_limits_the_lines_types_come_from(
+    root: Path, infer: int | None
+) -> None:
+    """With 3, the first 3 lines make code an integer column and "x" (line 5)
+    a bad record; without, the whole first batch is seen: code is a string."""
+    (root / "in" / "a.csv").write_text("id,code\n1,10\n2,20\n3,30\n4,x\n5,50\n")
+    options = {} if infer is None else {"schema_infer_max_records": infer}
+    source = build(root, read_options={"csv": options})
+    source.open(None)
+    batches = drain(source)
+    data = pa.concat_tables([b.data for b in batches if b.num_rows])
+    if infer is None:
+        assert not bad(batches)
+        assert data["code"].type == pa.string()
+        assert data["code"].to_pylist() == ["10", "20", "30", "x", "50"]
+    else:
+        assert data["code"].type == pa.int64()
+        assert data["id"].to_pylist() == [1, 2, 3, 5]
+        ((where, _, payload),) = bad(batches)
+        assert "a.csv line 5" in where and payload == b"4,x"
+
+
+def test_schema_infer_max_records_for_json_lines_keeps_lines_and_rows_aligned(
+    root: Path,
+) -> None:
+    (root / "in" / "a.jsonl").write_bytes(
+        b'{"id": 1, "v": 1}\n{"id": 2, "v": 2}\nnot json\n{"id": 4, "v": 2.5, "w": "n"}\n'
+    )
+    source = build(root, read_options={"json": {"schema_infer_max_records": 2}})
+    source.open(None)
+    batches = drain(source)
+    data = pa.concat_tables([b.data for b in batches if b.num_rows])
+    assert data.select(["id", "v", "w"]).to_pylist() == [
+        {"id": 1, "v": 1.0, "w": None},
+        {"id": 2, "v": 2.0, "w": None},
+        {"id": 4, "v": 2.5, "w": "n"},
+    ]
+    ((where, _, payload),) = bad(batches)
+    assert "a.jsonl line 3" in where and payload == b"not json"
+
+
 def test_csv_without_header(root: Path) -> None:
     (root / "in" / "a.csv").write_text("1,a\n2,b\n")
     source = build(root, read_options={"csv": {"has_header": False}})

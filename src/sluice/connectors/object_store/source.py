@@ -36,7 +36,10 @@ share positions.
 **Records.** Text files are read ``max_batch_bytes`` at a time, cut at the
 last line break, at most ``max_batch_rows`` lines per batch; a line longer
 than ``max_record_bytes`` is a bad record (its first 64 KiB kept). Memory is
-bounded by those, whatever the file size. Bad lines (invalid JSON, not an
+bounded by those, whatever the file size. The stream's types are inferred
+from the first batch's record lines, or from its first
+``schema_infer_max_records`` lines when ``[read_options.csv]`` /
+``[read_options.json]`` set it; the schema is locked then. Bad lines (invalid JSON, not an
 object, a value that does not fit the locked schema, a CSV line with the
 wrong number of cells) are bad records named by file, line and byte offset.
 A Parquet / ORC file that cannot be read, or whose columns do not fit the
@@ -62,7 +65,13 @@ import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
-from sluice.connectors.object_store.decode import Csv, JsonLines, Lines, split_lines
+from sluice.connectors.object_store.decode import (
+    Csv,
+    JsonLines,
+    Lines,
+    decode_inferring,
+    split_lines,
+)
 from sluice.connectors.object_store.spec import ObjectStoreS3Source, ObjectStoreSourceSpec
 from sluice.connectors.object_store.stores import Entry, LocalStore, S3Store, Store
 from sluice.connectors.registry import Context
@@ -429,6 +438,12 @@ class ObjectStoreSource:
         options = spec.read_options
         self._csv_options = options.csv if options else None
         json_rows = options.json.batch_size if options and options.json else None
+        self._infer = {
+            "csv": options.csv.schema_infer_max_records if options and options.csv else None,
+            "json_lines": (
+                options.json.schema_infer_max_records if options and options.json else None
+            ),
+        }
         self._max_rows = min(spec.max_batch_rows, json_rows or spec.max_batch_rows)
         self._decoders: dict[str, Any] = {}
         self._schema: pa.Schema | None = None  # locked schema of Parquet / ORC batches
@@ -651,7 +666,7 @@ class ObjectStoreSource:
             decoder.header(lines.line(0))
             reader.needs_header = False
             lines = Lines(chunk, lines.starts[1:], lines.ends[1:])
-        decoded = decoder.decode(lines)
+        decoded = decode_inferring(decoder, lines, self._infer.get(fmt))
         pos = reader.pos
         finished = reader.finished
         if finished and compression is not None:
