@@ -364,7 +364,7 @@ def _skip(stream: pa.NativeFile, count: int) -> None:
         count -= len(data)
 
 
-def _parquet_batches(f: pa.NativeFile, start: int, rows: int) -> Iterator[pa.RecordBatch]:
+def parquet_batches(f: pa.NativeFile, start: int, rows: int) -> Iterator[pa.RecordBatch]:
     """Record batches of a Parquet file from row ``start``, at most ``rows`` each,
     reading only the row groups from the one holding ``start``."""
     pf = pq.ParquetFile(f)
@@ -405,7 +405,7 @@ class _Columnar:
     def __init__(self, store: Store, entry: Entry, fmt: str, start: int, rows: int) -> None:
         self._f = store.open(entry.key)
         self.pos = start
-        read = _parquet_batches if fmt == "parquet" else _orc_batches
+        read = parquet_batches if fmt == "parquet" else _orc_batches
         self._batches = read(self._f, start, rows)
 
     def next(self) -> pa.RecordBatch | None:
