@@ -4,6 +4,7 @@ bad input of issue 16 (reported with file and line, never skipped silently)."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,59 @@ def test_resume_from_engine_positions_wins_over_the_own_file(root: Path) -> None
     again = build(root, max_batch_rows=10)
     again.open({"in/a.jsonl": offset})
     assert got_ids(drain(again)) == list(range(10, 50))
+
+
+def _own_positions(tmp_path: Path) -> set[str]:
+    (own,) = (tmp_path / "state").rglob("*.json")
+    return set(json.loads(own.read_text())["positions"])
+
+
+def test_positions_are_kept_for_the_files_present_only_and_nothing_is_read_twice(
+    root: Path, tmp_path: Path
+) -> None:
+    """Positions do not grow with every file ever read: a whole listing drops
+    those of files gone; across restarts nothing finished is read again."""
+    for i in range(20):
+        (root / "in" / f"f{i:02d}.jsonl").write_bytes(jsonl(ids(i * 10, 10)))
+    source = build(root)
+    source.open(None)
+    assert len(got_ids(drain(source))) == 200
+    assert len(_own_positions(tmp_path)) == 20
+    for i in range(18):  # processed files archived away: 2 remain
+        (root / "in" / f"f{i:02d}.jsonl").unlink()
+    (root / "in" / "g.jsonl").write_bytes(jsonl(ids(500, 3)))
+    assert got_ids(drain(source)) == [500, 501, 502]
+    assert _own_positions(tmp_path) == {"in/f18.jsonl", "in/f19.jsonl", "in/g.jsonl"}
+    assert set(source._read) == _own_positions(tmp_path)  # and in memory
+    source.close()
+
+    # Restart from the own file: nothing read twice.
+    again = build(root)
+    again.open(None)
+    assert drain(again) == []
+    again.close()
+    # Restart from a target's positions that still name every file ever read
+    # (the engine keeps them): the gone ones are dropped, nothing read twice.
+    held = {f"in/f{i:02d}.jsonl": FINISHED + len(jsonl(ids(i * 10, 10))) for i in range(20)}
+    held["in/g.jsonl"] = len(jsonl(ids(500, 3)))
+    third = build(root)
+    third.open(held)
+    assert drain(third) == []
+    assert set(third._read) == {"in/f18.jsonl", "in/f19.jsonl", "in/g.jsonl"}
+    # A file written again under a forgotten name is a new file: read.
+    (root / "in" / "f00.jsonl").write_bytes(jsonl(ids(900, 2)))
+    assert got_ids(drain(third)) == [900, 901]
+
+
+def test_a_watched_folder_that_disappears_is_an_error_not_an_empty_listing(root: Path) -> None:
+    (root / "in" / "a.jsonl").write_bytes(jsonl(ids(0, 2)))
+    source = build(root)
+    source.open(None)
+    drain(source)
+    (root / "in" / "a.jsonl").unlink()
+    (root / "in").rmdir()
+    with pytest.raises(ConnectorError, match="does not exist"):
+        source.read(0.1)
 
 
 def test_appended_lines_and_earlier_names_are_read(root: Path) -> None:

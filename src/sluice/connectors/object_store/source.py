@@ -15,7 +15,9 @@ a file that grew, is found then. Nothing is skipped silently: every file is
 read, or reported (below).
 
 **Positions** are per file (key -> next unit to read), so a crash mid-file
-resumes mid-file:
+resumes mid-file (the per-file positions are kept for the files present: a
+whole listing drops those of files gone since, so a file deleted and later
+written again under the same name is read as a new file):
 
 * uncompressed JSON lines / CSV: the byte offset of the next line. A file
   that grew past it (lines appended) is read on from there; one that shrank
@@ -495,6 +497,9 @@ class ObjectStoreSource:
         if not position:
             return
         self._committed.update(position)
+        self._write_own()
+
+    def _write_own(self) -> None:
         write_json(
             self._checkpoint,
             {"store": self.store.url, "prefix": self.prefix, "positions": self._committed},
@@ -514,6 +519,11 @@ class ObjectStoreSource:
         if whole:
             self._full_at = now
         todo = set(self._todo)
+        if whole:
+            if not entries:
+                self.store.check(self.prefix)  # gone (unmounted, renamed) is an error
+            self._forget({e.key for e in entries})
+            todo &= {e.key for e in entries}
         for entry in entries:
             self._listed[entry.key] = entry
             if self._last_key is None or entry.key > self._last_key:
@@ -521,6 +531,20 @@ class ObjectStoreSource:
             if entry.key not in todo and self._pending(entry):
                 todo.add(entry.key)
         self._todo = sorted(todo)
+
+    def _forget(self, present: set[str]) -> None:
+        """Drop what is kept per file for the files a whole listing no longer
+        has (deleted or moved away), but the one being read: the positions
+        stay bounded by the files present, and a gone file cannot be read again."""
+        reading = self._entry.key if self._entry is not None else None
+        gone = [k for k in self._committed if k not in present and k != reading]
+        for held in (self._read, self._committed, self._listed):
+            for key in [k for k in held if k not in present and k != reading]:
+                del held[key]
+        self._warned &= present
+        if gone:
+            log.info("source %s: forgetting the positions of %d file(s) gone", self.id, len(gone))
+            self._write_own()
 
     def _pending(self, entry: Entry) -> bool:
         fmt = file_format(entry.key, self.spec.format)
