@@ -17,7 +17,9 @@ read, or reported (below).
 **Positions** are per file (key -> next unit to read), so a crash mid-file
 resumes mid-file (the per-file positions are kept for the files present: a
 whole listing drops those of files gone since, so a file deleted and later
-written again under the same name is read as a new file):
+written again under the same name is read as a new file when a listing saw
+it gone, else reported as rewritten; the engine's stores keep the last
+position of every file they were given):
 
 * uncompressed JSON lines / CSV: the byte offset of the next line. A file
   that grew past it (lines appended) is read on from there; one that shrank
