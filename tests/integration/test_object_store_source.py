@@ -114,6 +114,22 @@ def test_s3_lists_after_the_last_key_and_finds_earlier_names_at_the_rescan(
     source._full_at = -1.0  # the rescan is due (as after rescan_interval_ms)
     assert got_ids(drain(source)) == [10]
     assert calls[listed] is None  # the whole prefix, once
+    # Deleted objects: an incremental listing keeps their positions, the
+    # next whole listing drops them.
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}b.jsonl")
+    assert drain(source) == []
+    assert f"{prefix}b.jsonl" in source._read
+    source._full_at = -1.0
+    assert drain(source) == []
+    assert set(source._read) == {f"{prefix}a.jsonl", f"{prefix}c.jsonl"}
+    source.close()
+    # Across a restart: nothing twice, a new object once.
+    again = s3_source(bucket, prefix, tmp_path, rescan_interval_ms=3_600_000)
+    again.open(None)
+    assert drain(again) == []
+    s3.put_object(Bucket=bucket, Key=f"{prefix}d.jsonl", Body=jsonl(20, 2))
+    assert got_ids(drain(again)) == [20, 21]
+    again.close()
 
 
 def test_s3_resumes_a_parquet_object_mid_file(s3: Any, bucket: str, tmp_path: Path) -> None:
@@ -190,6 +206,15 @@ def test_on_error_fail_names_file_and_line(
     f = flow(files_sqlite(folder, tmp_path / "o.db"), "--stop-after-idle-ms", "300")
     assert f.proc.wait(timeout=60) == 1
     assert f"in/a.jsonl line 4 (byte {len(jsonl(0, 3))})" in f.output(), f.output()
+
+
+def test_flow_consume_of_a_missing_folder_fails_naming_it(
+    tmp_path: Path, flow: Callable[..., Flow]
+) -> None:
+    missing = tmp_path / "nowhere"
+    f = flow(files_sqlite(missing, tmp_path / "o.db"), "--stop-after-idle-ms", "300")
+    assert f.proc.wait(timeout=60) != 0, f.output()
+    assert f"folder {missing / 'in'} does not exist" in f.output(), f.output()
 
 
 def test_on_error_drop_counts_and_goes_on(
