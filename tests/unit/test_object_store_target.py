@@ -333,3 +333,33 @@ def test_unreadable_csv_write_options_are_refused_at_config_validation(
         )
     (problem,) = info.value.problems
     assert problem.path == f"target.{where}" and says in problem.message
+
+
+def test_the_column_wise_csv_writer_renders_every_type_as_pyarrow_does() -> None:
+    """With pyarrow's dialect, the writer used for other quotes / escapes
+    writes byte for byte what pyarrow's CSV writer writes."""
+    import datetime
+    import decimal
+
+    from sluice.connectors.object_store.encode import csv_bytes
+
+    data = pa.table(
+        {
+            "ts": pa.array(
+                [datetime.datetime(2020, 1, 1, 1, 2, 3, 456789), None], pa.timestamp("us", "UTC")
+            ),
+            "day": pa.array([datetime.date(2020, 1, 2), None]),
+            "dec": pa.array([decimal.Decimal("1.50"), None], pa.decimal128(5, 2)),
+            "flag": [True, None],
+            "bin": pa.array([b"ab", None]),
+            "large": pa.array(['say "hi"', None], pa.large_string()),
+            "dict": pa.array(["a,b", None]).dictionary_encode(),
+            "time": pa.array([datetime.time(1, 2, 3), None]),
+            "f": [float("nan"), float("-inf")],
+            "i8": pa.array([1, -2], pa.int8()),
+        }
+    )
+    theirs = pa.BufferOutputStream()
+    pacsv.write_csv(data, theirs)
+    mine = csv_bytes(data, delimiter=",", quote='"', escape=None, null_value="", header=True)
+    assert mine == theirs.getvalue().to_pybytes()
