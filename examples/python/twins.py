@@ -231,6 +231,7 @@ def object_store_target() -> dict[str, Any]:
                         "has_header": True,
                         "delimiter": 59,
                         "quote": "'",
+                        "escape": "\\",
                         "comment": "#",
                         "null_regex": "^(NA|NULL|\\\\N)$",
                         "truncated_rows_ok": False,

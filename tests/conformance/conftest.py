@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import duckdb
@@ -683,11 +683,22 @@ class ObjectStoreHarness(TargetHarness):
 
     has_connection = False
 
-    def __init__(self, kind: str, fmt: str, root: Path | None = None) -> None:
-        self.name = f"{kind}:{fmt}"
+    #: The CSV dialect of :func:`object_store_local_csv_dialect_harness`.
+    DIALECT: ClassVar[dict[str, str]] = {
+        "csv_delimiter": ";",
+        "csv_quote": "'",
+        "csv_escape": "\\",
+        "csv_null_value": "NULL",
+    }
+
+    def __init__(
+        self, kind: str, fmt: str, root: Path | None = None, *, dialect: bool = False
+    ) -> None:
+        self.name = f"{kind}:{fmt}" + (":dialect" if dialect else "")
         self.kind = kind
         self.format = fmt
         self.root = root
+        self.dialect = dialect
         if kind == "object_store_s3":
             import pyarrow.fs as pafs
 
@@ -710,6 +721,8 @@ class ObjectStoreHarness(TargetHarness):
         self, table: str, *, mode: str = "append", key: Sequence[str] = ()
     ) -> dict[str, Any]:
         spec: dict[str, Any] = {"kind": self.kind, "format": self.format, "prefix": table}
+        if self.dialect:
+            spec.update(self.DIALECT)
         if self.kind == "object_store_s3":
             spec.update(bucket=self.bucket, **S3_KEYS)
         else:
@@ -751,6 +764,16 @@ class ObjectStoreHarness(TargetHarness):
             with self.fs.open_input_file(info.path) as f:
                 if self.format == "parquet":
                     parts.append(pq.read_table(f))
+                elif self.format == "csv" and self.dialect:
+                    parse = pacsv.ParseOptions(
+                        delimiter=";", quote_char="'", escape_char="\\", double_quote=False
+                    )
+                    convert = pacsv.ConvertOptions(
+                        null_values=["NULL"],
+                        strings_can_be_null=True,
+                        quoted_strings_can_be_null=False,
+                    )
+                    parts.append(pacsv.read_csv(f, parse_options=parse, convert_options=convert))
                 elif self.format == "csv":
                     parts.append(pacsv.read_csv(f))
                 else:
@@ -773,6 +796,11 @@ def object_store_local_harness(tmp_path: Path) -> ObjectStoreHarness:
 @pytest.fixture
 def object_store_local_csv_harness(tmp_path: Path) -> ObjectStoreHarness:
     return ObjectStoreHarness("object_store_local", "csv", tmp_path)
+
+
+@pytest.fixture
+def object_store_local_csv_dialect_harness(tmp_path: Path) -> ObjectStoreHarness:
+    return ObjectStoreHarness("object_store_local", "csv", tmp_path, dialect=True)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,12 @@ pytestmark = pytest.mark.integration
 
 KINDS = ["postgres", "mysql", "sqlite", "duckdb", "delta_local", "delta_s3"]
 #: Targets without merge (files), and every target recording positions in its commits.
-FILE_KINDS = ["object_store_local", "object_store_local_csv", "object_store_s3"]
+FILE_KINDS = [
+    "object_store_local",
+    "object_store_local_csv",
+    "object_store_local_csv_dialect",
+    "object_store_s3",
+]
 POSITION_KINDS = ["delta_local", "delta_s3", *FILE_KINDS]
 
 

@@ -4,6 +4,7 @@ bad input of issue 16 (reported with file and line, never skipped silently)."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,59 @@ def test_resume_from_engine_positions_wins_over_the_own_file(root: Path) -> None
     assert got_ids(drain(again)) == list(range(10, 50))
 
 
+def _own_positions(tmp_path: Path) -> set[str]:
+    (own,) = (tmp_path / "state").rglob("*.json")
+    return set(json.loads(own.read_text())["positions"])
+
+
+def test_positions_are_kept_for_the_files_present_only_and_nothing_is_read_twice(
+    root: Path, tmp_path: Path
+) -> None:
+    """Positions do not grow with every file ever read: a whole listing drops
+    those of files gone; across restarts nothing finished is read again."""
+    for i in range(20):
+        (root / "in" / f"f{i:02d}.jsonl").write_bytes(jsonl(ids(i * 10, 10)))
+    source = build(root)
+    source.open(None)
+    assert len(got_ids(drain(source))) == 200
+    assert len(_own_positions(tmp_path)) == 20
+    for i in range(18):  # processed files archived away: 2 remain
+        (root / "in" / f"f{i:02d}.jsonl").unlink()
+    (root / "in" / "g.jsonl").write_bytes(jsonl(ids(500, 3)))
+    assert got_ids(drain(source)) == [500, 501, 502]
+    assert _own_positions(tmp_path) == {"in/f18.jsonl", "in/f19.jsonl", "in/g.jsonl"}
+    assert set(source._read) == _own_positions(tmp_path)  # and in memory
+    source.close()
+
+    # Restart from the own file: nothing read twice.
+    again = build(root)
+    again.open(None)
+    assert drain(again) == []
+    again.close()
+    # Restart from a target's positions that still name every file ever read
+    # (the engine keeps them): the gone ones are dropped, nothing read twice.
+    held = {f"in/f{i:02d}.jsonl": FINISHED + len(jsonl(ids(i * 10, 10))) for i in range(20)}
+    held["in/g.jsonl"] = len(jsonl(ids(500, 3)))
+    third = build(root)
+    third.open(held)
+    assert drain(third) == []
+    assert set(third._read) == {"in/f18.jsonl", "in/f19.jsonl", "in/g.jsonl"}
+    # A file written again under a forgotten name is a new file: read.
+    (root / "in" / "f00.jsonl").write_bytes(jsonl(ids(900, 2)))
+    assert got_ids(drain(third)) == [900, 901]
+
+
+def test_a_watched_folder_that_disappears_is_an_error_not_an_empty_listing(root: Path) -> None:
+    (root / "in" / "a.jsonl").write_bytes(jsonl(ids(0, 2)))
+    source = build(root)
+    source.open(None)
+    drain(source)
+    (root / "in" / "a.jsonl").unlink()
+    (root / "in").rmdir()
+    with pytest.raises(ConnectorError, match="does not exist"):
+        source.read(0.1)
+
+
 def test_appended_lines_and_earlier_names_are_read(root: Path) -> None:
     path = root / "in" / "b.jsonl"
     path.write_bytes(jsonl(ids(0, 3)))
@@ -239,6 +293,48 @@ def test_csv_read_options(root: Path) -> None:
         {"id": 2, "name": "b", "score": 2.5},
         {"id": 3, "name": "c", "score": None},
     ]
+
+
+@pytest.mark.parametrize("infer", [None, 3])
+def test_schema_infer_max_records_limits_the_lines_types_come_from(
+    root: Path, infer: int | None
+) -> None:
+    """With 3, the first 3 lines make code an integer column and "x" (line 5)
+    a bad record; without, the whole first batch is seen: code is a string."""
+    (root / "in" / "a.csv").write_text("id,code\n1,10\n2,20\n3,30\n4,x\n5,50\n")
+    options = {} if infer is None else {"schema_infer_max_records": infer}
+    source = build(root, read_options={"csv": options})
+    source.open(None)
+    batches = drain(source)
+    data = pa.concat_tables([b.data for b in batches if b.num_rows])
+    if infer is None:
+        assert not bad(batches)
+        assert data["code"].type == pa.string()
+        assert data["code"].to_pylist() == ["10", "20", "30", "x", "50"]
+    else:
+        assert data["code"].type == pa.int64()
+        assert data["id"].to_pylist() == [1, 2, 3, 5]
+        ((where, _, payload),) = bad(batches)
+        assert "a.csv line 5" in where and payload == b"4,x"
+
+
+def test_schema_infer_max_records_for_json_lines_keeps_lines_and_rows_aligned(
+    root: Path,
+) -> None:
+    (root / "in" / "a.jsonl").write_bytes(
+        b'{"id": 1, "v": 1}\n{"id": 2, "v": 2}\nnot json\n{"id": 4, "v": 2.5, "w": "n"}\n'
+    )
+    source = build(root, read_options={"json": {"schema_infer_max_records": 2}})
+    source.open(None)
+    batches = drain(source)
+    data = pa.concat_tables([b.data for b in batches if b.num_rows])
+    assert data.select(["id", "v", "w"]).to_pylist() == [
+        {"id": 1, "v": 1.0, "w": None},
+        {"id": 2, "v": 2.0, "w": None},
+        {"id": 4, "v": 2.5, "w": "n"},
+    ]
+    ((where, _, payload),) = bad(batches)
+    assert "a.jsonl line 3" in where and payload == b"not json"
 
 
 def test_csv_without_header(root: Path) -> None:

@@ -164,3 +164,202 @@ def test_flush_rows_rolls_several_batches_into_one_commit(tmp_path: Path) -> Non
     again = build(tmp_path, format="parquet")
     again.open()
     assert again.held_positions() == {"s": {"s:0": 6}}
+
+
+TRICKY = pa.table(
+    {
+        "id": pa.array([1, 2, 3, 4, 5, None], pa.int64()),
+        "text": ["it's", "a;b", "back\\slash", "line\nbreak", None, ""],
+        "kind": pa.array(["N", "x", "'q'", "x", "y", "N"]).dictionary_encode(),
+        "amount": [1.5, None, -2.25, 3.0, 1e20, 0.0],
+    }
+)
+
+
+def _written(root: Path) -> bytes:
+    (name,) = files(root)
+    return (root / "out" / name).read_bytes()
+
+
+def test_csv_quote_and_escape_round_trip_through_real_readers(tmp_path: Path) -> None:
+    """The MySQL dialect of configs/object_store_target.toml: ';', quote ', escape \\, null \\N."""
+    t = build(
+        tmp_path,
+        format="csv",
+        csv_delimiter=";",
+        csv_quote="'",
+        csv_escape="\\",
+        csv_null_value="\\N",
+    )
+    t.open()
+    t.write(TRICKY)
+    t.flush()
+    body = _written(tmp_path)
+    assert body.splitlines()[:2] == [b"'id';'text';'kind';'amount'", b"1;'it\\'s';'N';1.5"]
+    # pyarrow's reader with the same dialect: exact rows and types (an
+    # unquoted \N unescapes to N: it is the null marker, the quoted 'N' a string).
+    back = pacsv.read_csv(
+        tmp_path / "out" / files(tmp_path)[0],
+        parse_options=pacsv.ParseOptions(
+            delimiter=";",
+            quote_char="'",
+            escape_char="\\",
+            double_quote=False,
+            newlines_in_values=True,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            null_values=["N"],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            column_types={"id": pa.int64(), "amount": pa.float64()},
+        ),
+    )
+    want = TRICKY.set_column(2, "kind", TRICKY["kind"].cast(pa.string()))
+    assert back.to_pylist() == want.to_pylist()
+    assert back.schema.field("amount").type == pa.float64()
+    # Python's csv module with the same dialect: every cell's text.
+    import csv
+    import io
+
+    rows = list(
+        csv.reader(
+            io.StringIO(body.decode(), newline=""),
+            delimiter=";",
+            quotechar="'",
+            escapechar="\\",
+            doublequote=False,
+        )
+    )
+    assert rows[0] == ["id", "text", "kind", "amount"]
+    assert [r[1] for r in rows[1:]] == ["it's", "a;b", "back\\slash", "line\nbreak", "N", ""]
+    assert [r[2] for r in rows[1:]] == ["N", "x", "'q'", "x", "y", "N"]
+
+
+def test_csv_quote_without_escape_doubles_the_quote(tmp_path: Path) -> None:
+    t = build(tmp_path, format="csv", csv_quote="'", csv_null_value="NULL", csv_header=False)
+    t.open()
+    t.write(TRICKY)
+    t.flush()
+    body = _written(tmp_path)
+    assert body.splitlines()[0] == b"1,'it''s','N',1.5"
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(body.decode(), newline=""), quotechar="'"))
+    assert [r[1] for r in rows] == ["it's", "a;b", "back\\slash", "line\nbreak", "NULL", ""]
+    back = pacsv.read_csv(
+        io.BytesIO(body),
+        read_options=pacsv.ReadOptions(column_names=["id", "text", "kind", "amount"]),
+        parse_options=pacsv.ParseOptions(quote_char="'", newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            null_values=["NULL"], strings_can_be_null=True, quoted_strings_can_be_null=False
+        ),
+    )
+    assert back["text"].to_pylist() == TRICKY["text"].to_pylist()
+    assert back["id"].to_pylist() == TRICKY["id"].to_pylist()
+
+
+def test_csv_written_with_quote_and_escape_is_read_back_by_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target's dialect read by the object-store source with the matching read options."""
+    monkeypatch.setenv("SLUICE_STATE_DIR", str(tmp_path / "state"))
+    t = build(
+        tmp_path,
+        format="csv",
+        csv_delimiter=";",
+        csv_quote="'",
+        csv_escape="\\",
+        csv_null_value="\\N",
+    )
+    t.open()
+    one_line = TRICKY.filter(pa.array([True, True, True, False, True, True]))
+    t.write(one_line)
+    t.flush()
+    spec = load_pipeline(
+        {
+            "pipeline_name": "rb",
+            "source_query": "out",
+            "source": {
+                "kind": "object_store_local",
+                "path": str(tmp_path),
+                "read_options": {
+                    "csv": {
+                        "delimiter": ";",
+                        "quote": "'",
+                        "escape": "\\",
+                        "null_regex": "^(NA|\\\\N)$",
+                    }
+                },
+            },
+            "target": {"kind": "sqlite", "path": "unused.sqlite", "table": {"name": "t"}},
+        }
+    )
+    (source_spec,) = spec.all_sources
+    source = registry.build_source(source_spec, registry.Context(spec))
+    source.open(None)
+    got: list[dict[str, Any]] = []
+    while (b := source.read(0.1)) is not None:
+        assert not b.bad
+        got.extend(b.data.drop_columns(["_event_ts"]).to_pylist())
+    source.close()
+    want = one_line.set_column(2, "kind", one_line["kind"].cast(pa.string()))
+    assert got == want.to_pylist()
+
+
+@pytest.mark.parametrize(
+    ("keys", "where", "says"),
+    [
+        ({"csv_quote": ";", "csv_delimiter": ";"}, "csv_quote", "already the csv_delimiter"),
+        ({"csv_escape": "'", "csv_quote": "'"}, "csv_escape", "already the csv_quote"),
+        ({"csv_quote": "ab"}, "csv_quote", "one ASCII character"),
+        ({"csv_delimiter": "\n"}, "csv_delimiter", "one ASCII character"),
+        ({"csv_null_value": "a,b"}, "csv_null_value", "would split it"),
+    ],
+)
+def test_unreadable_csv_write_options_are_refused_at_config_validation(
+    keys: dict[str, str], where: str, says: str
+) -> None:
+    from sluice.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(
+            {
+                "pipeline_name": "p",
+                "source_query": "t",
+                "source": {"kind": "kafka", "bootstrap_servers": "x:1"},
+                "target": {"kind": "object_store_local", "path": "/tmp/x", "format": "csv", **keys},
+            }
+        )
+    (problem,) = info.value.problems
+    assert problem.path == f"target.{where}" and says in problem.message
+
+
+def test_the_column_wise_csv_writer_renders_every_type_as_pyarrow_does() -> None:
+    """With pyarrow's dialect, the writer used for other quotes / escapes
+    writes byte for byte what pyarrow's CSV writer writes."""
+    import datetime
+    import decimal
+
+    from sluice.connectors.object_store.encode import csv_bytes
+
+    data = pa.table(
+        {
+            "ts": pa.array(
+                [datetime.datetime(2020, 1, 1, 1, 2, 3, 456789), None], pa.timestamp("us", "UTC")
+            ),
+            "day": pa.array([datetime.date(2020, 1, 2), None]),
+            "dec": pa.array([decimal.Decimal("1.50"), None], pa.decimal128(5, 2)),
+            "flag": [True, None],
+            "bin": pa.array([b"ab", None]),
+            "large": pa.array(['say "hi"', None], pa.large_string()),
+            "dict": pa.array(["a,b", None]).dictionary_encode(),
+            "time": pa.array([datetime.time(1, 2, 3), None]),
+            "f": [float("nan"), float("-inf")],
+            "i8": pa.array([1, -2], pa.int8()),
+        }
+    )
+    theirs = pa.BufferOutputStream()
+    pacsv.write_csv(data, theirs)
+    mine = csv_bytes(data, delimiter=",", quote='"', escape=None, null_value="", header=True)
+    assert mine == theirs.getvalue().to_pybytes()

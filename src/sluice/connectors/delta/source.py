@@ -2,8 +2,9 @@
 
 The table is ``path`` (local) or ``s3://bucket/prefix``, joined with
 ``source_query`` when that is a relative path (``source_query`` may also be
-the table's absolute path or ``s3://`` URI). The position is the next version
-to read, under the key ``source_query``; a new source starts at version 0.
+the table's absolute path or ``s3://`` URI). The position (under the key
+``source_query``) is the next version to read and the next row in it; a new
+source starts at version 0.
 
 * With the change data feed on (``delta.enableChangeDataFeed``), a version
   is its change rows (``load_cdf``): inserts, update pre- and post-images and
@@ -16,7 +17,10 @@ to read, under the key ``source_query``; a new source starts at version 0.
 Either way a compaction (``OPTIMIZE``: files rewritten with ``dataChange =
 false``) emits nothing. A version whose log entry or data files are gone
 (``VACUUM``, log retention) is an error naming the version: the source cannot
-read it. A version is one batch (its size is what its writer committed).
+read it. A version is read in batches of at most ``max_batch_rows`` rows
+(its files in log order, each streamed by row group), so memory does not
+depend on the version's size; the position is the version and the next row
+in it (:func:`encode`), so a crash mid-version resumes mid-version.
 ``_event_ts`` is the version's commit time. Positions are also kept in the
 source's own file under the state directory of the object-store source
 (:func:`sluice.connectors.object_store.source.state_root`).
@@ -28,6 +32,7 @@ import hashlib
 import json
 import logging
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -39,7 +44,7 @@ import pyarrow.parquet as pq
 
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position
 from sluice.connectors.delta.spec import DeltaLocalSource, DeltaS3Source
-from sluice.connectors.object_store.source import state_root
+from sluice.connectors.object_store.source import parquet_batches, state_root
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
 from sluice.localstate import read_json, safe_name, write_json
@@ -87,6 +92,27 @@ def _where(
     return uri, options or None, pafs.S3FileSystem(**kwargs), base
 
 
+#: A position is ``(version + 1) * PER_VERSION + row``: the next row to read
+#: of that version (readable in decimal: 30000000042 is row 42 of version 2).
+#: A value below ``PER_VERSION`` is a plain version (positions before
+#: versions were streamed in batches): its row 0.
+PER_VERSION = 10**10
+
+
+def encode(version: int, row: int) -> int:
+    """The position of ``row`` of ``version``."""
+    if row >= PER_VERSION:
+        raise ConnectorError(f"a Delta version of {row} rows or more is not supported")
+    return (version + 1) * PER_VERSION + row
+
+
+def decode(position: int) -> tuple[int, int]:
+    """(version, row) of a position."""
+    if position < PER_VERSION:
+        return position, 0
+    return position // PER_VERSION - 1, position % PER_VERSION
+
+
 class DeltaSource:
     """Reads each new version of one Delta table once (see the module docstring)."""
 
@@ -101,13 +127,20 @@ class DeltaSource:
             / safe_name(ctx.pipeline.pipeline_name)
             / f"delta-{safe_name(self.query)}-{digest}.json"
         )
+        self._rows = spec.max_batch_rows
         self._table: DeltaTable | None = None
-        self._committed = 0  # next version, as last committed
-        self._next = 0  # next version to read
+        self._committed = 0  # position, as last committed
+        self._version = 0  # the version being read, or next to read
+        self._row = 0  # its next row
+        # The version being read: its pieces, the next one (read ahead, so the
+        # last piece of a version carries the next version's position), commit time.
+        self._pieces: Iterator[pa.Table] | None = None
+        self._ahead: pa.Table | None = None
+        self._ts_ms = 0
 
     def open(self, resume: Position | None) -> None:
         """Find the table (a missing one is an error); start at ``resume`` or
-        the last committed version."""
+        the last committed position."""
         try:
             self._table = DeltaTable(self.uri, storage_options=self.options)
         except TableNotFoundError as exc:
@@ -115,46 +148,72 @@ class DeltaSource:
         except (DeltaError, OSError) as exc:
             raise TransientError(f"source {self.id}: {exc}") from exc
         own = read_json(self._checkpoint) or {}
-        self._committed = int(own.get("next_version", 0))
+        self._committed = int(own.get("position", own.get("next_version", 0)))
         self.rewind(resume)
 
     def rewind(self, position: Position | None) -> None:
-        """Read next from ``position``'s version, else from the last committed one."""
+        """Read next from ``position``, else from the last committed one."""
+        self._stop_version()
         at = (position or {}).get(self.query)
-        self._next = int(at) if isinstance(at, int) else self._committed
+        self._version, self._row = decode(int(at) if isinstance(at, int) else self._committed)
+
+    def _stop_version(self) -> None:
+        if self._pieces is not None:
+            self._pieces.close()  # type: ignore[attr-defined]  # a generator
+        self._pieces = None
+        self._ahead = None
 
     def close(self) -> None:
-        """Nothing held open."""
+        """Close the version being read."""
+        self._stop_version()
         self._table = None
 
     def commit(self, position: Position) -> None:
-        """Record the next version to read (atomic rename, fsynced)."""
+        """Record the position (atomic rename, fsynced)."""
         at = position.get(self.query)
         if isinstance(at, int):
             self._committed = at
-            write_json(self._checkpoint, {"table": self.uri, "next_version": at})
+            version, row = decode(at)
+            write_json(
+                self._checkpoint,
+                {"table": self.uri, "position": at, "version": version, "row": row},
+            )
 
     def read(self, timeout_s: float) -> Batch | None:
-        """The next version's rows (maybe none: a compaction), or ``None``
-        when the table has no newer version."""
+        """The next rows of the version being read (at most ``max_batch_rows``),
+        or of the next version; ``None`` when the table has no newer version.
+        A version without data rows (a compaction) is one batch of none."""
         table = self._table
         if table is None:
             raise ConnectorError(f"source {self.id}: read before open")
+        version = self._version
         try:
-            if self._next > table.version():
-                table.update_incremental()
-                if self._next > table.version():
-                    return None
-            version = self._next
-            cdf = table.metadata().configuration.get("delta.enableChangeDataFeed") == "true"
-            data = self._changes(table, version) if cdf else self._added(table, version)
+            if self._pieces is None:
+                if version > table.version():
+                    table.update_incremental()
+                    if version > table.version():
+                        return None
+                cdf = table.metadata().configuration.get("delta.enableChangeDataFeed") == "true"
+                self._pieces = self._version_pieces(table, version, self._row, cdf)
+                self._ahead = next(self._pieces, None)
+            piece = self._ahead
+            self._ahead = next(self._pieces, None) if piece is not None else None
         except (DeltaError, OSError) as exc:
+            self._stop_version()
             raise ConnectorError(
                 f"source {self.id}: cannot read version {version} of {self.uri} "
                 f"(vacuumed, or its log entry expired?): {exc}"
             ) from exc
-        self._next = version + 1
-        position: Position = {self.query: self._next}
+        except ConnectorError:
+            self._stop_version()
+            raise
+        data = _stamped(piece if piece is not None else pa.table({}), self._ts_ms)
+        if self._ahead is None:  # the version's last piece
+            self._stop_version()
+            self._version, self._row = version + 1, 0
+        else:
+            self._row += data.num_rows
+        position: Position = {self.query: encode(self._version, self._row)}
         return Batch(
             self.id,
             data,
@@ -179,46 +238,96 @@ class DeltaSource:
         info: dict[str, Any] = next((a["commitInfo"] for a in actions if "commitInfo" in a), {})
         return actions, int(info.get("timestamp", 0))
 
-    def _added(self, table: DeltaTable, version: int) -> pa.Table:
-        """The rows of the files ``version`` added with dataChange = true."""
-        actions, ts_ms = self._commit(version)
-        schema = pa.schema(table.schema().to_arrow())
-        parts: list[pa.Table] = []
-        for action in actions:
-            add = action.get("add")
-            if not add or not add.get("dataChange", True):
-                continue
-            if add.get("deletionVector"):
+    def _version_pieces(
+        self, table: DeltaTable, version: int, start: int, cdf: bool
+    ) -> Iterator[pa.Table]:
+        """The rows of ``version`` from row ``start``, at most ``max_batch_rows``
+        per piece, in a fixed order (the files in log order, each front to back).
+
+        Without the change data feed: the files added with dataChange = true.
+        With it (the protocol's rules, as ``load_cdf``): the version's change
+        files when it has any, else its added files as inserts and its
+        removed files (dataChange = true) as deletes; with ``_change_type``,
+        ``_commit_version`` and ``_commit_timestamp``."""
+        actions, self._ts_ms = self._commit(version)
+        schema = pa.schema(
+            [
+                pa.field(f.name, pa.string()) if f.type == pa.string_view() else f
+                for f in pa.schema(table.schema().to_arrow())
+            ]
+        )
+        files: list[tuple[dict[str, Any], str | None]] = []  # (action, change type)
+        if cdf and any("cdc" in a for a in actions):
+            files = [(a["cdc"], None) for a in actions if "cdc" in a]
+        else:
+            for action in actions:
+                add, remove = action.get("add"), action.get("remove")
+                if add and add.get("dataChange", True):
+                    files.append((add, "insert"))
+                elif cdf and remove and remove.get("dataChange", True):
+                    files.append((remove, "delete"))
+        skip = start
+        for action, change in files:
+            if action.get("deletionVector"):
                 raise ConnectorError(
                     f"source {self.id}: version {version} has deletion vectors, "
-                    "which this source cannot read (enable the change data feed)"
+                    "which this source cannot read"
                 )
-            path = posixpath.join(self.root, unquote(add["path"]))
+            path = posixpath.join(self.root, unquote(action["path"]))
             try:
-                data = pq.read_table(path, filesystem=self.fs)
+                f = self.fs.open_input_file(path)
             except FileNotFoundError as exc:
                 raise ConnectorError(
                     f"source {self.id}: version {version} of {self.uri}: data file "
-                    f"{add['path']} is gone (vacuumed): the version cannot be read"
+                    f"{action['path']} is gone (vacuumed): the version cannot be read"
                 ) from exc
-            for name, value in (add.get("partitionValues") or {}).items():
-                field = schema.field(name) if name in schema.names else pa.field(name, pa.string())
-                column = pa.array([value] * data.num_rows, pa.string()).cast(field.type)
-                data = data.append_column(name, column)
-            parts.append(data)
-        if not parts:
-            return _stamped(pa.table({}), ts_ms)
-        data = pa.concat_tables(parts, promote_options="permissive")
-        return _stamped(data, ts_ms)
+            with f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+                if skip >= rows:
+                    skip -= rows
+                    continue
+                for batch in parquet_batches(f, skip, self._rows):
+                    yield self._shaped(
+                        pa.Table.from_batches([batch]), action, change, schema, version, cdf
+                    )
+                skip = 0
 
-    def _changes(self, table: DeltaTable, version: int) -> pa.Table:
-        """The change rows of ``version`` from the change data feed."""
-        reader = table.load_cdf(starting_version=version, ending_version=version)
-        data = pa.table(reader.read_all())
-        if not data.num_rows:
-            return _stamped(pa.table({}), 0)
-        _, ts_ms = self._commit(version)
-        return _stamped(data, ts_ms)
+    def _shaped(
+        self,
+        data: pa.Table,
+        action: dict[str, Any],
+        change: str | None,
+        schema: pa.Schema,
+        version: int,
+        cdf: bool,
+    ) -> pa.Table:
+        """The table's columns in its order (partition values added), then the
+        change columns of the change data feed."""
+        n = data.num_rows
+        values = action.get("partitionValues") or {}
+        columns = []
+        for field in schema:
+            if field.name in values:
+                column = pa.array([values[field.name]] * n, pa.string()).cast(field.type)
+            elif field.name in data.column_names:
+                column = data[field.name].cast(field.type)
+            else:
+                column = pa.nulls(n, field.type)
+            columns.append(column)
+        out = pa.Table.from_arrays(columns, schema=schema)
+        if not cdf:
+            return out
+        kind = (
+            data["_change_type"].cast(pa.string())
+            if change is None
+            else pa.array([change] * n, pa.string())
+        )
+        stamp = pa.array(np.full(n, self._ts_ms, np.int64)).cast(pa.timestamp("ms"))
+        return (
+            out.append_column("_change_type", kind)
+            .append_column("_commit_version", pa.array(np.full(n, version, np.uint64)))
+            .append_column("_commit_timestamp", stamp)
+        )
 
 
 def _stamped(data: pa.Table, ts_ms: int) -> pa.Table:

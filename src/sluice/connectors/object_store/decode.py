@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -64,6 +65,25 @@ class Lines:
         return np.insert(body, cut, np.uint8(10)).tobytes()
 
 
+def decode_inferring(decoder: Any, lines: Lines, infer: int | None) -> Decoded:
+    """``decoder.decode(lines)``; before the stream's schema is locked, with
+    ``infer`` (``schema_infer_max_records``), the types come from the first
+    ``infer`` record lines only: those are decoded first (locking the schema),
+    the rest after, against it."""
+    if infer is None or decoder.locked or len(lines) <= infer:
+        return decoder.decode(lines)  # type: ignore[no-any-return]
+    head = decoder.decode(Lines(lines.chunk, lines.starts[:infer], lines.ends[:infer]))
+    tail = decoder.decode(Lines(lines.chunk, lines.starts[infer:], lines.ends[infer:]))
+    tables = [t for t in (head.table, tail.table) if t.num_columns]
+    table = pa.concat_tables(tables, promote_options="permissive") if tables else head.table
+    bad = head.bad + [(infer + i, why) for i, why in tail.bad]
+    if head.rows is None and tail.rows is None:
+        return Decoded(table, bad)
+    first = head.rows if head.rows is not None else list(range(head.table.num_rows))
+    rest = tail.rows if tail.rows is not None else list(range(tail.table.num_rows))
+    return Decoded(table, bad, [*first, *(infer + r for r in rest)])
+
+
 def split_lines(chunk: bytes, comment: int | None = None) -> Lines:
     """The non-empty lines of ``chunk`` (``\\r\\n`` and ``\\n`` endings; a last
     line without a break counts), without those starting with ``comment``."""
@@ -109,6 +129,11 @@ class JsonLines:
     def has_header(self) -> bool:
         return False
 
+    @property
+    def locked(self) -> bool:
+        """Whether the stream's schema is set (by the first lines decoded)."""
+        return self._decoder.schema is not None
+
     def decode(self, lines: Lines) -> Decoded:
         """Every record line of ``lines``; the bad ones by index with a reason."""
         table = self._decoder.parse_lines(lines.joined(), len(lines))
@@ -147,12 +172,14 @@ def null_values(regex: str) -> list[str]:
     if body.startswith("(") and body.endswith(")"):
         body = body[1:-1]
     words = body.split("|")
-    if any(re.escape(w) != w for w in words):
+    # Literal characters, or a special one escaped ("\\N" is the cell \N).
+    literal = re.compile(r"(?:[^\\.^$*+?{}\[\]|()]|\\[^A-Za-z0-9])*")
+    if not all(literal.fullmatch(w) for w in words):
         raise ConnectorError(
             f"read_options.csv.null_regex = {regex!r}: only a list of literal cells "
             "(e.g. '^(NA|null|)$') is supported"
         )
-    return words
+    return [re.sub(r"\\(.)", r"\1", w) for w in words]
 
 
 class Csv:
@@ -174,9 +201,22 @@ class Csv:
             escape_char=escape if escape else False,
         )
         self._nulls = None if o.null_regex is None else null_values(o.null_regex)
+        # pyarrow matches null cells after unescaping (an unquoted \N with
+        # escape \ reads as "N"): match the unescaped marker, unquoted only,
+        # so the quoted string "N" stays a string.
+        self._quoted_nulls = True
+        if escape and self._nulls is not None:
+            unescaped = [re.sub(re.escape(escape) + "(.)", r"\1", w) for w in self._nulls]
+            if unescaped != self._nulls:
+                self._nulls, self._quoted_nulls = unescaped, False
         self._truncated_ok = bool(o.truncated_rows_ok)
         self._names: list[str] | None = None
         self._schema: pa.Schema | None = None  # locked: name -> type
+
+    @property
+    def locked(self) -> bool:
+        """Whether the stream's schema is set (by the first lines decoded)."""
+        return self._schema is not None
 
     def header(self, line: bytes | None) -> None:
         """The file's header line (``None``: the file is empty)."""
@@ -192,7 +232,10 @@ class Csv:
         if self._nulls is None:
             return pacsv.ConvertOptions(column_types=types)
         return pacsv.ConvertOptions(
-            column_types=types, null_values=self._nulls, strings_can_be_null=True
+            column_types=types,
+            null_values=self._nulls,
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=self._quoted_nulls,
         )
 
     def _read(self, buf: bytes) -> pa.Table:
@@ -219,10 +262,17 @@ class Csv:
             return self._conform(table)
 
     def _widen(self, message: str, names: list[str] | None) -> bool:
-        """int64 -> float64 for the column a conversion error names."""
-        found = re.search(r"CSV column #(\d+): CSV conversion error to int64", message)
+        """int64 -> float64 for the column a conversion error names, when the
+        value it could not convert is a number (a fraction)."""
+        found = re.search(
+            r"CSV column #(\d+): CSV conversion error to int64: invalid value '(.*)'", message
+        )
         if found is None or self._schema is None or names is None:
             return False
+        try:
+            float(found.group(2))
+        except ValueError:
+            return False  # not a number at all: a bad record, the column stays int64
         name = names[int(found.group(1))]
         i = self._schema.get_field_index(name)
         if i < 0 or self._schema.field(i).type != pa.int64():

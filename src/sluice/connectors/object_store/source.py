@@ -15,7 +15,11 @@ a file that grew, is found then. Nothing is skipped silently: every file is
 read, or reported (below).
 
 **Positions** are per file (key -> next unit to read), so a crash mid-file
-resumes mid-file:
+resumes mid-file (the per-file positions are kept for the files present: a
+whole listing drops those of files gone since, so a file deleted and later
+written again under the same name is read as a new file when a listing saw
+it gone, else reported as rewritten; the engine's stores keep the last
+position of every file they were given):
 
 * uncompressed JSON lines / CSV: the byte offset of the next line. A file
   that grew past it (lines appended) is read on from there; one that shrank
@@ -36,7 +40,10 @@ share positions.
 **Records.** Text files are read ``max_batch_bytes`` at a time, cut at the
 last line break, at most ``max_batch_rows`` lines per batch; a line longer
 than ``max_record_bytes`` is a bad record (its first 64 KiB kept). Memory is
-bounded by those, whatever the file size. Bad lines (invalid JSON, not an
+bounded by those, whatever the file size. The stream's types are inferred
+from the first batch's record lines, or from its first
+``schema_infer_max_records`` lines when ``[read_options.csv]`` /
+``[read_options.json]`` set it; the schema is locked then. Bad lines (invalid JSON, not an
 object, a value that does not fit the locked schema, a CSV line with the
 wrong number of cells) are bad records named by file, line and byte offset.
 A Parquet / ORC file that cannot be read, or whose columns do not fit the
@@ -62,7 +69,13 @@ import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
 from sluice.connectors.api import EVENT_TS, EVENT_TS_TYPE, Batch, Position, RawRecord
-from sluice.connectors.object_store.decode import Csv, JsonLines, Lines, split_lines
+from sluice.connectors.object_store.decode import (
+    Csv,
+    JsonLines,
+    Lines,
+    decode_inferring,
+    split_lines,
+)
 from sluice.connectors.object_store.spec import ObjectStoreS3Source, ObjectStoreSourceSpec
 from sluice.connectors.object_store.stores import Entry, LocalStore, S3Store, Store
 from sluice.connectors.registry import Context
@@ -355,7 +368,7 @@ def _skip(stream: pa.NativeFile, count: int) -> None:
         count -= len(data)
 
 
-def _parquet_batches(f: pa.NativeFile, start: int, rows: int) -> Iterator[pa.RecordBatch]:
+def parquet_batches(f: pa.NativeFile, start: int, rows: int) -> Iterator[pa.RecordBatch]:
     """Record batches of a Parquet file from row ``start``, at most ``rows`` each,
     reading only the row groups from the one holding ``start``."""
     pf = pq.ParquetFile(f)
@@ -396,7 +409,7 @@ class _Columnar:
     def __init__(self, store: Store, entry: Entry, fmt: str, start: int, rows: int) -> None:
         self._f = store.open(entry.key)
         self.pos = start
-        read = _parquet_batches if fmt == "parquet" else _orc_batches
+        read = parquet_batches if fmt == "parquet" else _orc_batches
         self._batches = read(self._f, start, rows)
 
     def next(self) -> pa.RecordBatch | None:
@@ -429,6 +442,12 @@ class ObjectStoreSource:
         options = spec.read_options
         self._csv_options = options.csv if options else None
         json_rows = options.json.batch_size if options and options.json else None
+        self._infer = {
+            "csv": options.csv.schema_infer_max_records if options and options.csv else None,
+            "json_lines": (
+                options.json.schema_infer_max_records if options and options.json else None
+            ),
+        }
         self._max_rows = min(spec.max_batch_rows, json_rows or spec.max_batch_rows)
         self._decoders: dict[str, Any] = {}
         self._schema: pa.Schema | None = None  # locked schema of Parquet / ORC batches
@@ -480,6 +499,9 @@ class ObjectStoreSource:
         if not position:
             return
         self._committed.update(position)
+        self._write_own()
+
+    def _write_own(self) -> None:
         write_json(
             self._checkpoint,
             {"store": self.store.url, "prefix": self.prefix, "positions": self._committed},
@@ -499,6 +521,11 @@ class ObjectStoreSource:
         if whole:
             self._full_at = now
         todo = set(self._todo)
+        if whole:
+            if not entries:
+                self.store.check(self.prefix)  # gone (unmounted, renamed) is an error
+            self._forget({e.key for e in entries})
+            todo &= {e.key for e in entries}
         for entry in entries:
             self._listed[entry.key] = entry
             if self._last_key is None or entry.key > self._last_key:
@@ -506,6 +533,20 @@ class ObjectStoreSource:
             if entry.key not in todo and self._pending(entry):
                 todo.add(entry.key)
         self._todo = sorted(todo)
+
+    def _forget(self, present: set[str]) -> None:
+        """Drop what is kept per file for the files a whole listing no longer
+        has (deleted or moved away), but the one being read: the positions
+        stay bounded by the files present, and a gone file cannot be read again."""
+        reading = self._entry.key if self._entry is not None else None
+        gone = [k for k in self._committed if k not in present and k != reading]
+        for held in (self._read, self._committed, self._listed):
+            for key in [k for k in held if k not in present and k != reading]:
+                del held[key]
+        self._warned &= present
+        if gone:
+            log.info("source %s: forgetting the positions of %d file(s) gone", self.id, len(gone))
+            self._write_own()
 
     def _pending(self, entry: Entry) -> bool:
         fmt = file_format(entry.key, self.spec.format)
@@ -651,7 +692,7 @@ class ObjectStoreSource:
             decoder.header(lines.line(0))
             reader.needs_header = False
             lines = Lines(chunk, lines.starts[1:], lines.ends[1:])
-        decoded = decoder.decode(lines)
+        decoded = decode_inferring(decoder, lines, self._infer.get(fmt))
         pos = reader.pos
         finished = reader.finished
         if finished and compression is not None:

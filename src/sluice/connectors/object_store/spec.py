@@ -31,13 +31,19 @@ class CsvReadOptions(Spec, frozen=True, kw_only=True):
     comment: Annotated[str | int | None, doc("lines starting with this are ignored")] = None
     null_regex: Annotated[str | None, doc("cells matching this read as null")] = None
     truncated_rows_ok: Annotated[bool | None, doc("allow rows with missing cells")] = None
-    schema_infer_max_records: Annotated[PositiveInt | None, doc("rows read to infer types")] = None
+    schema_infer_max_records: Annotated[
+        PositiveInt | None,
+        doc("record lines the types are inferred from (default: the first batch's), then locked"),
+    ] = None
 
 
 class JsonReadOptions(Spec, frozen=True, kw_only=True):
     """[read_options.json]: how JSON lines are read."""
 
-    schema_infer_max_records: Annotated[PositiveInt | None, doc("rows read to infer types")] = None
+    schema_infer_max_records: Annotated[
+        PositiveInt | None,
+        doc("record lines the types are inferred from (default: the first batch's), then locked"),
+    ] = None
     batch_size: Annotated[PositiveInt | None, doc("rows per decoded batch")] = None
 
 

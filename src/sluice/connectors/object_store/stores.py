@@ -78,7 +78,14 @@ class LocalStore:
         """Walk the prefix folder (a local listing is always whole)."""
         folder = self.root / prefix if prefix else self.root
         out: list[Entry] = []
-        for dirpath, dirnames, filenames in os.walk(folder):
+
+        def failed(exc: OSError) -> None:
+            # A folder that cannot be listed must not look empty: its files'
+            # positions would be forgotten (a folder removed meanwhile is fine).
+            if not isinstance(exc, FileNotFoundError):
+                raise TransientError(f"object_store_local: listing {folder}: {exc}") from exc
+
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=failed):
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "_"))]
             base = Path(dirpath)
             for name in filenames:
