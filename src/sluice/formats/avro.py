@@ -236,11 +236,11 @@ class AvroCodec:
             fields = self._union_fields(branches)
             if len(fields) == 1:
                 return None  # alike scalars merged into one plain column
-            names = {kind: name for name, _, kind in fields}
+            names = {read_as: name for name, _, read_as in fields}
             by_type: dict[type, tuple[str, _Fix | None]] = {}
             for branch in branches:
-                kind = _python_type(self._arrow(branch))
-                by_type[kind] = (names[kind], self._fixer(branch))
+                read_as = _python_type(self._arrow(branch))
+                by_type[read_as] = (names[read_as], self._fixer(branch))
             return _union_fix(by_type)
         if not isinstance(t, dict):
             return None
