@@ -1,6 +1,6 @@
 """Micro-benchmark: what sluice's registry decoders cost per 1M messages (one core).
 
-    python -m benchmarks.kafka_avro_to_postgres.decode_cost [--messages 200000]
+    python -m benchmarks.kafka_avro_to_postgres.decode_cost [--messages 200000] [--out FILE.md]
 
 Payloads are made by confluent-kafka's serializers against the schema
 registry (``--schema-registry-url``, default the test registry of
@@ -11,7 +11,10 @@ Schemas: the benchmark's flat event (7 fields, as ``run.py`` produces), and
 a wide one with logical types (timestamp-micros, date, decimal, uuid,
 nullable union, nested record, array) for Avro; ``tests/protos.py``'s
 ``Order`` (Timestamp, wrapper, enum, repeated, nested, optional, map) for
-Protobuf.
+Protobuf; the flat event again as JSON Schema (``JSONSerializer``), decoded
+without and with ``json_schema_validation``; and an Avro record with two
+unions of several types (the one decoder path with Python per value).
+``--out`` also writes the figures as a Markdown table.
 """
 
 from __future__ import annotations
@@ -58,9 +61,21 @@ WIDE = {
 }
 
 
-def measure(fmt: str, url: str, payloads: list[bytes], n: int) -> float:
+UNIONS = {
+    "type": "record",
+    "name": "Unions",
+    "fields": [
+        {"name": "id", "type": "long"},
+        {"name": "value", "type": ["null", "string", "long", "double"]},
+        {"name": "ref", "type": ["null", "long", "string"]},
+        {"name": "note", "type": "string"},
+    ],
+}
+
+
+def measure(fmt: str, url: str, payloads: list[bytes], n: int, validate: bool = False) -> float:
     """Seconds per 1M messages to decode ``n`` messages cycling over ``payloads``."""
-    dec = decoder_for(fmt, None, "bench", RegistrySettings(url))
+    dec = decoder_for(fmt, None, "bench", RegistrySettings(url), validate=validate)
     batch = (payloads * (BATCH // len(payloads) + 1))[:BATCH]
     dec.decode(batch, [])  # the one registry fetch, outside the timing
     spent = 0.0
@@ -83,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=200_000)
     p.add_argument("--schema-registry-url", default=DEFAULT_REGISTRY)
+    p.add_argument("--out", help="also write the figures to this Markdown file")
     a = p.parse_args(argv)
     client = SchemaRegistryClient({"url": a.schema_registry_url})
     from benchmarks.kafka_to_postgres.run import events
@@ -123,14 +139,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         ProtobufSerializer(Order, client, {"use.deprecated.format": False}),
         [order(i) for i in range(1000)],
     )
-    for name, fmt, payloads in (
-        ("avro, flat event (7 fields)", "avro", flat),
-        ("avro, logical types + nested (8 fields)", "avro", wide),
-        ("protobuf, Order (9 fields, WKT, map)", "protobuf", proto),
+    from confluent_kafka.schema_registry.json_schema import JSONSerializer
+
+    event_json = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "Event",
+        "type": "object",
+        "properties": {
+            f["name"]: {"type": _JSON_TYPES[str(f["type"])]} for f in EVENT_SCHEMA["fields"]
+        },
+    }
+    json_schema = serialize(
+        JSONSerializer(json.dumps(event_json), client),
+        [json.loads(e) for _, e in events(1000, 42)],
+    )
+    unions = serialize(
+        AvroSerializer(client, json.dumps(UNIONS)),
+        [
+            {
+                "id": i,
+                "value": (f"v{i}", i, i / 3, None)[i % 4],
+                "ref": i if i % 2 else f"r{i}",
+                "note": f"n{i}",
+            }
+            for i in range(1000)
+        ],
+    )
+    rows = []
+    for name, fmt, payloads, validate in (
+        ("avro, flat event (7 fields)", "avro", flat, False),
+        ("avro, logical types + nested (8 fields)", "avro", wide, False),
+        ("avro, 2 unions of several types (4 fields)", "avro", unions, False),
+        ("protobuf, Order (9 fields, WKT, map)", "protobuf", proto, False),
+        ("json_schema, flat event (7 fields)", "json_schema", json_schema, False),
+        ("json_schema, validated", "json_schema", json_schema, True),
     ):
-        per_million = measure(fmt, a.schema_registry_url, payloads, a.messages)
-        print(f"{name:42s} {per_million:6.1f} s per 1M messages ({1e6 / per_million:,.0f} msgs/s)")
+        per_million = measure(fmt, a.schema_registry_url, payloads, a.messages, validate)
+        rows.append((name, per_million))
+        print(f"{name:44s} {per_million:6.1f} s per 1M messages ({1e6 / per_million:,.0f} msgs/s)")
+    if a.out:
+        import platform
+
+        lines = [
+            "# Registry decoders: cost per 1M messages",
+            "",
+            f"`python -m benchmarks.kafka_avro_to_postgres.decode_cost --messages {a.messages}`"
+            f" (decode calls only, batches of {BATCH:,}, one core; Python "
+            f"{platform.python_version()}, shared 2-core machine: about +-25 % between runs).",
+            "",
+            "| payloads | s per 1M messages | messages/s |",
+            "|---|---:|---:|",
+            *(f"| {name} | {pm:.1f} | {1e6 / pm:,.0f} |" for name, pm in rows),
+            "",
+        ]
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
     return 0
+
+
+#: The flat event's Avro types as JSON Schema types.
+_JSON_TYPES = {
+    "long": "integer",
+    "int": "integer",
+    "string": "string",
+    "double": "number",
+    "float": "number",
+    "boolean": "boolean",
+}
 
 
 if __name__ == "__main__":
