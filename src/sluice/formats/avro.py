@@ -31,17 +31,29 @@ refused (the schema's messages follow ``on_error``). This is the one place
 the decoder runs Python per value, and only for union columns.
 A top-level schema that is not a record decodes into one column, ``value``.
 
-Cost: fastavro's compiled reader turns each body into Python values (the
-logical types other than ``decimal`` are read as their raw numbers, so no
-``datetime`` is built), and :meth:`pyarrow.Table.from_pylist` builds the
-columns in C++; no Python runs per field. See the README for the measured
-cost per 1M messages.
+Cost: a batch is decoded natively when it can be: the bodies are joined
+into one block of an Avro object container (the writer schema in its
+header) and read by ``polars.read_avro`` (Rust, straight into Arrow), about
+10x faster than the per-message path. Each body is followed in the block
+by a 16-byte marker, random per process, read back as a last column: a
+body longer or shorter than its record shifts the reading and the markers
+no longer match, so the batch takes the per-message path, which finds the
+bad body. Whether a schema goes native is decided once per schema id, on
+its first batch: both paths decode it and must give equal tables (types and
+values), else the schema stays on the per-message path (a union of several
+types, a map, a schema with references, a type polars reads differently).
+The per-message path: fastavro's compiled reader turns each body into
+Python values (the logical types other than ``decimal`` are read as their
+raw numbers, so no ``datetime`` is built), and
+:meth:`pyarrow.Table.from_pylist` builds the columns in C++. See the README
+for the measured cost per 1M messages.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -111,13 +123,44 @@ class AvroCodec:
             )
         except Exception as exc:  # fastavro raises several types for a bad schema
             raise ConnectorError(f"invalid Avro schema: {exc}") from exc
+        # The native reader: None = not decided yet (first batch), False = not for this schema.
+        self._native: _Native | bool | None = (
+            None if self.record and not references and _plain(raw) and _polars() else False
+        )
+        self._raw = raw
 
     def view(self, indexes: tuple[int, ...]) -> AvroCodec:
         """Avro has no message indexes: itself."""
         return self
 
+    @property
+    def native(self) -> bool | None:
+        """Whether batches are read natively (``None``: not decided yet)."""
+        return None if self._native is None else self._native is not False
+
     def decode(self, bodies: list[bytes]) -> tuple[pa.Table, list[tuple[int, str]]]:
         """See :class:`sluice.formats.confluent.Codec`."""
+        native = self._native
+        if native is False or not bodies:
+            return self._decode_each(bodies)
+        if isinstance(native, _Native):
+            table = native.read(bodies, self.schema)
+            return (table, []) if table is not None else self._decode_each(bodies)
+        # First batch of this schema: both paths, the native one kept only if equal.
+        try:
+            candidate: _Native | None = _Native(self._raw)
+        except Exception:  # a schema the container header cannot carry
+            candidate = None
+        table = candidate.read(bodies, self.schema) if candidate is not None else None
+        reference, bad = self._decode_each(bodies)
+        if table is not None and not bad:
+            self._native = candidate if table.equals(reference) else False
+        elif not bad:
+            self._native = False  # good bodies the native reader cannot read
+        return reference, bad
+
+    def _decode_each(self, bodies: list[bytes]) -> tuple[pa.Table, list[tuple[int, str]]]:
+        """The per-message path (fastavro, then one Arrow build)."""
         records: list[Any] = []
         bad: list[tuple[int, str]] = []
         parsed = self._parsed
@@ -268,6 +311,90 @@ class AvroCodec:
 
 #: A function that rewrites one decoded value (union values into their struct).
 _Fix = Any
+
+_SYNC = b"sluice-avro-sync"  # 16 bytes: the container's sync marker
+
+
+def _polars() -> bool:
+    try:
+        import polars  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _plain(t: Any) -> bool:
+    """Whether ``t`` has only what polars reads (no map, no union of several
+    types; polars panics on those): the first batch then checks the rest."""
+    if isinstance(t, list):
+        return len([b for b in t if b != "null"]) <= 1 and all(_plain(b) for b in t)
+    if not isinstance(t, dict):
+        return True
+    kind = t.get("type")
+    if kind == "map":
+        return False
+    if kind == "record":
+        return all(_plain(f.get("type")) for f in t.get("fields", ()))
+    if kind == "array":
+        return _plain(t.get("items"))
+    return _plain(kind)
+
+
+def _varint(n: int) -> bytes:
+    """``n`` as an Avro long (zigzag varint)."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _Native:
+    """Reads a batch of bodies of one record schema as one Avro container block."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        tag = os.urandom(8).hex()
+        self.marker = os.urandom(16)
+        self.column = f"sluice_end_{tag}"
+        end = {
+            "name": self.column,
+            "type": {"type": "fixed", "name": f"SluiceEnd{tag}", "size": 16},
+        }
+        schema = json.dumps({**raw, "fields": [*raw["fields"], end]}).encode()
+        self.header = (
+            b"Obj\x01"
+            + _varint(1)
+            + _varint(len(b"avro.schema"))
+            + b"avro.schema"
+            + _varint(len(schema))
+            + schema
+            + _varint(0)
+            + _SYNC
+        )
+
+    def read(self, bodies: list[bytes], schema: pa.Schema) -> pa.Table | None:
+        """The rows of ``bodies`` as ``schema``, or ``None`` when the block does
+        not read back body by body (a bad body: the per-message path finds it)."""
+        import polars as pl
+        import pyarrow.compute as pc
+
+        marker = self.marker
+        data = marker.join(bodies) + marker
+        block = b"".join((self.header, _varint(len(bodies)), _varint(len(data)), data, _SYNC))
+        try:
+            table = pl.read_avro(io.BytesIO(block)).to_arrow()
+            ends = table.column(self.column)
+            same = pc.equal(ends, pa.scalar(marker, ends.type))
+            if same.null_count or not pc.all(same).as_py() or table.num_rows != len(bodies):
+                return None
+            return table.drop_columns([self.column]).cast(schema)
+        except BaseException as exc:  # polars' errors and panics, a value the cast cannot hold
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return None
+
 
 #: (narrower, wider) Arrow types whose union branches merge into the wider.
 _UNION_WIDER = {(pa.int32(), pa.int64()), (pa.float32(), pa.float64())}
