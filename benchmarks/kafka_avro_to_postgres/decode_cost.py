@@ -1,4 +1,4 @@
-"""Micro-benchmark: what sluice's registry decoders cost per 1M messages (one core).
+"""Micro-benchmark: what sluice's registry decoders cost per 1M messages.
 
     python -m benchmarks.kafka_avro_to_postgres.decode_cost [--messages 200000] [--out FILE.md]
 
@@ -6,13 +6,15 @@ Payloads are made by confluent-kafka's serializers against the schema
 registry (``--schema-registry-url``, default the test registry of
 ``scripts/services.sh``), then decoded in batches of 10,000 (the engine's
 batch size order) by :func:`sluice.formats.decoder_for`, as the Kafka source
-does; the wall time of the decode calls alone is scaled to 1M messages.
+does; the wall and CPU time of the decode calls alone are scaled to 1M
+messages.
 Schemas: the benchmark's flat event (7 fields, as ``run.py`` produces), and
 a wide one with logical types (timestamp-micros, date, decimal, uuid,
 nullable union, nested record, array) for Avro; ``tests/protos.py``'s
 ``Order`` (Timestamp, wrapper, enum, repeated, nested, optional, map) for
 Protobuf; the flat event again as JSON Schema (``JSONSerializer``), decoded
-without and with ``json_schema_validation``; and an Avro record with two
+without and with ``json_schema_validation``, beside the same events as plain
+JSON (``payload_format = "json"``, the floor); and an Avro record with two
 unions of several types (the one decoder path with Python per value).
 ``--out`` also writes the figures as a Markdown table.
 """
@@ -73,20 +75,25 @@ UNIONS = {
 }
 
 
-def measure(fmt: str, url: str, payloads: list[bytes], n: int, validate: bool = False) -> float:
-    """Seconds per 1M messages to decode ``n`` messages cycling over ``payloads``."""
+def measure(
+    fmt: str, url: str, payloads: list[bytes], n: int, validate: bool = False
+) -> tuple[float, float]:
+    """Seconds per 1M messages to decode ``n`` messages cycling over ``payloads``:
+    wall time, and CPU time of the process (every thread; on a loaded
+    machine the steadier of the two)."""
     dec = decoder_for(fmt, None, "bench", RegistrySettings(url), validate=validate)
     batch = (payloads * (BATCH // len(payloads) + 1))[:BATCH]
     dec.decode(batch, [])  # the one registry fetch, outside the timing
-    spent = 0.0
+    spent = cpu = 0.0
     done = 0
     while done < n:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         out = dec.decode(batch, [])
         spent += time.perf_counter() - started
+        cpu += time.process_time() - cpu_started
         assert not out.bad and out.table.num_rows == BATCH
         done += BATCH
-    return spent * 1_000_000 / done
+    return spent * 1_000_000 / done, cpu * 1_000_000 / done
 
 
 def serialize(ser: Callable[[Any, SerializationContext], bytes], values: list[Any]) -> list[bytes]:
@@ -153,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         JSONSerializer(json.dumps(event_json), client),
         [json.loads(e) for _, e in events(1000, 42)],
     )
+    plain = [e.encode() if isinstance(e, str) else e for _, e in events(1000, 42)]
     unions = serialize(
         AvroSerializer(client, json.dumps(UNIONS)),
         [
@@ -171,12 +179,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("avro, logical types + nested (8 fields)", "avro", wide, False),
         ("avro, 2 unions of several types (4 fields)", "avro", unions, False),
         ("protobuf, Order (9 fields, WKT, map)", "protobuf", proto, False),
+        ("json (plain, no registry), flat event", "json", plain, False),
         ("json_schema, flat event (7 fields)", "json_schema", json_schema, False),
         ("json_schema, validated", "json_schema", json_schema, True),
     ):
-        per_million = measure(fmt, a.schema_registry_url, payloads, a.messages, validate)
-        rows.append((name, per_million))
-        print(f"{name:44s} {per_million:6.1f} s per 1M messages ({1e6 / per_million:,.0f} msgs/s)")
+        per_million, cpu = measure(fmt, a.schema_registry_url, payloads, a.messages, validate)
+        rows.append((name, per_million, cpu))
+        print(
+            f"{name:44s} {per_million:6.1f} s per 1M messages ({1e6 / per_million:,.0f} msgs/s),"
+            f" CPU {cpu:.1f} s"
+        )
     if a.out:
         import platform
 
@@ -184,12 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "# Registry decoders: cost per 1M messages",
             "",
             f"`python -m benchmarks.kafka_avro_to_postgres.decode_cost --messages {a.messages}`"
-            f" (decode calls only, batches of {BATCH:,}, one core; Python "
-            f"{platform.python_version()}, shared 2-core machine: about +-25 % between runs).",
+            f" (decode calls only, batches of {BATCH:,}; Python {platform.python_version()};"
+            " CPU time counts every thread of the process).",
             "",
-            "| payloads | s per 1M messages | messages/s |",
-            "|---|---:|---:|",
-            *(f"| {name} | {pm:.1f} | {1e6 / pm:,.0f} |" for name, pm in rows),
+            "| payloads | s per 1M messages | messages/s | CPU s per 1M |",
+            "|---|---:|---:|---:|",
+            *(f"| {name} | {pm:.1f} | {1e6 / pm:,.0f} | {cpu:.1f} |" for name, pm, cpu in rows),
             "",
         ]
         with open(a.out, "w", encoding="utf-8") as f:
