@@ -5,7 +5,10 @@
   redelivered batch may appear twice, which is the documented guarantee).
 * Avro on the target: rows encoded with a schema registered by sluice
   (``auto_register``) are read back by confluent-kafka's own
-  ``AvroDeserializer``, every row, with the right values and types.
+  ``AvroDeserializer``, every row, with the right values and types; the same
+  for Protobuf (``ProtobufDeserializer``) and JSON Schema
+  (``JSONDeserializer``, which validates each payload against the schema
+  sluice derived and registered).
 """
 
 from __future__ import annotations
@@ -198,4 +201,67 @@ auto_register = true
         assert got.addr.HasField("zip") == (want["addr"]["zip"] is not None)
         assert list(got.tags) == want["tags"]
         assert m.key() == str(got.id).encode()
+    assert seen == set(range(n))
+
+
+def test_json_schema_target_read_back_by_confluent_deserializer(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    """Avro in (logical types, a record, an array), JSON Schema out:
+    confluent-kafka's ``JSONDeserializer`` validates every payload against
+    the schema sluice derived and registered, and reads back every row."""
+    from confluent_kafka.schema_registry.json_schema import JSONDeserializer
+    from tests.integration.test_registry_formats import EVENT_V1, avro, event, send
+
+    n = 300
+    source = kafka_topic(partitions=2, prefix="js_t_in")
+    target = unique("js_t_out")
+    send(source, avro(EVENT_V1), [event(i) for i in range(n)])
+    config = kafka_kafka_config(
+        source,
+        target,
+        unique("js_t"),
+        batch_rows=100,
+        target=f"""
+payload_format = "json_schema"
+schema_registry_url = "{endpoints.SCHEMA_REGISTRY_URL}"
+auto_register = true
+""",
+    )
+    config = config.replace(
+        "max_batch_rows = 100\n",
+        f'max_batch_rows = 100\npayload_format = "avro"\n'
+        f'schema_registry_url = "{endpoints.SCHEMA_REGISTRY_URL}"\n',
+        1,
+    )
+    run = flow(config, "--stop-after-idle-ms", "1500")
+    assert run.proc.wait(timeout=120) == 0, run.output()
+
+    client = SchemaRegistryClient({"url": endpoints.SCHEMA_REGISTRY_URL})
+    registered = client.get_latest_version(f"{target}-value")
+    assert registered.schema.schema_type == "JSON"
+    schema = msgspec.json.decode(registered.schema.schema_str)
+    assert schema["properties"]["ts"] == {"type": ["string", "null"], "format": "date-time"}
+    assert schema["properties"]["addr"]["properties"]["zip"] == {"type": ["integer", "null"]}
+    deserialize = JSONDeserializer(None, schema_registry_client=client)  # validates
+    ctx = SerializationContext(target, MessageField.VALUE)
+    msgs = read_topic(target)
+    assert msgs is not None and len(msgs) == n
+    seen = set()
+    for m in msgs:
+        assert m.value()[:5] == b"\x00" + registered.schema_id.to_bytes(4, "big")
+        got = deserialize(m.value(), ctx)
+        want = event(got["id"])
+        seen.add(got["id"])
+        assert m.key() == str(got["id"]).encode()
+        assert got["user_id"] == want["user_id"]
+        assert got["ts"] == want["ts"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert got["day"] == want["day"].isoformat()
+        assert decimal.Decimal(str(got["amount"])) == want["amount"].quantize(
+            decimal.Decimal("0.01")
+        )
+        assert got["uid"] == str(want["uid"])
+        assert got["note"] == want["note"]
+        assert got["addr"] == want["addr"]
+        assert got["tags"] == want["tags"]
     assert seen == set(range(n))

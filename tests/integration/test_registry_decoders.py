@@ -206,3 +206,60 @@ def test_nested_field_added_and_int_widened_to_long() -> None:
         {"n": 1, "addr": {"city": "a", "zip": None}, "tags": [1]},
         {"n": 2**40, "addr": {"city": "b", "zip": "z"}, "tags": [2, 3]},
     ]
+
+
+def test_union_of_several_types_is_a_struct_of_its_branches() -> None:
+    """``["null", "string", "long"]`` and friends (written by confluent-kafka's
+    serializer): one struct field per branch, the written one set; alike
+    branches merge (``["int", "long"]`` is int64); an ambiguous union
+    (a record and a map) makes its messages bad, naming the branches."""
+    import pyarrow as pa
+
+    topic = f"union_{uuid.uuid4().hex[:8]}"
+    point = {"type": "record", "name": "Point", "fields": [{"name": "x", "type": "int"}]}
+    schema = record(
+        ("id", "long"),
+        ("u", ["null", "string", "long"]),
+        ("n", ["int", "long"]),
+        ("shape", ["null", point, {"type": "array", "items": ["int", "string"]}]),
+        ("m", {"type": "map", "values": ["null", "double", "boolean"]}),
+    )
+    rows = [
+        {"id": 1, "u": "a", "n": 1, "shape": {"x": 3}, "m": {"k": 1.5}},
+        {"id": 2, "u": 7, "n": 2**40, "shape": [1, "two"], "m": {"k": True, "z": None}},
+        {"id": 3, "u": None, "n": 3, "shape": None, "m": {}},
+    ]
+    dec = decoder_for("avro", None, "p", SETTINGS)
+    got = dec.decode(serialize(topic, schema, rows), [0, 1, 2])
+    assert not got.bad
+    types = {f.name: f.type for f in got.table.schema}
+    assert types["u"] == pa.struct([("string", pa.string()), ("long", pa.int64())])
+    assert types["n"] == pa.int64()
+    assert types["shape"] == pa.struct(
+        [
+            ("Point", pa.struct([("x", pa.int32())])),
+            ("array", pa.list_(pa.struct([("int", pa.int32()), ("string", pa.string())]))),
+        ]
+    )
+    assert types["m"] == pa.map_(
+        pa.string(), pa.struct([("double", pa.float64()), ("boolean", pa.bool_())])
+    )
+    out = got.table.to_pylist()
+    assert [r["u"] for r in out] == [
+        {"string": "a", "long": None},
+        {"string": None, "long": 7},
+        None,
+    ]
+    assert [r["n"] for r in out] == [1, 2**40, 3]
+    assert out[0]["shape"] == {"Point": {"x": 3}, "array": None}
+    assert out[1]["shape"] == {
+        "Point": None,
+        "array": [{"int": 1, "string": None}, {"int": None, "string": "two"}],
+    }
+    assert out[2]["shape"] is None
+    assert out[1]["m"] == [("k", {"double": None, "boolean": True}), ("z", None)]
+
+    ambiguous = record(("f", ["null", point, {"type": "map", "values": "int"}]))
+    bad = dec.decode(serialize(f"{topic}_x", ambiguous, [{"f": {"x": 1}}]), [3])
+    ((index, why),) = bad.bad
+    assert index == 0 and "a union of Point and map has no column type" in why

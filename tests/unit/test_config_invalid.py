@@ -421,6 +421,10 @@ CASES = [
         "source.schema_registry_url: missing: payload_format 'avro' needs a schema registry",
     ),
     case(
+        "json_schema_target_without_registry",
+        "target.schema_registry_url: missing: payload_format 'json_schema' needs a schema registry",
+    ),
+    case(
         "lookups_without_sql",
         "transform.lookups: lookups need a [transform] sql that uses them",
     ),

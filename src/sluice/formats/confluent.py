@@ -133,6 +133,49 @@ def frame(payload: bytes, header: bytes | None, protobuf: bool) -> Frame:
     return Frame(schema_id, pos, indexes)
 
 
+Groups = dict[tuple[int | str, tuple[int, ...]], tuple[list[int], list[bytes]]]
+
+
+def frame_all(
+    payloads: Sequence[bytes | None], headers: Sequence[Headers] | None, protobuf: bool
+) -> Groups | None:
+    """The bodies of a batch grouped by (schema id, message indexes), their
+    headers read with numpy over the joined payloads; ``None`` when some
+    payload needs :func:`frame` one by one (no value, a short payload, a
+    wrong magic byte, a schema in a header, Protobuf indexes other than the
+    single ``0`` of the first message)."""
+    n = len(payloads)
+    if not n or None in payloads:
+        return None
+    if headers is not None and any(_schema_header(h) is not None for h in headers if h):
+        return None
+    skip = 6 if protobuf else 5
+    lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)  # type: ignore[arg-type]
+    if int(lengths.min()) < skip:
+        return None
+    joined = np.frombuffer(b"".join(payloads), dtype=np.uint8)  # type: ignore[arg-type]
+    starts = np.empty(n, dtype=np.int64)
+    starts[0] = 0
+    np.cumsum(lengths[:-1], out=starts[1:])
+    if joined[starts].any() or (protobuf and joined[starts + 5].any()):
+        return None
+    ids = (
+        (joined[starts + 1].astype(np.int64) << 24)
+        | (joined[starts + 2].astype(np.int64) << 16)
+        | (joined[starts + 3].astype(np.int64) << 8)
+        | joined[starts + 4].astype(np.int64)
+    )
+    first = int(ids[0])
+    if (ids == first).all():
+        return {(first, (0,)): (list(range(n)), [p[skip:] for p in payloads])}  # type: ignore[index]
+    groups: Groups = {}
+    keys, first_seen = np.unique(ids, return_index=True)
+    for key in keys[np.argsort(first_seen)].tolist():  # in order of appearance, as one by one
+        index = np.flatnonzero(ids == key).tolist()
+        groups[(key, (0,))] = (index, [payloads[i][skip:] for i in index])  # type: ignore[index]
+    return groups
+
+
 class CodecFactory(Protocol):
     """Builds the codec of one registered schema (once per schema id)."""
 
@@ -169,22 +212,9 @@ class RegistryDecoder:
     ) -> Decoded:
         """Payloads with their message headers (``None``: no headers)."""
         bad: list[tuple[int, str]] = []
-        groups: dict[tuple[int | str, tuple[int, ...]], tuple[list[int], list[bytes]]] = {}
-        for i, payload in enumerate(payloads):
-            if payload is None:
-                bad.append((i, "message has no value (tombstone)"))
-                continue
-            header = _schema_header(headers[i]) if headers is not None else None
-            try:
-                f = frame(payload, header, self._protobuf)
-            except BadFrame as exc:
-                bad.append((i, str(exc)))
-                continue
-            group = groups.get((f.key, f.indexes))
-            if group is None:
-                group = groups[(f.key, f.indexes)] = ([], [])
-            group[0].append(i)
-            group[1].append(payload[f.start :] if f.start else payload)
+        groups = frame_all(payloads, headers, self._protobuf)
+        if groups is None:
+            groups = self._frame_each(payloads, headers, bad)
         tables: list[pa.Table] = []
         rows: list[int] = []
         for (key, path), (index, bodies) in groups.items():
@@ -226,6 +256,31 @@ class RegistryDecoder:
         if not bad and len(rows) == len(payloads):
             return Decoded(table)
         return Decoded(table, bad, rows)
+
+    def _frame_each(
+        self,
+        payloads: list[bytes | None],
+        headers: Sequence[Headers] | None,
+        bad: list[tuple[int, str]],
+    ) -> Groups:
+        """:func:`frame_all` one payload at a time (the bad ones into ``bad``)."""
+        groups: Groups = {}
+        for i, payload in enumerate(payloads):
+            if payload is None:
+                bad.append((i, "message has no value (tombstone)"))
+                continue
+            header = _schema_header(headers[i]) if headers is not None else None
+            try:
+                f = frame(payload, header, self._protobuf)
+            except BadFrame as exc:
+                bad.append((i, str(exc)))
+                continue
+            group = groups.get((f.key, f.indexes))
+            if group is None:
+                group = groups[(f.key, f.indexes)] = ([], [])
+            group[0].append(i)
+            group[1].append(payload[f.start :] if f.start else payload)
+        return groups
 
     def _codec(self, key: int | str) -> Codec | str:
         codec = self._codecs.get(key)

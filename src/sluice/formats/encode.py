@@ -1,5 +1,12 @@
 """Rows as message payloads for broker targets: JSON, raw bytes, or Avro /
-Protobuf through a schema registry.
+Protobuf / JSON Schema through a schema registry.
+
+:class:`PayloadEncoder` is the one encoder of every broker target whose
+messages are bytes (Kafka, RabbitMQ, Pub/Sub, Kinesis), built from the
+keys of :class:`sluice.config.payload.EncodedTargetSpec` and the target's
+destination name (the "topic" of the subject naming strategies: the Kafka
+topic, the RabbitMQ queue, the Pub/Sub topic's short name, the Kinesis
+stream).
 
 :class:`Encoder` turns a batch into one payload per row, column at a time
 where Arrow can (JSON text via :mod:`sluice.formats.jsontext`, a binary
@@ -20,6 +27,18 @@ double, bool, string, binary → bytes, timestamp → google.protobuf.Timestamp,
 struct → a nested message, list → repeated, map with string keys → map;
 date, time and decimal columns are written as their text.
 
+JSON Schema (``payload_format = "json_schema"``): the JSON text of
+:mod:`sluice.formats.jsontext` framed by magic byte 0 + the 4-byte id of a
+draft-07 schema derived from the Arrow schema (registered as schemaType
+``JSON``): an ``object`` titled by the record name, one property per column,
+each ``[<type>, "null"]``: integers ``integer``; floats, decimals and
+durations ``number``; bool ``boolean``; strings and binary (``"\\x…"`` hex)
+``string``; timestamps ``string`` ``format: date-time``, dates ``date``,
+times plain; lists ``array`` with ``items``; structs ``object`` with
+``properties``; maps ``object`` with ``additionalProperties``. Objects stay
+open (no ``additionalProperties: false``), so a later batch's new column is
+a compatible new version.
+
 Arrow → Avro: int8..int32 / uint8..uint16 → int; int64 / uint32 / uint64 →
 long; float32 → float; float64 → double; bool → boolean; string → string;
 binary → bytes; timestamp with a zone → long ``timestamp-micros``, without
@@ -37,40 +56,108 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sluice.errors import ConnectorError
+from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
 from sluice.formats.registry import RegistryClient, UnknownSchema
 
 Strategy = Literal["topic_name", "record_name", "topic_record_name"]
+PayloadFormat = Literal["json", "raw_bytes", "avro", "protobuf", "json_schema"]
 
 
-def json_payloads(table: pa.Table) -> list[Any]:
-    """One JSON object (``str``) per row."""
+def json_payloads(table: pa.Table) -> list[bytes]:
+    """One JSON object per row (column at a time, no Python per field)."""
     if table.num_columns == 0:
-        return ["{}"] * table.num_rows
+        return [b"{}"] * table.num_rows
     rows = pa.StructArray.from_arrays(
         [c.combine_chunks() for c in table.columns], names=table.column_names
     )
-    return list(to_json_text(rows).to_pylist())
+    return list(to_json_text(rows).cast(pa.binary()).to_pylist())
 
 
-def raw_payloads(table: pa.Table, column: str) -> list[Any]:
-    """The bytes of ``column`` (binary or string) per row."""
+def raw_payloads(table: pa.Table, column: str) -> list[bytes | None]:
+    """The bytes of ``column`` (binary, or any other type as its text) per row
+    (a null stays ``None``)."""
     if column not in table.column_names:
         raise ConnectorError(
             f"payload_format 'raw_bytes' writes column {column!r}, which the batch does not have "
             f"(columns: {', '.join(table.column_names)})"
         )
     values = table[column]
-    if not (pa.types.is_binary(values.type) or pa.types.is_string(values.type)):
-        values = pc.cast(values, pa.string())
+    if not pa.types.is_binary(values.type):
+        if not pa.types.is_string(values.type):
+            values = pc.cast(values, pa.string())
+        values = pc.cast(values, pa.binary())
     return list(values.to_pylist())
+
+
+class PayloadEncoder:
+    """One payload (bytes) per row in the target's ``payload_format``.
+
+    ``spec`` has the keys of :class:`sluice.config.payload.EncodedTargetSpec`;
+    ``name`` is the destination (topic / queue / stream) the subject
+    strategies name; ``what`` names the target in errors. The registry is
+    reached on the first batch (a schema is registered or looked up once per
+    Arrow schema).
+    """
+
+    def __init__(self, spec: Any, name: str, what: str) -> None:
+        self.format: PayloadFormat = spec.payload_format
+        self.value_column: str = spec.value_column
+        self.what = what
+        self._registry: AvroEncoder | ProtobufEncoder | JsonSchemaEncoder | None = None
+        if self.format in ("avro", "protobuf", "json_schema"):
+            if not spec.schema_registry_url:
+                raise ConnectorError(
+                    f"{what}: payload_format '{self.format}' needs schema_registry_url"
+                )
+            from sluice.formats.registry import RegistrySettings, client_for
+
+            settings = RegistrySettings(
+                spec.schema_registry_url,
+                spec.schema_registry_basic_auth_user,
+                spec.schema_registry_basic_auth_password,
+            )
+            cls = {
+                "avro": AvroEncoder,
+                "protobuf": ProtobufEncoder,
+                "json_schema": JsonSchemaEncoder,
+            }[self.format]
+            self._registry = cls(
+                client_for(settings),
+                name,
+                auto_register=spec.auto_register,
+                strategy=spec.subject_name_strategy,
+                record_name=spec.avro_record_name,
+            )
+
+    @property
+    def content_type(self) -> str:
+        """The MIME type of the payloads (for brokers with message properties)."""
+        return "application/json" if self.format == "json" else "application/octet-stream"
+
+    def payloads(self, table: pa.Table) -> list[bytes | None]:
+        """One payload per row of ``table``, in order (``None``: a null
+        ``raw_bytes`` value, a Kafka tombstone)."""
+        if self._registry is not None:
+            try:
+                return list[bytes | None](self._registry.payloads(table))
+            except TransientError:
+                raise  # the registry did not answer: names its URL already
+            except ConnectorError as exc:
+                raise ConnectorError(f"{self.what}: {exc}") from exc
+        if self.format == "raw_bytes":
+            return raw_payloads(table, self.value_column)
+        return list(json_payloads(table))
+
+    def bodies(self, table: pa.Table) -> list[bytes]:
+        """:meth:`payloads` for brokers without tombstones: a null is an empty body."""
+        return [b"" if p is None else p for p in self.payloads(table)]
 
 
 class _Subject:
     """Where a derived schema is registered, and how its id is found."""
 
-    kind = ""  # AVRO or PROTOBUF
+    kind = ""  # AVRO, PROTOBUF or JSON
 
     def __init__(
         self,
@@ -205,6 +292,77 @@ def _avro_type(t: pa.DataType, name: str, names: set[str]) -> Any:
             "fields": [_avro_field(t.field(i), names) for i in range(t.num_fields)],
         }
     raise ConnectorError(f"column {name!r} of type {t} has no Avro encoding in sluice")
+
+
+class JsonSchemaEncoder(_Subject):
+    """JSON payloads framed with the id of a JSON schema derived from the batch."""
+
+    kind = "JSON"
+
+    def payloads(self, table: pa.Table) -> list[bytes]:
+        """One framed JSON object per row (the JSON built column at a time)."""
+        prefix = self._prefix(table.schema)
+        return [prefix + body for body in json_payloads(table)]
+
+    def _prefix(self, schema: pa.Schema) -> bytes:
+        known = self._schemas.get(schema)
+        if known is not None:
+            return known[0]
+        document = {
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "title": self.record_name,
+            "type": "object",
+            "properties": {f.name: _json_schema(f.type, f.name) for f in schema},
+        }
+        schema_id = self.schema_id(json.dumps(document, separators=(",", ":")))
+        prefix = b"\x00" + schema_id.to_bytes(4, "big")
+        self._schemas[schema] = (prefix, document)
+        return prefix
+
+
+def _json_schema(t: pa.DataType, name: str) -> dict[str, Any]:
+    """The JSON schema of the JSON :func:`to_json_text` writes for ``t`` (null allowed)."""
+    out: dict[str, Any]
+    if pa.types.is_dictionary(t):
+        return _json_schema(t.value_type, name)
+    if pa.types.is_boolean(t):
+        out = {"type": "boolean"}
+    elif pa.types.is_integer(t):
+        out = {"type": "integer"}
+    elif pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_duration(t):
+        out = {"type": "number"}
+    elif (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+    ):
+        out = {"type": "string"}
+    elif pa.types.is_timestamp(t):
+        out = {"type": "string", "format": "date-time"}
+    elif pa.types.is_date(t):
+        out = {"type": "string", "format": "date"}
+    elif pa.types.is_time(t):
+        out = {"type": "string"}  # no zone, so not RFC 3339's "time"
+    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        out = {"type": "array", "items": _json_schema(t.value_type, name)}
+    elif pa.types.is_map(t):
+        out = {"type": "object", "additionalProperties": _json_schema(t.item_type, name)}
+    elif pa.types.is_struct(t):
+        out = {
+            "type": "object",
+            "properties": {
+                t.field(i).name: _json_schema(t.field(i).type, t.field(i).name)
+                for i in range(t.num_fields)
+            },
+        }
+    elif pa.types.is_null(t):
+        return {"type": "null"}
+    else:
+        raise ConnectorError(f"column {name!r} of type {t} has no JSON Schema encoding in sluice")
+    out["type"] = [out["type"], "null"]
+    return out
 
 
 class ProtobufEncoder(_Subject):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sluice.config.payload import registry_rule
 from sluice.connectors.descriptor import Add, Capabilities, Connector, DeadLetters
 from sluice.connectors.kafka.spec import KafkaSource, KafkaTarget
 
@@ -23,17 +24,6 @@ def _source_rules(at: str, source: dict[str, Any], add: Add) -> None:
         for key in ("sasl_plain_username", "sasl_plain_password"):
             if not source.get(key):
                 add((f"{at}.{key}", "missing: sasl_mechanism 'PLAIN' needs it"))
-
-
-def _target_rules(at: str, target: dict[str, Any], add: Add) -> None:
-    fmt = target.get("payload_format")
-    if fmt in ("avro", "protobuf") and not target.get("schema_registry_url"):
-        add(
-            (
-                f"{at}.schema_registry_url",
-                f"missing: payload_format '{fmt}' needs a schema registry",
-            )
-        )
 
 
 def _own_topic(spec: Any) -> str | None:
@@ -59,5 +49,5 @@ CONNECTOR = Connector(
         own=_own_topic,
     ),
     source_rules=(_source_rules,),
-    target_rules=(_target_rules,),
+    target_rules=(registry_rule,),
 )

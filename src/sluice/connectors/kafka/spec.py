@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from sluice.config.base import NonEmptyStr, PositiveMs, SourceSpec, TargetSpec, doc
+from sluice.config.base import NonEmptyStr, PositiveMs, SourceSpec, doc
+from sluice.config.payload import EncodedTargetSpec
 
 # The connection keys both the source and the target take.
 SecurityProtocol = Annotated[
@@ -86,41 +87,17 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
         return self.payload_format == "raw_bytes"
 
 
-class KafkaTarget(TargetSpec, tag="kafka", tag_field="kind", frozen=True, kw_only=True):
-    """A Kafka topic, one message per row (JSON by default)."""
+class KafkaTarget(EncodedTargetSpec, tag="kafka", tag_field="kind", frozen=True, kw_only=True):
+    """A Kafka topic, one message per row (JSON by default; the payload keys are
+    :class:`~sluice.config.payload.EncodedTargetSpec`'s)."""
 
     bootstrap_servers: Annotated[NonEmptyStr, doc("comma-separated host:port list")]
     topic: Annotated[NonEmptyStr, doc("topic to produce to")]
     message_key_column: Annotated[str | None, doc("column whose value keys each message")] = None
-    payload_format: Annotated[
-        Literal["json", "raw_bytes", "avro", "protobuf"],
-        doc(
-            "(ours) how rows encode: JSON, one column's bytes, or Avro / Protobuf via the registry"
-        ),
-    ] = "json"
-    value_column: Annotated[
-        NonEmptyStr, doc("(ours) the column written as is with payload_format 'raw_bytes'")
-    ] = "value"
-    auto_register: Annotated[
-        bool,
-        doc("(ours) register the schema derived from the batch, else it must be registered"),
-    ] = False
-    subject_name_strategy: Annotated[
-        Literal["topic_name", "record_name", "topic_record_name"],
-        doc("(ours) registry subject: <topic>-value, <record>, or <topic>-<record>"),
-    ] = "topic_name"
-    avro_record_name: Annotated[
-        str | None, doc("(ours) name of the Avro record / Protobuf message; defaults to the topic")
-    ] = None
     librdkafka: Annotated[
         dict[str, str | int | bool], doc("(ours) extra librdkafka producer properties")
     ] = msgspec.field(default_factory=dict)
     group_id: Annotated[str | None, doc("consumer group (transactional Kafka-to-Kafka)")] = None
-    schema_registry_url: Annotated[str | None, doc("schema registry for avro / protobuf")] = None
-    schema_registry_basic_auth_user: Annotated[str | None, doc("schema registry user")] = None
-    schema_registry_basic_auth_password: Annotated[
-        str | None, doc("schema registry password (secret)")
-    ] = None
     sasl_scram_username: Annotated[str | None, doc("SASL/SCRAM user")] = None
     sasl_scram_password: Annotated[str | None, doc("SASL/SCRAM password (secret)")] = None
     sasl_scram_mechanism: Annotated[Literal["sha-256", "sha-512"] | None, doc("SCRAM hash")] = None

@@ -1,7 +1,8 @@
 """Kafka target (confluent-kafka): an idempotent producer, durable on every delivery report.
 
 * ``write`` stages the batch; ``flush`` encodes it (JSON, raw bytes, or Avro /
-  Protobuf through the schema registry, :mod:`sluice.formats.encode`), produces one
+  Protobuf / JSON Schema through the schema registry,
+  :class:`sluice.formats.encode.PayloadEncoder`), produces one
   message per row (key from ``message_key_column``, cast to text; message
   timestamp from ``_event_ts`` when the batch has it, which is then not part
   of the payload) and returns only when every delivery report came back
@@ -29,7 +30,7 @@ from sluice.connectors.api import EVENT_TS
 from sluice.connectors.kafka.spec import KafkaTarget as KafkaTargetSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats.encode import AvroEncoder, ProtobufEncoder, json_payloads, raw_payloads
+from sluice.formats.encode import PayloadEncoder
 
 try:
     import confluent_kafka as ck
@@ -49,11 +50,11 @@ class KafkaTarget:
         self.id = f"kafka:{spec.topic}"
         self._producer: Any = None
         self._pending: list[pa.Table] = []
-        self._encoder: AvroEncoder | ProtobufEncoder | None = None
+        self._encoder: PayloadEncoder | None = None
 
     def open(self) -> None:
         """Create the producer (connections are made on first send)."""
-        from sluice.connectors.kafka.source import client_config, registry_settings
+        from sluice.connectors.kafka.source import client_config
 
         conf = client_config(self.spec)
         conf.update(
@@ -69,20 +70,8 @@ class KafkaTarget:
         conf.update(self.spec.librdkafka)
         self._producer = ck.Producer(conf, logger=log)
         self._pending = []
-        fmt = self.spec.payload_format
-        if fmt in ("avro", "protobuf") and self._encoder is None:
-            settings = registry_settings(self.spec)
-            if settings is None:
-                raise ConnectorError(f"{self.id}: payload_format '{fmt}' needs schema_registry_url")
-            from sluice.formats.registry import client_for
-
-            self._encoder = (AvroEncoder if fmt == "avro" else ProtobufEncoder)(
-                client_for(settings),
-                self.spec.topic,
-                auto_register=self.spec.auto_register,
-                strategy=self.spec.subject_name_strategy,
-                record_name=self.spec.avro_record_name,
-            )
+        if self._encoder is None:
+            self._encoder = PayloadEncoder(self.spec, self.spec.topic, self.id)
 
     def write(self, data: pa.Table) -> None:
         """Stage ``data`` for the next :meth:`flush`."""
@@ -135,13 +124,8 @@ class KafkaTarget:
             if not (pa.types.is_binary(column.type) or pa.types.is_string(column.type)):
                 column = pc.cast(column, pa.string())
             keys = column.to_pylist()
-        if spec.payload_format == "raw_bytes":
-            values = raw_payloads(table, spec.value_column)
-        elif spec.payload_format in ("avro", "protobuf"):
-            assert self._encoder is not None  # made by open()
-            values = list(self._encoder.payloads(table))
-        else:
-            values = json_payloads(table)
+        assert self._encoder is not None  # made by open()
+        values = self._encoder.payloads(table)
         topic = spec.topic
         produce = producer.produce
         for value, key, ts in zip(values, keys, timestamps, strict=True):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from sluice.config.base import NonEmptyStr, PositiveMs, SourceSpec, TargetSpec, doc
+from sluice.config.base import NonEmptyStr, PositiveMs, SourceSpec, doc
+from sluice.config.payload import EncodedTargetSpec
 
 
 class KinesisSource(SourceSpec, tag="kinesis", tag_field="kind", frozen=True, kw_only=True):
@@ -35,8 +36,8 @@ class KinesisSource(SourceSpec, tag="kinesis", tag_field="kind", frozen=True, kw
     ] = 10_000
 
 
-class KinesisTarget(TargetSpec, tag="kinesis", tag_field="kind", frozen=True, kw_only=True):
-    """An AWS Kinesis stream, one JSON record per row."""
+class KinesisTarget(EncodedTargetSpec, tag="kinesis", tag_field="kind", frozen=True, kw_only=True):
+    """An AWS Kinesis stream, one record per row (JSON by default)."""
 
     stream_name: Annotated[NonEmptyStr, doc("stream to put records to")]
     partition_key_prefix: Annotated[str | None, doc("prefix of each record's partition key")] = None

@@ -1,7 +1,10 @@
 """Kinesis target: ``put_records`` in requests of at most 500 records / 5 MB.
 
 :meth:`KinesisTarget.write` stages rows; :meth:`KinesisTarget.flush` encodes
-them to JSON (Arrow kernels) and puts them. A partial failure
+them in ``payload_format`` (:class:`~sluice.formats.encode.PayloadEncoder`:
+JSON by default, Arrow kernels; Avro / Protobuf / JSON Schema through a
+schema registry with the stream name as the subject's topic name) and puts
+them. A partial failure
 (``FailedRecordCount`` > 0) retries only the failed records, with a backoff
 (0.1 s doubling to 5 s), until every record has a sequence number; then the
 flush returns (durable). After ``MAX_ATTEMPTS`` a flush raises
@@ -23,9 +26,9 @@ import pyarrow.compute as pac
 
 from sluice.connectors.kinesis import client as kc
 from sluice.connectors.kinesis.spec import KinesisTarget as KinesisTargetSpec
-from sluice.connectors.pubsub.target import to_messages
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
+from sluice.formats.encode import PayloadEncoder
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class KinesisTarget:
         self._staged: list[pa.Table] = []
         self._row = 0  # running row number (partition keys without a column)
         self.retried = 0  # records put again after a partial failure (tests, logs)
+        self._encoder = PayloadEncoder(spec, spec.stream_name, self.id)
 
     def open(self) -> None:
         """Connect and check that the stream exists."""
@@ -100,7 +104,7 @@ class KinesisTarget:
             raise
 
     def _records(self, data: pa.Table) -> list[tuple[bytes, str]]:
-        messages = to_messages(data)
+        messages = self._encoder.bodies(data)
         column = self.spec.partition_key_column
         if column is not None:
             if column not in data.column_names:

@@ -6,7 +6,8 @@ from typing import Annotated, Literal
 
 from msgspec import Meta
 
-from sluice.config.base import NonEmptyStr, SourceSpec, Spec, TargetSpec, doc
+from sluice.config.base import NonEmptyStr, SourceSpec, Spec, doc
+from sluice.config.payload import EncodedTargetSpec
 
 # Pub/Sub accepts 5 to 100 delivery attempts.
 DeliveryAttempts = Annotated[int, Meta(ge=5, le=100)]
@@ -53,8 +54,8 @@ class PubSubSource(SourceSpec, tag="pubsub", tag_field="kind", frozen=True, kw_o
     ] = None
 
 
-class PubSubTarget(TargetSpec, tag="pubsub", tag_field="kind", frozen=True, kw_only=True):
-    """A GCP Pub/Sub topic, one JSON message per row."""
+class PubSubTarget(EncodedTargetSpec, tag="pubsub", tag_field="kind", frozen=True, kw_only=True):
+    """A GCP Pub/Sub topic, one message per row (JSON by default)."""
 
     project_id: Annotated[NonEmptyStr, doc("GCP project")]
     topic: Annotated[NonEmptyStr, doc("topic to publish to (created when missing)")]

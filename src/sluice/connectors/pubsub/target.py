@@ -1,8 +1,10 @@
-"""Pub/Sub target: rows published as JSON messages, durable when every message id came back.
+"""Pub/Sub target: rows published as messages, durable when every message id came back.
 
 :meth:`PubSubTarget.write` only stages the rows (nothing is visible before
-:meth:`PubSubTarget.flush`); ``flush`` encodes them to JSON (Arrow kernels,
-:func:`~sluice.formats.jsontext.to_json_text`), publishes them through the
+:meth:`PubSubTarget.flush`); ``flush`` encodes them in ``payload_format``
+(:class:`~sluice.formats.encode.PayloadEncoder`: JSON by default, Arrow
+kernels; Avro / Protobuf / JSON Schema through a schema registry with the
+topic's short name as the subject's topic name), publishes them through the
 client's batching publisher and waits for the message id of every one. A
 failed publish raises (transient for the retryable gRPC codes): the engine
 then writes the batch again (at least once). With ``ordering_key_column``
@@ -25,7 +27,7 @@ from sluice.connectors.pubsub.source import RPC_TIMEOUT_S, path
 from sluice.connectors.pubsub.spec import PubSubTarget as PubSubTargetSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats.jsontext import to_json_text
+from sluice.formats.encode import PayloadEncoder
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +40,6 @@ BATCH_LATENCY_S = 0.01
 FLUSH_TIMEOUT_S = 120.0
 
 
-def to_messages(data: pa.Table) -> list[bytes]:
-    """One JSON object per row, as bytes (column at a time, no per-row encoding)."""
-    if data.num_rows == 0:
-        return []
-    struct = pa.StructArray.from_arrays(
-        [c.combine_chunks() for c in data.columns], names=data.column_names
-    )
-    texts: list[bytes] = to_json_text(struct).cast(pa.binary()).to_pylist()
-    return texts
-
-
 class PubSubTarget:
     """Publishes to one topic; see the module docstring."""
 
@@ -58,6 +49,7 @@ class PubSubTarget:
         self.id = f"pubsub:{self.topic}"
         self._publisher: Any = None
         self._staged: list[pa.Table] = []
+        self._encoder = PayloadEncoder(spec, spec.topic, self.id)
 
     def open(self) -> None:
         """Connect; create the topic when it is missing."""
@@ -92,7 +84,7 @@ class PubSubTarget:
             raise
 
     def _publish(self, publisher: Any, data: pa.Table) -> None:
-        messages = to_messages(data)
+        messages = self._encoder.bodies(data)
         column = self.spec.ordering_key_column
         if column is not None:
             if column not in data.column_names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sluice.config.payload import registry_rule
 from sluice.connectors.descriptor import Add, Capabilities, Connector, DeadLetters, url_rule
 from sluice.connectors.rabbitmq.spec import MAX_PREFETCH, RabbitMQSource, RabbitMQTarget
 
@@ -65,5 +66,5 @@ CONNECTOR = Connector(
         own=_dead_letter_exchange,
     ),
     source_rules=(_URL, _prefetch_rule),
-    target_rules=(_URL,),
+    target_rules=(_URL, registry_rule),
 )

@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from sluice.config.base import NonEmptyStr, SourceSpec, TargetSpec, doc
+from sluice.config.base import NonEmptyStr, SourceSpec, doc
+from sluice.config.payload import EncodedTargetSpec
 
 #: AMQP ``basic.qos`` carries the prefetch count in 16 bits.
 MAX_PREFETCH = 65_535
@@ -66,8 +67,10 @@ class RabbitMQSource(SourceSpec, tag="rabbitmq", tag_field="kind", frozen=True, 
         return self.queue_args.get("x-queue-type") == "stream"
 
 
-class RabbitMQTarget(TargetSpec, tag="rabbitmq", tag_field="kind", frozen=True, kw_only=True):
-    """A RabbitMQ queue, one JSON message per row, published with confirms."""
+class RabbitMQTarget(
+    EncodedTargetSpec, tag="rabbitmq", tag_field="kind", frozen=True, kw_only=True
+):
+    """A RabbitMQ queue, one message per row (JSON by default), published with confirms."""
 
     amqp_url: Annotated[NonEmptyStr, doc("amqp://user:password@host:port/vhost")]
     queue: Annotated[NonEmptyStr, doc("queue to publish to (declared durable when missing)")]

@@ -1,8 +1,10 @@
-"""RabbitMQ target (pika): one JSON message per row, published with confirms.
+"""RabbitMQ target (pika): one message per row, published with confirms.
 
 * :meth:`RabbitMQTarget.write` only stages the batch; :meth:`RabbitMQTarget.flush`
-  encodes every staged row as a JSON object (:func:`~sluice.formats.jsontext.to_json_text`,
-  column at a time), publishes them persistent (``delivery_mode = 2``) and
+  encodes every staged row in ``payload_format``
+  (:class:`~sluice.formats.encode.PayloadEncoder`: a JSON object by default,
+  column at a time; Avro / Protobuf / JSON Schema through a schema registry
+  with the queue as the subject's topic name), publishes them persistent (``delivery_mode = 2``) and
   ``mandatory`` to the default exchange with the queue as routing key, and
   returns once the broker confirmed every one of them. Nothing is visible
   before the flush.
@@ -33,7 +35,7 @@ from sluice.connectors.rabbitmq.link import Link
 from sluice.connectors.rabbitmq.spec import RabbitMQTarget as RabbitMQTargetSpec
 from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError, TransientError
-from sluice.formats.jsontext import to_json_text
+from sluice.formats.encode import PayloadEncoder
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ class Publisher:
 
 
 class RabbitMQTarget:
-    """Publishes rows as JSON messages to one queue, durable on flush."""
+    """Publishes rows as messages to one queue, durable on flush."""
 
     def __init__(self, spec: RabbitMQTargetSpec, ctx: Context, index: int) -> None:
         self.spec = spec
@@ -200,6 +202,7 @@ class RabbitMQTarget:
         name = f"sluice {self.pipeline} -> {spec.queue} (target {index})"
         self._publisher = Publisher(spec.amqp_url, name, self.id)
         self._staged: list[pa.Table] = []
+        self._encoder = PayloadEncoder(spec, spec.queue, self.id)
 
     def open(self) -> None:
         """Connect with a confirm channel and declare the queue."""
@@ -216,9 +219,10 @@ class RabbitMQTarget:
         (an unroutable message: is the queue still there?)."""
         if not self._staged:
             return
-        props = _properties()
+        props = _properties(self._encoder.content_type)
         queue = self.queue
-        self._publisher.publish("", [(queue, body, props) for body in _bodies(self._staged)])
+        bodies = [b for table in self._staged for b in self._encoder.bodies(table)]
+        self._publisher.publish("", [(queue, body, props) for body in bodies])
         self._staged.clear()
 
     def close(self) -> None:
@@ -227,10 +231,10 @@ class RabbitMQTarget:
         self._publisher.close()
 
 
-def _properties() -> Any:
+def _properties(content_type: str) -> Any:
     import pika
 
-    return pika.BasicProperties(content_type="application/json", delivery_mode=2)
+    return pika.BasicProperties(content_type=content_type, delivery_mode=2)
 
 
 def _publish(
@@ -242,20 +246,6 @@ def _publish(
         ch.basic_publish(exchange, key, body, props, mandatory=True)
     if start + _CHUNK < len(messages):
         link.post(lambda ch2: _publish(link, ch2, exchange, messages, start + _CHUNK))
-
-
-def _bodies(tables: list[pa.Table]) -> list[bytes]:
-    """One JSON object per row of ``tables``, column at a time (no Python per field)."""
-    out: list[bytes] = []
-    for table in tables:
-        if not table.num_columns:
-            out.extend(b"{}" for _ in range(table.num_rows))
-            continue
-        rows = pa.StructArray.from_arrays(
-            [c.combine_chunks() for c in table.columns], names=table.column_names
-        )
-        out.extend(to_json_text(rows).cast(pa.binary()).to_pylist())
-    return out
 
 
 def build_target(spec: RabbitMQTargetSpec, ctx: Context, index: int) -> RabbitMQTarget:
