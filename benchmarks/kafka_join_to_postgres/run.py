@@ -55,8 +55,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from benchmarks import common
+from benchmarks.common import Dataset, EngineResult
 from benchmarks.kafka_to_postgres import run as k2pg
-from benchmarks.kafka_to_postgres.run import Dataset, EngineResult, Settings
+from benchmarks.kafka_to_postgres.run import Settings
 from benchmarks.kafka_tumbling_to_postgres import run as tumbling
 
 HERE = Path(__file__).resolve().parent
@@ -471,7 +472,7 @@ def quix_argv(
 def check_engine(engine: str) -> str:
     """The engine's version; exits with a hint when it is not installed."""
     if engine in ("sluice", "reference"):
-        return str(k2pg.check_engine(engine))
+        return str(common.check_engine(engine))
     version = common.package_versions(QUIX_PYTHON, ["quixstreams"])["quixstreams"]
     if not version:
         raise SystemExit(
@@ -587,7 +588,7 @@ def run_engine(
     schema = schema_name(run_id)
     table = f"out_{engine}"
     group_id = f"{PREFIX}-{run_id}-{engine}"
-    k2pg.recreate_table(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
+    common.recreate_table(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
     port: int | None = None
     env: dict[str, str] | None = None
     if engine == "quix":
@@ -598,7 +599,7 @@ def run_engine(
             render_pipeline(settings, run_id, topics, group_id, schema, table, state_store)
         )
         port = tumbling.free_port()
-        argv = k2pg.engine_argv(engine, toml_path, metrics_port=port)
+        argv = common.engine_argv(engine, toml_path, metrics_port=port)
         # sluice keeps a timed pipeline's watermark under $SLUICE_STATE_DIR/<pipeline_name>.
         env = {**os.environ, "SLUICE_STATE_DIR": str(settings.work_dir / f"state-{engine}")}
     res = JoinResult(
@@ -616,7 +617,7 @@ def run_engine(
         return committed(settings, group_id, topics) == messages
 
     progress = Progress(
-        count_rows=lambda: k2pg.count_rows(conn, f"{schema}.{table}"),
+        count_rows=lambda: common.count_rows(conn, f"{schema}.{table}"),
         expected=exp.pairs,
         consumed_all=consumed_all,
         port=port if engine == "sluice" else None,
@@ -625,7 +626,7 @@ def run_engine(
     k2pg.watch_engine(settings, admin, res, progress, progress.done_at, what=what, env=env)
     summarise(res, progress, settings.rows)
     res.committed_at_end = committed(settings, group_id, topics)
-    res.rows_in_table = k2pg.count_rows(conn, f"{schema}.{table}")
+    res.rows_in_table = common.count_rows(conn, f"{schema}.{table}")
     if res.outcome == "exited early" and not res.rows_in_table:
         res.did_not_run = failure_reason(settings.work_dir / f"{engine}.log")
     if res.rows_in_table or engine == "sluice":
@@ -979,7 +980,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, state_store = parse_args(argv)
-    settings, run_id = k2pg.start_run(settings, PREFIX)
+    settings, run_id = common.start_run(settings, PREFIX)
     date = common.utc_date()
     window_ms, lateness_ms = pipeline_facts(settings)
     if lateness_ms <= DISORDER_MS:
@@ -1025,9 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected_rows(con, ev, exp)
         print(f"expected {exp.pairs:,} joined rows (DuckDB, {exp.query_s:.1f} s)", flush=True)
         del ev
-        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
-            facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            conn.execute("SET max_parallel_workers_per_gather = 0")  # a light poller
+        with common.poller(settings.postgres_url, facts) as conn:
             conn.execute(f"CREATE SCHEMA {schema_name(run_id)}")
             for engine in settings.engines:
                 results.append(
@@ -1084,13 +1083,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in results
         ],
     }
-    md = common.write_results(
-        settings.results_dir,
-        f"{BENCHMARK}-{date}",
-        render_markdown(settings, sets, exp, state_store, results, facts, date),
-        data,
-    )
-    print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
+    markdown = render_markdown(settings, sets, exp, state_store, results, facts, date)
+    common.save_results(settings, BENCHMARK, date, markdown, data)
     # sluice must have run and verified; a peer may fall short (the tables say so),
     # and the reference cannot run this join at all.
     ok = all(
