@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import string
 import sys
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -72,13 +71,13 @@ def avro_events(settings: Settings, topic: str, registry_url: str) -> Iterator[k
 def render_pipeline(
     settings: Settings, run_id: str, topic: str, group_id: str, table: str, registry_url: str
 ) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(
-        pipeline_name=f"{PREFIX}-{run_id}",
+    return k2pg.render_template(
+        TEMPLATE,
+        settings,
+        f"{PREFIX}-{run_id}",
+        group_id,
+        table,
         topic=topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
-        table=table,
         schema_registry_url=registry_url,
     )
 

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import string
 import sys
 import time
 import tomllib
@@ -125,15 +124,16 @@ OUTPUT_COLUMNS = (
 )
 
 #: sluice's Prometheus metrics kept from each scrape (summed over label sets).
-METRICS = (
+#: The ones the behaviour table shows, in its order.
+SHOWN_METRICS = (
     "rows_consumed_total",
     "rows_written_total",
     "late_rows_dropped_total",
     "join_buffer_rows",
     "checkpoints_total",
     "state_bytes",
-    "errors_total",
 )
+METRICS = (*SHOWN_METRICS, "errors_total")
 #: A table counts as final once it did not grow for this long and the engine
 #: consumed every message (sluice: its rows-consumed counter; the others:
 #: their group's committed offsets on the broker at the end of both topics).
@@ -419,17 +419,15 @@ def render_pipeline(
     table: str,
     state_store: str,
 ) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
+    return k2pg.render_template(
+        TEMPLATE,
+        settings,
+        pipeline_name(run_id),
+        group_id,
+        table,
         orders_topic=topics[0],
         payments_topic=topics[1],
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
         schema=schema,
-        table=table,
         state_store=state_store_table(state_store, settings, schema),
     )
 
@@ -837,17 +835,7 @@ def behaviour_rows(results: Sequence[JoinResult], messages: int) -> list[list[st
     return [
         [
             r.engine,
-            *(
-                count(r.metrics_at_end, k)
-                for k in (
-                    "rows_consumed_total",
-                    "rows_written_total",
-                    "late_rows_dropped_total",
-                    "join_buffer_rows",
-                    "checkpoints_total",
-                    "state_bytes",
-                )
-            ),
+            *(count(r.metrics_at_end, k) for k in SHOWN_METRICS),
             f"{common.num(r.committed_at_end, ',.0f')} of {messages:,}",
         ]
         for r in results

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 import sys
 import time
 import tomllib
@@ -73,15 +72,8 @@ SIGNUP_SPAN_DAYS = 1500
 
 #: The events as produced, one column per JSON field, for the expected rows.
 RAW_TABLE = "events_raw"
-RAW_COLUMNS = (
-    ("id", "bigint"),
-    ("user_id", "bigint"),
-    ("event_type", "text"),
-    ("amount", "double precision"),
-    ("country", "text"),
-    ("session", "text"),
-    ("ts", "text"),
-)
+#: The events' own fields (no ``_event_ts``: they come from the payload alone).
+RAW_COLUMNS = common.EVENT_COLUMNS[:-1]
 
 #: What the pipeline's SELECT returns, in order; each engine's table has
 #: exactly these columns. Keep it in step with the SQL in pipeline.toml.tmpl.
@@ -202,16 +194,8 @@ def schema_name(run_id: str) -> str:
 def render_pipeline(
     settings: Settings, run_id: str, topic: str, group_id: str, schema: str, table: str
 ) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
-        topic=topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
-        schema=schema,
-        table=table,
+    return k2pg.render_template(
+        TEMPLATE, settings, pipeline_name(run_id), group_id, table, topic=topic, schema=schema
     )
 
 

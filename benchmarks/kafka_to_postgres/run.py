@@ -182,17 +182,26 @@ def drop_schema(settings: Settings, schema: str, pipeline: str) -> None:
         )
 
 
-def render_pipeline(settings: Settings, run_id: str, topic: str, group_id: str, table: str) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (see REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
-        topic=topic,
+def render_template(
+    template: Path, settings: Settings, pipeline: str, group_id: str, table: str, **values: str
+) -> str:
+    """``template`` (a ``string.Template``) with what every Kafka -> Postgres
+    pipeline takes: ``pipeline`` (unique per run: the reference resumes from its
+    own offsets table, see REFERENCE_OFFSETS, keyed by pipeline_name, whatever
+    the group_id), the broker, ``group_id``, the database, ``table``, and
+    ``values`` (the topic, the schema, ...)."""
+    return string.Template(template.read_text()).substitute(
+        pipeline_name=pipeline,
         bootstrap_servers=settings.bootstrap_servers,
         group_id=group_id,
         postgres_url=settings.postgres_url,
         table=table,
+        **values,
     )
+
+
+def render_pipeline(settings: Settings, run_id: str, topic: str, group_id: str, table: str) -> str:
+    return render_template(TEMPLATE, settings, pipeline_name(run_id), group_id, table, topic=topic)
 
 
 def group_stable(admin: AdminClient, group_id: str) -> bool:

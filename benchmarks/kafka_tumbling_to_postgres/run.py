@@ -33,7 +33,6 @@ import json
 import os
 import random
 import socket
-import string
 import sys
 import time
 import tomllib
@@ -275,16 +274,8 @@ def render_pipeline(
 ) -> str:
     """The template for ``engine``: as it is, or without its ``sql`` line for
     ``sluice-kafka-ts``."""
-    text = string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
-        topic=topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
-        schema=schema,
-        table=table,
+    text = k2pg.render_template(
+        TEMPLATE, settings, pipeline_name(run_id), group_id, table, topic=topic, schema=schema
     )
     if engine != KAFKA_TS:
         return text
