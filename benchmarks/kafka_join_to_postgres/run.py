@@ -500,6 +500,7 @@ class Progress:
     last: dict[str, float] = field(default_factory=dict)  # sluice's last scrape
     done_by: str | None = None
     _since: tuple[int, float] = (-1, 0.0)  # (count, monotonic time first seen)
+    _consumed_at: float | None = None  # monotonic time it was first seen to have consumed all
 
     @property
     def done_at(self) -> int:
@@ -521,9 +522,19 @@ class Progress:
         if self.done_by is None:
             if n >= self.expected and written >= self.expected:
                 self.done_by = "every expected row in its table"
-            elif now - self._since[1] >= SETTLE_S and self.consumed_all(self.last):
+            elif now - self._since[1] >= SETTLE_S and self._settled(now):
                 self.done_by = f"consumed every message; table unchanged for {SETTLE_S:.0f} s"
         return self.done_at if self.done_by else n
+
+    def _settled(self, now: float) -> bool:
+        """Whether the table has not changed for ``SETTLE_S`` since the engine
+        was first seen to have consumed every message (an engine that writes
+        everything in one commit at the end keeps it empty until then)."""
+        if self._consumed_at is None:
+            if not self.consumed_all(self.last):
+                return False
+            self._consumed_at = now
+        return now - max(self._since[1], self._consumed_at) >= SETTLE_S
 
 
 @dataclass
