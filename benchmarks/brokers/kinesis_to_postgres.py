@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import boto3
 
@@ -33,14 +34,18 @@ KINESIS_SHARDS = 4
 DEFAULT_ROWS = 20_000
 
 
+def client() -> Any:
+    return boto3.session.Session().client(
+        "kinesis", endpoint_url=ENDPOINT, region_name="us-east-1",
+        aws_access_key_id="test", aws_secret_access_key="test",
+    )  # fmt: skip
+
+
 def load_kinesis(
     s: Settings, payloads: list[bytes], engines: Sequence[str]
 ) -> tuple[dict[str, str], float]:
     """One stream, every payload put (500 a request; failed records again)."""
-    k = boto3.session.Session().client(
-        "kinesis", endpoint_url=ENDPOINT, region_name="us-east-1",
-        aws_access_key_id="test", aws_secret_access_key="test",
-    )  # fmt: skip
+    k = client()
     name = f"bench{int(time.time())}"
     k.create_stream(StreamName=name, ShardCount=KINESIS_SHARDS)
     while (
@@ -60,6 +65,13 @@ def load_kinesis(
     return {e: name for e in engines}, time.monotonic() - started
 
 
+def cleanup_kinesis(queries: dict[str, str]) -> None:
+    """Delete the stream (every engine read the same one)."""
+    k = client()
+    for name in set(queries.values()):
+        k.delete_stream(StreamName=name)
+
+
 KINESIS = Broker(
     name="kinesis",
     template=HERE / "kinesis_pipeline.toml.tmpl",
@@ -67,6 +79,7 @@ KINESIS = Broker(
     values={"endpoint": ENDPOINT},
     env={"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
          "AWS_DEFAULT_REGION": "us-east-1"},
+    cleanup=cleanup_kinesis,
     default_rows=DEFAULT_ROWS,
 )  # fmt: skip
 

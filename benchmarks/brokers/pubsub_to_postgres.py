@@ -81,6 +81,9 @@ class Broker:
     values: dict[str, str]
     #: Environment for the engines (e.g. PUBSUB_EMULATOR_HOST).
     env: dict[str, str]
+    #: Remove what ``load`` made (given its source_query per engine), so that a
+    #: large run leaves nothing behind in the emulator's memory.
+    cleanup: Callable[[dict[str, str]], None]
     #: ``--rows`` when not given.
     default_rows: int = 1_000_000
 
@@ -192,13 +195,17 @@ def run_broker(b: Broker, argv: Sequence[str] | None) -> int:
     user_id_sum = sum(u for u, _ in data)
     del data
     queries, produce_s = b.load(s, payloads, s.engines)
+    del payloads
     print(f"{b.name}: {s.rows} events in {produce_s:.1f} s", flush=True)
     results = []
-    for engine in s.engines:
-        print(f"[{engine}] running", flush=True)
-        r = run_engine(s, b, engine, queries[engine], s.rows, user_id_sum)
-        common.print_problem(r)
-        results.append(r)
+    try:
+        for engine in s.engines:
+            print(f"[{engine}] running", flush=True)
+            r = run_engine(s, b, engine, queries[engine], s.rows, user_id_sum)
+            common.print_problem(r)
+            results.append(r)
+    finally:
+        b.cleanup(queries)
     headers = ["engine", "outcome", "rows", "rows/s", "CPU-s / 1M rows", "peak RSS MiB"]
     rows = [
         [r.engine, r.outcome, str(r.rows_landed), common.num(r.rows_per_s, ",.0f"),
@@ -276,12 +283,26 @@ def load_pubsub(
     return queries, time.monotonic() - started
 
 
+def cleanup_pubsub(queries: dict[str, str]) -> None:
+    """Delete the subscriptions (``<topic>-<engine>``) and their topic."""
+    os.environ.setdefault("PUBSUB_EMULATOR_HOST", EMULATOR)
+    from google.cloud import pubsub_v1
+
+    sub = pubsub_v1.SubscriberClient()
+    topics = {name.removesuffix(f"-{engine}") for engine, name in queries.items()}
+    for name in queries.values():
+        sub.delete_subscription(request={"subscription": sub.subscription_path(PROJECT, name)})
+    for topic in topics:
+        pubsub_v1.PublisherClient().delete_topic(request={"topic": sub.topic_path(PROJECT, topic)})
+
+
 PUBSUB = Broker(
     name="pubsub",
     template=HERE / "pubsub_pipeline.toml.tmpl",
     load=load_pubsub,
     values={"project_id": PROJECT, "endpoint": EMULATOR},
     env={"PUBSUB_EMULATOR_HOST": EMULATOR},
+    cleanup=cleanup_pubsub,
 )
 
 
