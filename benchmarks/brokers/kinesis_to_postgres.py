@@ -4,7 +4,8 @@
 
 Like ``pubsub_to_postgres.py`` (whose runner it uses): one stream of
 ``KINESIS_SHARDS`` shards, every event put first (partition key = its index),
-then each engine reads the whole stream into its own table.
+then each engine reads the whole stream into its own table; the stream is
+deleted afterwards.
 
 ``--rows`` defaults to ``DEFAULT_ROWS`` (20,000), not 1M: loading
 kinesis-local is superlinear. A put into a shard takes time in proportion to

@@ -10,8 +10,13 @@
    ``count(*)`` until every row landed (or no row lands for
    ``--stall-timeout-s``). sluice stops by itself after 3 s idle; the reference
    runs forever and gets SIGTERM.
-3. Verify each table (row count, distinct ids, sum of user_id), print the
-   table and write ``benchmarks/results/pubsub_to_postgres-<date>.{md,json}``.
+3. Verify each table (row count, distinct ids, sum of user_id), delete the
+   subscriptions and the topic, print the table and write
+   ``benchmarks/results/pubsub_to_postgres-<date>.{md,json}``.
+
+Loading takes about 1.9 s per 10k events on the 2-core test machine (100k in
+19 s, linear), so about 3 min at the default 1M. The rows/s is its own
+measure (rows over first -> last row landed), not ``kafka_to_postgres``'s.
 
 :func:`run_broker` is shared with ``kinesis_to_postgres.py``.
 """

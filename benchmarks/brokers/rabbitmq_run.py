@@ -16,6 +16,9 @@
 
 rows/s = rows / (last row landed - the engine's consumer appeared on its
 queue), so startup is not counted against either engine.
+
+Publishing takes about 5 s per 10k events into two queues on the 2-core test
+machine (100k in 47 s, linear), so about 8 min at the default 1M.
 """
 
 from __future__ import annotations
