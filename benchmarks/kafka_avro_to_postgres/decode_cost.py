@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="also write the figures to this Markdown file")
     a = p.parse_args(argv)
     client = SchemaRegistryClient({"url": a.schema_registry_url})
-    from benchmarks.kafka_to_postgres.run import events
+    from benchmarks.common import events
 
     flat = serialize(
         AvroSerializer(client, json.dumps(EVENT_SCHEMA)),

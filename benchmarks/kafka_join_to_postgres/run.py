@@ -32,7 +32,6 @@ import json
 import os
 import random
 import re
-import string
 import sys
 import time
 import tomllib
@@ -55,8 +54,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from benchmarks import common
+from benchmarks.common import Dataset, EngineResult
 from benchmarks.kafka_to_postgres import run as k2pg
-from benchmarks.kafka_to_postgres.run import Dataset, EngineResult, Settings
+from benchmarks.kafka_to_postgres.run import Settings
 from benchmarks.kafka_tumbling_to_postgres import run as tumbling
 
 HERE = Path(__file__).resolve().parent
@@ -124,15 +124,16 @@ OUTPUT_COLUMNS = (
 )
 
 #: sluice's Prometheus metrics kept from each scrape (summed over label sets).
-METRICS = (
+#: The ones the behaviour table shows, in its order.
+SHOWN_METRICS = (
     "rows_consumed_total",
     "rows_written_total",
     "late_rows_dropped_total",
     "join_buffer_rows",
     "checkpoints_total",
     "state_bytes",
-    "errors_total",
 )
+METRICS = (*SHOWN_METRICS, "errors_total")
 #: A table counts as final once it did not grow for this long and the engine
 #: consumed every message (sluice: its rows-consumed counter; the others:
 #: their group's committed offsets on the broker at the end of both topics).
@@ -418,17 +419,15 @@ def render_pipeline(
     table: str,
     state_store: str,
 ) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
+    return k2pg.render_template(
+        TEMPLATE,
+        settings,
+        pipeline_name(run_id),
+        group_id,
+        table,
         orders_topic=topics[0],
         payments_topic=topics[1],
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
         schema=schema,
-        table=table,
         state_store=state_store_table(state_store, settings, schema),
     )
 
@@ -471,7 +470,7 @@ def quix_argv(
 def check_engine(engine: str) -> str:
     """The engine's version; exits with a hint when it is not installed."""
     if engine in ("sluice", "reference"):
-        return str(k2pg.check_engine(engine))
+        return str(common.check_engine(engine))
     version = common.package_versions(QUIX_PYTHON, ["quixstreams"])["quixstreams"]
     if not version:
         raise SystemExit(
@@ -501,6 +500,7 @@ class Progress:
     last: dict[str, float] = field(default_factory=dict)  # sluice's last scrape
     done_by: str | None = None
     _since: tuple[int, float] = (-1, 0.0)  # (count, monotonic time first seen)
+    _consumed_at: float | None = None  # monotonic time it was first seen to have consumed all
 
     @property
     def done_at(self) -> int:
@@ -522,9 +522,19 @@ class Progress:
         if self.done_by is None:
             if n >= self.expected and written >= self.expected:
                 self.done_by = "every expected row in its table"
-            elif now - self._since[1] >= SETTLE_S and self.consumed_all(self.last):
+            elif now - self._since[1] >= SETTLE_S and self._settled(now):
                 self.done_by = f"consumed every message; table unchanged for {SETTLE_S:.0f} s"
         return self.done_at if self.done_by else n
+
+    def _settled(self, now: float) -> bool:
+        """Whether the table has not changed for ``SETTLE_S`` since the engine
+        was first seen to have consumed every message (an engine that writes
+        everything in one commit at the end keeps it empty until then)."""
+        if self._consumed_at is None:
+            if not self.consumed_all(self.last):
+                return False
+            self._consumed_at = now
+        return now - max(self._since[1], self._consumed_at) >= SETTLE_S
 
 
 @dataclass
@@ -587,7 +597,7 @@ def run_engine(
     schema = schema_name(run_id)
     table = f"out_{engine}"
     group_id = f"{PREFIX}-{run_id}-{engine}"
-    k2pg.recreate_table(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
+    common.recreate_table(conn, f"{schema}.{table}", OUTPUT_COLUMNS)
     port: int | None = None
     env: dict[str, str] | None = None
     if engine == "quix":
@@ -598,7 +608,7 @@ def run_engine(
             render_pipeline(settings, run_id, topics, group_id, schema, table, state_store)
         )
         port = tumbling.free_port()
-        argv = k2pg.engine_argv(engine, toml_path, metrics_port=port)
+        argv = common.engine_argv(engine, toml_path, metrics_port=port)
         # sluice keeps a timed pipeline's watermark under $SLUICE_STATE_DIR/<pipeline_name>.
         env = {**os.environ, "SLUICE_STATE_DIR": str(settings.work_dir / f"state-{engine}")}
     res = JoinResult(
@@ -616,7 +626,7 @@ def run_engine(
         return committed(settings, group_id, topics) == messages
 
     progress = Progress(
-        count_rows=lambda: k2pg.count_rows(conn, f"{schema}.{table}"),
+        count_rows=lambda: common.count_rows(conn, f"{schema}.{table}"),
         expected=exp.pairs,
         consumed_all=consumed_all,
         port=port if engine == "sluice" else None,
@@ -625,7 +635,7 @@ def run_engine(
     k2pg.watch_engine(settings, admin, res, progress, progress.done_at, what=what, env=env)
     summarise(res, progress, settings.rows)
     res.committed_at_end = committed(settings, group_id, topics)
-    res.rows_in_table = k2pg.count_rows(conn, f"{schema}.{table}")
+    res.rows_in_table = common.count_rows(conn, f"{schema}.{table}")
     if res.outcome == "exited early" and not res.rows_in_table:
         res.did_not_run = failure_reason(settings.work_dir / f"{engine}.log")
     if res.rows_in_table or engine == "sluice":
@@ -836,17 +846,7 @@ def behaviour_rows(results: Sequence[JoinResult], messages: int) -> list[list[st
     return [
         [
             r.engine,
-            *(
-                count(r.metrics_at_end, k)
-                for k in (
-                    "rows_consumed_total",
-                    "rows_written_total",
-                    "late_rows_dropped_total",
-                    "join_buffer_rows",
-                    "checkpoints_total",
-                    "state_bytes",
-                )
-            ),
+            *(count(r.metrics_at_end, k) for k in SHOWN_METRICS),
             f"{common.num(r.committed_at_end, ',.0f')} of {messages:,}",
         ]
         for r in results
@@ -979,7 +979,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, state_store = parse_args(argv)
-    settings, run_id = k2pg.start_run(settings, PREFIX)
+    settings, run_id = common.start_run(settings, PREFIX)
     date = common.utc_date()
     window_ms, lateness_ms = pipeline_facts(settings)
     if lateness_ms <= DISORDER_MS:
@@ -1025,9 +1025,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         expected_rows(con, ev, exp)
         print(f"expected {exp.pairs:,} joined rows (DuckDB, {exp.query_s:.1f} s)", flush=True)
         del ev
-        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
-            facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            conn.execute("SET max_parallel_workers_per_gather = 0")  # a light poller
+        with common.poller(settings.postgres_url, facts) as conn:
             conn.execute(f"CREATE SCHEMA {schema_name(run_id)}")
             for engine in settings.engines:
                 results.append(
@@ -1084,13 +1082,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in results
         ],
     }
-    md = common.write_results(
-        settings.results_dir,
-        f"{BENCHMARK}-{date}",
-        render_markdown(settings, sets, exp, state_store, results, facts, date),
-        data,
-    )
-    print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
+    markdown = render_markdown(settings, sets, exp, state_store, results, facts, date)
+    common.save_results(settings, BENCHMARK, date, markdown, data)
     # sluice must have run and verified; a peer may fall short (the tables say so),
     # and the reference cannot run this join at all.
     ok = all(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import string
 import sys
 import time
 import tomllib
@@ -36,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient
 
 from benchmarks import common
+from benchmarks.common import Dataset, EngineResult
 from benchmarks.kafka_to_postgres import run as k2pg
-from benchmarks.kafka_to_postgres.run import Dataset, EngineResult, Settings
+from benchmarks.kafka_to_postgres.run import Settings
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "pipeline.toml.tmpl"
@@ -72,15 +72,8 @@ SIGNUP_SPAN_DAYS = 1500
 
 #: The events as produced, one column per JSON field, for the expected rows.
 RAW_TABLE = "events_raw"
-RAW_COLUMNS = (
-    ("id", "bigint"),
-    ("user_id", "bigint"),
-    ("event_type", "text"),
-    ("amount", "double precision"),
-    ("country", "text"),
-    ("session", "text"),
-    ("ts", "text"),
-)
+#: The events' own fields (no ``_event_ts``: they come from the payload alone).
+RAW_COLUMNS = common.EVENT_COLUMNS[:-1]
 
 #: What the pipeline's SELECT returns, in order; each engine's table has
 #: exactly these columns. Keep it in step with the SQL in pipeline.toml.tmpl.
@@ -108,11 +101,11 @@ CHECKSUM_KEYS = ("rows", "distinct_ids", "id_sum", "user_id_sum", "md5")
 def users(seed: int) -> Iterator[tuple[int, str, str, str, datetime]]:
     """Rows of the lookup table ``users`` for ids 1..USERS; the same for the same seed."""
     rng = random.Random(f"users:{seed}")
-    for uid in range(1, k2pg.USERS + 1):
+    for uid in range(1, common.USERS + 1):
         yield (
             uid,
             f"user-{uid:05d}",
-            rng.choice(k2pg.COUNTRIES),
+            rng.choice(common.COUNTRIES),
             rng.choices(TIERS, TIER_WEIGHTS)[0],
             SIGNUP_LATEST - timedelta(days=rng.randrange(SIGNUP_SPAN_DAYS)),
         )
@@ -120,7 +113,7 @@ def users(seed: int) -> Iterator[tuple[int, str, str, str, datetime]]:
 
 def raw_rows(rows: int, seed: int) -> Iterator[tuple[Any, ...]]:
     """The produced events, decoded from the very payloads the topic holds."""
-    for _key, payload in k2pg.events(rows, seed):
+    for _key, payload in common.events(rows, seed):
         event = json.loads(payload)
         yield tuple(event[name] for name, _ in RAW_COLUMNS)
 
@@ -158,10 +151,10 @@ def prepare_postgres(
     exp = Expected(schema=schema)
     started = time.monotonic()
     conn.execute(f"CREATE SCHEMA {schema}")
-    k2pg.create_table(conn, f"{schema}.users", USERS_COLUMNS)
-    k2pg.copy_rows(conn, f"{schema}.users", USERS_COLUMNS, users(settings.seed))
-    k2pg.create_table(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
-    k2pg.copy_rows(
+    common.create_table(conn, f"{schema}.users", USERS_COLUMNS)
+    common.copy_rows(conn, f"{schema}.users", USERS_COLUMNS, users(settings.seed))
+    common.create_table(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
+    common.copy_rows(
         conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS, raw_rows(settings.rows, settings.seed)
     )
     conn.execute(f"ANALYZE {schema}.users")
@@ -201,16 +194,8 @@ def schema_name(run_id: str) -> str:
 def render_pipeline(
     settings: Settings, run_id: str, topic: str, group_id: str, schema: str, table: str
 ) -> str:
-    return string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
-        topic=topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
-        schema=schema,
-        table=table,
+    return k2pg.render_template(
+        TEMPLATE, settings, pipeline_name(run_id), group_id, table, topic=topic, schema=schema
     )
 
 
@@ -274,9 +259,9 @@ def run_engine(
     toml_path = settings.work_dir / f"{engine}.toml"
     group_id = f"{PREFIX}-{run_id}-{engine}"
     toml_path.write_text(render_pipeline(settings, run_id, ds.topic, group_id, exp.schema, table))
-    k2pg.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS)
+    common.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS)
 
-    argv = k2pg.engine_argv(engine, toml_path)
+    argv = common.engine_argv(engine, toml_path)
     res = EngineResult(
         engine=engine,
         version=version,
@@ -285,17 +270,9 @@ def run_engine(
         group_id=group_id,
     )
     k2pg.watch_engine(
-        settings, admin, res, lambda: k2pg.count_rows(conn, f"{exp.schema}.{table}"), exp.rows
+        settings, admin, res, lambda: common.count_rows(conn, f"{exp.schema}.{table}"), exp.rows
     )
-    if res.outcome == "ok" and res.ingest_window_s:
-        res.rows_per_s = ds.rows / res.ingest_window_s
-    if res.outcome == "ok" and res.busy_s is not None and res.last_row_s is not None:
-        res.busy_rows_per_s = ds.rows / (res.last_row_s - res.busy_s)
-    if res.outcome == "ok" and res.landing_window_s:
-        # Input events behind the output rows that landed after the first
-        # poll that saw any (the filter keeps the same share all along).
-        left = 1 - res.rows_at_first_poll / exp.rows
-        res.landing_rows_per_s = ds.rows * left / res.landing_window_s
+    res.derive_rates(ds.rows, exp.rows)
     res.verification = verify(conn, sql, exp, table)
     common.print_problem(res)
     if not settings.keep:
@@ -354,7 +331,7 @@ def methodology(settings: Settings, exp: Expected) -> list[str]:
         "describe_consumer_groups); each time is that of the first poll that saw the event, "
         f"so it is known to within {settings.poll_interval_s} s.",
         f"'busy from': the start of the first poll interval after the join in which the "
-        f"engine used >= {k2pg.BUSY_CORES} cores; 'rows/s from busy' = events / (all rows "
+        f"engine used >= {common.BUSY_CORES} cores; 'rows/s from busy' = events / (all rows "
         "at - busy from).",
         "'rows/s first->last landing' = the events behind the output rows that landed after "
         "the first poll that saw any, / (all rows at - first row at); n/a when every row "
@@ -399,9 +376,9 @@ def render_markdown(
         f"which appends the {exp.rows:,} resulting rows into its own pre-created table, "
         "one engine at a time. rows/s and CPU are per input event.",
         "",
-        common.markdown_table(k2pg.SUMMARY_HEADERS, k2pg.summary_rows(results, ds.rows)),
+        common.markdown_table(common.SUMMARY_HEADERS, common.summary_rows(results, ds.rows)),
         "",
-        common.markdown_table(k2pg.DETAIL_HEADERS, k2pg.detail_rows(results)),
+        common.markdown_table(common.DETAIL_HEADERS, common.detail_rows(results)),
         "",
         common.markdown_table(OUTPUT_HEADERS, output_rows(results, ds, exp)),
         "",
@@ -434,12 +411,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, run_id = k2pg.start_run(parse_args(argv), PREFIX)
+    settings, run_id = common.start_run(parse_args(argv), PREFIX)
     date = common.utc_date()
     sql = pipeline_sql(settings)
 
     k2pg.check_services(settings)
-    versions = {engine: k2pg.check_engine(engine) for engine in settings.engines}
+    versions = {engine: common.check_engine(engine) for engine in settings.engines}
     facts = common.run_facts(date)
     facts["packages"] = common.engine_packages(PACKAGES, settings.engines)
 
@@ -450,10 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[EngineResult] = []
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     try:
-        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
-            facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            # Keep the poller light: no parallel workers for count(*).
-            conn.execute("SET max_parallel_workers_per_gather = 0")
+        with common.poller(settings.postgres_url, facts) as conn:
             exp = prepare_postgres(conn, settings, schema, sql)
             print(
                 f"schema {schema}: users ({exp.users:,} rows) and {RAW_TABLE} loaded in "
@@ -474,12 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             k2pg.drop_schema(settings, schema, pipeline_name(run_id))
             k2pg.delete_topic(settings, topic)
 
-    print()
-    print(common.format_table(k2pg.SUMMARY_HEADERS, k2pg.summary_rows(results, ds.rows)))
-    print()
-    print(common.format_table(k2pg.DETAIL_HEADERS, k2pg.detail_rows(results)))
-    print()
-    print(common.format_table(OUTPUT_HEADERS, output_rows(results, ds, exp)))
+    common.print_tables(
+        (common.SUMMARY_HEADERS, common.summary_rows(results, ds.rows)),
+        (common.DETAIL_HEADERS, common.detail_rows(results)),
+        (OUTPUT_HEADERS, output_rows(results, ds, exp)),
+    )
     print()
     print("note: " + methodology(settings, exp)[1])
 
@@ -493,16 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sql": sql,
         "machine": facts,
         "methodology": methodology(settings, exp),
-        "results": k2pg.results_json(results, ds.rows),
+        "results": common.results_json(results, ds.rows),
     }
-    md = common.write_results(
-        settings.results_dir,
-        f"{BENCHMARK}-{date}",
-        render_markdown(settings, ds, exp, sql, results, facts, date),
-        data,
-    )
-    print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
-    return 1 if any(common.failed(r) for r in results) else 0
+    markdown = render_markdown(settings, ds, exp, sql, results, facts, date)
+    return common.finish_run(settings, BENCHMARK, date, markdown, data, results)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import json
 import os
 import random
 import socket
-import string
 import sys
 import time
 import tomllib
@@ -48,8 +47,9 @@ import psycopg
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import common
+from benchmarks.common import Dataset, EngineResult
 from benchmarks.kafka_to_postgres import run as k2pg
-from benchmarks.kafka_to_postgres.run import Dataset, EngineResult, Settings
+from benchmarks.kafka_to_postgres.run import Settings
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "pipeline.toml.tmpl"
@@ -73,7 +73,7 @@ KAFKA_TS = "sluice-kafka-ts"
 #: Event ``i`` (1-based) happens at ``T0_MS + i * EVENT_STEP_MS`` minus up to
 #: ``DISORDER_MS``: produced in order of ``i``, so up to 4 s out of order,
 #: which must stay under the template's ``lateness_ms`` (checked at start).
-T0_MS = int(k2pg.TS_BASE.timestamp() * 1000)
+T0_MS = int(common.TS_BASE.timestamp() * 1000)
 EVENT_STEP_MS = 10  # 1M events: 10,000 s of event time, about 2.8 hours
 DISORDER_MS = 4_000
 #: One closing event per partition this long after the last event: it moves
@@ -154,7 +154,7 @@ def timed_events(rows: int, seed: int) -> Iterator[tuple[int, bytes, int]]:
     timestamp ms)``, the payload's ``ts`` set to that time. Deterministic."""
     rng = random.Random(f"disorder:{seed}")
     marker = b',"ts":"'
-    for i, (user_id, payload) in enumerate(k2pg.events(rows, seed), start=1):
+    for i, (user_id, payload) in enumerate(common.events(rows, seed), start=1):
         ts_ms = T0_MS + i * EVENT_STEP_MS - rng.randint(0, DISORDER_MS)
         # ``ts`` is the generator's last field, a fixed-width string: replace it
         # in place (same length) rather than decode and re-encode every event.
@@ -225,8 +225,8 @@ def prepare_postgres(conn: psycopg.Connection[Any], settings: Settings, exp: Exp
     schema = exp.schema
     started = time.monotonic()
     conn.execute(f"CREATE SCHEMA {schema}")
-    k2pg.create_table(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
-    k2pg.copy_rows(
+    common.create_table(conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS)
+    common.copy_rows(
         conn, f"{schema}.{RAW_TABLE}", RAW_COLUMNS, raw_rows(settings.rows, settings.seed)
     )
     exp.load_s = time.monotonic() - started
@@ -274,16 +274,8 @@ def render_pipeline(
 ) -> str:
     """The template for ``engine``: as it is, or without its ``sql`` line for
     ``sluice-kafka-ts``."""
-    text = string.Template(TEMPLATE.read_text()).substitute(
-        # Unique per run: the reference resumes from its own offsets table
-        # (k2pg.REFERENCE_OFFSETS), keyed by pipeline_name, whatever the group_id.
-        pipeline_name=pipeline_name(run_id),
-        topic=topic,
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=group_id,
-        postgres_url=settings.postgres_url,
-        schema=schema,
-        table=table,
+    text = k2pg.render_template(
+        TEMPLATE, settings, pipeline_name(run_id), group_id, table, topic=topic, schema=schema
     )
     if engine != KAFKA_TS:
         return text
@@ -519,10 +511,10 @@ def run_engine(
     toml_path.write_text(
         render_pipeline(settings, run_id, ds.topic, group_id, exp.schema, table, engine)
     )
-    k2pg.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS, PRIMARY_KEY)
+    common.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS, PRIMARY_KEY)
 
     port = free_port()
-    argv = k2pg.engine_argv(kind, toml_path, metrics_port=port)
+    argv = common.engine_argv(kind, toml_path, metrics_port=port)
     res = TumblingResult(
         engine=engine,
         version=version,
@@ -539,7 +531,7 @@ def run_engine(
         windows=exp.windows if kind == "sluice" else 0,
         # The reference never emits a window: wait for its input to be in its state.
         groups=exp.windows + ds.partitions if kind == "reference" else 0,
-        count_windows=lambda: k2pg.count_rows(conn, f"{exp.schema}.{table}"),
+        count_windows=lambda: common.count_rows(conn, f"{exp.schema}.{table}"),
     )
     what = "progress steps (one per message consumed, one for done)"
     # sluice stores a window pipeline's watermark under $SLUICE_STATE_DIR/<pipeline_name>
@@ -550,7 +542,7 @@ def run_engine(
     summarise(res, progress, ds)
     res.committed_at_end = committed_offsets(settings, group_id, ds.topic)
     res.reference_offsets_row = reference_offsets_row(conn, run_id)
-    res.table_rows = k2pg.count_rows(conn, f"{exp.schema}.{table}")
+    res.table_rows = common.count_rows(conn, f"{exp.schema}.{table}")
     if res.table_rows or kind == "sluice":
         res.verification = verify(conn, exp, table)
     else:
@@ -821,7 +813,7 @@ def methodology(settings: Settings, exp: Expected, sql: str) -> list[str]:
         "expected windows, also `count(*)` of its table. Each time is that of the first poll "
         f"that saw the event, so it is known to within {settings.poll_interval_s} s.",
         f"'busy from': the start of the first poll interval after the join in which the "
-        f"engine used >= {k2pg.BUSY_CORES} cores; 'input rows/s from busy' = events / "
+        f"engine used >= {common.BUSY_CORES} cores; 'input rows/s from busy' = events / "
         "(all input at - busy from).",
         "CPU-s per 1M input rows: user + system CPU of the engine's process tree from its "
         "start to the poll that saw every message consumed (startup and group join "
@@ -909,7 +901,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, run_id = k2pg.start_run(parse_args(argv), PREFIX)
+    settings, run_id = common.start_run(parse_args(argv), PREFIX)
     date = common.utc_date()
     sql, window_ms, lateness_ms = pipeline_facts(settings)
     if lateness_ms <= DISORDER_MS:
@@ -917,7 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     k2pg.check_services(settings)
     kinds = sorted({engine_kind(e) for e in settings.engines})
-    kind_versions = {kind: k2pg.check_engine(kind) for kind in kinds}
+    kind_versions = {kind: common.check_engine(kind) for kind in kinds}
     versions = {engine: kind_versions[engine_kind(engine)] for engine in settings.engines}
     facts = common.run_facts(date)
     facts["packages"] = common.engine_packages(PACKAGES, kinds)
@@ -931,16 +923,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ds = k2pg.produce(settings, topic, timed_events(settings.rows, settings.seed))
     exp.closers_ts_ms = produce_closers(settings, topic, settings.rows)
-    k2pg.print_produced(ds)
+    common.print_produced(ds)
 
     results: list[TumblingResult] = []
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
     try:
-        with psycopg.connect(settings.postgres_url, autocommit=True) as conn:
-            facts["postgres"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        with common.poller(settings.postgres_url, facts) as conn:
             facts["postgres_timezone"] = conn.execute("SHOW TimeZone").fetchone()[0]  # type: ignore[index]
-            # Keep the poller light: no parallel workers for count(*).
-            conn.execute("SET max_parallel_workers_per_gather = 0")
             prepare_postgres(conn, settings, exp)
             print(
                 f"schema {exp.schema}: {exp.events:,} events loaded in {exp.load_s:.1f} s; "
@@ -998,13 +987,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in results
         ],
     }
-    md = common.write_results(
-        settings.results_dir,
-        f"{BENCHMARK}-{date}",
-        render_markdown(settings, ds, exp, sql, results, facts, date),
-        data,
-    )
-    print(f"results: {md} (and .json); engine logs: {settings.work_dir}")
+    markdown = render_markdown(settings, ds, exp, sql, results, facts, date)
+    common.save_results(settings, BENCHMARK, date, markdown, data)
     ok = not any(common.failed(r) for r in results)
     # sluice must also have written and verified every window.
     ok = ok and all(r.verification.get("ok") for r in results if engine_kind(r.engine) == "sluice")

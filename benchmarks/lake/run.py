@@ -16,7 +16,8 @@ the reference gets SIGTERM once every row landed. The figures: rows/s over
 the wall time from the start of the process to the last row landed (so the
 group join and startup count), CPU seconds and peak RSS of the process
 tree. Every target is verified (row count, distinct ids, sum of user ids).
-Results go to ``benchmarks/results/lake-<date>.{md,json}``.
+Results go to ``benchmarks/results/lake-<date>.{md,json}`` at >= 1M rows, or to
+``--results-dir`` whenever it is given.
 """
 
 from __future__ import annotations
@@ -147,11 +148,11 @@ def run_one(
     user_sum: int,
     timeout_s: float,
 ) -> Result:
-    version = k2pg.check_engine(engine)
+    version = common.check_engine(engine)
     path = work / f"{scenario}-{engine}.toml"
     path.write_text(toml)
     proc = common.MonitoredProcess(
-        k2pg.engine_argv(engine, path), work / f"{scenario}-{engine}.log"
+        common.engine_argv(engine, path), work / f"{scenario}-{engine}.log"
     )
     result = Result(scenario, engine, version, rows)
     proc.start()
@@ -183,7 +184,7 @@ def write_files(folder: Path, rows: int, seed: int) -> int:
     total = 0
     lines: list[bytes] = []
     n = 0
-    for user_id, payload in k2pg.events(rows, seed):
+    for user_id, payload in common.events(rows, seed):
         total += user_id
         lines.append(payload)
         if len(lines) == FILE_ROWS:
@@ -202,7 +203,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/sluice-bench-lake"))
-    parser.add_argument("--results-dir", type=Path, default=HERE.parent / "results")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="write the results here (default: benchmarks/results, and only at >= 1M rows)",
+    )
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     engines = [e for e in args.engines.split(",") if e]
@@ -210,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = args.work_dir / run_id
     work.mkdir(parents=True)
     bootstrap = "127.0.0.1:19092"
-    postgres_url = "postgresql://postgres@127.0.0.1:55432/postgres"
+    postgres_url = common.POSTGRES_URL
     results: list[Result] = []
     kafka = [s for s in scenarios if s.startswith("kafka_")]
     if kafka:
@@ -225,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_s=args.timeout,
             stall_timeout_s=args.timeout,
             stop_grace_s=10,
-            results_dir=args.results_dir,
+            results_dir=args.results_dir or common.RESULTS_DIR,
             work_dir=work,
             keep=False,
         )
@@ -303,8 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": args.rows,
         "results": [{**r.__dict__, "rows_per_s": r.rows_per_s} for r in results],
     }
-    if args.rows >= 1_000_000:
-        common.write_results(args.results_dir, f"lake-{date}", markdown, payload)
+    if args.results_dir is not None or args.rows >= 1_000_000:
+        common.write_results(
+            args.results_dir or common.RESULTS_DIR, f"lake-{date}", markdown, payload
+        )
     else:
         print(json.dumps(payload["results"], indent=1, default=str)[:2000])
     return 1 if any(not r.verified.get("ok") for r in results) else 0

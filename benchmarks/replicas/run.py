@@ -183,12 +183,14 @@ def run_once(
     with psycopg.connect(args.postgres) as conn:
         if stateful:
             got = conn.execute(f"SELECT count(*), sum(n) FROM public.{name}").fetchone()
+            assert got is not None
             check = f"{got[0]} windows, {got[1]} rows counted"
-            ok = got is not None and got[1] == rows
+            ok = got[1] == rows
         else:
             got = conn.execute(f"SELECT count(*), count(DISTINCT id) FROM public.{name}").fetchone()
+            assert got is not None
             check = f"{got[0]} rows, {got[1]} distinct ids"
-            ok = got is not None and got[0] == got[1] == rows
+            ok = got[0] == got[1] == rows
     if not ok:
         check = "WRONG: " + check
     return Run(
@@ -208,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--bootstrap", default="127.0.0.1:19092")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:55432/postgres")
+    parser.add_argument("--postgres", default=common.POSTGRES_URL)
     parser.add_argument("--idle-ms", type=int, default=3000)
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
     topic = f"bench_replicas_{secrets.token_hex(4)}"
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     out = common.write_results(
-        common.RESULTS_DIR,
+        args.results_dir,
         f"{BENCHMARK}-{date}",
         md,
         {"machine": facts, "runs": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in runs]},
