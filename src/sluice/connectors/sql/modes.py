@@ -125,10 +125,10 @@ class Scd2:
                 f"SET t.{q('is_current')} = FALSE, t.{q('valid_to')} = s.{q('valid_from')} "
                 f"WHERE t.{q('is_current')} AND t.{q('row_hash')} <> s.{q('row_hash')}"
             )
-        match = " AND ".join(f"{self.target}.{q(k)} = s.{q(k)}" for k in self.key)
         return (
-            f"UPDATE {self.target} SET {sets} FROM {self.rows} s WHERE {match} AND "
-            f"{self.target}.{q('is_current')} AND {self.target}.{q('row_hash')} <> s.{q('row_hash')}"
+            f"UPDATE {self.target} AS t SET {sets} FROM {self.rows} s "
+            f"WHERE {self._key_match('t', 's')} AND t.{q('is_current')} "
+            f"AND t.{q('row_hash')} <> s.{q('row_hash')}"
         )
 
     def close_stale(self, now: str, cutoff: str) -> str:
@@ -136,11 +136,9 @@ class Scd2:
         (``now``, ``cutoff``: timestamp literals of the dialect)."""
         q = self.quote
         return (
-            f"UPDATE {self.target} SET {q('is_current')} = FALSE, {q('valid_to')} = {now} "
-            f"WHERE {q('is_current')} AND {q('valid_from')} < {cutoff} AND NOT EXISTS "
-            f"(SELECT 1 FROM {self.rows} s WHERE "
-            + " AND ".join(f"s.{q(k)} = {self.target}.{q(k)}" for k in self.key)
-            + ")"
+            f"UPDATE {self.target} AS t SET {q('is_current')} = FALSE, {q('valid_to')} = {now} "
+            f"WHERE t.{q('is_current')} AND t.{q('valid_from')} < {cutoff} AND NOT EXISTS "
+            f"(SELECT 1 FROM {self.rows} s WHERE {self._key_match('s', 't')})"
         )
 
     def insert_new(self) -> str:
