@@ -47,6 +47,7 @@ class DuckDBTarget:
         check_mode(self.id, spec, self._key)
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -193,10 +194,10 @@ class DuckDBTarget:
         self._fresh = True
         self._rows = 0
 
-    def unit_rows(self) -> int:
-        """Rows the open transaction wrote (append, truncate, merge) or
-        versions it inserted and closed (scd2)."""
-        return self._rows
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
 
     def insert_select(self, select_sql: str, *, create: bool = True) -> None:
         """Write the rows of ``select_sql`` (run here) in the mode, inside the
@@ -267,6 +268,7 @@ class DuckDBTarget:
             conn.execute("COMMIT")
             self._in_tx = False
         self._ledger.done()
+        self._committed = self._rows
         self._unit_done()
 
     def _require(self) -> Any:

@@ -78,7 +78,7 @@ class Loadable(Protocol):
     def prepare(self, schema: pa.Schema, *, create: bool = True) -> None: ...
     def write(self, data: pa.Table) -> None: ...
     def flush(self) -> None: ...
-    def unit_rows(self) -> int: ...
+    def committed_rows(self) -> int: ...
     def insert_select(self, select_sql: str, *, create: bool = True) -> None: ...
 
 
@@ -147,8 +147,8 @@ class Load:
         if self._done:
             raise ConnectorError(f"{self._target.id}: the load is already committed or aborted")
         try:
-            rows = self._target.unit_rows()
             self._target.flush()
+            rows = self._target.committed_rows()
         except BaseException:
             self.abort()
             raise
@@ -199,8 +199,8 @@ def insert_select(connection: Connection, spec: LoadSpec, select_sql: str) -> in
     target.open()
     try:
         target.insert_select(select_sql, create=spec.create)
-        rows = target.unit_rows()
         target.flush()
+        rows = target.committed_rows()
     finally:
         target.close()
     return rows

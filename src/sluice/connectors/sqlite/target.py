@@ -109,6 +109,7 @@ class SQLiteTarget:
         check_mode(self.id, spec, self._key)
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -230,10 +231,10 @@ class SQLiteTarget:
         self._fresh = True
         self._rows = 0
 
-    def unit_rows(self) -> int:
-        """Rows the open transaction wrote (append, truncate, merge) or
-        versions it inserted and closed (scd2)."""
-        return self._rows
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
 
     def _new_stage(self, names: list[str]) -> None:
         conn = self._require()
@@ -327,6 +328,7 @@ class SQLiteTarget:
                 raise
         conn.commit()
         self._ledger.done()
+        self._committed = self._rows
         self._unit_done()
 
     def _require(self) -> sqlite3.Connection:
