@@ -3,9 +3,11 @@
 **Plain targets** (:class:`DeltaTarget`): ``append`` adds each batch as one
 commit (``write_deltalake``; a column the table lacks is added);
 ``merge`` runs one ``MERGE`` per batch on ``[target.table] primary_key`` (the
-last row of a key in a batch wins). A missing table is created by the first
-batch, partitioned by ``partition_by``. Every flush is one Delta commit:
-durable when it returns.
+last row of a key in a batch wins); ``truncate`` overwrites the table in one
+commit (readers see the old version until then); ``scd2`` applies the rules
+of :mod:`sluice.connectors.sql.modes` in one ``MERGE`` (:meth:`DeltaTarget._scd2`).
+A missing table is created by the first batch, partitioned by
+``partition_by``. Every flush is one Delta commit: durable when it returns.
 
 **CDC** (:class:`DeltaCdcTarget`) applies a change table
 (:mod:`sluice.connectors.cdc_apply` has the rules) with one ``MERGE`` per

@@ -8,11 +8,15 @@ C++ straight from the Arrow buffers) inside one transaction that
   of its table column's type (``integer`` -> int32, ``timestamptz`` ->
   timestamp[us, UTC], ...): ingest straight into the table.
 * **staged**: otherwise (``jsonb``, ``numeric``, enums, a value Arrow cannot
-  cast, or ``merge`` mode) ingest into a temporary table and run one
+  cast, or ``merge`` / ``scd2`` mode) ingest into a temporary table and run one
   ``INSERT ... SELECT col::type`` so Postgres does the conversion and names
   the offending value on error. ``merge`` adds ``DISTINCT ON (key)`` (last
   row of the batch wins) and ``ON CONFLICT (key) DO UPDATE`` (all-key tables:
-  ``DO NOTHING``).
+  ``DO NOTHING``); ``scd2`` runs the statements of
+  :mod:`sluice.connectors.sql.modes` from it.
+
+``truncate`` deletes the old rows at the first write of a transaction (a
+flush, or a whole load), so readers see the old table until the commit.
 
 A missing table is created from the batch schema (with the configured
 primary key); a column the table lacks is added. A nested column (list,
