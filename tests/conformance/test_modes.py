@@ -50,6 +50,8 @@ def connection(h: TargetHarness, table: str) -> Connection:
     kind = h.target(table)["kind"]
     if kind == "delta_local":  # the table is a folder under the connection's path
         keys["path"] = str(Path(keys["path"]).parent)
+    if kind == "delta_s3":  # ... or the connection's prefix (here the bucket's root)
+        keys.pop("prefix")
     return Connection(kind=kind, **keys)
 
 
@@ -124,7 +126,13 @@ def test_load_mode(h: TargetHarness, mode: Any) -> None:
         assert rows(h, table, ["id", "name"]) == []
 
 
-def test_load_scd2_three_runs(h: TargetHarness) -> None:
+@pytest.fixture(params=[*KINDS, "delta_s3"])
+def scd2_h(request: pytest.FixtureRequest) -> TargetHarness:
+    harness: TargetHarness = request.getfixturevalue(f"{request.param}_harness")
+    return harness
+
+
+def test_load_scd2_three_runs(scd2_h: TargetHarness) -> None:
     """valid_from from updated_at; ttl one hour; compare on name only.
 
     run 1: 1 a, 2 b, 3 c (5 h ago)          -> three current versions
@@ -133,6 +141,7 @@ def test_load_scd2_three_runs(h: TargetHarness) -> None:
     run 3: 1 a, 2 B (unchanged); 3 and 4 not carried
            -> 3 (5 h old) closed by the ttl at the load time; 4 (30 min) stays
     """
+    h = scd2_h
     table = h.new_table()
     now = datetime.now(UTC).replace(microsecond=0)
     h5, h2, m30 = now - timedelta(hours=5), now - timedelta(hours=2), now - timedelta(minutes=30)

@@ -419,6 +419,12 @@ class PostgresTarget:
                 defs.append(f"PRIMARY KEY ({', '.join(_q(k) for k in self._key)})")
             self._execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
             self._execute(f"CREATE TABLE IF NOT EXISTS {self._ident} ({', '.join(defs)})")
+            if self.spec.mode == "scd2":  # the statements find current versions by key
+                keys = ", ".join(_q(k) for k in self._key)
+                self._execute(
+                    f"CREATE INDEX IF NOT EXISTS {_q(self.table + '_current')} "
+                    f"ON {self._ident} ({keys}) WHERE is_current"
+                )
             self._reflect()
             return
         added = False

@@ -214,6 +214,12 @@ class SQLiteTarget:
             if self._key and self.spec.mode != "scd2":  # scd2: several versions per key
                 defs.append(f"PRIMARY KEY ({', '.join(quote(k) for k in self._key)})")
             conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(self.table)} ({', '.join(defs)})")
+            if self.spec.mode == "scd2":  # the statements find current versions by key
+                keys = ", ".join(quote(k) for k in self._key)
+                conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {quote(self.table + '_current')} "
+                    f"ON {quote(self.table)} ({keys}) WHERE is_current"
+                )
             self._columns = list(schema.names)
         for f in schema:
             if f.name not in self._columns:
