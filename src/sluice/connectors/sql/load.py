@@ -33,7 +33,8 @@ transaction that inserts the new ones, so a reader sees the old table until
 the commit and the new one after, never an empty one (Delta: one overwrite
 commit). The table is created, or its new columns added, from ``schema``
 when the load opens (MySQL commits DDL implicitly, so it happens before any
-row is written).
+row is written); a later batch's new columns are added too (``create``), or
+refused (``create=False``).
 """
 
 from __future__ import annotations
@@ -127,8 +128,10 @@ def _target(connection: Connection, spec: LoadSpec) -> Loadable:
 class Load:
     """One unit of writes to one table; see the module docstring."""
 
-    def __init__(self, target: Loadable) -> None:
+    def __init__(self, target: Loadable, spec: LoadSpec, schema: pa.Schema) -> None:
         self._target = target
+        self._spec = spec
+        self._names = set(schema.names)
         self._done = False
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
@@ -136,6 +139,13 @@ class Load:
         if self._done:
             raise ConnectorError(f"{self._target.id}: the load is already committed or aborted")
         data = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        extra = [n for n in data.column_names if n not in self._names]
+        if extra and not self._spec.create:
+            self.abort()
+            raise ConnectorError(
+                f"{self._target.id}: the batch has column(s) {extra} the load was not opened "
+                "with, and it may not add them (create = false)"
+            )
         try:
             self._target.write(data)
         except BaseException:
@@ -188,7 +198,7 @@ def open_load(connection: Connection, spec: LoadSpec, schema: pa.Schema) -> Load
     except BaseException:
         target.close()
         raise
-    return Load(target)
+    return Load(target, spec, schema)
 
 
 def insert_select(connection: Connection, spec: LoadSpec, select_sql: str) -> int:
@@ -198,7 +208,7 @@ def insert_select(connection: Connection, spec: LoadSpec, select_sql: str) -> in
     target = _target(connection, spec)
     target.open()
     try:
-        target.insert_select(select_sql, create=spec.create)
+        target.insert_select(select_sql.strip().rstrip(";"), create=spec.create)
         target.flush()
         rows = target.committed_rows()
     finally:
