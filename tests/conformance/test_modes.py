@@ -21,7 +21,7 @@ from sluice.connectors import registry
 from sluice.connectors.api import Target
 from sluice.connectors.sql.load import LoadSpec, insert_select, open_load
 from sluice.connectors.sql.positions import RecordsPositions
-from sluice.errors import ConnectorError
+from sluice.errors import ConfigError, ConnectorError
 from sluice.testing import TargetHarness
 from sluice.testing.harness import load_pipeline, unique
 from tests import endpoints
@@ -212,7 +212,7 @@ def test_load_aborted_leaves_the_table_as_it_was(h: TargetHarness) -> None:
 
 def test_load_refuses_scd2_without_a_key(h: TargetHarness) -> None:
     table = h.new_table()
-    with pytest.raises(ConnectorError, match='mode = "scd2" needs'):
+    with pytest.raises(ConfigError, match=r'table\.primary_key: missing: mode = "scd2" needs'):
         load(h, table, LoadSpec(table, "scd2"), FIRST)
 
 
@@ -441,7 +441,7 @@ def test_streaming_scd2_versions_per_flush(h: TargetHarness) -> None:
 
 
 def test_scd2_options_need_scd2(h: TargetHarness) -> None:
-    with pytest.raises(ConnectorError, match='are for mode = "scd2"'):
+    with pytest.raises(ConfigError, match=r'target\.ttl_seconds: only with mode = "scd2"'):
         streaming(h, h.new_table(), unique("modes"), mode="merge", key=["id"], ttl_seconds=5)
 
 
