@@ -84,6 +84,8 @@ class Loadable(Protocol):
 
 
 def _target(connection: Connection, spec: LoadSpec) -> Loadable:
+    import msgspec
+
     from sluice.config.load import load_data
     from sluice.connectors import registry
 
@@ -97,7 +99,14 @@ def _target(connection: Connection, spec: LoadSpec) -> Loadable:
         table["schema"] = schema
     if spec.primary_key:
         table["primary_key"] = list(spec.primary_key)
-    target: dict[str, Any] = {**connection.table(), "table": table, "mode": spec.mode}
+    # Only the keys a [target] of the kind takes (a postgres connection may
+    # carry state-store keys, a lookup's ...).
+    (kind_spec,) = [
+        t for t in registry.specs("target") if t.__struct_config__.tag == connection.kind
+    ]
+    allowed = {f.encode_name for f in msgspec.structs.fields(kind_spec)}
+    keys = {k: v for k, v in connection.keys.items() if k in allowed}
+    target: dict[str, Any] = {**keys, "kind": connection.kind, "table": table, "mode": spec.mode}
     if connection.kind.startswith("delta"):
         # Delta: the table is a folder under the connection's path / prefix.
         target["table"] = {k: v for k, v in table.items() if k == "primary_key"}
