@@ -205,9 +205,7 @@ class DuckDBTarget:
         conn = self._tx()
         schema = conn.sql(f"SELECT * FROM ({select_sql}) LIMIT 0").arrow().schema
         self.prepare(schema, create=create)
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE _sluice_stage AS SELECT * FROM ({select_sql})")
-        self._apply("_sluice_stage", schema.names)
-        conn.execute("DROP TABLE _sluice_stage")
+        self._apply(f"({select_sql}) AS _sluice_q", schema.names)
 
     def _scd2(self, last: str, names: list[str]) -> None:
         """Apply ``last`` (the rows, the last of each key) as scd2 versions

@@ -305,12 +305,8 @@ class PostgresTarget:
                 cur.execute(f"SELECT * FROM ({select_sql}) AS _sluice_q LIMIT 0")
                 schema = cur.fetch_arrow_table().schema
             self.prepare(schema, create=create)
-            self._execute(f"DROP TABLE IF EXISTS pg_temp.{self._stage}")
-            self._execute(
-                f"CREATE TEMP TABLE {self._stage} AS SELECT *, row_number() OVER () AS {_q(_SEQ)} "
-                f"FROM ({select_sql}) AS _sluice_q"
-            )
-            self._apply(schema.names)
+            # Straight from the query (a query's row order is its own: no sequence).
+            self._apply(schema.names, f"({select_sql}) AS _sluice_q", ordered=False)
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
 
@@ -342,15 +338,17 @@ class PostgresTarget:
         data = data.append_column(_SEQ, pa.array(range(data.num_rows), pa.int64()))
         with self._require().cursor() as cur:
             cur.adbc_ingest(self._stage.strip('"'), data, mode="replace", temporary=True)
-        self._apply(data.column_names[:-1])
+        self._apply(data.column_names[:-1], self._stage, ordered=True)
 
-    def _apply(self, names: list[str]) -> None:
-        """Write the rows of the stage table (columns ``names`` and the sequence) in the mode."""
+    def _apply(self, names: list[str], source: str, *, ordered: bool) -> None:
+        """Write the rows of ``source`` (a relation with columns ``names``, and
+        the sequence when ``ordered``: the last row of a key wins) in the mode."""
         assert self._columns is not None
         cols = ", ".join(_q(n) for n in names)
         select = ", ".join(f"{_q(n)}::{self._columns[n]}" for n in names)
         key = ", ".join(_q(k) for k in self._key)
-        last = f"SELECT DISTINCT ON ({key}) {select} FROM {self._stage} ORDER BY {key}, {_q(_SEQ)} DESC"
+        order = f"{key}, {_q(_SEQ)} DESC" if ordered else key
+        last = f"SELECT DISTINCT ON ({key}) {select} FROM {source} ORDER BY {order}"
         if self.spec.mode == "merge":
             others = [n for n in names if n not in self._key]
             action = (
@@ -365,7 +363,7 @@ class PostgresTarget:
             self._scd2(names, last)
         else:
             self._rows += self._execute(
-                f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {self._stage}"
+                f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {source}"
             )
 
     def _scd2(self, names: list[str], last: str) -> None:

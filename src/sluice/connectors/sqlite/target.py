@@ -251,27 +251,31 @@ class SQLiteTarget:
         """Write the rows of ``select_sql`` (run here) in the mode, inside the
         open transaction: they never leave the database."""
         conn = self._require()
+        staged = self.spec.mode in ("merge", "scd2")  # the stage keys "last row wins" by rowid
         conn.execute(f"DROP TABLE IF EXISTS temp.{_STAGE}")
-        conn.execute(f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM ({select_sql})")
+        conn.execute(
+            f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM ({select_sql})"
+            + ("" if staged else " LIMIT 0")  # else only its column types
+        )
         info = conn.execute(f"PRAGMA temp.table_info({_STAGE})").fetchall()
         schema = pa.schema([pa.field(str(r[1]), _arrow_of(str(r[2]))) for r in info])
         self.prepare(schema, create=create)
         names = schema.names
         cols = ", ".join(quote(n) for n in names)
+        if not staged:
+            self._rows += conn.execute(
+                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM ({select_sql})"
+            ).rowcount
+            return
         if self.spec.mode == "scd2":
             self._scd2(names)
             return
-        if self.spec.mode == "merge":
-            keys = ", ".join(quote(k) for k in self._key)
-            last = f"rowid IN (SELECT max(rowid) FROM {_STAGE} GROUP BY {keys})"
-            self._rows += conn.execute(
-                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE} "
-                f"WHERE {last}{self._upsert(names)}"
-            ).rowcount
-        else:
-            self._rows += conn.execute(
-                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE}"
-            ).rowcount
+        keys = ", ".join(quote(k) for k in self._key)
+        last = f"rowid IN (SELECT max(rowid) FROM {_STAGE} GROUP BY {keys})"
+        self._rows += conn.execute(
+            f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE} "
+            f"WHERE {last}{self._upsert(names)}"
+        ).rowcount
 
     def _scd2(self, names: list[str]) -> None:
         """Apply the stage's rows (the last of each key) as scd2 versions
