@@ -4,6 +4,7 @@ targets, against hand-computed tables, on the real services."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -198,6 +199,10 @@ def test_load_scd2_valid_from_is_the_load_time_and_unchanged_rows_write_nothing(
     got = rows(h, table, ["id", "name", "valid_from", "valid_to", "is_current"])
     assert [(r[0], r[1], r[3], r[4]) for r in got] == [(1, "a", None, True), (2, "b", None, True)]
     assert all(before - timedelta(seconds=1) <= r[2] <= after + timedelta(seconds=1) for r in got)
+    # row_hash: md5 of name=value of the non-null compare columns, alike in every dialect
+    assert rows(h, table, ["id", "row_hash"]) == _sorted(
+        [(1, hashlib.md5(b"name=a").hexdigest()), (2, hashlib.md5(b"name=b").hexdigest())]
+    )
 
 
 def test_load_aborted_leaves_the_table_as_it_was(h: TargetHarness) -> None:
@@ -461,3 +466,13 @@ def test_load_without_create_needs_the_table_and_its_columns(h: TargetHarness) -
         run.write(wider)
     assert load(h, table, spec, FIRST) == 2
     assert rows(h, table, ["id", "name"]) == _sorted([(1, "a"), (1, "a"), (2, "b"), (2, "b")])
+
+
+def test_load_scd2_adds_a_new_column(h: TargetHarness) -> None:
+    table = h.new_table()
+    spec = LoadSpec(table, "scd2", primary_key=("id",))
+    load(h, table, spec, FIRST)
+    wider = named((1, "a"), (2, "b")).append_column("tier", pa.array(["x", None]))
+    assert load(h, table, spec, wider) == 2  # 1 changes (tier x): closed and inserted
+    got = rows(h, table, ["id", "name", "tier", "is_current"])
+    assert got == _sorted([(1, "a", None, False), (1, "a", "x", True), (2, "b", None, True)])

@@ -76,7 +76,7 @@ try:
     import deltalake
     from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
     from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
-    from deltalake.schema import PrimitiveType
+    from deltalake.schema import Field, PrimitiveType
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
     raise ModuleNotFoundError("deltalake", name="deltalake") from exc
 
@@ -489,6 +489,11 @@ class DeltaTarget:
                 storage_options=self.options,
             )
             table = DeltaTable(self.uri, storage_options=self.options)
+        have = set(_arrow_schema(table).names)
+        new = [data.schema.field(n) for n in names if n not in have]
+        if new:  # a column the table lacks: added first (nullable; the MERGE fills it)
+            table.alter.add_columns([Field.from_arrow(f) for f in new])
+            table = DeltaTable(self.uri, storage_options=self.options)
         changed = self._changed(table, data, compare)
         marks = [f"_sluice_mk_{i}" for i in range(len(self.key))]
         keyed = data.append_column("valid_from", valid_from).append_column(
@@ -505,13 +510,13 @@ class DeltaTarget:
         on = " AND ".join(
             f"t.{_quote(k)} = s.{_quote(m)}" for k, m in zip(self.key, marks, strict=True)
         )
-        texts = ", ".join(f"coalesce(cast(s.{_quote(c)} as string), '\\N')" for c in compare)
+        parts = modes.hash_parts(compare, lambda c: f"cast(s.{_quote(c)} as string)")
         insert = {c: f"s.{_quote(c)}" for c in names}
         insert |= {
             "valid_from": "s.valid_from",
             "valid_to": "NULL",
             "is_current": "true",
-            "row_hash": f"md5(concat_ws(chr(31), {texts}))" if compare else "md5('')",
+            "row_hash": f"md5(concat_ws(chr(31), {', '.join(parts)}))" if parts else "md5('')",
         }
         merger = (
             table.merge(

@@ -222,8 +222,8 @@ class DuckDBTarget:
             raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
         now = f"TIMESTAMPTZ '{modes.utc_text(self._now)}+00'"
         valid_from = f"CAST(d.{quote(ts)} AS TIMESTAMPTZ)" if ts else now
-        texts = ", ".join(f"CAST(d.{quote(c)} AS VARCHAR)" for c in compare)
-        row_hash = f"md5(to_json([{texts}]))" if compare else "md5('[]')"
+        parts = modes.hash_parts(compare, lambda c: f"CAST(d.{quote(c)} AS VARCHAR)")
+        row_hash = f"md5(concat_ws(chr(31), {', '.join(parts)}))" if parts else "md5('')"
         conn.execute(
             f"CREATE OR REPLACE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "
             f"{row_hash} AS row_hash FROM ({last}) AS d"

@@ -380,9 +380,8 @@ class PostgresTarget:
         if ts is not None and ts not in names:
             raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
         valid_from = f"d.{_q(ts)}::timestamptz" if ts else now
-        row_hash = (
-            "md5(json_build_array(" + ", ".join(f"d.{_q(c)}::text" for c in compare) + ")::text)"
-        )
+        parts = modes.hash_parts(compare, lambda c: f"d.{_q(c)}::text")
+        row_hash = f"md5(concat_ws(chr(31){''.join(', ' + p for p in parts)}))"
         self._execute(f"DROP TABLE IF EXISTS pg_temp.{rows}")
         self._execute(
             f"CREATE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "

@@ -77,8 +77,10 @@ def _sqlite_columns(table: pa.Table) -> list[list[Any]]:
 _STAGE = quote("_sluice_stage")
 
 
-def _md5(text: str | None) -> str | None:
-    return None if text is None else hashlib.md5(text.encode()).hexdigest()
+def _md5(*parts: str | None) -> str:
+    """md5 of the non-null ``parts`` joined by U+001F (SQLite has no md5 nor,
+    before 3.44, concat_ws): :func:`sluice.connectors.sql.modes.hash_parts`."""
+    return hashlib.md5("\x1f".join(p for p in parts if p is not None).encode()).hexdigest()
 
 
 def _arrow_of(declared: str) -> pa.DataType:
@@ -123,7 +125,7 @@ class SQLiteTarget:
     def open(self) -> None:
         """Open the database file (created when missing) and reflect the table."""
         conn = connect(self.spec.path, isolation_level="DEFERRED")
-        conn.create_function("sluice_md5", 1, _md5, deterministic=True)
+        conn.create_function("sluice_md5", -1, _md5, deterministic=True)
         self._conn = conn
         info = conn.execute(f"PRAGMA table_info({quote(self.table)})").fetchall()
         self._columns = [r[1] for r in info] or None
@@ -293,11 +295,8 @@ class SQLiteTarget:
         # Timestamps are ISO text as _sqlite_columns writes them (UTC, "Z").
         now = f"'{modes.utc_text(self._now)}Z'"
         valid_from = f"d.{quote(ts)}" if ts else now
-        row_hash = (
-            "sluice_md5(json_array("
-            + ", ".join(f"CAST(d.{quote(c)} AS TEXT)" for c in compare)
-            + "))"
-        )
+        parts = modes.hash_parts(compare, lambda c: f"CAST(d.{quote(c)} AS TEXT)")
+        row_hash = f"sluice_md5({', '.join(parts)})"
         keys = ", ".join(quote(k) for k in self._key)
         conn.execute(f"DROP TABLE IF EXISTS temp.{rows}")
         conn.execute(
