@@ -476,3 +476,22 @@ def test_load_scd2_adds_a_new_column(h: TargetHarness) -> None:
     assert load(h, table, spec, wider) == 2  # 1 changes (tier x): closed and inserted
     got = rows(h, table, ["id", "name", "tier", "is_current"])
     assert got == _sorted([(1, "a", None, False), (1, "a", "x", True), (2, "b", None, True)])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "duckdb"])  # a database of the test's own
+def test_a_load_leaves_no_positions_table(kind: str, request: pytest.FixtureRequest) -> None:
+    h: TargetHarness = request.getfixturevalue(f"{kind}_harness")
+    table = h.new_table()
+    load(h, table, LoadSpec(table, "append"), FIRST)
+    path = connection(h, table).keys["path"]
+    if kind == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(path) as lite:
+            names = {r[0] for r in lite.execute("SELECT name FROM sqlite_master").fetchall()}
+    else:
+        import duckdb
+
+        with duckdb.connect(path) as duck:
+            names = {r[0] for r in duck.execute("SHOW TABLES").fetchall()}
+    assert names == {table}

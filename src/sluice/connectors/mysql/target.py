@@ -444,6 +444,8 @@ class MySQLTarget:
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
         self._committed = 0  # rows the last flush committed
+        #: Whether open() creates the positions table (a batch load keeps no positions).
+        self.positions_table = True
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -468,7 +470,8 @@ class MySQLTarget:
                 "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (self.schema,)
             ):
                 self._query(f"CREATE DATABASE IF NOT EXISTS {_q(self.schema)}")
-            self._ledger.create(self._query)
+            if self.positions_table:
+                self._ledger.create(self._query)
             self._conn.commit()
         except pymysql.Error as exc:
             self.close()

@@ -131,6 +131,8 @@ def _target(connection: Connection, spec: LoadSpec) -> Loadable:
     )
     (target_spec,) = pipeline.all_targets
     built: Loadable = registry.build_target(target_spec, registry.Context(pipeline), 0)  # type: ignore[assignment]
+    if hasattr(built, "positions_table"):
+        built.positions_table = False  # a load records no source positions
     return built
 
 
