@@ -495,3 +495,21 @@ def test_a_load_leaves_no_positions_table(kind: str, request: pytest.FixtureRequ
         with duckdb.connect(path) as duck:
             names = {r[0] for r in duck.execute("SHOW TABLES").fetchall()}
     assert names == {table}
+
+
+def test_mysql_truncate_refuses_a_column_after_it_began(
+    mysql_harness: TargetHarness,
+) -> None:
+    """MySQL commits DDL: a column added mid-truncate would publish the delete."""
+    h = mysql_harness
+    table = h.new_table()
+    spec = LoadSpec(table, "truncate")
+    load(h, table, spec, FIRST)
+    wider = SECOND.append_column("extra", pa.array([1, 2, 3], pa.int64()))
+    with (
+        pytest.raises(ConnectorError, match=r"column\(s\) \['extra'\] appeared after"),
+        open_load(connection(h, table), spec, FIRST.schema) as run,
+    ):
+        run.write(SECOND)
+        run.write(wider)
+    assert rows(h, table, ["id", "name"]) == [(1, "a"), (2, "b")]

@@ -598,6 +598,13 @@ class MySQLTarget:
                     f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
                 )
             schema = modes.with_scd2(schema)
+        if not self._fresh and self.spec.mode in ("truncate", "scd2") and self._columns is not None:
+            added = [f.name for f in schema if f.name.lower() not in self._columns]
+            if added:  # DDL would commit the rows deleted / closed so far
+                raise ConnectorError(
+                    f"{self.id}: column(s) {added} appeared after the {self.spec.mode} unit "
+                    "began; MySQL commits DDL, so they must be in the schema it opens with"
+                )
         self._ensure_table(schema)
         if self._fresh:
             self._fresh = False
