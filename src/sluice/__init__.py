@@ -14,20 +14,28 @@ from sluice.engine.consume import run_pipeline
 from sluice.engine.plan import Plan, build_plan
 from sluice.errors import ConfigError, SluiceError
 from sluice.functions import udaf, udf
+from sluice.jobs import ManagedTable, job, pipeline, pk, table, target, workflow
 
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: PLE0604
     *_api,
     "ConfigError",
+    "ManagedTable",
     "PipelineSpec",
     "Plan",
     "SluiceError",
     "__version__",
     "build_plan",
+    "job",
     "load_file",
     "load_text",
+    "pipeline",
+    "pk",
     "run_pipeline",
+    "table",
+    "target",
     "udaf",
     "udf",
+    "workflow",
 ]

@@ -1,0 +1,95 @@
+"""Where a job's rows land: the table made ready, then a load in the job's mode.
+
+``append`` is written here (:class:`~sluice.jobs.db.AppendLoad`, and one
+``INSERT … SELECT`` on the same-database path). ``truncate``, ``merge`` /
+``scd1`` and ``scd2`` go through the SQL targets' load modes
+(:mod:`sluice.connectors.sql.load`) where that module provides them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from sluice.jobs.db import Database, JobError
+from sluice.jobs.declare import Job, TargetBinding
+from sluice.jobs.tables import ManagedTable, quote_for
+
+
+class Load(Protocol):
+    """One target's writes for one run: visible all at once on ``commit``."""
+
+    def write(self, batch: pa.RecordBatch) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def ensure(db: Database, table: ManagedTable) -> None:
+    """Create ``table`` or add its missing declared columns (committed at once)."""
+    conn = db.connect()
+    try:
+        db.begin(conn)
+        db.ensure(conn, table)
+        if db.dialect in {"duckdb", "sqlite"}:
+            conn.execute("COMMIT")
+        else:
+            conn.commit()
+    finally:
+        conn.close()
+
+
+def _modes() -> Any:
+    try:
+        from sluice.connectors.sql import load as modes
+    except ImportError:
+        return None
+    return modes
+
+
+def _unsupported(t: TargetBinding) -> JobError:
+    return JobError(
+        f"mode {t.mode!r} on {t.table.name}: not implemented yet for batch jobs "
+        "(append is; the other modes come with sluice.connectors.sql.load)"
+    )
+
+
+def open_target(db: Database, t: TargetBinding, job: Job) -> Load:
+    """A load for ``t``'s table on ``db``, the table created or migrated first."""
+    ensure(db, t.table)
+    if t.mode == "append":
+        return db.open_append(t.table)
+    raise _unsupported(t)
+
+
+def insert_select(db: Database, t: TargetBinding, job: Job, sql: str) -> tuple[int, str]:
+    """Load ``sql``'s rows into ``t`` inside the database; (rows, the statement run)."""
+    if t.mode != "append":
+        raise _unsupported(t)
+    q = quote_for(db.dialect)
+    cols = ", ".join(q(c.name) for c in t.table.columns)
+    statement = (
+        f"INSERT INTO {t.table.qualified(db.dialect)} ({cols}) "
+        f"{t.table.select_sql(db.dialect, sql)}"
+    )
+    conn = db.connect()
+    try:
+        db.begin(conn)
+        rows = db.execute(conn, statement)
+        if db.dialect in {"duckdb", "sqlite"}:
+            conn.execute("COMMIT")
+        else:
+            conn.commit()
+    except BaseException:
+        try:
+            if db.dialect in {"duckdb", "sqlite"}:
+                conn.execute("ROLLBACK")
+            else:
+                conn.rollback()
+        finally:
+            conn.close()
+        raise
+    conn.close()
+    return rows, statement

@@ -1,0 +1,4 @@
+"""Column types for ``@sluice.table`` classes (see :mod:`sluice.jobs.types`)."""
+
+from sluice.jobs.types import *  # noqa: F403
+from sluice.jobs.types import __all__ as __all__
