@@ -8,8 +8,10 @@ Arrow batches of ``batch_rows``. No reader materialises a whole result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,9 +96,7 @@ class Database:
     def stream(self, sql: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """The rows of ``sql`` as Arrow batches, streamed (bounded memory)."""
         if self.dialect == "postgres":
-            import adbc_driver_postgresql.dbapi as adbc
-
-            with adbc.connect(self.url or "") as conn, conn.cursor() as cur:
+            with adbc_connect(self.url or "") as conn, conn.cursor() as cur:
                 cur.execute(sql)
                 reader = cur.fetch_record_batch()
                 for batch in reader:
@@ -201,9 +201,7 @@ class AppendLoad:
         self.table = table
         self.rows = 0
         if db.dialect == "postgres":
-            import adbc_driver_postgresql.dbapi as adbc
-
-            self._conn: Any = adbc.connect(db.url or "")
+            self._conn: Any = adbc_connect(db.url or "")
         else:
             self._conn = db.connect()
             db.begin(self._conn)
@@ -231,7 +229,8 @@ class AppendLoad:
                     f"INSERT INTO {ident} ({cols}) SELECT {cols} FROM __sluice_batch"
                 )
             finally:
-                self._conn.unregister("__sluice_batch")
+                with contextlib.suppress(Exception):  # after a failed insert: the error to tell is that one
+                    self._conn.unregister("__sluice_batch")
         else:
             if db.dialect == "mysql":
                 batch = _naive_utc(batch)
@@ -262,6 +261,23 @@ class AppendLoad:
             pass
         finally:
             self._conn.close()
+
+
+_ADBC_ROOTS: dict[str, Any] = {}
+_ADBC_LOCK = threading.Lock()
+
+
+def adbc_connect(url: str) -> Any:
+    """An ADBC Postgres connection. Opening the driver's database costs about
+    half a second (it loads the server's types), so one is kept per URL and
+    each use clones a connection from it (milliseconds)."""
+    import adbc_driver_postgresql.dbapi as adbc
+
+    with _ADBC_LOCK:
+        root = _ADBC_ROOTS.get(url)
+        if root is None:
+            root = _ADBC_ROOTS[url] = adbc.connect(url)
+        return root.adbc_clone()
 
 
 def _mysql(url: str) -> Any:

@@ -27,11 +27,24 @@ class Load(Protocol):
     def abort(self) -> None: ...
 
 
+_ENSURED: set[tuple[tuple[str, ...], str, tuple[str, ...]]] = set()
+
+
 def ensure(db: Database, table: ManagedTable) -> None:
-    """Create ``table`` or add its missing declared columns (committed at once)."""
+    """Create ``table`` or add its missing declared columns (committed at once).
+
+    Once per process per database and table shape; on Postgres under an
+    advisory lock, since two processes racing ``CREATE … IF NOT EXISTS`` can
+    both try to create it.
+    """
+    key = (db.identity, table.qualified(db.dialect), tuple(c.name for c in table.columns))
+    if key in _ENSURED:
+        return
     conn = db.connect()
     try:
         db.begin(conn)
+        if db.dialect == "postgres":
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key[1],))
         db.ensure(conn, table)
         if db.dialect in {"duckdb", "sqlite"}:
             conn.execute("COMMIT")
@@ -39,6 +52,7 @@ def ensure(db: Database, table: ManagedTable) -> None:
             conn.commit()
     finally:
         conn.close()
+    _ENSURED.add(key)
 
 
 def _modes() -> Any:
