@@ -27,6 +27,8 @@ from sluice.jobs.tables import ManagedTable, quote_for
 
 #: Rows per Arrow batch where the reader chooses (SQLite, MySQL, DuckDB).
 BATCH_ROWS = 50_000
+#: Bytes per Arrow batch read from Postgres (the ADBC driver's hint).
+BATCH_BYTES = 4 * 1024 * 1024
 
 
 class JobError(SluiceError):
@@ -97,6 +99,10 @@ class Database:
         """The rows of ``sql`` as Arrow batches, streamed (bounded memory)."""
         if self.dialect == "postgres":
             with adbc_connect(self.url or "") as conn, conn.cursor() as cur:
+                # Batches of about 4 MB (the driver's default is 16 MB).
+                cur.adbc_statement.set_options(
+                    **{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)}
+                )
                 cur.execute(sql)
                 reader = cur.fetch_record_batch()
                 for batch in reader:

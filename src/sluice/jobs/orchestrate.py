@@ -355,6 +355,7 @@ class Orchestrator:
                 "error": error,
                 "metrics": {
                     "path": outcome.path if outcome else None,
+                    "batches": outcome.batches if outcome else 0,
                     "duration_s": round(duration, 6),
                     "per_target": outcome.per_target if outcome else {},
                     "gave_up": gave_up,

@@ -40,6 +40,7 @@ class Outcome:
 
     rows: int = 0
     path: str = "arrow"
+    batches: int = 0
     watermark: str | None = None
     sql: str | None = None
     per_target: dict[str, int] = field(default_factory=dict)
@@ -146,6 +147,7 @@ def _arrow(job: Job, batches: Iterator[Any], watermark: str | None, sql: str | N
                     "expected pyarrow.RecordBatch"
                 )
             for part in parts:
+                out.batches += 1
                 wm = _wm_of(job, part, wm)
                 for t, load in zip(job.targets, loads, strict=True):
                     load.write(t.table.normalise(part))

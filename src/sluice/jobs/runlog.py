@@ -2,7 +2,8 @@
 
 Three tables (created on first use unless ``?create_tables=false``):
 
-- ``run_log``: one row per finished (or skipped) job run;
+- ``run_log`` (Postgres: in schema ``sluice_jobs``; elsewhere prefixed
+  ``sluice_jobs_``): one row per finished (or skipped) job run;
 - ``attempt_state``: one JSON document per job / workflow with a version,
   updated by compare-and-set (:meth:`RunLog.put_state`): the retry count,
   next retry time, last tick fired, last success, the watermark;
@@ -12,7 +13,7 @@ Three tables (created on first use unless ``?create_tables=false``):
 
 URL forms (``--run-log``): ``sqlite:///abs/path.db``, ``sqlite://rel.db`` or
 a bare path; ``memory://``; ``postgres://`` / ``postgresql://`` (tables in
-schema ``sluice``); ``mysql://`` / ``mariadb://``; ``duckdb:///path``;
+schema ``sluice_jobs``); ``mysql://`` / ``mariadb://``; ``duckdb:///path``;
 ``s3://bucket/prefix`` (one object per record; ``?endpoint_url=`` for
 moto / MinIO). :func:`open_run_log` never raises for an unreachable or
 unwritable log: it warns and keeps the state in memory so orchestration
@@ -79,6 +80,10 @@ RUN_COLUMNS = (
 )
 
 
+#: The run_log table's columns (``rows`` is reserved in MySQL: ``row_count``).
+_SQL_COLUMNS = ", ".join("row_count" if c == "rows" else c for c in RUN_COLUMNS)
+
+
 def now_iso(t: dt.datetime | None = None) -> str:
     return (t or dt.datetime.now(dt.UTC)).astimezone(dt.UTC).isoformat()
 
@@ -143,7 +148,7 @@ class SqlRunLog:
         self._conn = connect()
         self._lock = threading.Lock()
         self._ph = {"postgres": "%s", "mysql": "%s"}.get(dialect, "?")
-        prefix = {"postgres": "sluice.", "mysql": "sluice_"}.get(dialect, "sluice_")
+        prefix = {"postgres": "sluice_jobs.", "mysql": "sluice_jobs_"}.get(dialect, "sluice_jobs_")
         self._t = {n: f"{prefix}{n}" for n in ("run_log", "attempt_state", "claims")}
         if create:
             self._create()
@@ -153,12 +158,12 @@ class SqlRunLog:
         big = "LONGTEXT" if self.dialect == "mysql" else "TEXT"
         stmts = []
         if self.dialect == "postgres":
-            stmts.append("CREATE SCHEMA IF NOT EXISTS sluice")
+            stmts.append("CREATE SCHEMA IF NOT EXISTS sluice_jobs")
         stmts += [
             f"CREATE TABLE IF NOT EXISTS {self._t['run_log']} (run_id {text} PRIMARY KEY, "
             f"job {text} NOT NULL, workflow {text}, tick {text}, attempt INTEGER, "
             f"status {text} NOT NULL, started_at {text}, finished_at {text}, "
-            f"rows BIGINT, error {big}, metrics {big})",
+            f"row_count BIGINT, error {big}, metrics {big})",
             f"CREATE TABLE IF NOT EXISTS {self._t['attempt_state']} (name {text} PRIMARY KEY, "
             f"data {big} NOT NULL, version BIGINT NOT NULL)",
             f"CREATE TABLE IF NOT EXISTS {self._t['claims']} (claim_key {text} PRIMARY KEY, "
@@ -228,7 +233,7 @@ class SqlRunLog:
         )
         marks = ", ".join("?" * len(RUN_COLUMNS))
         self._exec(
-            f"INSERT INTO {self._t['run_log']} ({', '.join(RUN_COLUMNS)}) VALUES ({marks})",
+            f"INSERT INTO {self._t['run_log']} ({_SQL_COLUMNS}) VALUES ({marks})",
             values,
         )
 
@@ -236,7 +241,7 @@ class SqlRunLog:
         where = "WHERE job = ? " if job else ""
         params: tuple[Any, ...] = (job,) if job else ()
         _, rows = self._exec(
-            f"SELECT {', '.join(RUN_COLUMNS)} FROM {self._t['run_log']} {where}"
+            f"SELECT {_SQL_COLUMNS} FROM {self._t['run_log']} {where}"
             f"ORDER BY finished_at DESC, started_at DESC LIMIT {int(limit)}",
             params,
         )
