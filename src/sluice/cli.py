@@ -467,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         help="check pipeline files (or, with --module, EXPLAIN batch jobs); exit 2 on a problem",
     )
-    p.add_argument("files", nargs="*", metavar="FILE", help="pipeline files (job names with --module)")
+    p.add_argument(
+        "files", nargs="*", metavar="FILE", help="pipeline files (job names with --module)"
+    )
     p.add_argument("--module", metavar="M", help="validate these batch jobs with EXPLAIN")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing for valid files")
     p.set_defaults(func=_cmd_validate)

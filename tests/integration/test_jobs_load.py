@@ -5,7 +5,6 @@ watermark, fan-out; and every run log backend's claim / compare-and-set."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Annotated, Any
 import duckdb
 import psycopg
 import pytest
+from tests import endpoints
 
 import sluice
 from sluice.api.connections import Connection, register_connection
@@ -22,7 +22,6 @@ from sluice.jobs.orchestrate import Orchestrator
 from sluice.jobs.runlog import open_raw, open_run_log
 from sluice.normalize import lower, parse_timestamp, trim
 from sluice.types import BigInt, Text, TimestampTZ
-from tests import endpoints
 
 pytestmark = pytest.mark.integration
 

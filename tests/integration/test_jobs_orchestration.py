@@ -13,12 +13,13 @@ import datetime as dt
 import threading
 import uuid
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import duckdb
 import psycopg
 import pyarrow as pa
 import pytest
+from tests import endpoints
 
 import sluice
 from sluice.api.connections import Connection, register_connection
@@ -27,7 +28,6 @@ from sluice.jobs.notify import AlertEvent, RunRecord
 from sluice.jobs.orchestrate import Orchestrator
 from sluice.jobs.runlog import open_run_log
 from sluice.types import BigInt, Text
-from tests import endpoints
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +108,9 @@ def _rows(db_path: Path) -> list[tuple[str, int]]:
     with duckdb.connect(str(db_path)) as c:
         return [
             (r[0], int(r[1]))
-            for r in c.execute("SELECT job, count(*) FROM stage_rows GROUP BY 1 ORDER BY 1").fetchall()
+            for r in c.execute(
+                "SELECT job, count(*) FROM stage_rows GROUP BY 1 ORDER BY 1"
+            ).fetchall()
         ]
 
 

@@ -173,7 +173,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
         if _is_sql(job):
             conn = src.connect()
             try:
-                sql = runner.render(job, str(runner.body(job, conn)), st.get("watermark"), src.dialect)
+                sql = runner.render(
+                    job, str(runner.body(job, conn)), st.get("watermark"), src.dialect
+                )
             finally:
                 conn.close()
             print(f"  path: {'insert_select' if fast else 'arrow'}")

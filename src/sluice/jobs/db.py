@@ -128,9 +128,7 @@ class Database:
             names = [d[0] for d in cur.description]
             while rows := cur.fetchmany(batch_rows):
                 cols = list(zip(*rows, strict=True))
-                yield pa.RecordBatch.from_arrays(
-                    [pa.array(c) for c in cols], names=names
-                )
+                yield pa.RecordBatch.from_arrays([pa.array(c) for c in cols], names=names)
             cur.close()
         finally:
             conn.close()
@@ -235,7 +233,9 @@ class AppendLoad:
                     f"INSERT INTO {ident} ({cols}) SELECT {cols} FROM __sluice_batch"
                 )
             finally:
-                with contextlib.suppress(Exception):  # after a failed insert: the error to tell is that one
+                with contextlib.suppress(
+                    Exception
+                ):  # after a failed insert: the error to tell is that one
                     self._conn.unregister("__sluice_batch")
         else:
             if db.dialect == "mysql":
@@ -263,7 +263,7 @@ class AppendLoad:
                 self._conn.execute("ROLLBACK")
             else:
                 self._conn.rollback()
-        except Exception:  # noqa: S110 - already failing; the first error is the one to report
+        except Exception:
             pass
         finally:
             self._conn.close()

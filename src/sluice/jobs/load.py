@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -53,14 +53,6 @@ def ensure(db: Database, table: ManagedTable) -> None:
     finally:
         conn.close()
     _ENSURED.add(key)
-
-
-def _modes() -> Any:
-    try:
-        from sluice.connectors.sql import load as modes
-    except ImportError:
-        return None
-    return modes
 
 
 def _unsupported(t: TargetBinding) -> JobError:

@@ -375,9 +375,13 @@ class Orchestrator:
             )
         )
         if outcome is None:
-            self._alert(AlertEvent("failure", job.name, run_id, attempt, finished, error, job.workflow))
+            self._alert(
+                AlertEvent("failure", job.name, run_id, attempt, finished, error, job.workflow)
+            )
         elif attempt > 1:
-            self._alert(AlertEvent("recovery", job.name, run_id, attempt, finished, None, job.workflow))
+            self._alert(
+                AlertEvent("recovery", job.name, run_id, attempt, finished, None, job.workflow)
+            )
         return Fired(
             job.name,
             status,

@@ -110,7 +110,7 @@ def _wm_of(job: Job, batch: pa.RecordBatch, current: Any) -> Any:
     col = job.watermark_column
     if col is None or col not in batch.schema.names or batch.num_rows == 0:
         return current
-    m = pc.max(batch.column(col)).as_py()
+    m: Any = pc.max(batch.column(col)).as_py()
     if m is None:
         return current
     return m if current is None or m > current else current
@@ -122,7 +122,7 @@ def _wm_text(v: Any) -> str | None:
     if isinstance(v, dt.datetime):
         if v.tzinfo is None:
             v = v.replace(tzinfo=dt.UTC)
-        return v.astimezone(dt.UTC).isoformat()
+        return str(v.astimezone(dt.UTC).isoformat())
     return str(v)
 
 

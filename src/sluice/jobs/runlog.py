@@ -22,6 +22,7 @@ goes on.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -224,7 +225,10 @@ class SqlRunLog:
 
     def claim(self, key: str, owner: str) -> bool:
         return self._insert_once(
-            self._t["claims"], "claim_key", (key, owner, now_iso()), "(claim_key, owner, claimed_at)"
+            self._t["claims"],
+            "claim_key",
+            (key, owner, now_iso()),
+            "(claim_key, owner, claimed_at)",
         )
 
     def append_run(self, record: dict[str, Any]) -> None:
@@ -421,10 +425,8 @@ class GuardedRunLog:
         return out
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.inner.close()
-        except Exception:  # noqa: S110 - closing a failed log: nothing left to tell
-            pass
 
 
 def _redact(url: str) -> str:
@@ -470,9 +472,7 @@ def open_raw(url: str) -> RunLog:
         import psycopg
 
         clean = urllib.parse.urlunsplit(u._replace(query=urllib.parse.urlencode(q)))
-        return SqlRunLog(
-            url, "postgres", lambda: psycopg.connect(clean, autocommit=True), create
-        )
+        return SqlRunLog(url, "postgres", lambda: psycopg.connect(clean, autocommit=True), create)
     if scheme in {"mysql", "mariadb"}:
         from sluice.jobs.db import _mysql
 

@@ -88,7 +88,7 @@ class Schedule:
         local = now.astimezone(ZoneInfo(self.zone))
         prev = croniter(self.cron, local).get_prev(dt.datetime)
         nxt = croniter(self.cron, prev).get_next(dt.datetime)
-        tick = nxt if nxt <= local else prev
+        tick: dt.datetime = nxt if nxt <= local else prev
         return tick.astimezone(dt.UTC)
 
     def next_after(self, t: dt.datetime) -> dt.datetime:
@@ -100,7 +100,8 @@ class Schedule:
         from croniter import croniter
 
         local = t.astimezone(ZoneInfo(self.zone))
-        return croniter(self.cron, local).get_next(dt.datetime).astimezone(dt.UTC)
+        nxt: dt.datetime = croniter(self.cron, local).get_next(dt.datetime)
+        return nxt.astimezone(dt.UTC)
 
     def describe(self) -> str:
         return self.text if self.zone == "UTC" else f"{self.text} {self.zone}"
