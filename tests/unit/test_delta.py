@@ -80,9 +80,9 @@ def test_a_key_column_the_table_lacks_fails_at_open_naming_it(tmp_path: Path) ->
         target(tmp_path / "k", "merge", 'primary_key = ["idd"]').open()
 
 
-def test_modes_it_cannot_run_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConnectorError, match="mode 'scd2'"):
-        target(tmp_path / "x", "scd2", 'primary_key = ["id"]')
+def test_scd2_without_a_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConnectorError, match='mode = "scd2" needs'):
+        target(tmp_path / "x", "scd2")
 
 
 def test_s3_location_and_options() -> None:

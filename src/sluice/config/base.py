@@ -139,6 +139,23 @@ class TargetSpec(Tagged, frozen=True, kw_only=True):
     ROLE: ClassVar[str] = "target"
 
 
+class ModalTarget(TargetSpec, frozen=True, kw_only=True):
+    """Keys of a target whose ``mode`` may be ``scd2`` (SQL databases, Delta)."""
+
+    compare_columns: Annotated[
+        list[NonEmptyStr] | None,
+        doc("(ours) scd2: columns whose change makes a new version; default all non-key columns"),
+    ] = None
+    event_timestamp_column: Annotated[
+        NonEmptyStr | None,
+        doc("(ours) scd2: valid_from from this column; default the load time"),
+    ] = None
+    ttl_seconds: Annotated[
+        PositiveInt | None,
+        doc("(ours) scd2: close current versions older than this that a load did not carry"),
+    ] = None
+
+
 class LookupSpec(Tagged, frozen=True, kw_only=True):
     """Keys every lookup kind takes."""
 

@@ -8,11 +8,11 @@ import msgspec
 
 from sluice.config.base import (
     LocalPath,
+    ModalTarget,
     NonEmptyStr,
     PositiveInt,
     SourceSpec,
     TableSpec,
-    TargetSpec,
     WriteMode,
     doc,
 )
@@ -45,7 +45,7 @@ class DeltaTable(TableSpec, frozen=True, kw_only=True):
     ] = None
 
 
-class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
+class DeltaLocalTarget(ModalTarget, tag="delta_local", tag_field="kind", frozen=True, kw_only=True):
     """A local Delta Lake table."""
 
     path: Annotated[LocalPath, doc("table folder")]
@@ -62,7 +62,7 @@ class DeltaLocalTarget(TargetSpec, tag="delta_local", tag_field="kind", frozen=T
     ] = None
 
 
-class DeltaS3Target(TargetSpec, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
+class DeltaS3Target(ModalTarget, tag="delta_s3", tag_field="kind", frozen=True, kw_only=True):
     """A Delta Lake table on S3."""
 
     bucket: Annotated[NonEmptyStr, doc("bucket")]

@@ -46,7 +46,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ from sluice.connectors.cdc_apply import (
 from sluice.connectors.delta.spec import DeltaLocalTarget as DeltaLocalSpec
 from sluice.connectors.delta.spec import DeltaS3Target as DeltaS3Spec
 from sluice.connectors.registry import Context
+from sluice.connectors.sql import modes
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats import cdc as env
 
@@ -197,11 +198,16 @@ class DeltaTarget:
         self._held: dict[str, Position] = {}  # what the table holds (loaded, then as committed)
         self._defer = spec.flush_rows is not None or spec.flush_interval_ms is not None
         self._last_commit = time.monotonic()
-        if spec.mode not in ("append", "merge"):
-            raise ConnectorError(
-                f"mode '{spec.mode}' on a streaming Delta target is not implemented yet "
-                "(use append or merge)"
-            )
+        modes.check(
+            self.id,
+            spec.mode,
+            self.key,
+            compare_columns=spec.compare_columns,
+            event_timestamp_column=spec.event_timestamp_column,
+            ttl_seconds=spec.ttl_seconds,
+        )
+        self._prepared: pa.Schema | None = None  # a load's schema: truncate writes it even empty
+        self._committed_rows = 0  # rows the last commit wrote (scd2: versions inserted + closed)
         if spec.mode == "merge" and not self.key:
             raise ConnectorError(f'{self.id}: mode = "merge" needs [target.table] primary_key')
 
@@ -221,6 +227,36 @@ class DeltaTarget:
         """Forget what was not flushed."""
         self._pending = []
         self._staged = {}
+        self._prepared = None
+
+    # -- loads (sluice.connectors.sql.load) -----------------------------------------
+
+    def prepare(self, schema: pa.Schema, *, create: bool = True) -> None:
+        """Begin a load of batches of ``schema``: check the table (``create``
+        false: it must exist with those columns); ``truncate`` replaces the
+        table at the commit even when no row came. The table itself is
+        created or widened by the commit (one Delta commit)."""
+        if not create:
+            table = self._table()
+            have = set(_arrow_schema(table).names) if table is not None else set()
+            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
+            missing = [n for n in want.names if n not in have]
+            if table is None or missing:
+                raise ConnectorError(
+                    f"{self.id}: "
+                    + ("the table does not exist" if table is None else f"no column(s) {missing}")
+                    + " and the load may not create them (create = false)"
+                )
+        self._prepared = pa.schema([f for f in schema if not pa.types.is_null(f.type)])
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed_rows
+
+    def insert_select(self, select_sql: str, *, create: bool = True) -> None:
+        """A Delta table runs no SQL of its own."""
+        raise ConnectorError(f"{self.id}: a Delta table has no INSERT ... SELECT; stream batches")
 
     # -- positions (RecordsPositions) ---------------------------------------------
 
@@ -350,7 +386,9 @@ class DeltaTarget:
 
     def _commit(self) -> None:
         """One Delta commit of the taken rows and positions."""
-        if not self._rows and not self._accepted:
+        replace = self.spec.mode == "truncate" and self._prepared is not None
+        self._committed_rows = 0
+        if not self._rows and not self._accepted and not replace:
             return
         if self._replayed():
             log.warning(
@@ -361,32 +399,41 @@ class DeltaTarget:
         props = self._commit_properties()
         try:
             table = self._table()
-            if not self._rows:
+            if not self._rows and not replace:
                 if table is not None and props is not None:
                     table.create_write_transaction(
                         [], mode="append", schema=table.schema(), commit_properties=props
                     )
                 self._committed()
                 return
-            data = pa.concat_tables(self._rows, promote_options="permissive")
-            if self.spec.mode == "merge":  # the last row of a key wins, also when creating
+            if self._rows:
+                data = pa.concat_tables(self._rows, promote_options="permissive")
+            else:
+                assert self._prepared is not None
+                data = self._prepared.empty_table()
+            if self.spec.mode in ("merge", "scd2"):  # the last row of a key wins
                 data = data.append_column(_N, pa.array(np.arange(data.num_rows, dtype=np.int64)))
                 data = _last_per_key(data, self.key, [_N]).drop_columns([_N])
-            if self.spec.mode == "merge" and table is not None:
+            if self.spec.mode == "scd2":
+                self._committed_rows = self._scd2(table, data, props)
+            elif self.spec.mode == "merge" and table is not None:
                 self._merge(table, data, props)
+                self._committed_rows = data.num_rows
             else:
                 write_deltalake(
                     self.uri,
                     data,
-                    mode="append",
+                    mode="overwrite" if self.spec.mode == "truncate" else "append",
                     partition_by=self.spec.partition_by or None,
                     schema_mode="merge",
                     storage_options=self.options,
                     commit_properties=props,
                 )
+                self._committed_rows = data.num_rows
         except (DeltaError, OSError) as exc:
             raise _fail(self.id, "write failed", exc) from exc
         self._rows = []
+        self._prepared = None
         self._committed()
 
     def _merge(self, table: DeltaTable, data: pa.Table, props: CommitProperties | None) -> None:
@@ -405,6 +452,161 @@ class DeltaTarget:
             .when_not_matched_insert_all()
             .execute()
         )
+
+    def _scd2(
+        self, table: DeltaTable | None, data: pa.Table, props: CommitProperties | None
+    ) -> int:
+        """Apply ``data`` (one row per key) as scd2 versions (the rules of
+        :mod:`sluice.connectors.sql.modes`) in one MERGE: the rows whose
+        current version changed (found in Arrow from the current versions of
+        the batch's keys) come twice, once keyed to close that version and
+        once unkeyed to be inserted. The versions inserted and closed."""
+        names = data.column_names
+        clash = [n for n in modes.SCD2_COLUMNS if n in names]
+        if clash:
+            raise ConnectorError(f"{self.id}: the rows carry {clash}, which scd2 maintains itself")
+        compare = (
+            [c for c in names if c not in self.key]
+            if self.spec.compare_columns is None
+            else list(self.spec.compare_columns)
+        )
+        unknown = [c for c in compare if c not in names]
+        if unknown:
+            raise ConnectorError(f"{self.id}: compare_columns {unknown} are not in the rows")
+        ts = self.spec.event_timestamp_column
+        if ts is not None and ts not in names:
+            raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
+        utc = pa.timestamp("us", tz="UTC")
+        now = datetime.now(UTC)
+        valid_from = pc.cast(data[ts], utc) if ts else pa.repeat(pa.scalar(now, utc), data.num_rows)
+        if table is None:  # created empty, then merged into (a new table: nobody saw it)
+            write_deltalake(
+                self.uri,
+                modes.with_scd2(data.schema).empty_table(),
+                partition_by=self.spec.partition_by or None,
+                storage_options=self.options,
+            )
+            table = DeltaTable(self.uri, storage_options=self.options)
+        changed = self._changed(table, data, compare)
+        marks = [f"_sluice_mk_{i}" for i in range(len(self.key))]
+        keyed = data.append_column("valid_from", valid_from).append_column(
+            "_sluice_changed", changed
+        )
+        for mark, k in zip(marks, self.key, strict=True):
+            keyed = keyed.append_column(mark, data[k])
+        again = keyed.filter(changed)
+        for mark in marks:
+            again = again.set_column(
+                again.schema.get_field_index(mark), mark, pa.nulls(again.num_rows, again[mark].type)
+            )
+        staged = pa.concat_tables([keyed, again.cast(keyed.schema)])
+        on = " AND ".join(
+            f"t.{_quote(k)} = s.{_quote(m)}" for k, m in zip(self.key, marks, strict=True)
+        )
+        texts = ", ".join(f"coalesce(cast(s.{_quote(c)} as string), '\\N')" for c in compare)
+        insert = {c: f"s.{_quote(c)}" for c in names}
+        insert |= {
+            "valid_from": "s.valid_from",
+            "valid_to": "NULL",
+            "is_current": "true",
+            "row_hash": f"md5(concat_ws(chr(31), {texts}))" if compare else "md5('')",
+        }
+        merger = (
+            table.merge(
+                staged,
+                f"{on} AND t.is_current",
+                source_alias="s",
+                target_alias="t",
+                commit_properties=props,
+            )
+            .when_matched_update(
+                {"is_current": "false", "valid_to": "s.valid_from"}, predicate="s._sluice_changed"
+            )
+            .when_not_matched_insert(insert)
+        )
+        if self.spec.ttl_seconds is not None:
+            cutoff = now - timedelta(seconds=self.spec.ttl_seconds)
+            merger = merger.when_not_matched_by_source_update(
+                {"is_current": "false", "valid_to": _ts_literal(now)},
+                predicate=f"t.is_current AND t.valid_from < {_ts_literal(cutoff)}",
+            )
+        metrics = merger.execute()
+        return int(metrics["num_target_rows_inserted"]) + int(metrics["num_target_rows_updated"])
+
+    def _changed(self, table: DeltaTable, data: pa.Table, compare: list[str]) -> pa.Array:
+        """For each row of ``data``: whether its key's current version differs
+        in a ``compare`` column (null-safe; a column the table lacks counts as
+        null there)."""
+        have = set(_arrow_schema(table).names)
+        stored = [c for c in compare if c in have]
+        current = _rows_for_keys(
+            table, self.key, data.select(self.key), [*self.key, *stored, "is_current"]
+        )
+        current = current.filter(pc.fill_null(current["is_current"], False)).drop_columns(
+            ["is_current"]
+        )
+        current = current.rename_columns([*self.key, *(f"_sluice_old_{c}" for c in stored)])
+        current = current.append_column("_sluice_has", pa.repeat(pa.scalar(True), current.num_rows))
+        rows = data.select([*self.key, *compare]).append_column(
+            _N, pa.array(np.arange(data.num_rows, dtype=np.int64))
+        )
+        joined = rows.join(current, self.key, join_type="left outer").sort_by(_N)
+        differs = pa.repeat(pa.scalar(False), joined.num_rows)
+        for c in compare:
+            new = joined[c]
+            if c in have:
+                old = joined[f"_sluice_old_{c}"]
+                if new.type != old.type:
+                    new, old = pc.cast(new, pa.string()), pc.cast(old, pa.string())
+                same = pc.or_(
+                    pc.fill_null(pc.equal(new, old), False),
+                    pc.and_(pc.is_null(new), pc.is_null(old)),
+                )
+            else:
+                same = pc.is_null(new)
+            differs = pc.or_(differs, pc.invert(same))
+        has = pc.fill_null(joined["_sluice_has"], False)
+        out = pc.and_(has, differs)
+        return out.combine_chunks() if isinstance(out, pa.ChunkedArray) else out
+
+
+def _no_views(table: pa.Table) -> pa.Table:
+    """``table`` with string / binary view columns as plain ones (joins take no views)."""
+    fields = []
+    for f in table.schema:
+        if pa.types.is_string_view(f.type):
+            f = f.with_type(pa.string())
+        elif pa.types.is_binary_view(f.type):
+            f = f.with_type(pa.binary())
+        fields.append(f)
+    return table.cast(pa.schema(fields))
+
+
+def _ts_literal(at: datetime) -> str:
+    """A UTC timestamp (microseconds) literal for a deltalake expression."""
+    text = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f"arrow_cast('{text}', 'Timestamp(Microsecond, Some(\"UTC\"))')"
+
+
+def _rows_for_keys(
+    table: DeltaTable, key: list[str], keys: pa.Table, columns: list[str]
+) -> pa.Table:
+    """``columns`` of the rows whose ``key`` is in ``keys``.
+
+    Read with deltalake's own engine (``DeltaTable.scan``), not a pyarrow
+    dataset: a process that made one aborts at exit ("terminate called
+    without an active exception"), which would turn every clean stop into
+    a crash. The scan is narrowed by the batch's keys (an IN list for up
+    to :data:`_IN_LIST_KEYS` keys, else their range), then joined in Arrow.
+    """
+    first = key[0]
+    values = pc.unique(keys[first].combine_chunks()).drop_null()
+    predicate = _key_predicate(first, values)
+    found = _no_views(pa.table(table.scan(columns=columns, predicate=predicate)))
+    if found.num_rows:
+        wanted = keys.group_by(key).aggregate([])
+        found = found.join(wanted, key, join_type="inner")
+    return found.select(columns)
 
 
 class DeltaCdcTarget:
@@ -586,22 +788,8 @@ class DeltaCdcTarget:
         return state, marked.select(self.key)
 
     def _lookup(self, table: DeltaTable, keys: pa.Table, columns: list[str]) -> pa.Table:
-        """``columns`` of the rows whose key is in ``keys``.
-
-        Read with deltalake's own engine (``DeltaTable.scan``), not a pyarrow
-        dataset: a process that made one aborts at exit ("terminate called
-        without an active exception"), which would turn every clean stop into
-        a crash. The scan is narrowed by the batch's keys (an IN list for up
-        to :data:`_IN_LIST_KEYS` keys, else their range), then joined in Arrow.
-        """
-        first = self.key[0]
-        values = pc.unique(keys[first].combine_chunks()).drop_null()
-        predicate = _key_predicate(first, values)
-        found = pa.table(table.scan(columns=columns, predicate=predicate))
-        if found.num_rows:
-            wanted = keys.group_by(self.key).aggregate([])
-            found = found.join(wanted, self.key, join_type="inner")
-        return found.select(columns)
+        """``columns`` of the rows whose key is in ``keys`` (:func:`_rows_for_keys`)."""
+        return _rows_for_keys(table, self.key, keys, columns)
 
     def _newer(self, events: pa.Table, state: pa.Table) -> pa.Array:
         """Which events pass the gate (see :mod:`sluice.connectors.cdc_apply`)."""

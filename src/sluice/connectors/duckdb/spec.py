@@ -8,13 +8,13 @@ from sluice.config.base import (
     DbTable,
     LocalPath,
     LookupSpec,
-    TargetSpec,
+    ModalTarget,
     WriteMode,
     doc,
 )
 
 
-class DuckDBTarget(TargetSpec, tag="duckdb", tag_field="kind", frozen=True, kw_only=True):
+class DuckDBTarget(ModalTarget, tag="duckdb", tag_field="kind", frozen=True, kw_only=True):
     """A DuckDB table, written by Arrow scan."""
 
     path: Annotated[LocalPath, doc("database file (':memory:' for tests)")]

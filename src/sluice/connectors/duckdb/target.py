@@ -1,4 +1,5 @@
-"""DuckDB target (append / merge), written by scanning the Arrow table.
+"""DuckDB target (every mode of :mod:`sluice.connectors.sql.modes`), written by
+scanning the Arrow table.
 
 The source positions the commit policy stages go to ``_sluice_positions`` in
 the target table's schema, in the transaction of the rows
@@ -8,6 +9,7 @@ the target table's schema, in the transaction of the rows
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pyarrow as pa
 from sluice.connectors.api import Position
 from sluice.connectors.duckdb.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.connectors.registry import Context
-from sluice.connectors.sql import positions
+from sluice.connectors.sql import modes, positions
 from sluice.connectors.sql.embedded import check_mode, quote, require_key
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, PositionsMoved
@@ -42,7 +44,11 @@ class DuckDBTarget:
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        check_mode("duckdb", spec.mode)
+        check_mode(self.id, spec, self._key)
+        self._fresh = True  # no row of the open transaction (unit) written yet
+        self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
+        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -80,48 +86,158 @@ class DuckDBTarget:
         """Close; an uncommitted batch is rolled back."""
         conn, self._conn = self._conn, None
         self._in_tx = False
+        self._unit_done()
         if conn is not None:
             conn.close()
+
+    def _tx(self) -> Any:
+        """The connection, inside the open transaction (begun if need be)."""
+        conn = self._require()
+        if not self._in_tx:
+            conn.execute("BEGIN TRANSACTION")
+            self._in_tx = True
+        return conn
 
     def write(self, data: pa.Table) -> None:
         """Insert ``data`` in the open transaction."""
         if data.num_rows == 0:
             return
-        conn = self._require()
-        if not self._in_tx:
-            conn.execute("BEGIN TRANSACTION")
-            self._in_tx = True
+        conn = self._tx()
         names = [n for n in data.column_names if data.schema.field(n).type != pa.null()]
         batch = data.select(names)
+        self._begin(batch.schema)
         conn.register("_sluice_batch", batch)
         try:
-            if self._columns is None:
-                require_key(self.id, self.spec.mode, self._key, creating=True)
-                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
-                conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {self._ident} AS SELECT * FROM _sluice_batch LIMIT 0"
-                )
-                if self._key:
-                    keys = ", ".join(quote(k) for k in self._key)
-                    conn.execute(f"ALTER TABLE {self._ident} ADD PRIMARY KEY ({keys})")
-                self._columns = set(names)
-            for f in batch.schema:
-                if f.name not in self._columns:
-                    conn.execute(
-                        f"ALTER TABLE {self._ident} ADD COLUMN {quote(f.name)} {duck_type(f.type)}"
-                    )
-                    self._columns.add(f.name)
-            if self.spec.mode == "merge":
-                keys = ", ".join(quote(k) for k in self._key)
-                conn.execute(
-                    f"INSERT OR REPLACE INTO {self._ident} BY NAME "
-                    f"SELECT * EXCLUDE ({_SEQ}) FROM (SELECT *, row_number() OVER () AS {_SEQ} FROM _sluice_batch) "
-                    f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {_SEQ} DESC) = 1"
-                )
-            else:
-                conn.execute(f"INSERT INTO {self._ident} BY NAME SELECT * FROM _sluice_batch")
+            self._apply("_sluice_batch", names)
         finally:
             conn.unregister("_sluice_batch")
+
+    def _apply(self, relation: str, names: list[str]) -> None:
+        """Write the rows of ``relation`` (columns ``names``, in order) in the mode."""
+        conn = self._require()
+        cols = ", ".join(quote(n) for n in names)
+        last = (
+            f"SELECT {cols} FROM (SELECT {cols}, row_number() OVER () AS {_SEQ} FROM {relation}) "
+            f"QUALIFY row_number() OVER (PARTITION BY {', '.join(quote(k) for k in self._key)} "
+            f"ORDER BY {_SEQ} DESC) = 1"
+        )
+        if self.spec.mode == "merge":
+            done = conn.execute(f"INSERT OR REPLACE INTO {self._ident} ({cols}) {last}")
+        elif self.spec.mode == "scd2":
+            self._scd2(last, names)
+            return
+        else:
+            done = conn.execute(f"INSERT INTO {self._ident} ({cols}) SELECT {cols} FROM {relation}")
+        self._rows += _count(done)
+
+    # -- units and modes ------------------------------------------------------
+
+    def prepare(self, schema: pa.Schema, *, create: bool = True) -> None:
+        """Begin a unit for batches of ``schema``: create the table or add the
+        columns it lacks (``create``; else refuse them), and in ``truncate``
+        mode delete the old rows in the open transaction."""
+        schema = pa.schema([f for f in schema if f.type != pa.null()])
+        if not create:
+            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
+            missing = [f.name for f in want if f.name not in (self._columns or set())]
+            if self._columns is None or missing:
+                raise ConnectorError(
+                    f"{self.id}: "
+                    + (
+                        "the table does not exist"
+                        if self._columns is None
+                        else f"no column(s) {missing}"
+                    )
+                    + " and the load may not create them (create = false)"
+                )
+        self._tx()
+        self._begin(schema)
+
+    def _begin(self, schema: pa.Schema) -> None:
+        """Make the table fit ``schema``; at a unit's first write, begin it."""
+        conn = self._tx()
+        if self.spec.mode == "scd2":
+            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
+            if clash:
+                raise ConnectorError(
+                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
+                )
+        if self._columns is None:
+            require_key(self.id, self.spec.mode, self._key, creating=True)
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
+            conn.register("_sluice_shape", schema.empty_table())
+            try:
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._ident} AS SELECT * FROM _sluice_shape"
+                )
+            finally:
+                conn.unregister("_sluice_shape")
+            if self._key and self.spec.mode != "scd2":  # scd2: several versions per key
+                keys = ", ".join(quote(k) for k in self._key)
+                conn.execute(f"ALTER TABLE {self._ident} ADD PRIMARY KEY ({keys})")
+            self._columns = set(schema.names)
+        if self.spec.mode == "scd2":
+            schema = modes.with_scd2(schema)
+        for f in schema:
+            if f.name not in self._columns:
+                conn.execute(
+                    f"ALTER TABLE {self._ident} ADD COLUMN {quote(f.name)} {duck_type(f.type)}"
+                )
+                self._columns.add(f.name)
+        if self._fresh:
+            self._fresh = False
+            self._now = datetime.now(UTC)
+            if self.spec.mode == "truncate":
+                conn.execute(f"DELETE FROM {self._ident}")
+
+    def _unit_done(self) -> None:
+        self._fresh = True
+        self._rows = 0
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
+
+    def insert_select(self, select_sql: str, *, create: bool = True) -> None:
+        """Write the rows of ``select_sql`` (run here) in the mode, inside the
+        open transaction: they never leave the database."""
+        conn = self._tx()
+        schema = conn.sql(f"SELECT * FROM ({select_sql}) LIMIT 0").arrow().schema
+        self.prepare(schema, create=create)
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE _sluice_stage AS SELECT * FROM ({select_sql})")
+        self._apply("_sluice_stage", schema.names)
+        conn.execute("DROP TABLE _sluice_stage")
+
+    def _scd2(self, last: str, names: list[str]) -> None:
+        """Apply ``last`` (the rows, the last of each key) as scd2 versions
+        (:mod:`sluice.connectors.sql.modes`)."""
+        conn = self._require()
+        rows = quote("_sluice_scd2")
+        sql = modes.Scd2(self._ident, rows, self._key, names, quote)
+        compare = sql.compare(self.spec.compare_columns)
+        unknown = [c for c in compare if c not in names]
+        if unknown:
+            raise ConnectorError(f"{self.id}: compare_columns {unknown} are not in the rows")
+        ts = self.spec.event_timestamp_column
+        if ts is not None and ts not in names:
+            raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
+        now = f"TIMESTAMPTZ '{modes.utc_text(self._now)}+00'"
+        valid_from = f"CAST(d.{quote(ts)} AS TIMESTAMPTZ)" if ts else now
+        texts = ", ".join(f"CAST(d.{quote(c)} AS VARCHAR)" for c in compare)
+        row_hash = f"md5(to_json([{texts}]))" if compare else "md5('[]')"
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "
+            f"{row_hash} AS row_hash FROM ({last}) AS d"
+        )
+        self._rows += _count(conn.execute(sql.close_changed()))
+        if self.spec.ttl_seconds is not None:
+            cutoff = self._now - timedelta(seconds=self.spec.ttl_seconds)
+            self._rows += _count(
+                conn.execute(sql.close_stale(now, f"TIMESTAMPTZ '{modes.utc_text(cutoff)}+00'"))
+            )
+        self._rows += _count(conn.execute(sql.insert_new()))
+        conn.execute(f"DROP TABLE {rows}")
 
     def held_positions(self) -> dict[str, Position]:
         """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
@@ -152,11 +268,19 @@ class DuckDBTarget:
             conn.execute("COMMIT")
             self._in_tx = False
         self._ledger.done()
+        self._committed = self._rows
+        self._unit_done()
 
     def _require(self) -> Any:
         if self._conn is None:
             raise ConnectorError(f"{self.id} is not open")
         return self._conn
+
+
+def _count(result: Any) -> int:
+    """The row count a DuckDB INSERT / UPDATE returns."""
+    row = result.fetchone()
+    return int(row[0]) if row else 0
 
 
 def connect(path: str) -> Any:

@@ -39,7 +39,7 @@ from sluice.connectors.sql.cdc import (
     ServerSession,
     SqlCdcTarget,
 )
-from sluice.connectors.sql.embedded import check_mode
+from sluice.connectors.sql.embedded import check_cdc_mode
 from sluice.errors import ConnectorError, TransientError
 
 
@@ -211,7 +211,7 @@ class MySQLCdcTarget(SqlCdcTarget):
         self, spec: MySQLTargetSpec, ctx: Context, index: int, cdc: CdcSpec, *, count: bool
     ) -> None:
         url, schema, target_id = mysql.resolve_table(spec)
-        check_mode("mysql", spec.mode)
+        check_cdc_mode(target_id, spec.mode)
         session = MySQLSession(url, target_id)
         super().__init__(
             target_id,

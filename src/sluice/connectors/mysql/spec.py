@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from sluice.config.base import DbTable, LookupSpec, NonEmptyStr, TargetSpec, WriteMode, doc
+from sluice.config.base import DbTable, LookupSpec, ModalTarget, NonEmptyStr, WriteMode, doc
 
 
-class MySQLTarget(TargetSpec, tag="mysql", tag_field="kind", frozen=True, kw_only=True):
+class MySQLTarget(ModalTarget, tag="mysql", tag_field="kind", frozen=True, kw_only=True):
     """A MySQL / MariaDB table."""
 
     url: Annotated[NonEmptyStr, doc("mysql://user:password@host:port/db")]

@@ -55,7 +55,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -66,7 +66,7 @@ import pyarrow.csv as pcsv
 from sluice.connectors.api import Position
 from sluice.connectors.mysql.spec import MySQLTarget as MySQLTargetSpec
 from sluice.connectors.registry import Context
-from sluice.connectors.sql import positions
+from sluice.connectors.sql import modes, positions
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
 
@@ -433,11 +433,18 @@ class MySQLTarget:
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        if spec.mode not in ("append", "merge"):
-            raise ConnectorError(
-                f"mode '{spec.mode}' on a streaming mysql target is not implemented yet "
-                "(use append or merge)"
-            )
+        modes.check(
+            self.id,
+            spec.mode,
+            self._key,
+            compare_columns=spec.compare_columns,
+            event_timestamp_column=spec.event_timestamp_column,
+            ttl_seconds=spec.ttl_seconds,
+        )
+        self._fresh = True  # no row of the open transaction (unit) written yet
+        self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
+        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -473,12 +480,18 @@ class MySQLTarget:
     def close(self) -> None:
         """Drop the connection; an uncommitted batch is rolled back by the server."""
         conn, self._conn = self._conn, None
+        self._unit_done()
         if conn is not None:
             with contextlib.suppress(pymysql.Error, OSError):
                 conn.close()
 
     def _query(self, statement: str, params: tuple[Any, ...] | None = None) -> list[Any]:
         return query(self._require(), statement, params)
+
+    def _execute(self, statement: str) -> int:
+        """Run one statement; the rows it changed."""
+        with self._require().cursor() as cur:
+            return int(cur.execute(statement))
 
     def _reflect(self) -> None:
         rows = self._query(
@@ -526,19 +539,107 @@ class MySQLTarget:
         batch = csv_ready(data, self.id)
         if batch.table.num_columns == 0:
             return
-        if self.spec.mode == "merge":
+        if self.spec.mode in ("merge", "scd2"):
             names = {n.lower() for n in batch.table.column_names}
             missing = [k for k in self._key if k.lower() not in names]
             if missing:
                 raise ConnectorError(
-                    f"{self.id}: merge key column(s) {missing} missing from the batch"
+                    f"{self.id}: {self.spec.mode} key column(s) {missing} missing from the batch"
                 )
         try:
-            self._ensure_table(data.select(batch.table.column_names).schema)
-            if self.spec.mode == "merge":
-                self._merge(batch)
+            self._begin(data.select(batch.table.column_names).schema)
+            if self.spec.mode in ("merge", "scd2"):
+                self._fill_stage(batch.table.column_names)
+                self._load(batch, self._stage)
+                self._from_stage(batch.table.column_names)
             else:
                 self._load(batch, self._ident)
+                self._rows += batch.table.num_rows
+        except pymysql.Error as exc:
+            self._fail(exc)
+
+    # -- units and modes ------------------------------------------------------
+
+    def prepare(self, schema: pa.Schema, *, create: bool = True) -> None:
+        """Begin a unit for batches of ``schema``: create the table or add the
+        columns it lacks (``create``; else refuse them), and in ``truncate``
+        mode delete the old rows in the open transaction (after the DDL,
+        which MySQL commits)."""
+        schema = pa.schema([f for f in schema if f.type != pa.null()])
+        try:
+            if not create:
+                self._reflect()
+                want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
+                cols = self._columns or {}
+                missing = [f.name for f in want if f.name.lower() not in cols]
+                if self._columns is None or missing:
+                    raise ConnectorError(
+                        f"{self.id}: "
+                        + (
+                            "the table does not exist"
+                            if self._columns is None
+                            else f"no column(s) {missing}"
+                        )
+                        + " and the load may not create them (create = false)"
+                    )
+            self._begin(schema)
+        except pymysql.Error as exc:
+            self._fail(exc)
+
+    def _begin(self, schema: pa.Schema) -> None:
+        """Make the table fit ``schema``; at a unit's first write, begin it."""
+        if self.spec.mode == "scd2":
+            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
+            if clash:
+                raise ConnectorError(
+                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
+                )
+            schema = modes.with_scd2(schema)
+        self._ensure_table(schema)
+        if self._fresh:
+            self._fresh = False
+            self._now = datetime.now(UTC)
+            if self.spec.mode == "truncate":
+                self._execute(f"DELETE FROM {self._ident}")
+
+    def _unit_done(self) -> None:
+        self._fresh = True
+        self._rows = 0
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
+
+    def insert_select(self, select_sql: str, *, create: bool = True) -> None:
+        """Write the rows of ``select_sql`` (run here) in the mode, inside the
+        open transaction: they never leave the database."""
+        probe = _q("_sluice_probe")
+        try:
+            self._query(f"DROP TEMPORARY TABLE IF EXISTS {probe}")
+            self._query(f"CREATE TEMPORARY TABLE {probe} SELECT * FROM ({select_sql}) AS q LIMIT 0")
+            fields = []
+            for name, type_, *_ in self._query(f"SHOW COLUMNS FROM {probe}"):
+                text = str(type_)
+                base = text.split("(", maxsplit=1)[0].split(maxsplit=1)[0].lower()
+                digits = text[text.find("(") + 1 : text.find(")")].split(",") if "(" in text else []
+                precision = digits[0] if digits else 10
+                scale = digits[1] if len(digits) > 1 else 0
+                fields.append(
+                    pa.field(str(name), _arrow_type(base, text, precision, scale) or pa.string())
+                )
+            self._query(f"DROP TEMPORARY TABLE {probe}")
+            schema = pa.schema(fields)
+            self.prepare(schema, create=create)
+            cols = ", ".join(_q(n) for n in schema.names)
+            if self.spec.mode in ("merge", "scd2"):
+                self._fill_stage(schema.names)
+                self._query(f"INSERT INTO {self._stage} ({cols}) SELECT * FROM ({select_sql}) AS q")
+                self._from_stage(schema.names)
+            else:
+                self._rows += self._execute(
+                    f"INSERT INTO {self._ident} ({cols}) SELECT * FROM ({select_sql}) AS q"
+                )
         except pymysql.Error as exc:
             self._fail(exc)
 
@@ -560,7 +661,9 @@ class MySQLTarget:
                 key = f.name.lower() in keys
                 type_ = self._column_type(f, key=key)
                 defs.append(f"{_q(f.name)} {type_}{' NOT NULL' if key else ''}")
-            if self._key:
+            if self._key and self.spec.mode == "scd2":  # several versions per key
+                defs.append(f"KEY ({', '.join(_q(k) for k in self._key)})")
+            elif self._key:
                 defs.append(f"PRIMARY KEY ({', '.join(_q(k) for k in self._key)})")
             if not self._query(
                 "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (self.schema,)
@@ -591,8 +694,8 @@ class MySQLTarget:
     def _load(self, batch: CsvBatch, into: str) -> None:
         load_csv(self._require(), batch, into, self.id)
 
-    def _merge(self, batch: CsvBatch) -> None:
-        names = batch.table.column_names
+    def _fill_stage(self, names: list[str]) -> None:
+        """(Re)create the stage: the target's ``names`` columns plus a sequence."""
         cols = ", ".join(_q(n) for n in names)
         self._query(f"DROP TEMPORARY TABLE IF EXISTS {self._stage}")
         self._query(
@@ -600,7 +703,17 @@ class MySQLTarget:
             f"({_q(_SEQ)} BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY) ENGINE=InnoDB "
             f"SELECT {cols} FROM {self._ident} LIMIT 0"
         )
-        self._load(batch, self._stage)
+
+    def _from_stage(self, names: list[str]) -> None:
+        """Apply the stage's rows (merge or scd2), then drop it."""
+        if self.spec.mode == "scd2":
+            self._scd2(names)
+        else:
+            self._merge(names)
+        self._query(f"DROP TEMPORARY TABLE {self._stage}")
+
+    def _merge(self, names: list[str]) -> None:
+        cols = ", ".join(_q(n) for n in names)
         keys = {k.lower() for k in self._key}
         others = [n for n in names if n.lower() not in keys]
         # Qualified: the stage has the same column names.
@@ -609,11 +722,46 @@ class MySQLTarget:
             updates = [f"{t} = VALUES({_q(n)})" for t, n in zip(target, others, strict=True)]
         else:
             updates = [f"{target[0]} = {target[0]}"]  # all-key table: keep the row
+        key = ", ".join(_q(k) for k in self._key)
+        counted = self._query(f"SELECT COUNT(*) FROM (SELECT DISTINCT {key} FROM {self._stage}) d")
         self._query(
             f"INSERT INTO {self._ident} ({cols}) SELECT {cols} FROM {self._stage} "
             f"ORDER BY {_q(_SEQ)} ON DUPLICATE KEY UPDATE {', '.join(updates)}"
         )
-        self._query(f"DROP TEMPORARY TABLE {self._stage}")
+        self._rows += int(counted[0][0])
+
+    def _scd2(self, names: list[str]) -> None:
+        """Apply the stage's rows (the last of each key) as scd2 versions
+        (:mod:`sluice.connectors.sql.modes`)."""
+        rows = _q("_sluice_scd2")
+        sql = modes.Scd2(self._ident, rows, self._key, names, _q, update_join=True)
+        compare = sql.compare(self.spec.compare_columns)
+        unknown = [c for c in compare if c not in names]
+        if unknown:
+            raise ConnectorError(f"{self.id}: compare_columns {unknown} are not in the rows")
+        ts = self.spec.event_timestamp_column
+        if ts is not None and ts not in names:
+            raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
+        now = f"TIMESTAMP '{modes.utc_text(self._now)}'"
+        valid_from = f"CAST(d.{_q(ts)} AS DATETIME(6))" if ts else now
+        row_hash = "MD5(JSON_ARRAY(" + ", ".join(f"CAST(d.{_q(c)} AS CHAR)" for c in compare) + "))"
+        cols = ", ".join(_q(n) for n in names)
+        key = ", ".join(_q(k) for k in self._key)
+        self._query(f"DROP TEMPORARY TABLE IF EXISTS {rows}")
+        self._query(
+            f"CREATE TEMPORARY TABLE {rows} ENGINE=InnoDB SELECT d.*, {valid_from} AS valid_from, "
+            f"{row_hash} AS row_hash FROM (SELECT {cols} FROM (SELECT s.*, ROW_NUMBER() OVER "
+            f"(PARTITION BY {key} ORDER BY {_q(_SEQ)} DESC) AS _sluice_rn FROM {self._stage} s) x "
+            "WHERE _sluice_rn = 1) d"
+        )
+        self._rows += self._execute(sql.close_changed())
+        if self.spec.ttl_seconds is not None:
+            cutoff = self._now - timedelta(seconds=self.spec.ttl_seconds)
+            self._rows += self._execute(
+                sql.close_stale(now, f"TIMESTAMP '{modes.utc_text(cutoff)}'")
+            )
+        self._rows += self._execute(sql.insert_new())
+        self._query(f"DROP TEMPORARY TABLE {rows}")
 
     def held_positions(self) -> dict[str, Position]:
         """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
@@ -632,9 +780,12 @@ class MySQLTarget:
         every batch written since the last flush and them (see
         :meth:`~sluice.connectors.sql.positions.Ledger.flush`)."""
         self._ledger.flush(self._query, self._require(), (pymysql.Error,), self._fail)
+        self._committed = self._rows
+        self._unit_done()
 
     def _fail(self, exc: pymysql.Error) -> NoReturn:
         """Classify a failure: a dead connection (or a deadlock) is transient, anything else fatal."""
+        self._unit_done()
         if not alive(self._conn) or _code(exc) in _TRANSIENT_CODES:
             self.close()
             raise TransientError(f"{self.id}: connection lost: {message(exc)}") from exc

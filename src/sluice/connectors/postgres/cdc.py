@@ -38,7 +38,7 @@ from sluice.connectors.sql.cdc import (
     ServerSession,
     SqlCdcTarget,
 )
-from sluice.connectors.sql.embedded import check_mode
+from sluice.connectors.sql.embedded import check_cdc_mode
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError
 
@@ -140,7 +140,7 @@ class PostgresCdcTarget(SqlCdcTarget):
     ) -> None:
         schema = spec.table.schema or "public"
         target_id = f"postgres:{schema}.{spec.table.name}"
-        check_mode("postgres", spec.mode)
+        check_cdc_mode(target_id, spec.mode)
         super().__init__(
             target_id,
             PostgresDialect(schema, spec.table.name),

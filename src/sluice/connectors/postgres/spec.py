@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from sluice.config.base import DbTable, LookupSpec, NonEmptyStr, TargetSpec, WriteMode, doc
+from sluice.config.base import DbTable, LookupSpec, ModalTarget, NonEmptyStr, WriteMode, doc
 
 
-class PostgresTarget(TargetSpec, tag="postgres", tag_field="kind", frozen=True, kw_only=True):
+class PostgresTarget(ModalTarget, tag="postgres", tag_field="kind", frozen=True, kw_only=True):
     """A PostgreSQL table, written with binary COPY."""
 
     url: Annotated[NonEmptyStr, doc("postgres://user:password@host:port/db")]

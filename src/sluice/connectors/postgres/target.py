@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -43,7 +44,7 @@ import pyarrow.compute as pc
 from sluice.connectors.api import Position
 from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
-from sluice.connectors.sql import positions
+from sluice.connectors.sql import modes, positions
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
@@ -139,11 +140,18 @@ class PostgresTarget:
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        if spec.mode not in ("append", "merge"):
-            raise ConnectorError(
-                f"mode '{spec.mode}' on a streaming postgres target is not implemented yet "
-                "(use append or merge)"
-            )
+        modes.check(
+            self.id,
+            spec.mode,
+            self._key,
+            compare_columns=spec.compare_columns,
+            event_timestamp_column=spec.event_timestamp_column,
+            ttl_seconds=spec.ttl_seconds,
+        )
+        self._fresh = True  # no row of the open transaction (unit) written yet
+        self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
+        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -169,6 +177,7 @@ class PostgresTarget:
     def close(self) -> None:
         """Drop the connection; an uncommitted batch is rolled back by the server."""
         conn, self._conn = self._conn, None
+        self._unit_done()
         if conn is not None:
             with contextlib.suppress(adbc_driver_manager.Error):
                 conn.close()
@@ -176,9 +185,11 @@ class PostgresTarget:
     def _query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return query(self._require(), statement, params)
 
-    def _execute(self, statement: str) -> None:
+    def _execute(self, statement: str) -> int:
+        """Run one statement; the rows it changed (-1 when it does not say)."""
         with self._require().cursor() as cur:
             cur.execute(statement)
+            return int(cur.rowcount)
 
     def _reflect(self) -> None:
         rows = column_rows(self._query, self.schema, self.table)
@@ -222,19 +233,82 @@ class PostgresTarget:
 
     def _write(self, data: pa.Table, batch: pa.Schema) -> None:
         """Write ``data`` (:func:`ingestable` of a batch whose schema is ``batch``)."""
-        own = {f.name: f for f in batch}
-        # A nested column is created from its own type (pg_type: jsonb), not
-        # as the text it is sent as.
-        create = [own[f.name] if pa.types.is_nested(own[f.name].type) else f for f in data.schema]
-        self._ensure_table(pa.schema(create))
-        assert self._columns is not None
-        if self.spec.mode == "append":
+        self._begin(_create_schema(data.schema, batch))
+        if self.spec.mode in ("append", "truncate"):
             native = self._native(data)
             if native is not None:
                 with self._require().cursor() as cur:
                     cur.adbc_ingest(self.table, native, mode="append", db_schema_name=self.schema)
+                self._rows += data.num_rows
                 return
         self._staged(data)
+
+    # -- units and modes ------------------------------------------------------
+
+    def prepare(self, schema: pa.Schema, *, create: bool = True) -> None:
+        """Begin a unit for batches of ``schema``: create the table or add the
+        columns it lacks (``create``; else refuse them), and in ``truncate``
+        mode delete the old rows in the open transaction."""
+        if not create:
+            self._reflect()
+            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
+            missing = [f.name for f in want if self._columns is None or f.name not in self._columns]
+            if self._columns is None or missing:
+                raise ConnectorError(
+                    f"{self.id}: "
+                    + (
+                        "the table does not exist"
+                        if self._columns is None
+                        else f"no column(s) {missing}"
+                    )
+                    + " and the load may not create them (create = false)"
+                )
+        try:
+            self._begin(_create_schema(ingestable(schema.empty_table()).schema, schema))
+        except adbc_driver_manager.Error as exc:
+            self._fail(exc)
+
+    def _begin(self, schema: pa.Schema) -> None:
+        """Make the table fit ``schema``; at a unit's first write, begin it."""
+        if self.spec.mode == "scd2":
+            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
+            if clash:
+                raise ConnectorError(
+                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
+                )
+            schema = modes.with_scd2(schema)
+        self._ensure_table(schema)
+        if self._fresh:
+            self._fresh = False
+            self._now = datetime.now(UTC)
+            if self.spec.mode == "truncate":
+                self._execute(f"DELETE FROM {self._ident}")
+
+    def _unit_done(self) -> None:
+        self._fresh = True
+        self._rows = 0
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
+
+    def insert_select(self, select_sql: str, *, create: bool = True) -> None:
+        """Write the rows of ``select_sql`` (run here) in the mode, inside the
+        open transaction: they never leave the database."""
+        try:
+            with self._require().cursor() as cur:
+                cur.execute(f"SELECT * FROM ({select_sql}) AS _sluice_q LIMIT 0")
+                schema = cur.fetch_arrow_table().schema
+            self.prepare(schema, create=create)
+            self._execute(f"DROP TABLE IF EXISTS pg_temp.{self._stage}")
+            self._execute(
+                f"CREATE TEMP TABLE {self._stage} AS SELECT *, row_number() OVER () AS {_q(_SEQ)} "
+                f"FROM ({select_sql}) AS _sluice_q"
+            )
+            self._apply(schema.names)
+        except adbc_driver_manager.Error as exc:
+            self._fail(exc)
 
     def _native(self, data: pa.Table) -> pa.Table | None:
         """``data`` cast to the table's exact column types, or None if it cannot be."""
@@ -255,33 +329,70 @@ class PostgresTarget:
 
     def _staged(self, data: pa.Table) -> None:
         """Ingest into a temporary table; Postgres casts (and merges) into the target."""
-        assert self._columns is not None
-        names = data.column_names
-        if self.spec.mode == "merge":
-            missing = [k for k in self._key if k not in names]
+        if self.spec.mode in ("merge", "scd2"):
+            missing = [k for k in self._key if k not in data.column_names]
             if missing:
                 raise ConnectorError(
-                    f"{self.id}: merge key column(s) {missing} missing from the batch"
+                    f"{self.id}: {self.spec.mode} key column(s) {missing} missing from the batch"
                 )
-            data = data.append_column(_SEQ, pa.array(range(data.num_rows), pa.int64()))
+        data = data.append_column(_SEQ, pa.array(range(data.num_rows), pa.int64()))
         with self._require().cursor() as cur:
             cur.adbc_ingest(self._stage.strip('"'), data, mode="replace", temporary=True)
+        self._apply(data.column_names[:-1])
+
+    def _apply(self, names: list[str]) -> None:
+        """Write the rows of the stage table (columns ``names`` and the sequence) in the mode."""
+        assert self._columns is not None
         cols = ", ".join(_q(n) for n in names)
         select = ", ".join(f"{_q(n)}::{self._columns[n]}" for n in names)
+        key = ", ".join(_q(k) for k in self._key)
+        last = f"SELECT DISTINCT ON ({key}) {select} FROM {self._stage} ORDER BY {key}, {_q(_SEQ)} DESC"
         if self.spec.mode == "merge":
-            key = ", ".join(_q(k) for k in self._key)
             others = [n for n in names if n not in self._key]
             action = (
                 "DO UPDATE SET " + ", ".join(f"{_q(n)} = EXCLUDED.{_q(n)}" for n in others)
                 if others
                 else "DO NOTHING"
             )
-            self._execute(
-                f"INSERT INTO {self._ident} ({cols}) SELECT DISTINCT ON ({key}) {select} "
-                f"FROM {self._stage} ORDER BY {key}, {_q(_SEQ)} DESC ON CONFLICT ({key}) {action}"
+            self._rows += self._execute(
+                f"INSERT INTO {self._ident} ({cols}) {last} ON CONFLICT ({key}) {action}"
             )
+        elif self.spec.mode == "scd2":
+            self._scd2(names, last)
         else:
-            self._execute(f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {self._stage}")
+            self._rows += self._execute(
+                f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {self._stage}"
+            )
+
+    def _scd2(self, names: list[str], last: str) -> None:
+        """Apply the stage's rows (the last of each key) as scd2 versions
+        (:mod:`sluice.connectors.sql.modes`)."""
+        rows = _q("_sluice_scd2")
+        sql = modes.Scd2(self._ident, rows, self._key, names, _q)
+        compare = sql.compare(self.spec.compare_columns)
+        unknown = [c for c in compare if c not in names]
+        if unknown:
+            raise ConnectorError(f"{self.id}: compare_columns {unknown} are not in the rows")
+        now = f"TIMESTAMPTZ '{modes.utc_text(self._now)}+00'"
+        ts = self.spec.event_timestamp_column
+        if ts is not None and ts not in names:
+            raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
+        valid_from = f"d.{_q(ts)}::timestamptz" if ts else now
+        row_hash = (
+            "md5(json_build_array(" + ", ".join(f"d.{_q(c)}::text" for c in compare) + ")::text)"
+        )
+        self._execute(f"DROP TABLE IF EXISTS pg_temp.{rows}")
+        self._execute(
+            f"CREATE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "
+            f"{row_hash} AS row_hash FROM ({last}) AS d"
+        )
+        self._rows += self._execute(sql.close_changed())
+        if self.spec.ttl_seconds is not None:
+            cutoff = self._now - timedelta(seconds=self.spec.ttl_seconds)
+            self._rows += self._execute(
+                sql.close_stale(now, f"TIMESTAMPTZ '{modes.utc_text(cutoff)}+00'")
+            )
+        self._rows += self._execute(sql.insert_new())
 
     def _ddl_lock(self) -> None:
         """Serialise this table's DDL with other writers' (replicas starting
@@ -300,7 +411,7 @@ class PostgresTarget:
                     f'{self.id}: mode = "merge" needs [target.table] primary_key to create the table'
                 )
             defs = [f"{_q(f.name)} {pg_type(f.type)}" for f in schema]
-            if self._key:
+            if self._key and self.spec.mode != "scd2":  # scd2: several versions per key
                 defs.append(f"PRIMARY KEY ({', '.join(_q(k) for k in self._key)})")
             self._execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
             self._execute(f"CREATE TABLE IF NOT EXISTS {self._ident} ({', '.join(defs)})")
@@ -335,9 +446,12 @@ class PostgresTarget:
         self._ledger.flush(
             self._query, self._require(), (adbc_driver_manager.Error,), self._fail, self._reflect
         )
+        self._committed = self._rows
+        self._unit_done()
 
     def _fail(self, exc: Exception) -> NoReturn:
         """Classify a failure: a dead connection is transient, anything else fatal."""
+        self._unit_done()
         if not alive(self._conn):
             self.close()
             raise TransientError(f"{self.id}: connection lost: {first_line(exc)}") from exc
@@ -348,6 +462,14 @@ class PostgresTarget:
         if self._conn is None:
             raise TransientError(f"{self.id}: not connected")
         return self._conn
+
+
+def _create_schema(data: pa.Schema, batch: pa.Schema) -> pa.Schema:
+    """The schema a table is created from: ``data``'s (:func:`ingestable` of a
+    batch whose schema is ``batch``), a nested column from its own type (jsonb)
+    rather than the text it is sent as."""
+    own = {f.name: f for f in batch}
+    return pa.schema([own[f.name] if pa.types.is_nested(own[f.name].type) else f for f in data])
 
 
 # -- connection helpers (shared with the CDC session) ---------------------------

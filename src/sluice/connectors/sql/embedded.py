@@ -1,12 +1,15 @@
 """What the embedded database targets (SQLite, DuckDB) share.
 
-Both create a missing table from the batch schema, add new columns, and in
-``merge`` mode upsert on the primary key (last row of a batch wins). Writes
-go into an open transaction that ``flush`` commits.
+Both create a missing table from the batch schema, add new columns, and
+write in every mode of :mod:`sluice.connectors.sql.modes` (``merge``: upsert
+on the primary key, the last row of a batch wins). Writes go into an open
+transaction that ``flush`` commits.
 """
 
 from __future__ import annotations
 
+from sluice.config.base import ModalTarget
+from sluice.connectors.sql import modes
 from sluice.errors import ConnectorError
 
 
@@ -22,9 +25,24 @@ def require_key(target_id: str, mode: str, key: list[str], creating: bool) -> No
         raise ConnectorError(f'{target_id}: mode = "merge" needs {where}')
 
 
-def check_mode(target_id: str, mode: str) -> None:
-    """Streaming embedded targets write ``append`` or ``merge``; anything else fails at build."""
+def check_mode(target_id: str, spec: ModalTarget, key: list[str]) -> None:
+    """Refuse a mode and scd2 options that do not fit together, at build."""
+    modes.check(
+        target_id,
+        spec.mode,  # type: ignore[attr-defined]
+        key,
+        compare_columns=spec.compare_columns,
+        event_timestamp_column=spec.event_timestamp_column,
+        ttl_seconds=spec.ttl_seconds,
+    )
+
+
+def check_cdc_mode(target_id: str, mode: str) -> None:
+    """A ``[transform.cdc]`` target applies the change stream itself: ``mode``
+    may stay ``append`` (or say ``merge``); ``truncate`` and ``scd2`` would
+    contradict it."""
     if mode not in ("append", "merge"):
         raise ConnectorError(
-            f"mode '{mode}' on a streaming {target_id} target is not implemented yet (use append or merge)"
+            f'{target_id}: mode = "{mode}" does not apply to a [transform.cdc] target, '
+            "which mirrors the change stream (leave mode out, or use merge)"
         )

@@ -8,13 +8,13 @@ from sluice.config.base import (
     DbTable,
     LocalPath,
     LookupSpec,
-    TargetSpec,
+    ModalTarget,
     WriteMode,
     doc,
 )
 
 
-class SQLiteTarget(TargetSpec, tag="sqlite", tag_field="kind", frozen=True, kw_only=True):
+class SQLiteTarget(ModalTarget, tag="sqlite", tag_field="kind", frozen=True, kw_only=True):
     """A SQLite table (the embedded default)."""
 
     path: Annotated[LocalPath, doc("database file")]

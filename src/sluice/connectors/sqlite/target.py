@@ -1,8 +1,9 @@
-"""SQLite target: the zero-setup default (append / merge).
+"""SQLite target: the zero-setup default (every mode of :mod:`sluice.connectors.sql.modes`).
 
 SQLite has no bulk Arrow path in the standard library: rows are handed to
 ``executemany`` as tuples built by C-level ``zip`` over columns, the cheapest
-route sqlite3 offers.
+route sqlite3 offers. ``scd2`` goes through a temporary stage table; its
+``row_hash`` is md5 by a function registered on the connection (SQLite has none).
 
 The source positions the commit policy stages go to ``_sluice_positions`` in
 the same database file, in the transaction of the rows
@@ -11,9 +12,11 @@ the same database file, in the transaction of the rows
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +25,7 @@ import pyarrow.compute as pc
 
 from sluice.connectors.api import Position
 from sluice.connectors.registry import Context
-from sluice.connectors.sql import positions
+from sluice.connectors.sql import modes, positions
 from sluice.connectors.sql.embedded import check_mode, quote, require_key
 from sluice.connectors.sqlite.spec import SQLiteTarget as SQLiteTargetSpec
 from sluice.errors import ConnectorError, PositionsMoved
@@ -71,6 +74,25 @@ def _sqlite_columns(table: pa.Table) -> list[list[Any]]:
     return out
 
 
+_STAGE = quote("_sluice_stage")
+
+
+def _md5(text: str | None) -> str | None:
+    return None if text is None else hashlib.md5(text.encode()).hexdigest()
+
+
+def _arrow_of(declared: str) -> pa.DataType:
+    """The Arrow type of a column SQLite declared (CREATE TABLE AS: INT, REAL, TEXT, NUM, "")."""
+    d = declared.upper()
+    if "INT" in d:
+        return pa.int64()
+    if "REAL" in d or "FLOA" in d or "DOUB" in d:
+        return pa.float64()
+    if "BLOB" in d:
+        return pa.binary()
+    return pa.string()
+
+
 class SQLiteTarget:
     """Writes batches into one SQLite table (schema is always ``main``)."""
 
@@ -84,7 +106,11 @@ class SQLiteTarget:
         self._ledger = positions.Ledger(
             positions.SQLITE, quote(positions.TABLE), ctx.pipeline.pipeline_name, self.id
         )
-        check_mode("sqlite", spec.mode)
+        check_mode(self.id, spec, self._key)
+        self._fresh = True  # no row of the open transaction (unit) written yet
+        self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
+        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -97,6 +123,7 @@ class SQLiteTarget:
     def open(self) -> None:
         """Open the database file (created when missing) and reflect the table."""
         conn = connect(self.spec.path, isolation_level="DEFERRED")
+        conn.create_function("sluice_md5", 1, _md5, deterministic=True)
         self._conn = conn
         info = conn.execute(f"PRAGMA table_info({quote(self.table)})").fetchall()
         self._columns = [r[1] for r in info] or None
@@ -110,6 +137,7 @@ class SQLiteTarget:
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""
         conn, self._conn = self._conn, None
+        self._unit_done()
         if conn is not None:
             conn.close()
 
@@ -120,32 +148,160 @@ class SQLiteTarget:
         conn = self._require()
         names = [n for n in data.column_names if data.schema.field(n).type != pa.null()]
         data = data.select(names)
+        self._begin(data.schema)
+        cols = ", ".join(quote(n) for n in names)
+        marks = ", ".join("?" for _ in names)
+        if self.spec.mode == "scd2":
+            self._new_stage(names)
+            conn.executemany(
+                f"INSERT INTO {_STAGE} ({cols}) VALUES ({marks})",
+                zip(*_sqlite_columns(data), strict=True),
+            )
+            self._scd2(names)
+            return
+        stmt = f"INSERT INTO {quote(self.table)} ({cols}) VALUES ({marks})"
+        if self.spec.mode == "merge":
+            stmt += self._upsert(names)
+            self._rows += data.group_by(self._key).aggregate([]).num_rows
+        else:
+            self._rows += data.num_rows
+        # Rows apply in order, so within a batch the last row of a key wins.
+        conn.executemany(stmt, zip(*_sqlite_columns(data), strict=True))
+
+    def _upsert(self, names: list[str]) -> str:
+        others = [n for n in names if n not in self._key]
+        keys = ", ".join(quote(k) for k in self._key)
+        if others:
+            sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in others)
+            return f" ON CONFLICT ({keys}) DO UPDATE SET {sets}"
+        return f" ON CONFLICT ({keys}) DO NOTHING"
+
+    # -- units and modes ------------------------------------------------------
+
+    def prepare(self, schema: pa.Schema, *, create: bool = True) -> None:
+        """Begin a unit for batches of ``schema``: create the table or add the
+        columns it lacks (``create``; else refuse them), and in ``truncate``
+        mode delete the old rows in the open transaction."""
+        schema = pa.schema([f for f in schema if f.type != pa.null()])
+        if not create:
+            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
+            missing = [f.name for f in want if f.name not in (self._columns or [])]
+            if self._columns is None or missing:
+                raise ConnectorError(
+                    f"{self.id}: "
+                    + (
+                        "the table does not exist"
+                        if self._columns is None
+                        else f"no column(s) {missing}"
+                    )
+                    + " and the load may not create them (create = false)"
+                )
+        self._begin(schema)
+
+    def _begin(self, schema: pa.Schema) -> None:
+        """Make the table fit ``schema``; at a unit's first write, begin it."""
+        conn = self._require()
+        if self.spec.mode == "scd2":
+            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
+            if clash:
+                raise ConnectorError(
+                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
+                )
+            schema = modes.with_scd2(schema)
         if self._columns is None:
             require_key(self.id, self.spec.mode, self._key, creating=True)
-            defs = [f"{quote(f.name)} {sqlite_type(f.type)}" for f in data.schema]
-            if self._key:
+            defs = [f"{quote(f.name)} {sqlite_type(f.type)}" for f in schema]
+            if self._key and self.spec.mode != "scd2":  # scd2: several versions per key
                 defs.append(f"PRIMARY KEY ({', '.join(quote(k) for k in self._key)})")
             conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(self.table)} ({', '.join(defs)})")
-            self._columns = list(names)
-        for f in data.schema:
+            self._columns = list(schema.names)
+        for f in schema:
             if f.name not in self._columns:
                 conn.execute(
                     f"ALTER TABLE {quote(self.table)} ADD COLUMN {quote(f.name)} {sqlite_type(f.type)}"
                 )
                 self._columns.append(f.name)
+        if self._fresh:
+            self._fresh = False
+            self._now = datetime.now(UTC)
+            if self.spec.mode == "truncate":
+                conn.execute(f"DELETE FROM {quote(self.table)}")
+
+    def _unit_done(self) -> None:
+        self._fresh = True
+        self._rows = 0
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
+
+    def _new_stage(self, names: list[str]) -> None:
+        conn = self._require()
+        conn.execute(f"DROP TABLE IF EXISTS temp.{_STAGE}")
+        conn.execute(f"CREATE TEMP TABLE {_STAGE} ({', '.join(quote(n) for n in names)})")
+
+    def insert_select(self, select_sql: str, *, create: bool = True) -> None:
+        """Write the rows of ``select_sql`` (run here) in the mode, inside the
+        open transaction: they never leave the database."""
+        conn = self._require()
+        conn.execute(f"DROP TABLE IF EXISTS temp.{_STAGE}")
+        conn.execute(f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM ({select_sql})")
+        info = conn.execute(f"PRAGMA temp.table_info({_STAGE})").fetchall()
+        schema = pa.schema([pa.field(str(r[1]), _arrow_of(str(r[2]))) for r in info])
+        self.prepare(schema, create=create)
+        names = schema.names
         cols = ", ".join(quote(n) for n in names)
-        marks = ", ".join("?" for _ in names)
-        stmt = f"INSERT INTO {quote(self.table)} ({cols}) VALUES ({marks})"
+        if self.spec.mode == "scd2":
+            self._scd2(names)
+            return
         if self.spec.mode == "merge":
-            others = [n for n in names if n not in self._key]
             keys = ", ".join(quote(k) for k in self._key)
-            if others:
-                sets = ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in others)
-                stmt += f" ON CONFLICT ({keys}) DO UPDATE SET {sets}"
-            else:
-                stmt += f" ON CONFLICT ({keys}) DO NOTHING"
-        # Rows apply in order, so within a batch the last row of a key wins.
-        conn.executemany(stmt, zip(*_sqlite_columns(data), strict=True))
+            last = f"rowid IN (SELECT max(rowid) FROM {_STAGE} GROUP BY {keys})"
+            self._rows += conn.execute(
+                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE} "
+                f"WHERE {last}{self._upsert(names)}"
+            ).rowcount
+        else:
+            self._rows += conn.execute(
+                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE}"
+            ).rowcount
+
+    def _scd2(self, names: list[str]) -> None:
+        """Apply the stage's rows (the last of each key) as scd2 versions
+        (:mod:`sluice.connectors.sql.modes`)."""
+        conn = self._require()
+        rows = quote("_sluice_scd2")
+        sql = modes.Scd2(quote(self.table), rows, self._key, names, quote)
+        compare = sql.compare(self.spec.compare_columns)
+        unknown = [c for c in compare if c not in names]
+        if unknown:
+            raise ConnectorError(f"{self.id}: compare_columns {unknown} are not in the rows")
+        ts = self.spec.event_timestamp_column
+        if ts is not None and ts not in names:
+            raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
+        # Timestamps are ISO text as _sqlite_columns writes them (UTC, "Z").
+        now = f"'{modes.utc_text(self._now)}Z'"
+        valid_from = f"d.{quote(ts)}" if ts else now
+        row_hash = (
+            "sluice_md5(json_array("
+            + ", ".join(f"CAST(d.{quote(c)} AS TEXT)" for c in compare)
+            + "))"
+        )
+        keys = ", ".join(quote(k) for k in self._key)
+        conn.execute(f"DROP TABLE IF EXISTS temp.{rows}")
+        conn.execute(
+            f"CREATE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "
+            f"{row_hash} AS row_hash FROM (SELECT {', '.join(quote(n) for n in names)} "
+            f"FROM {_STAGE} WHERE rowid IN (SELECT max(rowid) FROM {_STAGE} GROUP BY {keys})) d"
+        )
+        self._rows += conn.execute(sql.close_changed()).rowcount
+        if self.spec.ttl_seconds is not None:
+            cutoff = self._now - timedelta(seconds=self.spec.ttl_seconds)
+            self._rows += conn.execute(
+                sql.close_stale(now, f"'{modes.utc_text(cutoff)}Z'")
+            ).rowcount
+        self._rows += conn.execute(sql.insert_new()).rowcount
 
     def held_positions(self) -> dict[str, Position]:
         """See :class:`~sluice.connectors.sql.positions.RecordsPositions`."""
@@ -172,6 +328,8 @@ class SQLiteTarget:
                 raise
         conn.commit()
         self._ledger.done()
+        self._committed = self._rows
+        self._unit_done()
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
