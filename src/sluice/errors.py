@@ -68,5 +68,9 @@ class StageError(SluiceError):
     """A stage (SQL, window, join, cdc) failed on a batch."""
 
 
+class AlertError(SluiceError):
+    """An alerter could not deliver an alert (the far end refused it or could not be reached)."""
+
+
 class PipelineStopped(SluiceError):
     """Raised inside the run loop when a stop was requested mid-wait."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
@@ -185,9 +185,13 @@ class _Handler(BaseHTTPRequestHandler):
         """Quiet: scrapes are normal operation."""
 
 
-def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Serve /metrics, /healthz and /readyz on ``port`` from a daemon thread."""
-    server = ThreadingHTTPServer((host, port), _Handler)
+def serve(port: int, host: str = "0.0.0.0", health: Health = HEALTH) -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz and /readyz on ``port`` from a daemon thread;
+    /readyz answers from ``health`` (the streaming pipeline's by default)."""
+    handler: type[_Handler] = _Handler
+    if health is not HEALTH:
+        handler = cast("type[_Handler]", type("_HealthHandler", (_Handler,), {"health": health}))
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="sluice-metrics", daemon=True).start()
     return server
@@ -205,4 +209,37 @@ CDC_SKIPPED = _counter(
 CDC_IDEMPOTENT_SKIPPED = _counter(
     "sluice_cdc_idempotent_skipped",
     "CDC events not newer than the key's last applied change (redeliveries, re-sends).",
+)
+
+# Batch jobs (``flow run-due`` / ``flow run`` with ``--metrics prometheus://``,
+# recorded by ``sluice.jobs.sinks``): one sample set per finished run.
+_J = ["job"]
+JOB_RUNS = Counter(
+    "sluice_job_runs",
+    "Finished job runs, by job and status (success, failed, skipped).",
+    [*_J, "status"],
+    registry=REGISTRY,
+)
+JOB_ROWS = Counter(
+    "sluice_job_rows", "Rows job runs wrote to their targets, by job.", _J, registry=REGISTRY
+)
+JOB_RUN_SECONDS = Histogram(
+    "sluice_job_run_duration_seconds",
+    "Wall time of one job run, by job and status.",
+    [*_J, "status"],
+    # Batch jobs take from a fraction of a second to an hour.
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600),
+    registry=REGISTRY,
+)
+JOB_LAST_ATTEMPT = Gauge(
+    "sluice_job_last_attempt",
+    "The attempt number of the job's last finished run (1 = first try).",
+    _J,
+    registry=REGISTRY,
+)
+JOB_LAST_SUCCESS = Gauge(
+    "sluice_job_last_success_timestamp_seconds",
+    "When the job's last successful run started (unix seconds).",
+    _J,
+    registry=REGISTRY,
 )
