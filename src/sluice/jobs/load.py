@@ -3,16 +3,17 @@
 ``append`` is written here (:class:`~sluice.jobs.db.AppendLoad`, and one
 ``INSERT … SELECT`` on the same-database path). ``truncate``, ``merge`` /
 ``scd1`` and ``scd2`` go through the SQL targets' load modes
-(:mod:`sluice.connectors.sql.load`) where that module provides them.
+(:mod:`sluice.connectors.sql.load`), in one transaction per run as well.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
-from sluice.jobs.db import Database, JobError
+from sluice.api.connections import Connection
+from sluice.jobs.db import Database
 from sluice.jobs.declare import Job, TargetBinding
 from sluice.jobs.tables import ManagedTable, quote_for
 
@@ -22,7 +23,7 @@ class Load(Protocol):
 
     def write(self, batch: pa.RecordBatch) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> Any: ...
 
     def abort(self) -> None: ...
 
@@ -55,25 +56,62 @@ def ensure(db: Database, table: ManagedTable) -> None:
     _ENSURED.add(key)
 
 
-def _unsupported(t: TargetBinding) -> JobError:
-    return JobError(
-        f"mode {t.mode!r} on {t.table.name}: not implemented yet for batch jobs "
-        "(append is; the other modes come with sluice.connectors.sql.load)"
+def _spec(t: TargetBinding, job: Job, dialect: str) -> Any:
+    from sluice.connectors.sql.load import LoadSpec
+
+    table = t.table
+    name = (
+        f"{table.schema}.{table.name}"
+        if table.schema and dialect in {"postgres", "duckdb"}
+        else table.name
+    )
+    return LoadSpec(
+        table=name,
+        mode="merge" if t.mode == "scd1" else t.mode,  # type: ignore[arg-type]  # MODES checked at declaration
+        primary_key=tuple(table.primary_key),
+        compare_columns=tuple(job.compare_columns) if job.compare_columns else None,
+        event_timestamp_column=job.event_timestamp_column,
+        ttl_seconds=job.ttl_seconds,
     )
 
 
+def _connection(db: Database, t: TargetBinding) -> Connection:
+    from sluice.api.connections import resolve
+
+    conn = t.connection
+    return conn if isinstance(conn, Connection) else resolve(str(conn or db.name))
+
+
 def open_target(db: Database, t: TargetBinding, job: Job) -> Load:
-    """A load for ``t``'s table on ``db``, the table created or migrated first."""
-    ensure(db, t.table)
+    """A load for ``t``'s table on ``db``, the table created or migrated first.
+
+    ``append`` writes here; the other modes open the SQL targets' load
+    (:func:`sluice.connectors.sql.load.open_load`), which adds the mode's
+    columns (scd2's ``valid_from`` / ``valid_to`` / ``is_current`` /
+    ``row_hash``) and keys. An scd2 table is created there, not from the
+    declaration: its key is the business key plus ``valid_from``.
+    """
+    if t.mode != "scd2":
+        ensure(db, t.table)
     if t.mode == "append":
         return db.open_append(t.table)
-    raise _unsupported(t)
+    from sluice.connectors.sql.load import open_load
+
+    load: Load = open_load(_connection(db, t), _spec(t, job, db.dialect), t.table.arrow_schema)
+    return load
 
 
 def insert_select(db: Database, t: TargetBinding, job: Job, sql: str) -> tuple[int, str]:
     """Load ``sql``'s rows into ``t`` inside the database; (rows, the statement run)."""
     if t.mode != "append":
-        raise _unsupported(t)
+        from sluice.connectors.sql.load import insert_select as load_select
+
+        if t.mode != "scd2":
+            ensure(db, t.table)
+        select = t.table.select_sql(db.dialect, sql)
+        rows = load_select(_connection(db, t), _spec(t, job, db.dialect), select)
+        return int(rows), select
+    ensure(db, t.table)
     q = quote_for(db.dialect)
     cols = ", ".join(q(c.name) for c in t.table.columns)
     statement = (
