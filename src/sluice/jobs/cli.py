@@ -68,14 +68,18 @@ def _orchestrator(args: argparse.Namespace, *, writes: bool = True) -> Orchestra
     else:
         rl = open_run_log(args.run_log or os.environ.get("SLUICE_RUN_LOG_URL") or DEFAULT_URL)
     kw: dict[str, Any] = {}
-    if writes and getattr(args, "alerter", None):
-        from sluice.jobs.alerters import build_alerters  # type: ignore[import-not-found,unused-ignore]
+    alerters = getattr(args, "alerter", None) or [
+        u for u in os.environ.get("SLUICE_ALERTERS", "").split(",") if u.strip()
+    ]
+    metrics = getattr(args, "metrics", None) or os.environ.get("SLUICE_METRICS") or None
+    if writes and alerters:
+        from sluice.jobs.alerters import build_alerters
 
-        kw["alerters"] = build_alerters(args.alerter)
-    if writes and getattr(args, "metrics", None):
-        from sluice.jobs.sinks import build_sink  # type: ignore[import-not-found,unused-ignore]
+        kw["alerters"] = build_alerters(alerters)
+    if writes and metrics:
+        from sluice.jobs.sinks import build_sink
 
-        kw["sink"] = build_sink(args.metrics)
+        kw["sink"] = build_sink(metrics)
     fixed = _now(args) if args.now else None
     return Orchestrator(registry(), rl, clock=(lambda: fixed) if fixed else system_clock, **kw)
 
@@ -255,12 +259,13 @@ def add_commands(sub: Any, seconds: Any) -> None:
                 action="append",
                 metavar="URL",
                 help="alert on failure / recovery (repeatable): stdout://, slack://, https://, "
-                "email://, pagerduty://",
+                "email://, pagerduty:// (env SLUICE_ALERTERS, comma-separated)",
             )
             p.add_argument(
                 "--metrics",
                 metavar="URL",
-                help="run metrics: null://, stdout://, memory://, prometheus://:PORT, otlp://",
+                help="run metrics: null://, stdout://, memory://, prometheus://:PORT, otlp:// "
+                "(env SLUICE_METRICS)",
             )
 
     p = sub.add_parser("run-due", help="fire the batch jobs that became due (cron-tick model)")

@@ -111,8 +111,10 @@ class Database:
         if self.dialect == "duckdb":
             conn = self.connect()
             try:
-                reader = conn.execute(sql).fetch_record_batch(batch_rows)
-                yield from reader
+                rel = conn.sql(sql)
+                # duckdb 2.x: to_arrow_reader; 1.x: fetch_arrow_reader.
+                reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
+                yield from reader(batch_rows)
             finally:
                 conn.close()
             return
