@@ -34,13 +34,13 @@ DATA = os.environ.get("SHOP_DIR", "shop-data")
 
 
 @sluice.connection
-class shop_lake:
+class shop_lake:  # noqa: N801 - the class name is the connection name
     kind = "duckdb"
     path = f"{DATA}/lake.duckdb"
 
 
 @sluice.connection
-class shop_reports:
+class shop_reports:  # noqa: N801 - the class name is the connection name
     kind = "sqlite"
     path = f"{DATA}/reports.sqlite"
 
