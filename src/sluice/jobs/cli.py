@@ -290,9 +290,7 @@ def add_commands(sub: Any, seconds: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("runs", help="the run history")
-    runs = p.add_subparsers(
-        dest="runs_command", required=True, metavar="SUBCOMMAND", help="list"
-    )
+    runs = p.add_subparsers(dest="runs_command", required=True, metavar="SUBCOMMAND", help="list")
     p = runs.add_parser("list", help="the latest runs, newest first")
     common(p, module=False)
     p.add_argument("--job", metavar="NAME", help="only this job")

@@ -29,6 +29,9 @@ from sluice.jobs.tables import ManagedTable, quote_for
 BATCH_ROWS = 50_000
 #: Bytes per Arrow batch read from Postgres (the ADBC driver's hint).
 BATCH_BYTES = 4 * 1024 * 1024
+#: DuckDB's memory cap while a job loads into it (its default is 80 % of RAM,
+#: which it fills with the rows of the open transaction).
+DUCKDB_MEMORY_LIMIT = "64MB"
 
 
 class JobError(SluiceError):
@@ -198,16 +201,28 @@ class Database:
 class AppendLoad:
     """Appends batches to one table in one transaction; ``commit`` makes them visible.
 
-    Postgres goes through ADBC bulk ingest (binary COPY, no per-row Python),
-    DuckDB scans each Arrow batch; SQLite and MySQL take ``executemany``.
+    Postgres goes through ADBC bulk ingest (binary COPY, no per-row Python)
+    in one open transaction. DuckDB keeps an open transaction's rows in
+    memory, so its batches are staged in a Parquet file beside (a bounded
+    writer) and inserted in one statement at ``commit``, with the database's
+    memory capped (:data:`DUCKDB_MEMORY_LIMIT`): memory stays flat however
+    many rows the run loads. SQLite and MySQL take ``executemany``.
     """
 
     def __init__(self, db: Database, table: ManagedTable) -> None:
         self.db = db
         self.table = table
         self.rows = 0
+        self._stage: Any = None
+        self._writer: Any = None
         if db.dialect == "postgres":
             self._conn: Any = adbc_connect(db.url or "")
+        elif db.dialect == "duckdb":
+            import tempfile
+
+            self._conn = db.connect()
+            self._conn.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+            self._stage = tempfile.TemporaryDirectory(prefix="sluice-load-")
         else:
             self._conn = db.connect()
             db.begin(self._conn)
@@ -229,16 +244,11 @@ class AppendLoad:
                     db_schema_name=table.schema or "public",
                 )
         elif db.dialect == "duckdb":
-            self._conn.register("__sluice_batch", batch)
-            try:
-                self._conn.execute(
-                    f"INSERT INTO {ident} ({cols}) SELECT {cols} FROM __sluice_batch"
-                )
-            finally:
-                with contextlib.suppress(
-                    Exception
-                ):  # after a failed insert: the error to tell is that one
-                    self._conn.unregister("__sluice_batch")
+            import pyarrow.parquet as pq
+
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(f"{self._stage.name}/rows.parquet", batch.schema)
+            self._writer.write_batch(batch)
         else:
             if db.dialect == "mysql":
                 batch = _naive_utc(batch)
@@ -248,15 +258,45 @@ class AppendLoad:
             self._conn.cursor().executemany(f"INSERT INTO {ident} ({cols}) VALUES ({ph})", rows)
         self.rows += batch.num_rows
 
+    def _insert_staged(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        q = quote_for("duckdb")
+        cols = ", ".join(q(c.name) for c in self.table.columns)
+        path = f"{self._stage.name}/rows.parquet".replace("'", "''")
+        self._conn.execute("BEGIN")
+        self._conn.execute(
+            f"INSERT INTO {self.table.qualified('duckdb')} ({cols}) "
+            f"SELECT {cols} FROM read_parquet('{path}')"
+        )
+
+    def _cleanup(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):  # aborting: the first error is the one to tell
+                self._writer.close()
+            self._writer = None
+        if self._stage is not None:
+            self._stage.cleanup()
+            self._stage = None
+
     def commit(self) -> None:
         """Make every written batch visible at once, then close."""
         try:
-            if self.db.dialect in {"duckdb", "sqlite"}:
+            if self.db.dialect == "duckdb":
+                self._insert_staged()
+                if self.rows:
+                    self._conn.execute("COMMIT")
+            elif self.db.dialect == "sqlite":
                 self._conn.execute("COMMIT")
             else:
                 self._conn.commit()
-        finally:
-            self._conn.close()
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup()
+        self._conn.close()
 
     def abort(self) -> None:
         """Drop every written batch; close."""
@@ -265,10 +305,12 @@ class AppendLoad:
                 self._conn.execute("ROLLBACK")
             else:
                 self._conn.rollback()
-        except Exception:
+        except Exception:  # noqa: S110 - already failing (or nothing begun): the first error is the one to tell
             pass
         finally:
-            self._conn.close()
+            self._cleanup()
+            with contextlib.suppress(Exception):  # closing after a failure: nothing left to tell
+                self._conn.close()
 
 
 _ADBC_ROOTS: dict[str, Any] = {}
