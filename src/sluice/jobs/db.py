@@ -305,7 +305,7 @@ class AppendLoad:
                 self._conn.execute("ROLLBACK")
             else:
                 self._conn.rollback()
-        except Exception:  # noqa: S110 - already failing (or nothing begun): the first error is the one to tell
+        except Exception:
             pass
         finally:
             self._cleanup()
