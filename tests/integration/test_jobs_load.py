@@ -361,3 +361,61 @@ def test_jobs_write_in_merge_truncate_and_scd2_modes(tmp_path: Path) -> None:
             (2, "B2@x", True),
             (3, "c@x", True),
         ]
+
+
+def test_mysql_target_by_arrow_and_by_insert_select() -> None:
+    import pyarrow as pa
+    import pymysql
+
+    from sluice.jobs.db import _mysql
+
+    clear()
+    my = f"my_{uuid.uuid4().hex[:8]}"
+    register_connection(Connection(my, kind="mysql", url=endpoints.MYSQL_URL))
+    suffix = uuid.uuid4().hex[:8]
+
+    @sluice.table(name=f"people_{suffix}")
+    class People:
+        id: Annotated[BigInt, sluice.pk()]
+        email: Annotated[Text | None, trim(), lower()]
+        seen_at: TimestampTZ
+
+    @sluice.table(name=f"people_copy_{suffix}")
+    class PeopleCopy:
+        id: Annotated[BigInt, sluice.pk()]
+        email: Annotated[Text | None, lower()]
+
+    @sluice.job(name="arrive", target=People, target_connection=my)
+    def arrive() -> Any:
+        yield pa.record_batch(
+            {
+                "id": [1, 2],
+                "email": [" Ann@X ", "BOB@x"],
+                "seen_at": ["2026-01-01T10:00:00+00:00", "2026-01-02T11:30:00+00:00"],
+            }
+        )
+
+    @sluice.job(name="copy", target=PeopleCopy, source_connection=my, target_connection=my)
+    def copy(conn: Any) -> str:
+        return f"SELECT id, upper(email) AS email FROM people_{suffix}"
+
+    orch = Orchestrator(registry(), open_run_log("memory://"))
+    conn: pymysql.Connection[Any] = _mysql(endpoints.MYSQL_URL)
+    try:
+        assert [(f.status, f.rows, f.path) for f in orch.run_now("arrive")] == [
+            ("success", 2, "arrow")
+        ]
+        assert [(f.status, f.rows, f.path) for f in orch.run_now("copy")] == [
+            ("success", 2, "insert_select")
+        ]
+        cur = conn.cursor()
+        cur.execute(f"SELECT id, email, seen_at FROM people_{suffix} ORDER BY id")
+        got = [(r[0], r[1], str(r[2])) for r in cur.fetchall()]
+        assert got == [(1, "ann@x", "2026-01-01 10:00:00"), (2, "bob@x", "2026-01-02 11:30:00")]
+        cur.execute(f"SELECT id, email FROM people_copy_{suffix} ORDER BY id")
+        assert list(cur.fetchall()) == [(1, "ann@x"), (2, "bob@x")]
+    finally:
+        cur = conn.cursor()
+        cur.execute(f"DROP TABLE IF EXISTS people_{suffix}, people_copy_{suffix}")
+        conn.commit()
+        conn.close()
