@@ -305,3 +305,78 @@ def _namespace(orchs: list[Orchestrator], prefix: str) -> None:
             return bool(claim(f"{prefix}/{key}", owner))
 
         inner.get_state, inner.put_state, inner.claim = g, p, c  # type: ignore[method-assign]
+
+
+PROCESS_SCRIPT = """
+import datetime as dt, sys
+import pyarrow as pa
+import sluice
+from sluice.api.connections import Connection, register_connection
+from sluice.jobs import registry
+from sluice.jobs.orchestrate import Orchestrator
+from sluice.jobs.runlog import open_run_log
+from sluice.types import Text
+
+import time
+table, prefix, pg, wall0 = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+register_connection(Connection("pg", kind="postgres", url=pg))
+now = {}
+
+@sluice.table(schema="sluice_jobs_test", name=table)
+class Fires:
+    job: Text
+    tick: Text
+
+def body(name):
+    def make():
+        yield pa.record_batch({"job": [name], "tick": [now["t"]]})
+    make.__name__ = name
+    return make
+
+a = sluice.job(name=prefix + "a", target=Fires, target_connection="pg")(body("a"))
+b = sluice.job(name=prefix + "b", target=Fires, target_connection="pg", depends_on=[a])(body("b"))
+sluice.workflow(prefix + "w", jobs=[a, b], schedule="every 1 minutes")
+sluice.job(name=prefix + "c", target=Fires, target_connection="pg", schedule="* * * * *")(body("c"))
+orch = Orchestrator(registry(), open_run_log(pg))
+assert not orch.runlog.degraded
+start = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+for i in range(50):
+    # As cron wakes both hosts for the same minute: tick i starts at wall0 + i * 0.2 s.
+    time.sleep(max(0.0, wall0 + i * 0.2 - time.time()))
+    t = start + dt.timedelta(minutes=i, seconds=5)
+    now["t"] = t.isoformat()
+    for f in orch.run_due(60, t):
+        print(f.job, f.tick, f.status, flush=True)
+"""
+
+
+def test_two_run_due_processes_on_one_postgres_run_log() -> None:
+    import subprocess
+    import sys
+
+    table = f"fires_{uuid.uuid4().hex[:8]}"
+    prefix = f"p{uuid.uuid4().hex[:6]}_"  # job names unique to this run of the test
+    repo = Path(__file__).resolve().parents[2]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo / "src")}
+    import time
+
+    wall0 = str(time.time() + 4.0)  # both processes imported and connected by then
+    args = [sys.executable, "-c", PROCESS_SCRIPT, table, prefix, endpoints.POSTGRES_URL, wall0]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    fired = [line.split() for o in outs for line in o[0].splitlines()]
+    ran = [(j, t) for j, t, status in fired if status == "success"]
+    assert len(ran) == 150 and len(set(ran)) == 150
+    assert all(status == "success" for _, _, status in fired)
+    # Both processes did some of the work.
+    assert all(o[0].strip() for o in outs)
+    with psycopg.connect(endpoints.POSTGRES_URL) as c:
+        rows = c.execute(
+            f"SELECT job, tick, count(*) FROM sluice_jobs_test.{table} GROUP BY 1, 2"
+        ).fetchall()
+        c.execute(f"DROP TABLE sluice_jobs_test.{table}")
+    assert len(rows) == 150 and all(r[2] == 1 for r in rows)

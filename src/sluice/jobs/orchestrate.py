@@ -7,9 +7,9 @@ missed while nothing ran are caught up once, not once each) — for a unit
 that never fired, only when that tick fell in the last ``interval`` — and
 every ``triggered_by`` name has succeeded since the unit last succeeded.
 
-A due unit is claimed (``unit@tick`` in the run log: one process wins), its
-jobs set pending for the tick, and a *pass* runs them in ``depends_on``
-order. In a pass a job runs when its upstreams succeeded (for this tick
+A due unit is fired under its lease (a compare-and-set on its state: one
+process at a time walks a unit, and only one fires a tick), its jobs set
+pending for the tick, and a *pass* runs them in ``depends_on`` order. In a pass a job runs when its upstreams succeeded (for this tick
 inside the unit; today, in the job's zone, across units); otherwise it is
 skipped and the skip recorded once; it runs later in the tick once they
 succeed (a retry pass). A failed job is retried at
@@ -97,6 +97,9 @@ class Orchestrator:
     clock: Clock = system_clock
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     runs: Callable[[Job, str | None], runner.Outcome] = runner.run
+    #: Wall-clock seconds a unit's lease lasts (a process that died mid-run
+    #: blocks its unit at most this long).
+    lease_s: float = 3600.0
 
     def __post_init__(self) -> None:
         validate(self.registry)
@@ -170,28 +173,96 @@ class Orchestrator:
                 return None
         return "|".join(parts) if parts else None
 
+    def _cas(self, name: str, change: Callable[[dict[str, Any]], bool]) -> bool:
+        """Compare-and-set ``name``'s state; ``change`` returns False to give up."""
+        for _ in range(20):
+            got = self.runlog.get_state(name)
+            data, version = (got[0], got[1]) if got else ({}, None)
+            if not change(data):
+                return False
+            if self.runlog.put_state(name, data, version):
+                return True
+        return False
+
+    def _acquire(self, unit: Unit, key: str | None, now: dt.datetime) -> str | None:
+        """Take ``unit``'s lease (and, with ``key``, fire that tick); the holder
+        token, or None when another process holds it or already fired ``key``.
+
+        One process at a time walks a unit's DAG, so a new tick never resets
+        the jobs of a firing still running elsewhere. The lease expires after
+        :attr:`lease_s` of wall time (a process that died mid-run)."""
+        token = f"{self.owner}#{uuid.uuid4().hex[:8]}"
+
+        def take(d: dict[str, Any]) -> bool:
+            if d.get("holder") and float(d.get("lease_until") or 0) > time.time():
+                return False
+            if key is not None:
+                last = d.get("last_tick")
+                if last is not None and (key == last or (key[:1].isdigit() and key <= last)):
+                    return False
+                d["last_tick"] = key
+                d["fired_at"] = now_iso(now)
+            d["holder"] = token
+            d["lease_until"] = time.time() + self.lease_s
+            return True
+
+        return token if self._cas(f"unit:{unit.name}", take) else None
+
+    def _release(self, unit: Unit, token: str) -> None:
+        def free(d: dict[str, Any]) -> bool:
+            if d.get("holder") != token:
+                return False
+            d["holder"] = None
+            d["lease_until"] = None
+            return True
+
+        self._cas(f"unit:{unit.name}", free)
+
+    def _needs_pass(self, unit: Unit, tick: str, now: dt.datetime) -> bool:
+        for name in unit.jobs:
+            st = self.state(f"job:{name}")
+            if st.get("tick") != tick:
+                continue
+            status = st.get("status")
+            if status in {"pending", "skipped"}:
+                return True
+            if status == "failed":
+                at = st.get("next_retry_at")
+                if not at or dt.datetime.fromisoformat(at) <= now:
+                    return True
+        return False
+
     def run_due(self, interval_s: float = 60.0, now: dt.datetime | None = None) -> list[Fired]:
         """Fire what is due at ``now`` (the clock's by default); see the module docstring."""
         now = now or self.clock()
         fired: list[Fired] = []
         for unit in self.units():
             key = self.due_tick(unit, now, interval_s)
-            if key is not None and self.runlog.claim(f"unit:{unit.name}@{key}", self.owner):
+            token = self._acquire(unit, key, now) if key is not None else None
+            if token is not None and key is not None:
+                try:
+                    if not self.runlog.claim(f"unit:{unit.name}@{key}", self.owner):
+                        continue
+                    for name in unit.jobs:
 
-                def fire(d: dict[str, Any], key: str = key) -> None:
-                    d["last_tick"] = key
-                    d["fired_at"] = now_iso(now)
+                        def reset(d: dict[str, Any], key: str = key) -> None:
+                            d.update(tick=key, status="pending", attempts=0, next_retry_at=None)
 
-                self.update(f"unit:{unit.name}", fire)
-                for name in unit.jobs:
-
-                    def reset(d: dict[str, Any], key: str = key) -> None:
-                        d.update(tick=key, status="pending", attempts=0, next_retry_at=None)
-
-                    self.update(f"job:{name}", reset)
+                        self.update(f"job:{name}", reset)
+                    fired += self._pass(unit, key, now)
+                finally:
+                    self._release(unit, token)
+                continue
             tick = self.state(f"unit:{unit.name}").get("last_tick")
-            if tick is not None:
+            if tick is None or not self._needs_pass(unit, str(tick), now):
+                continue
+            token = self._acquire(unit, None, now)
+            if token is None:
+                continue
+            try:
                 fired += self._pass(unit, str(tick), now)
+            finally:
+                self._release(unit, token)
         return fired
 
     def _upstream(self, job: Job, tick: str, now: dt.datetime) -> tuple[str, bool] | None:
