@@ -318,7 +318,9 @@ from sluice.jobs.runlog import open_run_log
 from sluice.types import Text
 
 import time
-table, prefix, pg, wall0 = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+import pathlib
+table, prefix, pg = sys.argv[1], sys.argv[2], sys.argv[3]
+me, other, folder = sys.argv[4], sys.argv[5], pathlib.Path(sys.argv[6])
 register_connection(Connection("pg", kind="postgres", url=pg))
 now = {}
 
@@ -341,8 +343,12 @@ orch = Orchestrator(registry(), open_run_log(pg))
 assert not orch.runlog.degraded
 start = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 for i in range(50):
-    # As cron wakes both hosts for the same minute: tick i starts at wall0 + i * 0.2 s.
-    time.sleep(max(0.0, wall0 + i * 0.2 - time.time()))
+    # As cron wakes both hosts each minute, after the last minute's work: both
+    # processes start tick i together (a file barrier), then race.
+    (folder / f"{me}-{i}").touch()
+    deadline = time.time() + 60
+    while not (folder / f"{other}-{i}").exists() and time.time() < deadline:
+        time.sleep(0.002)
     t = start + dt.timedelta(minutes=i, seconds=5)
     now["t"] = t.isoformat()
     for f in orch.run_due(60, t):
@@ -350,7 +356,7 @@ for i in range(50):
 """
 
 
-def test_two_run_due_processes_on_one_postgres_run_log() -> None:
+def test_two_run_due_processes_on_one_postgres_run_log(tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -358,13 +364,16 @@ def test_two_run_due_processes_on_one_postgres_run_log() -> None:
     prefix = f"p{uuid.uuid4().hex[:6]}_"  # job names unique to this run of the test
     repo = Path(__file__).resolve().parents[2]
     env = {**__import__("os").environ, "PYTHONPATH": str(repo / "src")}
-    import time
-
-    wall0 = str(time.time() + 4.0)  # both processes imported and connected by then
-    args = [sys.executable, "-c", PROCESS_SCRIPT, table, prefix, endpoints.POSTGRES_URL, wall0]
+    args = [sys.executable, "-c", PROCESS_SCRIPT, table, prefix, endpoints.POSTGRES_URL]
     procs = [
-        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
+        subprocess.Popen(
+            [*args, me, other, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for me, other in (("p", "q"), ("q", "p"))
     ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
