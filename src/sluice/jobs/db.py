@@ -8,6 +8,7 @@ Arrow batches of ``batch_rows``. No reader materialises a whole result.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sqlite3
@@ -326,8 +327,20 @@ def adbc_connect(url: str) -> Any:
     with _ADBC_LOCK:
         root = _ADBC_ROOTS.get(url)
         if root is None:
+            if not _ADBC_ROOTS:
+                atexit.register(_close_roots)
             root = _ADBC_ROOTS[url] = adbc.connect(url)
         return root.adbc_clone()
+
+
+def _close_roots() -> None:
+    """Close the kept ADBC connections before the interpreter tears down the
+    driver (closing them from ``__del__`` at exit raises)."""
+    with _ADBC_LOCK:
+        for root in _ADBC_ROOTS.values():
+            with contextlib.suppress(Exception):  # exiting: nothing left to tell
+                root.close()
+        _ADBC_ROOTS.clear()
 
 
 def _mysql(url: str) -> Any:
