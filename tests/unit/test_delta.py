@@ -12,7 +12,7 @@ from sluice.config import load_text
 from sluice.connectors.api import Target
 from sluice.connectors.delta.target import location
 from sluice.connectors.registry import Context, build_target
-from sluice.errors import ConnectorError
+from sluice.errors import ConfigError, ConnectorError
 
 
 def target(path: Path, mode: str = "append", key: str = "", extra: str = "") -> Target:
@@ -81,7 +81,7 @@ def test_a_key_column_the_table_lacks_fails_at_open_naming_it(tmp_path: Path) ->
 
 
 def test_scd2_without_a_key_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConnectorError, match='mode = "scd2" needs'):
+    with pytest.raises(ConfigError, match='mode = "scd2" needs primary_key'):
         target(tmp_path / "x", "scd2")
 
 

@@ -1,5 +1,5 @@
 """Delta Lake (local or S3): a source (each new version once), a table target
-(append / merge, source positions in the Delta commit) and CDC apply."""
+(append / truncate / merge / scd2, source positions in the Delta commit) and CDC apply."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sluice.connectors.delta.spec import (
     DeltaS3Target,
 )
 from sluice.connectors.descriptor import Add, Capabilities, Connector
+from sluice.connectors.sql.mode_rules import mode_rules
 
 
 def _primary_key(target: dict[str, Any]) -> Any:
@@ -51,6 +52,6 @@ CONNECTOR = Connector(
     source="sluice.connectors.delta.source:build_source",
     target="sluice.connectors.delta.target:build_target",
     cdc_target="sluice.connectors.delta.target:DeltaCdcTarget",
-    target_rules=(_merge_needs_key,),
+    target_rules=(_merge_needs_key, mode_rules),
     cdc_rules=(_cdc_needs_key,),
 )

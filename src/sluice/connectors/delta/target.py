@@ -3,9 +3,11 @@
 **Plain targets** (:class:`DeltaTarget`): ``append`` adds each batch as one
 commit (``write_deltalake``; a column the table lacks is added);
 ``merge`` runs one ``MERGE`` per batch on ``[target.table] primary_key`` (the
-last row of a key in a batch wins). A missing table is created by the first
-batch, partitioned by ``partition_by``. Every flush is one Delta commit:
-durable when it returns.
+last row of a key in a batch wins); ``truncate`` overwrites the table in one
+commit (readers see the old version until then); ``scd2`` applies the rules
+of :mod:`sluice.connectors.sql.modes` in one ``MERGE`` (:meth:`DeltaTarget._scd2`).
+A missing table is created by the first batch, partitioned by
+``partition_by``. Every flush is one Delta commit: durable when it returns.
 
 **CDC** (:class:`DeltaCdcTarget`) applies a change table
 (:mod:`sluice.connectors.cdc_apply` has the rules) with one ``MERGE`` per
@@ -74,7 +76,7 @@ try:
     import deltalake
     from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
     from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
-    from deltalake.schema import PrimitiveType
+    from deltalake.schema import Field, PrimitiveType
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
     raise ModuleNotFoundError("deltalake", name="deltalake") from exc
 
@@ -487,6 +489,11 @@ class DeltaTarget:
                 storage_options=self.options,
             )
             table = DeltaTable(self.uri, storage_options=self.options)
+        have = set(_arrow_schema(table).names)
+        new = [data.schema.field(n) for n in names if n not in have]
+        if new:  # a column the table lacks: added first (nullable; the MERGE fills it)
+            table.alter.add_columns([Field.from_arrow(f) for f in new])
+            table = DeltaTable(self.uri, storage_options=self.options)
         changed = self._changed(table, data, compare)
         marks = [f"_sluice_mk_{i}" for i in range(len(self.key))]
         keyed = data.append_column("valid_from", valid_from).append_column(
@@ -503,13 +510,13 @@ class DeltaTarget:
         on = " AND ".join(
             f"t.{_quote(k)} = s.{_quote(m)}" for k, m in zip(self.key, marks, strict=True)
         )
-        texts = ", ".join(f"coalesce(cast(s.{_quote(c)} as string), '\\N')" for c in compare)
+        parts = modes.hash_parts(compare, lambda c: f"cast(s.{_quote(c)} as string)")
         insert = {c: f"s.{_quote(c)}" for c in names}
         insert |= {
             "valid_from": "s.valid_from",
             "valid_to": "NULL",
             "is_current": "true",
-            "row_hash": f"md5(concat_ws(chr(31), {texts}))" if compare else "md5('')",
+            "row_hash": f"md5(concat_ws(chr(31), {', '.join(parts)}))" if parts else "md5('')",
         }
         merger = (
             table.merge(

@@ -205,9 +205,7 @@ class DuckDBTarget:
         conn = self._tx()
         schema = conn.sql(f"SELECT * FROM ({select_sql}) LIMIT 0").arrow().schema
         self.prepare(schema, create=create)
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE _sluice_stage AS SELECT * FROM ({select_sql})")
-        self._apply("_sluice_stage", schema.names)
-        conn.execute("DROP TABLE _sluice_stage")
+        self._apply(f"({select_sql}) AS _sluice_q", schema.names)
 
     def _scd2(self, last: str, names: list[str]) -> None:
         """Apply ``last`` (the rows, the last of each key) as scd2 versions
@@ -224,8 +222,8 @@ class DuckDBTarget:
             raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
         now = f"TIMESTAMPTZ '{modes.utc_text(self._now)}+00'"
         valid_from = f"CAST(d.{quote(ts)} AS TIMESTAMPTZ)" if ts else now
-        texts = ", ".join(f"CAST(d.{quote(c)} AS VARCHAR)" for c in compare)
-        row_hash = f"md5(to_json([{texts}]))" if compare else "md5('[]')"
+        parts = modes.hash_parts(compare, lambda c: f"CAST(d.{quote(c)} AS VARCHAR)")
+        row_hash = f"md5(concat_ws(chr(31), {', '.join(parts)}))" if parts else "md5('')"
         conn.execute(
             f"CREATE OR REPLACE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "
             f"{row_hash} AS row_hash FROM ({last}) AS d"

@@ -744,7 +744,10 @@ class MySQLTarget:
             raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
         now = f"TIMESTAMP '{modes.utc_text(self._now)}'"
         valid_from = f"CAST(d.{_q(ts)} AS DATETIME(6))" if ts else now
-        row_hash = "MD5(JSON_ARRAY(" + ", ".join(f"CAST(d.{_q(c)} AS CHAR)" for c in compare) + "))"
+        # CONCAT (|| is OR here) is null when the value is; CONCAT_WS skips it.
+        parts = [f"CONCAT({modes.label(c)}, CAST(d.{_q(c)} AS CHAR))" for c in compare]
+        sep = "CHAR(31 USING utf8mb4)"
+        row_hash = f"MD5(CONCAT_WS({sep}, {', '.join(parts)}))" if parts else "MD5('')"
         cols = ", ".join(_q(n) for n in names)
         key = ", ".join(_q(k) for k in self._key)
         self._query(f"DROP TEMPORARY TABLE IF EXISTS {rows}")

@@ -1,4 +1,4 @@
-"""PostgreSQL: a COPY target (append / merge), CDC apply, lookups, dead letters."""
+"""PostgreSQL: a COPY target (append / truncate / merge / scd2), CDC apply, lookups, dead letters."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from sluice.connectors.descriptor import Capabilities, Connector, DeadLetters, url_rule
 from sluice.connectors.postgres.spec import PostgresLookup, PostgresTarget
+from sluice.connectors.sql.mode_rules import mode_rules
 
 _URL = url_rule("url", ("postgres://", "postgresql://"))
 
@@ -43,6 +44,6 @@ CONNECTOR = Connector(
         sink="sluice.connectors.postgres.dlq:build_sink",
         default=_default_dead_letters,
     ),
-    target_rules=(_URL,),
+    target_rules=(_URL, mode_rules),
     lookup_rules=(_URL,),
 )

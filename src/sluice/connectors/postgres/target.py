@@ -8,11 +8,15 @@ C++ straight from the Arrow buffers) inside one transaction that
   of its table column's type (``integer`` -> int32, ``timestamptz`` ->
   timestamp[us, UTC], ...): ingest straight into the table.
 * **staged**: otherwise (``jsonb``, ``numeric``, enums, a value Arrow cannot
-  cast, or ``merge`` mode) ingest into a temporary table and run one
+  cast, or ``merge`` / ``scd2`` mode) ingest into a temporary table and run one
   ``INSERT ... SELECT col::type`` so Postgres does the conversion and names
   the offending value on error. ``merge`` adds ``DISTINCT ON (key)`` (last
   row of the batch wins) and ``ON CONFLICT (key) DO UPDATE`` (all-key tables:
-  ``DO NOTHING``).
+  ``DO NOTHING``); ``scd2`` runs the statements of
+  :mod:`sluice.connectors.sql.modes` from it.
+
+``truncate`` deletes the old rows at the first write of a transaction (a
+flush, or a whole load), so readers see the old table until the commit.
 
 A missing table is created from the batch schema (with the configured
 primary key); a column the table lacks is added. A nested column (list,
@@ -301,12 +305,8 @@ class PostgresTarget:
                 cur.execute(f"SELECT * FROM ({select_sql}) AS _sluice_q LIMIT 0")
                 schema = cur.fetch_arrow_table().schema
             self.prepare(schema, create=create)
-            self._execute(f"DROP TABLE IF EXISTS pg_temp.{self._stage}")
-            self._execute(
-                f"CREATE TEMP TABLE {self._stage} AS SELECT *, row_number() OVER () AS {_q(_SEQ)} "
-                f"FROM ({select_sql}) AS _sluice_q"
-            )
-            self._apply(schema.names)
+            # Straight from the query (a query's row order is its own: no sequence).
+            self._apply(schema.names, f"({select_sql}) AS _sluice_q", ordered=False)
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
 
@@ -338,15 +338,17 @@ class PostgresTarget:
         data = data.append_column(_SEQ, pa.array(range(data.num_rows), pa.int64()))
         with self._require().cursor() as cur:
             cur.adbc_ingest(self._stage.strip('"'), data, mode="replace", temporary=True)
-        self._apply(data.column_names[:-1])
+        self._apply(data.column_names[:-1], self._stage, ordered=True)
 
-    def _apply(self, names: list[str]) -> None:
-        """Write the rows of the stage table (columns ``names`` and the sequence) in the mode."""
+    def _apply(self, names: list[str], source: str, *, ordered: bool) -> None:
+        """Write the rows of ``source`` (a relation with columns ``names``, and
+        the sequence when ``ordered``: the last row of a key wins) in the mode."""
         assert self._columns is not None
         cols = ", ".join(_q(n) for n in names)
         select = ", ".join(f"{_q(n)}::{self._columns[n]}" for n in names)
         key = ", ".join(_q(k) for k in self._key)
-        last = f"SELECT DISTINCT ON ({key}) {select} FROM {self._stage} ORDER BY {key}, {_q(_SEQ)} DESC"
+        order = f"{key}, {_q(_SEQ)} DESC" if ordered else key
+        last = f"SELECT DISTINCT ON ({key}) {select} FROM {source} ORDER BY {order}"
         if self.spec.mode == "merge":
             others = [n for n in names if n not in self._key]
             action = (
@@ -361,7 +363,7 @@ class PostgresTarget:
             self._scd2(names, last)
         else:
             self._rows += self._execute(
-                f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {self._stage}"
+                f"INSERT INTO {self._ident} ({cols}) SELECT {select} FROM {source}"
             )
 
     def _scd2(self, names: list[str], last: str) -> None:
@@ -378,9 +380,8 @@ class PostgresTarget:
         if ts is not None and ts not in names:
             raise ConnectorError(f"{self.id}: event_timestamp_column {ts!r} is not in the rows")
         valid_from = f"d.{_q(ts)}::timestamptz" if ts else now
-        row_hash = (
-            "md5(json_build_array(" + ", ".join(f"d.{_q(c)}::text" for c in compare) + ")::text)"
-        )
+        parts = modes.hash_parts(compare, lambda c: f"d.{_q(c)}::text")
+        row_hash = f"md5(concat_ws(chr(31){''.join(', ' + p for p in parts)}))"
         self._execute(f"DROP TABLE IF EXISTS pg_temp.{rows}")
         self._execute(
             f"CREATE TEMP TABLE {rows} AS SELECT d.*, {valid_from} AS valid_from, "
@@ -415,6 +416,12 @@ class PostgresTarget:
                 defs.append(f"PRIMARY KEY ({', '.join(_q(k) for k in self._key)})")
             self._execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
             self._execute(f"CREATE TABLE IF NOT EXISTS {self._ident} ({', '.join(defs)})")
+            if self.spec.mode == "scd2":  # the statements find current versions by key
+                keys = ", ".join(_q(k) for k in self._key)
+                self._execute(
+                    f"CREATE INDEX IF NOT EXISTS {_q(self.table + '_current')} "
+                    f"ON {self._ident} ({keys}) WHERE is_current"
+                )
             self._reflect()
             return
         added = False

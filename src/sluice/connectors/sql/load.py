@@ -33,7 +33,8 @@ transaction that inserts the new ones, so a reader sees the old table until
 the commit and the new one after, never an empty one (Delta: one overwrite
 commit). The table is created, or its new columns added, from ``schema``
 when the load opens (MySQL commits DDL implicitly, so it happens before any
-row is written).
+row is written); a later batch's new columns are added too (``create``), or
+refused (``create=False``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class Loadable(Protocol):
 
 
 def _target(connection: Connection, spec: LoadSpec) -> Loadable:
+    import msgspec
+
     from sluice.config.load import load_data
     from sluice.connectors import registry
 
@@ -96,7 +99,14 @@ def _target(connection: Connection, spec: LoadSpec) -> Loadable:
         table["schema"] = schema
     if spec.primary_key:
         table["primary_key"] = list(spec.primary_key)
-    target: dict[str, Any] = {**connection.table(), "table": table, "mode": spec.mode}
+    # Only the keys a [target] of the kind takes (a postgres connection may
+    # carry state-store keys, a lookup's ...).
+    (kind_spec,) = [
+        t for t in registry.specs("target") if t.__struct_config__.tag == connection.kind
+    ]
+    allowed = {f.encode_name for f in msgspec.structs.fields(kind_spec)}
+    keys = {k: v for k, v in connection.keys.items() if k in allowed}
+    target: dict[str, Any] = {**keys, "kind": connection.kind, "table": table, "mode": spec.mode}
     if connection.kind.startswith("delta"):
         # Delta: the table is a folder under the connection's path / prefix.
         target["table"] = {k: v for k, v in table.items() if k == "primary_key"}
@@ -127,8 +137,10 @@ def _target(connection: Connection, spec: LoadSpec) -> Loadable:
 class Load:
     """One unit of writes to one table; see the module docstring."""
 
-    def __init__(self, target: Loadable) -> None:
+    def __init__(self, target: Loadable, spec: LoadSpec, schema: pa.Schema) -> None:
         self._target = target
+        self._spec = spec
+        self._names = set(schema.names)
         self._done = False
 
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
@@ -136,6 +148,13 @@ class Load:
         if self._done:
             raise ConnectorError(f"{self._target.id}: the load is already committed or aborted")
         data = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        extra = [n for n in data.column_names if n not in self._names]
+        if extra and not self._spec.create:
+            self.abort()
+            raise ConnectorError(
+                f"{self._target.id}: the batch has column(s) {extra} the load was not opened "
+                "with, and it may not add them (create = false)"
+            )
         try:
             self._target.write(data)
         except BaseException:
@@ -188,7 +207,7 @@ def open_load(connection: Connection, spec: LoadSpec, schema: pa.Schema) -> Load
     except BaseException:
         target.close()
         raise
-    return Load(target)
+    return Load(target, spec, schema)
 
 
 def insert_select(connection: Connection, spec: LoadSpec, select_sql: str) -> int:
@@ -198,7 +217,7 @@ def insert_select(connection: Connection, spec: LoadSpec, select_sql: str) -> in
     target = _target(connection, spec)
     target.open()
     try:
-        target.insert_select(select_sql, create=spec.create)
+        target.insert_select(select_sql.strip().rstrip(";"), create=spec.create)
         target.flush()
         rows = target.committed_rows()
     finally:

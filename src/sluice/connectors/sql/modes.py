@@ -13,7 +13,7 @@ streaming flush, or one job run (:mod:`sluice.connectors.sql.load`).
 * ``valid_to`` (timestamp, UTC): null while current; else when it was closed;
 * ``is_current`` (boolean);
 * ``row_hash`` (text): md5 of the ``compare_columns`` (default: every non-key
-  data column) as a JSON array of their text forms.
+  data column) as ``name=text`` of each non-null one (:func:`hash_parts`).
 
 A unit's rows (the last row of a key wins) are applied in three statements:
 
@@ -25,7 +25,9 @@ A unit's rows (the last row of a key wins) are applied in three statements:
    inserted as the current version. An unchanged row writes nothing.
 
 The key (``primary_key``) is the business key: several versions share it,
-so the table has no primary key constraint.
+so the table has no primary key constraint. Rows are taken to come in event-time order
+per key: a row whose ``valid_from`` is older than its key's current version
+still closes it and becomes the current one.
 """
 
 from __future__ import annotations
@@ -153,6 +155,23 @@ class Scd2:
             f"WHERE NOT EXISTS (SELECT 1 FROM {self.target} t WHERE {self._key_match('t', 's')} "
             f"AND t.{q('is_current')})"
         )
+
+
+def hash_parts(compare: Sequence[str], text: Callable[[str], str]) -> list[str]:
+    """The SQL parts ``'name=' || <text of name>`` of ``row_hash`` (``text(c)``:
+    the dialect's expression for a column's text, null when it is null), to
+    be joined by the dialect's null-skipping ``concat_ws(chr(31), ...)``.
+
+    ``row_hash`` is the md5 of ``name=value`` for each compare column that is
+    not null, joined by U+001F: a null column and a missing one hash alike,
+    so adding a column changes no hash until it holds values.
+    """
+    return [f"{label(c)} || {text(c)}" for c in compare]
+
+
+def label(column: str) -> str:
+    """The SQL string literal ``'column='``."""
+    return "'" + column.replace("'", "''") + "='"
 
 
 def utc_text(at: datetime) -> str:

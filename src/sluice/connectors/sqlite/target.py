@@ -77,8 +77,10 @@ def _sqlite_columns(table: pa.Table) -> list[list[Any]]:
 _STAGE = quote("_sluice_stage")
 
 
-def _md5(text: str | None) -> str | None:
-    return None if text is None else hashlib.md5(text.encode()).hexdigest()
+def _md5(*parts: str | None) -> str:
+    """md5 of the non-null ``parts`` joined by U+001F (SQLite has no md5 nor,
+    before 3.44, concat_ws): :func:`sluice.connectors.sql.modes.hash_parts`."""
+    return hashlib.md5("\x1f".join(p for p in parts if p is not None).encode()).hexdigest()
 
 
 def _arrow_of(declared: str) -> pa.DataType:
@@ -123,7 +125,7 @@ class SQLiteTarget:
     def open(self) -> None:
         """Open the database file (created when missing) and reflect the table."""
         conn = connect(self.spec.path, isolation_level="DEFERRED")
-        conn.create_function("sluice_md5", 1, _md5, deterministic=True)
+        conn.create_function("sluice_md5", -1, _md5, deterministic=True)
         self._conn = conn
         info = conn.execute(f"PRAGMA table_info({quote(self.table)})").fetchall()
         self._columns = [r[1] for r in info] or None
@@ -214,6 +216,12 @@ class SQLiteTarget:
             if self._key and self.spec.mode != "scd2":  # scd2: several versions per key
                 defs.append(f"PRIMARY KEY ({', '.join(quote(k) for k in self._key)})")
             conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(self.table)} ({', '.join(defs)})")
+            if self.spec.mode == "scd2":  # the statements find current versions by key
+                keys = ", ".join(quote(k) for k in self._key)
+                conn.execute(
+                    f"CREATE INDEX IF NOT EXISTS {quote(self.table + '_current')} "
+                    f"ON {quote(self.table)} ({keys}) WHERE is_current"
+                )
             self._columns = list(schema.names)
         for f in schema:
             if f.name not in self._columns:
@@ -245,27 +253,31 @@ class SQLiteTarget:
         """Write the rows of ``select_sql`` (run here) in the mode, inside the
         open transaction: they never leave the database."""
         conn = self._require()
+        staged = self.spec.mode in ("merge", "scd2")  # the stage keys "last row wins" by rowid
         conn.execute(f"DROP TABLE IF EXISTS temp.{_STAGE}")
-        conn.execute(f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM ({select_sql})")
+        conn.execute(
+            f"CREATE TEMP TABLE {_STAGE} AS SELECT * FROM ({select_sql})"
+            + ("" if staged else " LIMIT 0")  # else only its column types
+        )
         info = conn.execute(f"PRAGMA temp.table_info({_STAGE})").fetchall()
         schema = pa.schema([pa.field(str(r[1]), _arrow_of(str(r[2]))) for r in info])
         self.prepare(schema, create=create)
         names = schema.names
         cols = ", ".join(quote(n) for n in names)
+        if not staged:
+            self._rows += conn.execute(
+                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM ({select_sql})"
+            ).rowcount
+            return
         if self.spec.mode == "scd2":
             self._scd2(names)
             return
-        if self.spec.mode == "merge":
-            keys = ", ".join(quote(k) for k in self._key)
-            last = f"rowid IN (SELECT max(rowid) FROM {_STAGE} GROUP BY {keys})"
-            self._rows += conn.execute(
-                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE} "
-                f"WHERE {last}{self._upsert(names)}"
-            ).rowcount
-        else:
-            self._rows += conn.execute(
-                f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE}"
-            ).rowcount
+        keys = ", ".join(quote(k) for k in self._key)
+        last = f"rowid IN (SELECT max(rowid) FROM {_STAGE} GROUP BY {keys})"
+        self._rows += conn.execute(
+            f"INSERT INTO {quote(self.table)} ({cols}) SELECT {cols} FROM {_STAGE} "
+            f"WHERE {last}{self._upsert(names)}"
+        ).rowcount
 
     def _scd2(self, names: list[str]) -> None:
         """Apply the stage's rows (the last of each key) as scd2 versions
@@ -283,11 +295,8 @@ class SQLiteTarget:
         # Timestamps are ISO text as _sqlite_columns writes them (UTC, "Z").
         now = f"'{modes.utc_text(self._now)}Z'"
         valid_from = f"d.{quote(ts)}" if ts else now
-        row_hash = (
-            "sluice_md5(json_array("
-            + ", ".join(f"CAST(d.{quote(c)} AS TEXT)" for c in compare)
-            + "))"
-        )
+        parts = modes.hash_parts(compare, lambda c: f"CAST(d.{quote(c)} AS TEXT)")
+        row_hash = f"sluice_md5({', '.join(parts)})"
         keys = ", ".join(quote(k) for k in self._key)
         conn.execute(f"DROP TABLE IF EXISTS temp.{rows}")
         conn.execute(
