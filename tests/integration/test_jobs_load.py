@@ -419,3 +419,46 @@ def test_mysql_target_by_arrow_and_by_insert_select() -> None:
         cur.execute(f"DROP TABLE IF EXISTS people_{suffix}, people_copy_{suffix}")
         conn.commit()
         conn.close()
+
+
+def test_fan_out_to_duckdb_and_a_delta_table(tmp_path: Path) -> None:
+    """One read, two targets: a DuckDB table (append) and a Delta table (merge)."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    clear()
+    duck, lake = f"duck_{uuid.uuid4().hex[:8]}", f"lake_{uuid.uuid4().hex[:8]}"
+    register_connection(Connection(duck, kind="duckdb", path=str(tmp_path / "w.duckdb")))
+    register_connection(Connection(lake, kind="delta_local", path=str(tmp_path / "lake")))
+    feed: dict[str, Any] = {}
+
+    @sluice.table(name="events_log")
+    class EventsLog:
+        id: BigInt
+        name: Text | None
+
+    @sluice.table(schema="archive", name="events")
+    class Archive:
+        id: Annotated[BigInt, sluice.pk()]
+        name: Annotated[Text | None, lower()]
+
+    @sluice.job(
+        name="fan_delta",
+        targets=[sluice.target(EventsLog), sluice.target(Archive, mode="merge")],
+        target_connection={"events_log": duck, "events": lake},
+    )
+    def fan_delta() -> Any:
+        yield pa.record_batch({"id": feed["ids"], "name": feed["names"]})
+
+    orch = Orchestrator(registry(), open_run_log("memory://"))
+    for ids, names in (([1, 2], ["A", "B"]), ([2, 3], ["B2", "C"])):
+        feed.update(ids=ids, names=names)
+        assert [(f.status, f.rows) for f in orch.run_now("fan_delta")] == [("success", 2)]
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as c:
+        assert c.execute("SELECT count(*) FROM events_log").fetchone() == (4,)
+    got = DeltaTable(str(tmp_path / "lake" / "archive" / "events")).to_pyarrow_table()
+    assert sorted(zip(got["id"].to_pylist(), got["name"].to_pylist(), strict=True)) == [
+        (1, "a"),
+        (2, "b2"),
+        (3, "c"),
+    ]

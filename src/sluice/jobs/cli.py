@@ -151,7 +151,7 @@ def cmd_runs_list(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     """What would run now and with what SQL; writes nothing."""
     from sluice.jobs import run as runner
-    from sluice.jobs.db import Database
+    from sluice.jobs.load import target_database
 
     orch = _orchestrator(args, writes=False)
     now = _now(args)
@@ -164,15 +164,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
         job = jobs[n]
         st = orch.state(f"job:{n}")
         src = runner.source_db(job)
-        targets = ", ".join(
-            f"{t.table.name} ({t.mode}) on {Database.of(t.connection).name if t.connection else src.name}"
-            for t in job.targets
-        )
-        fast = (
-            len(job.targets) == 1
-            and job.targets[0].connection is not None
-            and Database.of(job.targets[0].connection).identity == src.identity
-        )
+        targets = ", ".join(f"{t.table.name} ({t.mode}) on {t.connection}" for t in job.targets)
+        tdb = target_database(job.targets[0])
+        fast = len(job.targets) == 1 and tdb is not None and tdb.identity == src.identity
         print(f"{n}: {'due now' if n in due else 'not due'}; -> {targets}")
         if _is_sql(job):
             conn = src.connect()

@@ -62,7 +62,7 @@ def _spec(t: TargetBinding, job: Job, dialect: str) -> Any:
     table = t.table
     name = (
         f"{table.schema}.{table.name}"
-        if table.schema and dialect in {"postgres", "duckdb"}
+        if table.schema and dialect in {"postgres", "duckdb", "delta"}
         else table.name
     )
     return LoadSpec(
@@ -80,6 +80,33 @@ def _connection(db: Database, t: TargetBinding) -> Connection:
 
     conn = t.connection
     return conn if isinstance(conn, Connection) else resolve(str(conn or db.name))
+
+
+#: Connection kinds a job writes through the loads alone (no SQL of ours).
+DELTA_KINDS = ("delta_local", "delta_s3")
+
+
+def resolve_target(t: TargetBinding) -> Connection:
+    """The connection ``t`` names."""
+    from sluice.api.connections import resolve
+
+    conn = t.connection
+    return conn if isinstance(conn, Connection) else resolve(str(conn))
+
+
+def target_database(t: TargetBinding) -> Database | None:
+    """The SQL database ``t`` writes to, or None for a Delta table."""
+    conn = resolve_target(t)
+    return None if conn.kind in DELTA_KINDS else Database.of(conn)
+
+
+def open_delta(t: TargetBinding, job: Job) -> Load:
+    """A load into the Delta table ``t`` names (folder ``schema/name`` under
+    the connection's path or prefix), in the job's mode."""
+    from sluice.connectors.sql.load import open_load
+
+    load: Load = open_load(resolve_target(t), _spec(t, job, "delta"), t.table.arrow_schema)
+    return load
 
 
 def open_target(db: Database, t: TargetBinding, job: Job) -> Load:

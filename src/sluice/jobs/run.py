@@ -96,9 +96,11 @@ def run(job: Job, watermark: str | None) -> Outcome:
         produced = body(job, conn)
         if isinstance(produced, str):
             sql = render(job, produced, watermark, src.dialect)
+            from sluice.jobs.load import target_database
+
             only = job.targets[0]
-            tdb = Database.of(only.connection) if only.connection else src
-            if len(job.targets) == 1 and tdb.identity == src.identity:
+            tdb = target_database(only)
+            if len(job.targets) == 1 and tdb is not None and tdb.identity == src.identity:
                 return _insert_select(job, only, tdb, sql)
             return _arrow(job, src.stream(sql), watermark, sql)
         return _arrow(job, iter(produced), watermark, None)
@@ -127,14 +129,14 @@ def _wm_text(v: Any) -> str | None:
 
 
 def _arrow(job: Job, batches: Iterator[Any], watermark: str | None, sql: str | None) -> Outcome:
-    from sluice.jobs.load import open_target
+    from sluice.jobs.load import open_delta, open_target, target_database
 
-    dbs = [Database.of(t.connection) if t.connection else source_db(job) for t in job.targets]
+    dbs = [target_database(t) for t in job.targets]
     loads = []
     out = Outcome(path="arrow", sql=sql)
     try:
         for t, db in zip(job.targets, dbs, strict=True):
-            loads.append(open_target(db, t, job))
+            loads.append(open_target(db, t, job) if db is not None else open_delta(t, job))
         wm: Any = None
         for batch in batches:
             if isinstance(batch, pa.Table):
