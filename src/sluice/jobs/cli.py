@@ -63,7 +63,9 @@ def _now(args: argparse.Namespace) -> dt.datetime:
 
 def _orchestrator(args: argparse.Namespace, *, writes: bool = True) -> Orchestrator:
     load(args.module)
-    if getattr(args, "no_run_log", False):
+    env_url = os.environ.get("SLUICE_RUN_LOG_URL")
+    if getattr(args, "no_run_log", False) or (not args.run_log and env_url == ""):
+        # --no-run-log, or SLUICE_RUN_LOG_URL set empty: no history, on purpose.
         rl: Any = MemoryRunLog()
     else:
         rl = open_run_log(args.run_log or os.environ.get("SLUICE_RUN_LOG_URL") or DEFAULT_URL)

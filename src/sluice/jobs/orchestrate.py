@@ -489,13 +489,12 @@ class Orchestrator:
                     )
                 ]
             )
+        # The run is recorded under a manual tick; the job's scheduled state
+        # (its tick) stays, so a manual success also lets a waiting downstream
+        # of the current tick go on.
         tick = f"manual {now_iso(now)} {uuid.uuid4().hex[:8]}"
         out = []
         for n in names:
-            self.update(
-                f"job:{n}",
-                lambda d: d.update(tick=tick, status="pending", attempts=0, next_retry_at=None),
-            )
             out.append(self._execute(jobs[n], tick, 1, now))
             if out[-1].status != "success":
                 break

@@ -90,11 +90,14 @@ def body(job: Job, conn: Any) -> str | Iterable[pa.RecordBatch]:
 
 def run(job: Job, watermark: str | None) -> Outcome:
     """Run ``job`` once; raises :class:`JobError` (or the body's error) on failure."""
-    src = source_db(job)
-    conn = src.connect()
+    # A body that takes no connection (it yields batches from elsewhere) opens none.
+    src = source_db(job) if takes_connection(job.func) or job.source_connection else None
+    conn = src.connect() if src is not None else None
     try:
         produced = body(job, conn)
         if isinstance(produced, str):
+            if src is None:
+                src = source_db(job)
             sql = render(job, produced, watermark, src.dialect)
             from sluice.jobs.load import target_database
 
@@ -105,7 +108,8 @@ def run(job: Job, watermark: str | None) -> Outcome:
             return _arrow(job, src.stream(sql), watermark, sql)
         return _arrow(job, iter(produced), watermark, None)
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def _wm_of(job: Job, batch: pa.RecordBatch, current: Any) -> Any:
