@@ -7,6 +7,8 @@ typed connections (:func:`run_streaming_pipeline`, ``@sluice.connection``,
 ``@sluice.streaming_pipeline``; see :mod:`sluice.api`).
 """
 
+import sys as _sys
+
 from sluice.api import *  # noqa: F403  (the typed API, listed in sluice.api.__all__)
 from sluice.api import __all__ as _api
 from sluice.config import PipelineSpec, load_file, load_text
@@ -39,3 +41,8 @@ __all__ = [  # noqa: PLE0604
     "udf",
     "workflow",
 ]
+
+# The user guide's modules start ``from ematix_flow import ematix, pk`` and
+# use ``@ematix.job`` / ``@ematix.table``; renamed, ``from sluice import
+# sluice, pk`` gives this package itself under that name.
+sluice = _sys.modules[__name__]

@@ -151,3 +151,64 @@ def test_failures_alert_and_a_bad_query_fails_validate(
 
 def _event(body: dict[str, Any]) -> dict[str, Any]:
     return body.get("event", body)
+
+
+GUIDE_MODULE = """
+from typing import Annotated
+from ematix_flow import ematix, pk
+from ematix_flow.types import BigInt, Text, TimestampTZ
+
+@ematix.table(schema="SCHEMA")
+class Events:
+    event_id: Annotated[BigInt, pk()]
+    name: Text | None
+    received_at: TimestampTZ
+
+@ematix.pipeline(target=Events, schedule="*/5 * * * *", mode="append")
+def ingest_events(conn):
+    return "SELECT event_id, name, received_at FROM SCHEMA.raw_events"
+
+@ematix.job(
+    name="daily_rollups",
+    target=Events,
+    schedule="0 2 * * *",
+    mode="merge",
+    depends_on=["ingest_events"],
+    retry={"max_attempts": 5, "backoff_seconds": 30, "backoff_factor": 2.0},
+)
+def daily_rollups(conn):
+    return "SELECT event_id + 1000 AS event_id, name, received_at FROM SCHEMA.events"
+"""
+
+
+def test_a_module_in_the_user_guides_shape_runs_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide's Surface 1 module, ``ematix`` / ``ematix_flow`` renamed to
+    ``sluice``, no connection named: the target is SLUICE_DSN."""
+    import uuid
+
+    import psycopg
+    from tests import endpoints
+
+    schema = f"guide_{uuid.uuid4().hex[:8]}"
+    text = GUIDE_MODULE.replace("ematix_flow", "sluice").replace("ematix", "sluice")
+    (tmp_path / "my_pipelines.py").write_text(text.replace("SCHEMA", schema))
+    with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+        c.execute(
+            f"CREATE TABLE {schema}.raw_events AS SELECT g::bigint AS event_id, "
+            "'e' || g AS name, now() AS received_at FROM generate_series(1, 50) g"
+        )
+    monkeypatch.setenv("SLUICE_DSN", endpoints.POSTGRES_URL)
+    try:
+        log = f"sqlite://{tmp_path}/run_log.db"
+        r = flow(tmp_path, "run", "--module", "my_pipelines", "--run-log", log, "ingest_events")
+        assert r.returncode == 0 and "path=insert_select" in r.stdout, r.stderr
+        r = flow(tmp_path, "run", "--module", "my_pipelines", "--run-log", log, "daily_rollups")
+        assert r.returncode == 0 and "rows=50" in r.stdout, r.stderr
+        with psycopg.connect(endpoints.POSTGRES_URL) as c:
+            assert c.execute(f"SELECT count(*) FROM {schema}.events").fetchone() == (100,)
+    finally:
+        with psycopg.connect(endpoints.POSTGRES_URL, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
