@@ -476,3 +476,40 @@ def test_load_scd2_adds_a_new_column(h: TargetHarness) -> None:
     assert load(h, table, spec, wider) == 2  # 1 changes (tier x): closed and inserted
     got = rows(h, table, ["id", "name", "tier", "is_current"])
     assert got == _sorted([(1, "a", None, False), (1, "a", "x", True), (2, "b", None, True)])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "duckdb"])  # a database of the test's own
+def test_a_load_leaves_no_positions_table(kind: str, request: pytest.FixtureRequest) -> None:
+    h: TargetHarness = request.getfixturevalue(f"{kind}_harness")
+    table = h.new_table()
+    load(h, table, LoadSpec(table, "append"), FIRST)
+    path = connection(h, table).keys["path"]
+    if kind == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(path) as lite:
+            names = {r[0] for r in lite.execute("SELECT name FROM sqlite_master").fetchall()}
+    else:
+        import duckdb
+
+        with duckdb.connect(path) as duck:
+            names = {r[0] for r in duck.execute("SHOW TABLES").fetchall()}
+    assert names == {table}
+
+
+def test_mysql_truncate_refuses_a_column_after_it_began(
+    mysql_harness: TargetHarness,
+) -> None:
+    """MySQL commits DDL: a column added mid-truncate would publish the delete."""
+    h = mysql_harness
+    table = h.new_table()
+    spec = LoadSpec(table, "truncate")
+    load(h, table, spec, FIRST)
+    wider = SECOND.append_column("extra", pa.array([1, 2, 3], pa.int64()))
+    with (
+        pytest.raises(ConnectorError, match=r"column\(s\) \['extra'\] appeared after"),
+        open_load(connection(h, table), spec, FIRST.schema) as run,
+    ):
+        run.write(SECOND)
+        run.write(wider)
+    assert rows(h, table, ["id", "name"]) == [(1, "a"), (2, "b")]

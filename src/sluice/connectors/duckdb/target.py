@@ -48,6 +48,8 @@ class DuckDBTarget:
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
         self._committed = 0  # rows the last flush committed
+        #: Whether open() creates the positions table (a batch load keeps no positions).
+        self.positions_table = True
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -80,7 +82,8 @@ class DuckDBTarget:
         if self._columns is not None:
             require_key(self.id, self.spec.mode, self._key, creating=False)
         self._conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
-        self._ledger.create(self._run)
+        if self.positions_table:
+            self._ledger.create(self._run)
 
     def close(self) -> None:
         """Close; an uncommitted batch is rolled back."""

@@ -444,6 +444,8 @@ class MySQLTarget:
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
         self._committed = 0  # rows the last flush committed
+        #: Whether open() creates the positions table (a batch load keeps no positions).
+        self.positions_table = True
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -468,7 +470,8 @@ class MySQLTarget:
                 "SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s", (self.schema,)
             ):
                 self._query(f"CREATE DATABASE IF NOT EXISTS {_q(self.schema)}")
-            self._ledger.create(self._query)
+            if self.positions_table:
+                self._ledger.create(self._query)
             self._conn.commit()
         except pymysql.Error as exc:
             self.close()
@@ -595,6 +598,13 @@ class MySQLTarget:
                     f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
                 )
             schema = modes.with_scd2(schema)
+        if not self._fresh and self.spec.mode in ("truncate", "scd2") and self._columns is not None:
+            added = [f.name for f in schema if f.name.lower() not in self._columns]
+            if added:  # DDL would commit the rows deleted / closed so far
+                raise ConnectorError(
+                    f"{self.id}: column(s) {added} appeared after the {self.spec.mode} unit "
+                    "began; MySQL commits DDL, so they must be in the schema it opens with"
+                )
         self._ensure_table(schema)
         if self._fresh:
             self._fresh = False

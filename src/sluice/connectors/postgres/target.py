@@ -155,6 +155,8 @@ class PostgresTarget:
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
         self._committed = 0  # rows the last flush committed
+        #: Whether open() creates the positions table (a batch load keeps no positions).
+        self.positions_table = True
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -172,7 +174,8 @@ class PostgresTarget:
             self._query("SELECT pg_advisory_xact_lock(hashtext($1))", (self._ident,))
             if not self._query("SELECT 1 FROM pg_namespace WHERE nspname = $1", (self.schema,)):
                 self._execute(f"CREATE SCHEMA IF NOT EXISTS {_q(self.schema)}")
-            self._ledger.create(self._query)
+            if self.positions_table:
+                self._ledger.create(self._query)
             self._conn.commit()
         except adbc_driver_manager.Error as exc:
             self.close()

@@ -34,7 +34,8 @@ the commit and the new one after, never an empty one (Delta: one overwrite
 commit). The table is created, or its new columns added, from ``schema``
 when the load opens (MySQL commits DDL implicitly, so it happens before any
 row is written); a later batch's new columns are added too (``create``), or
-refused (``create=False``).
+refused (``create=False``). A Delta load keeps its batches in memory until the commit (one
+Delta commit); the SQL ones write each batch into the open transaction.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def _target(connection: Connection, spec: LoadSpec) -> Loadable:
     )
     (target_spec,) = pipeline.all_targets
     built: Loadable = registry.build_target(target_spec, registry.Context(pipeline), 0)  # type: ignore[assignment]
+    if hasattr(built, "positions_table"):
+        built.positions_table = False  # a load records no source positions
     return built
 
 

@@ -112,6 +112,8 @@ class SQLiteTarget:
         self._fresh = True  # no row of the open transaction (unit) written yet
         self._rows = 0  # rows written or changed by the open transaction
         self._committed = 0  # rows the last flush committed
+        #: Whether open() creates the positions table (a batch load keeps no positions).
+        self.positions_table = True
         self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
@@ -133,7 +135,8 @@ class SQLiteTarget:
             self._key = [r[1] for r in sorted(info, key=lambda r: r[5]) if r[5] > 0]
         if self._columns is not None:
             require_key(self.id, self.spec.mode, self._key, creating=False)
-        self._ledger.create(self._run)
+        if self.positions_table:
+            self._ledger.create(self._run)
         conn.commit()
 
     def close(self) -> None:
