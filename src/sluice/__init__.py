@@ -7,6 +7,8 @@ typed connections (:func:`run_streaming_pipeline`, ``@sluice.connection``,
 ``@sluice.streaming_pipeline``; see :mod:`sluice.api`).
 """
 
+import sys as _sys
+
 from sluice.api import *  # noqa: F403  (the typed API, listed in sluice.api.__all__)
 from sluice.api import __all__ as _api
 from sluice.config import PipelineSpec, load_file, load_text
@@ -14,20 +16,33 @@ from sluice.engine.consume import run_pipeline
 from sluice.engine.plan import Plan, build_plan
 from sluice.errors import ConfigError, SluiceError
 from sluice.functions import udaf, udf
+from sluice.jobs import ManagedTable, job, pipeline, pk, table, target, workflow
 
 __version__ = "0.1.0"
 
 __all__ = [  # noqa: PLE0604
     *_api,
     "ConfigError",
+    "ManagedTable",
     "PipelineSpec",
     "Plan",
     "SluiceError",
     "__version__",
     "build_plan",
+    "job",
     "load_file",
     "load_text",
+    "pipeline",
+    "pk",
     "run_pipeline",
+    "table",
+    "target",
     "udaf",
     "udf",
+    "workflow",
 ]
+
+# The user guide's modules start ``from ematix_flow import ematix, pk`` and
+# use ``@ematix.job`` / ``@ematix.table``; renamed, ``from sluice import
+# sluice, pk`` gives this package itself under that name.
+sluice = _sys.modules[__name__]

@@ -1,4 +1,5 @@
-"""The ``flow`` command: validate, plan, schema, consume, init, doctor.
+"""The ``flow`` command: validate, plan, schema, consume, init, doctor, and the
+batch-job commands run-due, run, status, runs, preview (:mod:`sluice.jobs.cli`).
 
 Exit codes: 0 success; 1 a runtime failure; 2 an invalid configuration or
 usage (a bad flag, a port that cannot be served). Problems go to stderr, one
@@ -99,6 +100,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    if args.module:
+        from sluice.jobs.cli import cmd_validate
+
+        return cmd_validate(args)
+    if not args.files:
+        raise UsageError("give pipeline files, or --module M [JOB ...] for batch jobs")
     status = EXIT_OK
     for path in args.files:
         try:
@@ -456,8 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("validate", help="check pipeline files; exit 2 listing every problem")
-    p.add_argument("files", nargs="+", metavar="FILE", help="pipeline files")
+    p = sub.add_parser(
+        "validate",
+        help="check pipeline files (or, with --module, EXPLAIN batch jobs); exit 2 on a problem",
+    )
+    p.add_argument(
+        "files", nargs="*", metavar="FILE", help="pipeline files (job names with --module)"
+    )
+    p.add_argument("--module", metavar="M", help="validate these batch jobs with EXPLAIN")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing for valid files")
     p.set_defaults(func=_cmd_validate)
 
@@ -470,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_schema)
 
     _add_consume(sub)
+
+    from sluice.jobs.cli import add_commands
+
+    add_commands(sub, _seconds)
 
     p = sub.add_parser("init", help="write a starter pipeline for a source and a target")
     p.add_argument("--source", choices=SOURCES, default="files", help="source kind (default files)")
