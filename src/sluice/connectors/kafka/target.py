@@ -51,9 +51,9 @@ class KafkaTarget:
         self._pending: list[pa.Table] = []
         self._encoder: AvroEncoder | ProtobufEncoder | None = None
 
-    def open(self) -> None:
-        """Create the producer (connections are made on first send)."""
-        from sluice.connectors.kafka.source import client_config, registry_settings
+    def _config(self) -> dict[str, Any]:
+        """The producer's librdkafka properties."""
+        from sluice.connectors.kafka.source import client_config
 
         conf = client_config(self.spec)
         conf.update(
@@ -67,7 +67,13 @@ class KafkaTarget:
             }
         )
         conf.update(self.spec.librdkafka)
-        self._producer = ck.Producer(conf, logger=log)
+        return conf
+
+    def open(self) -> None:
+        """Create the producer (connections are made on first send)."""
+        from sluice.connectors.kafka.source import registry_settings
+
+        self._producer = ck.Producer(self._config(), logger=log)
         self._pending = []
         fmt = self.spec.payload_format
         if fmt in ("avro", "protobuf") and self._encoder is None:
@@ -163,5 +169,9 @@ class KafkaTarget:
 
 
 def build_target(spec: KafkaTargetSpec, ctx: Context, index: int) -> KafkaTarget:
-    """Registry hook."""
+    """Registry hook: with ``delivery = "exactly_once"`` the transactional target."""
+    if ctx.pipeline.delivery == "exactly_once":
+        from sluice.connectors.kafka.transactions import TransactionalKafkaTarget
+
+        return TransactionalKafkaTarget(spec, ctx, index)
     return KafkaTarget(spec, ctx, index)

@@ -1,0 +1,213 @@
+"""Exactly-once Kafka → Kafka (``delivery = "exactly_once"``) through real
+``flow consume`` processes, against the test broker (tansu).
+
+tansu writes commit and abort markers and fences a transactional.id's older
+producer, but it does not hide aborted records from ``read_committed``
+consumers (its fetch responses list no aborted transactions; measured on
+tansu 0.6.0, the newest there is here). So "what a read_committed consumer
+sees" is computed from the output log itself (:mod:`tests.integration.kafka_log`:
+every record with the marker that ended its transaction), and a plain
+``read_uncommitted`` consumer shows what the markers hide: the aborted
+duplicates, which proves the check can fail.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import time
+from collections.abc import Callable
+
+import msgspec
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from tests import endpoints
+from tests.integration.conftest import (
+    Flow,
+    events,
+    kill_after_reading,
+    produce,
+    unique,
+    wait_until,
+)
+from tests.integration.kafka_log import ABORT, COMMIT, Record, read_log
+
+pytestmark = pytest.mark.integration
+
+SEED = 15
+KILLS = 10
+
+
+def config(source: str, out: str, pipeline: str, batch_rows: int) -> str:
+    return f"""
+pipeline_name = "{pipeline}"
+source_query = "{source}"
+idle_pause_ms = 100
+delivery = "exactly_once"
+
+[source]
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+session_timeout_ms = 2000
+max_batch_rows = {batch_rows}
+
+[target]
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+topic = "{out}"
+message_key_column = "id"
+"""
+
+
+def group_offsets(group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed (stable) offsets per partition; 0 where none."""
+    c = Consumer(
+        {
+            "bootstrap.servers": endpoints.KAFKA_BOOTSTRAP,
+            "group.id": group,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+    finally:
+        c.close()
+    assert all(tp.error is None for tp in tps), tps
+    return {tp.partition: max(tp.offset, 0) for tp in tps}
+
+
+def ids(records: list[Record]) -> list[int]:
+    return [int(msgspec.json.decode(r.value or b"null")["id"]) for r in records]
+
+
+def committed_view(out: str) -> tuple[list[int], list[Record]]:
+    """The ids a read_committed consumer sees (records of committed
+    transactions, in log order), and every record of the output."""
+    records, _markers = read_log(endpoints.KAFKA_BOOTSTRAP, out)
+    assert all(r.transactional for r in records), "a record written outside a transaction"
+    return ids([r for r in records if r.outcome == COMMIT]), records
+
+
+def read_uncommitted(topic: str, timeout_s: float = 30) -> list[int]:
+    """Every id of ``topic`` (one partition) as a read_uncommitted consumer sees it."""
+    c = Consumer(
+        {
+            "bootstrap.servers": endpoints.KAFKA_BOOTSTRAP,
+            "group.id": unique("uncommitted"),
+            "isolation.level": "read_uncommitted",
+            "enable.partition.eof": True,
+        }
+    )
+    out: list[int] = []
+    try:
+        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = c.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error()
+                return out
+            out.append(int(msgspec.json.decode(msg.value())["id"]))
+    finally:
+        c.close()
+    raise AssertionError(f"reading {topic} took over {timeout_s} s")
+
+
+def settled(check: Callable[[], str | None], timeout_s: float = 10) -> None:
+    """``check`` returns None once it holds (a problem otherwise); a commit
+    the killed process sent just before its death may land a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while (problem := check()) is not None:
+        assert time.monotonic() < deadline, problem
+        time.sleep(0.1)
+
+
+def test_kafka_to_kafka_killed_ten_times_commits_every_record_once(
+    flow: Callable[..., Flow], kafka_topic: Callable[..., str]
+) -> None:
+    """SIGKILL at 10 random points (fixed seed), restart each time. After
+    every kill the group's committed offsets cover exactly the input records
+    the committed transactions hold (each once); after the last run, every
+    input record is in the committed output exactly once, every transaction
+    a kill left open was aborted on restart (its abort marker), and a
+    read_uncommitted consumer sees those aborted duplicates."""
+    n = 20_000
+    source, out = kafka_topic(partitions=2, prefix="eos_src"), kafka_topic(1, prefix="eos_out")
+    where = [(p, o) for p, o, _ in produce(source, events(n)).records]
+    pipeline = unique("eos")
+    text = config(source, out, pipeline, batch_rows=100)
+    rng = random.Random(SEED)
+
+    def offsets_match_output() -> str | None:
+        offsets = group_offsets(pipeline, source, 2)
+        got, _ = committed_view(out)
+        covered = [i for i, (p, o) in enumerate(where) if o < offsets[p]]
+        if sorted(got) != covered:
+            extra = collections.Counter(got) - collections.Counter(covered)
+            missing = collections.Counter(covered) - collections.Counter(got)
+            return (
+                f"group offsets {offsets} cover {len(covered)} records, the committed "
+                f"transactions hold {len(got)} ({len(extra)} not covered or twice, e.g. "
+                f"{sorted(extra)[:5]}; {len(missing)} missing, e.g. {sorted(missing)[:5]})"
+            )
+        return None
+
+    for k in range(KILLS):
+        f = flow(text, name=f"run{k}")
+        kill_after_reading(f, rows=rng.randint(100, 700), delay_s=rng.uniform(0.0, 0.2))
+        settled(offsets_match_output)
+        assert sum(group_offsets(pipeline, source, 2).values()) < n, "input ran out before kill"
+
+    last = flow(text, "--stop-after-idle-ms", "1500", name="last")
+    assert last.proc.wait(timeout=60) == 0, last.output()
+    assert sum(group_offsets(pipeline, source, 2).values()) == n
+    settled(offsets_match_output)
+
+    got, records = committed_view(out)
+    assert sorted(got) == list(range(n)), "the committed output is not every input record once"
+    assert all(r.outcome is not None for r in records), "a transaction was never ended"
+    aborted = [r for r in records if r.outcome == ABORT]
+    assert aborted, "no kill landed inside a transaction: nothing was proven about aborts"
+    seen = read_uncommitted(out)
+    twice = sum(c > 1 for c in collections.Counter(seen).values())
+    assert len(seen) == len(records) and twice, "read_uncommitted shows no duplicates"
+
+
+def test_a_second_process_with_the_same_transactional_id_stops_the_first(
+    flow: Callable[..., Flow], kafka_topic: Callable[..., str]
+) -> None:
+    """A second process whose target has the same transactional.id fences
+    the first: the first's next transaction is refused, and it exits non-zero
+    with a clear message and no traceback (no in-process restart either).
+
+    The second reads another (empty) topic in another group: on tansu a
+    member leaving a group while another joins leaves the joiner without
+    partitions (measured with plain confluent-kafka consumers), so the two
+    processes do not share a group here; the fence is the transactional.id's.
+    """
+    source, other = kafka_topic(2, prefix="eos_src"), kafka_topic(1, prefix="eos_other")
+    out = kafka_topic(1, prefix="eos_out")
+    pipeline, txn = unique("eos"), unique("txn")
+    own = f'librdkafka = {{ "transactional.id" = "{txn}" }}'
+    first_text = config(source, out, pipeline, 100) + own
+    second_text = config(other, out, unique("eos"), 100) + own
+    for p in (0, 1):
+        produce(source, events(500, start=p * 500), partition=p)
+    first = flow(first_text, "--restart-on-error", name="first")
+    settled(lambda: None if sum(group_offsets(pipeline, source, 2).values()) == 1000 else "", 30)
+    second = flow(second_text, name="second")
+    # Its init_transactions fences the first's producer; the first is idle, so
+    # nothing tells it until its next transaction.
+    wait_until(lambda: "ready (delivery = exactly_once)" in second.output(), 30, "init")
+    produce(source, events(10, start=1000))
+    assert first.proc.wait(timeout=30) != 0, first.output()
+    said = first.output()
+    assert f"another process with transactional.id '{txn}' took over" in said, said
+    assert "Traceback" not in said and "restart 1" not in said, said
+    assert second.proc.poll() is None, second.output()
+    assert second.stop() == 0, second.output()
+    assert sum(group_offsets(pipeline, source, 2).values()) == 1000  # the refused round: not
+    got, _ = committed_view(out)
+    assert sorted(got) == list(range(1000))
