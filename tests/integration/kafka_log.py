@@ -100,13 +100,16 @@ def _exactly(s: socket.socket, n: int) -> bytes:
     return out
 
 
-def read_log(bootstrap: str, topic: str, partition: int = 0) -> tuple[list[Record], list[Marker]]:
-    """Every data record and marker of ``topic``/``partition``, in log order,
-    each transactional record with its transaction's outcome."""
+def read_log(
+    bootstrap: str, topic: str, partition: int = 0, start: int = 0
+) -> tuple[list[Record], list[Marker]]:
+    """Every data record and marker of ``topic``/``partition`` from offset
+    ``start``, in log order, each transactional record with its
+    transaction's outcome (``None``: no marker after it yet)."""
     host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
     records: list[Record] = []
     markers: list[Marker] = []
-    offset = 0
+    offset = start
     while True:
         data = _fetch(host, int(port), topic, partition, offset)
         if not data:
