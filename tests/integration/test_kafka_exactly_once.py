@@ -26,7 +26,6 @@ from tests import endpoints
 from tests.integration.conftest import (
     Flow,
     events,
-    kill_after_reading,
     produce,
     unique,
     wait_until,
@@ -37,6 +36,7 @@ pytestmark = pytest.mark.integration
 
 SEED = 15
 KILLS = 6
+FROZEN_CHECKS = 8  # per run: SIGSTOP at a random moment, check, SIGCONT
 
 
 def config(source: str, out: str, pipeline: str, batch_rows: int, source_extra: str = "") -> str:
@@ -49,7 +49,7 @@ delivery = "exactly_once"
 [source]
 kind = "kafka"
 bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
-session_timeout_ms = 1000
+session_timeout_ms = 2000
 max_batch_rows = {batch_rows}
 {source_extra}
 
@@ -88,6 +88,31 @@ def committed_view(out: str) -> tuple[list[int], list[Record]]:
     records, _markers = read_log(endpoints.KAFKA_BOOTSTRAP, out)
     assert all(r.transactional for r in records), "a record written outside a transaction"
     return ids([r for r in records if r.outcome == COMMIT]), records
+
+
+class Output:
+    """The output log read incrementally: records before the last marker are
+    settled (their transactions ended) and kept; the rest is read again."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.start = 0
+        self.settled: list[Record] = []
+        self.committed: list[int] = []
+
+    def refresh(self) -> tuple[list[int], list[Record]]:
+        """The ids a read_committed consumer sees, and every record."""
+        records, markers = read_log(endpoints.KAFKA_BOOTSTRAP, self.topic, start=self.start)
+        assert all(r.transactional for r in records), "a record written outside a transaction"
+        tail = records
+        if markers:
+            last = max(m.offset for m in markers)
+            done = [r for r in records if r.offset < last]
+            self.settled += done
+            self.committed += ids([r for r in done if r.outcome == COMMIT])
+            self.start = last + 1
+            tail = [r for r in records if r.offset > last]
+        return self.committed + ids([r for r in tail if r.outcome == COMMIT]), self.settled + tail
 
 
 def read_uncommitted(topic: str, timeout_s: float = 30) -> list[int]:
@@ -170,7 +195,7 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
     were each aborted on restart (an abort marker, written when the new
     producer's init_transactions fenced the old one); and a read_uncommitted
     consumer sees those aborted duplicates (the check can fail)."""
-    n = 30_000
+    n = 80_000
     source, out = kafka_topic(partitions=2, prefix="eos_src"), kafka_topic(1, prefix="eos_out")
     keys = [str(i).encode() for i in range(n)]
     where = [(p, o) for p, o, _ in produce(source, events(n), keys).records]
@@ -178,9 +203,11 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
     text = config(source, out, pipeline, 500)
     rng = random.Random(SEED)
 
+    output = Output(out)
+
     def offsets_match_output() -> str | None:
         offsets = group_offsets(pipeline, source, 2)
-        got, _ = committed_view(out)
+        got, _ = output.refresh()
         covered = [i for i, (p, o) in enumerate(where) if o < offsets[p]]
         if sorted(got) != covered:
             extra = collections.Counter(got) - collections.Counter(covered)
@@ -192,16 +219,30 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
             )
         return None
 
+    def frozen_checks(f: Flow, times: int) -> None:
+        """Freeze ``f`` at random moments; each time (once what it sent has
+        landed) the group's offsets must cover exactly the committed output."""
+        for _ in range(times):
+            time.sleep(rng.uniform(0.0, 0.03))
+            f.proc.send_signal(signal.SIGSTOP)
+            try:
+                settled(offsets_match_output, 5)
+            finally:
+                f.proc.send_signal(signal.SIGCONT)
+
     left_open = 0  # records of transactions a kill left open
     for k in range(KILLS):
         f = flow(text, name=f"run{k}")
         rows = rng.randint(1, 2000)
+        has_read(f, rows)
+        frozen_checks(f, FROZEN_CHECKS)
         if k % 2:
-            has_read(f, rows)
             left_open += freeze_inside_a_transaction(f, out, rng)
             f.kill()
         else:
-            kill_after_reading(f, rows=rows, delay_s=rng.uniform(0.0, 0.1))
+            time.sleep(rng.uniform(0.0, 0.1))
+            assert f.proc.poll() is None, f.output()
+            f.kill()
         settled(offsets_match_output)
         assert sum(group_offsets(pipeline, source, 2).values()) < n, "the input ran out"
 
@@ -210,7 +251,7 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
     assert sum(group_offsets(pipeline, source, 2).values()) == n
     settled(offsets_match_output)
 
-    got, records = committed_view(out)
+    got, records = output.refresh()
     assert sorted(got) == list(range(n)), "the committed output is not every input record once"
     assert all(r.outcome is not None for r in records), "a transaction was never ended"
     aborted = [r for r in records if r.outcome == ABORT]
