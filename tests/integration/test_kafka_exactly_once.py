@@ -18,10 +18,12 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
+import pyarrow as pa
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from tests import endpoints
 from tests.integration.conftest import (
     Flow,
@@ -31,6 +33,10 @@ from tests.integration.conftest import (
     wait_until,
 )
 from tests.integration.kafka_log import ABORT, COMMIT, Record, read_log
+
+from sluice.config import load_text
+from sluice.connectors import registry
+from sluice.connectors.kafka.transactions import TransactionAborted, TransactionalKafkaTarget
 
 pytestmark = pytest.mark.integration
 
@@ -297,3 +303,99 @@ def test_a_second_process_with_the_same_transactional_id_stops_the_first(
     assert sum(group_offsets(pipeline, source, 2).values()) == 1000  # the refused round: not
     got, _ = committed_view(out)
     assert sorted(got) == list(range(1000))
+
+
+class _Purging(TransactionalKafkaTarget):
+    """Drops a round's messages from the producer's queue when told to: their
+    delivery reports fail, as when the broker cannot take them."""
+
+    purge = False
+
+    def _produce(self, producer: Any, table: pa.Table, delivered: Any) -> None:
+        super()._produce(producer, table, delivered)
+        if self.purge:
+            producer.purge(in_queue=True, in_flight=False)
+
+
+class _Refusing(TransactionalKafkaTarget):
+    """Fails the round after its messages were produced, with an error that
+    requires an abort (injected where the offsets are sent)."""
+
+    refuse = False
+
+    def _offsets(self) -> dict[str, list[Any]]:
+        if self.refuse:
+            raise KafkaException(
+                KafkaError(
+                    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "injected", txn_requires_abort=True
+                )
+            )
+        return super()._offsets()
+
+
+def _round(target: TransactionalKafkaTarget, source: str, ids: list[int], to: int) -> None:
+    target.stage_positions({source: {f"{source}:0": to}})
+    target.write(pa.table({"id": ids}))
+    target.flush()
+
+
+def test_an_aborted_transaction_moves_no_offset_and_the_replay_commits(
+    kafka_topic: Callable[..., str],
+) -> None:
+    """A round failing with an abortable error aborts its transaction and
+    raises TransactionAborted (the run loop then reads again): the group's
+    offsets stay where the last commit put them, the round's records carry
+    an abort marker, and the replay commits."""
+    source, out = kafka_topic(1, prefix="eos_src"), kafka_topic(1, prefix="eos_out")
+    spec = load_text(config(source, out, unique("eos"), 100), "p.toml")
+    target = _Refusing(spec.all_targets[0], registry.Context(spec), 0)  # type: ignore[arg-type]
+    target.open()
+    try:
+        assert target.held_positions() == {}
+        _round(target, source, [0, 1, 2], 3)
+        assert target.held_positions() == {source: {f"{source}:0": 3}}
+        target.refuse = True
+        with pytest.raises(TransactionAborted, match="reading again from the committed offsets"):
+            _round(target, source, [3, 4, 5], 6)
+        target.refuse = False
+        assert target.held_positions() == {source: {f"{source}:0": 3}}
+        _round(target, source, [3, 4, 5], 6)  # the run loop's replay
+        assert target.held_positions() == {source: {f"{source}:0": 6}}
+    finally:
+        target.close()
+    got, records = committed_view(out)
+    assert sorted(got) == [0, 1, 2, 3, 4, 5]
+    assert sorted(ids([r for r in records if r.outcome == ABORT])) == [3, 4, 5]
+
+
+@pytest.mark.slow  # the failed abort waits out its 10 s timeout
+def test_an_abort_that_fails_is_settled_by_a_new_producer(
+    kafka_topic: Callable[..., str],
+) -> None:
+    """Messages purged from the producer's queue leave a gap in its sequence
+    numbers: the round aborts, and the next transaction fails on the broker
+    (OUT_OF_ORDER_SEQUENCE_NUMBER) with an abort that times out on tansu. The
+    next read of the positions makes a new producer (init_transactions
+    settles the transaction), and the replay commits."""
+    source, out = kafka_topic(1, prefix="eos_src"), kafka_topic(1, prefix="eos_out")
+    spec = load_text(config(source, out, unique("eos"), 100), "p.toml")
+    target = _Purging(spec.all_targets[0], registry.Context(spec), 0)  # type: ignore[arg-type]
+    target.open()
+    try:
+        _round(target, source, [0, 1, 2], 3)
+        target.purge = True
+        with pytest.raises(TransactionAborted):
+            _round(target, source, [3, 4, 5], 6)
+        target.purge = False
+        for _ in range(3):  # as the run loop: read the positions again, replay
+            assert target.held_positions() == {source: {f"{source}:0": 3}}
+            try:
+                _round(target, source, [3, 4, 5], 6)
+                break
+            except TransactionAborted:
+                continue
+        assert target.held_positions() == {source: {f"{source}:0": 6}}
+    finally:
+        target.close()
+    got, _ = committed_view(out)
+    assert sorted(got) == [0, 1, 2, 3, 4, 5]

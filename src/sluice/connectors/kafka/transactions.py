@@ -28,9 +28,14 @@ fits the stateless exactly-once policy
   commit that timed out): the transaction is aborted and
   :class:`TransactionAborted` (a
   :class:`~sluice.errors.PositionsMoved`) makes the run loop read again
-  from the committed offsets. The same batch is never simply produced
+  from the committed offsets (after a backoff, 0.1 s doubling to 5 s while
+  aborts follow each other). The same batch is never simply produced
   again: a commit whose answer was lost may have landed, and only the
-  committed offsets say.
+  committed offsets say. When the abort itself fails, the next
+  :meth:`held_positions` first makes a new producer, whose
+  ``init_transactions`` settles the transaction at the coordinator. A
+  message ``produce()`` refuses (too large) fails the run, as with the
+  plain target, after an abort.
 * **A fenced producer** (``_FENCED`` / ``PRODUCER_FENCED``: another process
   with the same transactional.id started) raises
   :class:`~sluice.errors.Fenced`: the process stops with that message,
@@ -46,6 +51,7 @@ is refused with ``exactly_once``), not by group generation (KIP-447).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -64,6 +70,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 log = logging.getLogger(__name__)
 
 TXN_TIMEOUT_S = 10.0  # longest one transactional call (init, offsets, commit, abort) waits
+ABORT_BACKOFF_S = 0.1  # wait before reading again after an abort, doubling per abort in a row
+MAX_ABORT_BACKOFF_S = 5.0
 _FENCED = {ck.KafkaError._FENCED, ck.KafkaError.PRODUCER_FENCED}
 
 
@@ -97,6 +105,7 @@ class TransactionalKafkaTarget(KafkaTarget):
         self._staged: dict[str, dict[str, int]] = {}  # source id -> partition -> next offset
         self._groups: dict[str, Any] = {}  # group -> a consumer of ours (metadata, committed())
         self._broken = False  # a transaction's end is unknown: make a new producer first
+        self._aborts = 0  # transactions aborted in a row (the re-reads back off)
 
     # -- RecordsPositions ----------------------------------------------------
 
@@ -110,6 +119,8 @@ class TransactionalKafkaTarget(KafkaTarget):
         transaction still open), per source id and ``topic:partition``."""
         from sluice.connectors.kafka.source import partition_key
 
+        if self._aborts:  # read again, but not in a hot loop while the cause lasts
+            time.sleep(min(ABORT_BACKOFF_S * 2 ** (self._aborts - 1), MAX_ABORT_BACKOFF_S))
         if self._broken:
             self._new_producer()
         out: dict[str, Position] = {}
@@ -254,11 +265,18 @@ class TransactionalKafkaTarget(KafkaTarget):
         except ck.KafkaException as exc:
             self._failed(exc)
         except ConnectorError as exc:
-            if isinstance(exc.__cause__, ck.KafkaException):  # from produce()
-                self._failed(exc.__cause__)
+            cause = exc.__cause__
+            if isinstance(cause, ck.KafkaException):  # produce() refused a message
+                err = cause.args[0] if cause.args else None
+                if isinstance(err, ck.KafkaError) and err.code() in _FENCED:
+                    self._fenced(err)
+                # The same rows would be refused again: fail as the plain
+                # target does, leaving nothing of the transaction behind.
+                self._quietly_abort()
             raise
         self._pending = []
         self._staged = {}
+        self._aborts = 0
 
     def _offsets(self) -> dict[str, list[Any]]:
         """The staged offsets as TopicPartitions, per consumer group."""
@@ -291,6 +309,15 @@ class TransactionalKafkaTarget(KafkaTarget):
             "(run one process per pipeline, or give each its own transactional.id)"
         )
 
+    def _quietly_abort(self) -> None:
+        self._pending = []
+        self._staged = {}
+        try:
+            self._producer.abort_transaction(TXN_TIMEOUT_S)
+        except ck.KafkaException as exc:
+            log.debug("%s: abort_transaction: %s", self.id, exc)
+            self._broken = True
+
     def _abort(self, why: str) -> None:
         """Abort the open transaction (or leave it to the next producer) and
         raise :class:`TransactionAborted`."""
@@ -307,6 +334,7 @@ class TransactionalKafkaTarget(KafkaTarget):
                 "%s: abort_transaction failed (%s); a new producer settles it", self.id, exc
             )
             self._broken = True
+        self._aborts += 1
         raise TransactionAborted(
             f"{self.id}: transaction aborted ({why}); reading again from the committed offsets"
         )
