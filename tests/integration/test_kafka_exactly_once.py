@@ -45,7 +45,7 @@ KILLS = 6
 FROZEN_CHECKS = 8  # per run: SIGSTOP at a random moment, check, SIGCONT
 
 
-def config(source: str, out: str, pipeline: str, batch_rows: int, source_extra: str = "") -> str:
+def config(source: str, out: str, pipeline: str, batch_rows: int) -> str:
     return f"""
 pipeline_name = "{pipeline}"
 source_query = "{source}"
@@ -57,7 +57,6 @@ kind = "kafka"
 bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
 session_timeout_ms = 2000
 max_batch_rows = {batch_rows}
-{source_extra}
 
 [target]
 kind = "kafka"
@@ -157,13 +156,6 @@ def settled(check: Callable[[], str | None], timeout_s: float = 10) -> None:
         time.sleep(0.1)
 
 
-def open_records(out: str) -> list[Record]:
-    """The output records no marker ended yet: a transaction in progress."""
-    records, markers = read_log(endpoints.KAFKA_BOOTSTRAP, out)
-    last = max((m.offset for m in markers), default=-1)
-    return [r for r in records if r.offset > last]
-
-
 def has_read(f: Flow, rows: int) -> None:
     """Wait until ``f`` has read ``rows`` rows (fails when it exits first)."""
     wait_until(
@@ -175,15 +167,16 @@ def has_read(f: Flow, rows: int) -> None:
     assert f.proc.poll() is None, f.output()
 
 
-def freeze_inside_a_transaction(f: Flow, out: str, rng: random.Random) -> int:
+def freeze_inside_a_transaction(f: Flow, output: Output, rng: random.Random) -> int:
     """SIGSTOP ``f`` at moments drawn from ``rng`` until it is frozen inside a
     transaction whose records already reached the log; the number of those
     records (the process stays stopped: SIGKILL it next)."""
     for _ in range(300):
         f.proc.send_signal(signal.SIGSTOP)
-        tail = open_records(out)
-        if tail:
-            return len(tail)
+        _, records = output.refresh()
+        left_open = sum(r.outcome is None for r in records)
+        if left_open:
+            return left_open
         f.proc.send_signal(signal.SIGCONT)
         time.sleep(rng.uniform(0.0, 0.02))
     raise AssertionError("never caught the process inside a transaction")
@@ -243,7 +236,7 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
         has_read(f, rows)
         frozen_checks(f, FROZEN_CHECKS)
         if k % 2:
-            left_open += freeze_inside_a_transaction(f, out, rng)
+            left_open += freeze_inside_a_transaction(f, output, rng)
             f.kill()
         else:
             time.sleep(rng.uniform(0.0, 0.1))
