@@ -186,19 +186,21 @@ class TransactionalKafkaTarget(KafkaTarget):
         )
 
     def close(self) -> None:
-        """Drop the producer (an open transaction is aborted by the next
-        ``init_transactions`` with this id) and the group consumers."""
-        producer, self._producer = self._producer, None
-        self._pending = []
+        """Drop the producer and the group consumers."""
+        self._drop_producer()
         groups, self._groups = self._groups, {}
         for consumer in groups.values():
             try:
                 consumer.close()
             except (ck.KafkaException, RuntimeError) as exc:
                 log.debug("closing a group consumer: %s", exc)
+
+    def _drop_producer(self) -> None:
+        """Nothing outside a committed transaction matters: drop it unsent (an
+        open transaction is aborted by the next ``init_transactions``)."""
+        producer, self._producer = self._producer, None
+        self._pending = []
         if producer is not None:
-            # Nothing outside a committed transaction matters: drop it unsent
-            # (an open transaction is aborted by the next init_transactions).
             try:
                 producer.purge()
             except (ck.KafkaException, RuntimeError) as exc:
@@ -207,9 +209,7 @@ class TransactionalKafkaTarget(KafkaTarget):
     def _new_producer(self) -> None:
         """After a transaction whose end is unknown: a new producer, whose
         ``init_transactions`` waits for the coordinator to settle it."""
-        groups, self._groups = self._groups, {}
-        self.close()
-        self._groups = groups
+        self._drop_producer()
         self.open()
 
     def _group(self, group: str) -> Any:
