@@ -167,27 +167,32 @@ def has_read(f: Flow, rows: int) -> None:
     assert f.proc.poll() is None, f.output()
 
 
-def freeze_inside_a_transaction(f: Flow, output: Output, rng: random.Random) -> int:
+def freeze(f: Flow, output: Output, rng: random.Random, *, inside: bool) -> int:
     """SIGSTOP ``f`` at moments drawn from ``rng`` until it is frozen inside a
-    transaction whose records already reached the log; the number of those
-    records (the process stays stopped: SIGKILL it next)."""
+    transaction whose records already reached the log (``inside``), or
+    between transactions (no record without a marker); the number of records
+    left open. The process stays stopped: SIGKILL it next."""
     for _ in range(300):
         f.proc.send_signal(signal.SIGSTOP)
         _, records = output.refresh()
         left_open = sum(r.outcome is None for r in records)
-        if left_open:
+        if bool(left_open) == inside:
             return left_open
         f.proc.send_signal(signal.SIGCONT)
         time.sleep(rng.uniform(0.0, 0.02))
-    raise AssertionError("never caught the process inside a transaction")
+    raise AssertionError(
+        f"never caught the process {'inside' if inside else 'between'} transactions"
+    )
 
 
 def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
     flow: Callable[..., Flow], kafka_topic: Callable[..., str]
 ) -> None:
-    """SIGKILL at random points (fixed seed), restart each time: every other
-    kill at a random moment, the others while the process is (frozen) inside a
-    transaction whose records are in the log. After every kill the group's
+    """SIGKILL at random points (fixed seed), restart each time: a third of
+    the kills at a random moment, a third while the process is (frozen)
+    inside a transaction whose records are in the log, a third while it is
+    (frozen) between transactions; before each kill, eight random freezes
+    check the offsets against the output too. After every kill the group's
     committed offsets cover exactly the input records the committed
     transactions hold, each once. After the last run every input record is in
     the committed output exactly once; the transactions the kills left open
@@ -235,13 +240,12 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
         rows = rng.randint(1, 2000)
         has_read(f, rows)
         frozen_checks(f, FROZEN_CHECKS)
-        if k % 2:
-            left_open += freeze_inside_a_transaction(f, output, rng)
-            f.kill()
-        else:
+        if k % 3 == 0:  # anywhere
             time.sleep(rng.uniform(0.0, 0.1))
             assert f.proc.poll() is None, f.output()
-            f.kill()
+        else:  # inside a transaction with records in the log, or between two
+            left_open += freeze(f, output, rng, inside=k % 3 == 1)
+        f.kill()
         settled(offsets_match_output)
         assert sum(group_offsets(pipeline, source, 2).values()) < n, "the input ran out"
 
