@@ -52,6 +52,12 @@ class PositionsMoved(ConnectorError):
     reads again from what the target holds now."""
 
 
+class Fenced(ConnectorError):
+    """Another process took this one's place (a Kafka producer fenced by a
+    newer one with the same ``transactional.id``). The run stops and is never
+    restarted in-process: a restart would fence the other in turn."""
+
+
 class MissingDependencyError(SluiceError):
     """A connector's library is not installed; the message names the extra to install."""
 

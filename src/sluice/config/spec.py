@@ -249,7 +249,8 @@ class PipelineSpec(Spec, frozen=True, kw_only=True):
     delivery: Annotated[
         Literal["auto", "at_least_once", "exactly_once"],
         doc(
-            "auto / at_least_once; exactly_once (Kafka to Kafka transactions) is not supported yet"
+            "auto / at_least_once; exactly_once: Kafka to Kafka transactions that carry the "
+            "consumer offsets (Kafka sources, one Kafka target, no window / join / CDC)"
         ),
     ] = "auto"
     dead_letter_topic: Annotated[str | None, doc("app-level DLQ topic (Kafka source)")] = None

@@ -432,12 +432,7 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
             )
         )
     if data.get("delivery") == "exactly_once":
-        add(
-            (
-                "delivery",
-                '"exactly_once" is not supported yet; use "at_least_once" with merge-mode targets',
-            )
-        )
+        _check_exactly_once(data, sources, targets, present, state_store, add)
     if isinstance(window, dict):
         _check_window(window, state_store, add)
     if (window is not None or join is not None) and state_store is None:
@@ -459,6 +454,45 @@ def check_rules(data: dict[str, Any]) -> list[Problem]:
     if state_url is not None:
         state_url("state_store", ss, add)
     return problems
+
+
+def _check_exactly_once(
+    data: dict[str, Any],
+    sources: list[tuple[str, dict[str, Any]]],
+    targets: list[tuple[str, dict[str, Any]]],
+    stages: list[str],
+    state_store: Any,
+    add: Any,
+) -> None:
+    """``delivery = "exactly_once"``: Kafka → Kafka transactions, which carry
+    the consumer offsets; so Kafka sources, one Kafka target, and no state
+    but the offsets (see ``connectors/kafka/transactions.py``)."""
+    why = 'delivery = "exactly_once" (Kafka transactions with the consumer offsets)'
+    for at, source in sources:
+        if source.get("kind") != "kafka":
+            add((f"{at}.kind", f"{why} needs Kafka sources, not '{source.get('kind')}'"))
+    if len(targets) != 1:
+        add(("targets", f"{why} needs exactly one target, a Kafka one"))
+    for at, target in targets:
+        if target.get("kind") != "kafka":
+            add((f"{at}.kind", f"{why} needs a Kafka target, not '{target.get('kind')}'"))
+    for stage in stages:
+        add(
+            (
+                f"transform.{stage}",
+                f"{why} is for pipelines without window, join or CDC state: "
+                "it cannot hold stage state",
+            )
+        )
+    if state_store is not None:
+        add(("state_store", f"{why} keeps the positions in the transactions: no [state_store]"))
+    if data.get("replicas") is True:
+        add(
+            (
+                "replicas",
+                f"{why} runs as one process per transactional.id: not with replicas = true",
+            )
+        )
 
 
 def _check_replicas(

@@ -65,7 +65,10 @@ and flushes. Then:
 * :class:`HoldBack`: positions are not recorded; at least once.
 
 The sources' acknowledgement still follows (for lag monitoring), but the
-positions the targets hold win on restart.
+positions the targets hold win on restart. A target that commits the
+positions to the sources' own broker (``commits_source_positions``: a Kafka
+target with ``delivery = "exactly_once"`` sends the consumer offsets in its
+transaction) replaces the acknowledgement: the sources then commit nothing.
 """
 
 from __future__ import annotations
@@ -259,6 +262,12 @@ class Immediate:
         self._ahead: dict[str, dict[str, Position]] = {}
         self._unflushed = False  # positions staged that no flush recorded yet
         self._moved = False
+        # A target whose flush commits the positions to the sources' own
+        # broker (Kafka transactions: send_offsets_to_transaction): the
+        # sources must not acknowledge them again, outside that transaction.
+        self._committed_by_target = any(
+            getattr(t, "commits_source_positions", False) for t in self._recording
+        )
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Resume from the lowest position the recording targets hold per
@@ -367,6 +376,9 @@ class Immediate:
                 if await self._retry(target, due, "commit") is STOPPED:
                     return False
         if any(t.deferred for t in deferring):
+            return True
+        if self._committed_by_target:  # the positions went in the target's transaction
+            self._acks.clear()
             return True
         for source in self._sources:
             if source.id in self._acks:

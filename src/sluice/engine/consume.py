@@ -25,7 +25,7 @@ from pathlib import Path
 from sluice.config import PipelineSpec, load_file
 from sluice.engine import metrics as m
 from sluice.engine.runner import Runner, RunOptions
-from sluice.errors import ConfigError, SluiceError
+from sluice.errors import ConfigError, Fenced, SluiceError
 from sluice.functions import Function, collect
 
 log = logging.getLogger("sluice")
@@ -84,7 +84,8 @@ async def supervise(
         except Exception as exc:
             error = exc
         m.ERRORS.labels(spec.pipeline_name, "fatal").inc()
-        if not opts.restart_on_error or stop.is_set():
+        # Fenced: another process took over; restarting would fence it in turn.
+        if not opts.restart_on_error or stop.is_set() or isinstance(error, Fenced):
             log.error("pipeline %s failed: %s", spec.pipeline_name, _describe(error))
             return 1
         if opts.max_restarts is not None and restarts >= opts.max_restarts:

@@ -227,7 +227,13 @@ def build_plan(spec: PipelineSpec) -> Plan:
                 )
             )
 
-    if spec.state_store is not None:
+    if spec.delivery == "exactly_once":  # Kafka -> Kafka (checked by the config rules)
+        delivery = (
+            "exactly once; each round is one Kafka transaction: the output messages and the "
+            "source offsets (send_offsets_to_transaction) commit together (read the output "
+            "with isolation.level=read_committed)"
+        )
+    elif spec.state_store is not None:
         delivery = (
             "at least once; targets flushed, then operator state and source positions "
             f"committed in one {spec.state_store.kind} transaction, then sources acked"

@@ -36,7 +36,11 @@ CONNECTOR = Connector(
     extra="kafka",
     sources=(KafkaSource,),
     targets=(KafkaTarget,),
-    capabilities=Capabilities(seekable=True, partitioned=True, dead_letters=True),
+    # transactional_positions: with delivery = "exactly_once" only (the target
+    # is then transactions.TransactionalKafkaTarget; the plain one records none).
+    capabilities=Capabilities(
+        seekable=True, partitioned=True, dead_letters=True, transactional_positions=True
+    ),
     source="sluice.connectors.kafka.source:build_source",
     shared_sources="sluice.connectors.kafka.shared:build_sources",
     target="sluice.connectors.kafka.target:build_target",

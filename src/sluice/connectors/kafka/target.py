@@ -52,8 +52,8 @@ class KafkaTarget:
         self._pending: list[pa.Table] = []
         self._encoder: PayloadEncoder | None = None
 
-    def open(self) -> None:
-        """Create the producer (connections are made on first send)."""
+    def _config(self) -> dict[str, Any]:
+        """The producer's librdkafka properties."""
         from sluice.connectors.kafka.source import client_config
 
         conf = client_config(self.spec)
@@ -68,7 +68,11 @@ class KafkaTarget:
             }
         )
         conf.update(self.spec.librdkafka)
-        self._producer = ck.Producer(conf, logger=log)
+        return conf
+
+    def open(self) -> None:
+        """Create the producer (connections are made on first send)."""
+        self._producer = ck.Producer(self._config(), logger=log)
         self._pending = []
         if self._encoder is None:
             self._encoder = PayloadEncoder(self.spec, self.spec.topic, self.id)
@@ -147,5 +151,9 @@ class KafkaTarget:
 
 
 def build_target(spec: KafkaTargetSpec, ctx: Context, index: int) -> KafkaTarget:
-    """Registry hook."""
+    """Registry hook: with ``delivery = "exactly_once"`` the transactional target."""
+    if ctx.pipeline.delivery == "exactly_once":
+        from sluice.connectors.kafka.transactions import TransactionalKafkaTarget
+
+        return TransactionalKafkaTarget(spec, ctx, index)
     return KafkaTarget(spec, ctx, index)
