@@ -61,21 +61,22 @@ def test_a_sigkill_mid_version_resumes_mid_version_with_every_row_once(
     tmp_path: Path, flow: Callable[..., Flow]
 ) -> None:
     table = str(tmp_path / "lake" / "t")
-    write_deltalake(table, version(0, 20_000), partition_by=["p"])  # version 0: 4 files
-    write_deltalake(table, version(20_000, 4_000), mode="append")
+    # version 0: 4 files, 100 batches: a kill a few batches in lands mid-version
+    write_deltalake(table, version(0, 100_000), partition_by=["p"])
+    write_deltalake(table, version(100_000, 4_000), mode="append")
     db = tmp_path / "o.db"
     config = delta_sqlite(tmp_path / "lake", db)
     f = flow(config)
-    kill_after_reading(f, 4_000, random.uniform(0, 0.2))
+    kill_after_reading(f, 4_000, random.uniform(0, 0.1))
     with sqlite3.connect(db) as c:
         ((pos,),) = c.execute("SELECT position_int FROM _sluice_positions").fetchall()
     at_version, at_row = decode(pos)
-    assert at_version == 0 and 0 < at_row < 20_000, (at_version, at_row)  # mid-version
+    assert at_version == 0 and 0 < at_row < 100_000, (at_version, at_row)  # mid-version
     again = flow(config, "--stop-after-idle-ms", "300")
     assert again.proc.wait(timeout=120) == 0, again.output()
-    assert ids_in(db) == list(range(24_000))
+    assert ids_in(db) == list(range(104_000))
     # A new version after the restart: read once, nothing before it again.
-    write_deltalake(table, version(24_000, 400), mode="append")
+    write_deltalake(table, version(104_000, 400), mode="append")
     third = flow(config, "--stop-after-idle-ms", "300")
     assert third.proc.wait(timeout=120) == 0, third.output()
-    assert ids_in(db) == list(range(24_400))
+    assert ids_in(db) == list(range(104_400))
