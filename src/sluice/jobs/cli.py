@@ -98,7 +98,44 @@ def _print_fired(fired: list[Fired]) -> int:
 def cmd_run_due(args: argparse.Namespace) -> int:
     orch = _orchestrator(args)
     try:
-        return _print_fired(orch.run_due(args.interval, _now(args)))
+        fired = orch.run_due(args.interval, _now(args))
+        # Message-triggered workflows: what their sources hold now, then exit.
+        for name in orch.message_workflows():
+            fired += orch.consume(name, idle_timeout_s=args.message_wait)
+        return _print_fired(fired)
+    finally:
+        orch.sink.close()
+        orch.runlog.close()
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Fire a message-triggered workflow per message until SIGTERM / SIGINT."""
+    import signal
+    import threading
+
+    orch = _orchestrator(args)
+    names = orch.message_workflows()
+    if args.name not in names:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "flow listen",
+                    args.name,
+                    "no workflow with on_message= of that name"
+                    + (f" (there are: {', '.join(names)})" if names else ""),
+                )
+            ]
+        )
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        fired = orch.consume(args.name, follow=True, stop=stopping.is_set)
+        return _print_fired(fired)
     finally:
         orch.sink.close()
         orch.runlog.close()
@@ -273,7 +310,20 @@ def add_commands(sub: Any, seconds: Any) -> None:
         metavar="SECS",
         help="the tick window: a job that never ran fires if due in the last SECS (default 60)",
     )
+    p.add_argument(
+        "--message-wait",
+        type=seconds,
+        default=30.0,
+        metavar="SECS",
+        help="an on_message workflow's source: give up waiting for it to connect / catch up "
+        "after SECS without a message (default 30)",
+    )
     p.set_defaults(func=cmd_run_due)
+
+    p = sub.add_parser("listen", help="fire an on_message workflow once per message, until stopped")
+    common(p, writes=True)
+    p.add_argument("name", metavar="NAME", help="workflow declared with on_message=")
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("run", help="run one batch job (or workflow) now")
     common(p, writes=True)
