@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 from tests import endpoints
-from tests.integration.conftest import pg_count, produce, unique, wait_until
+from tests.integration.conftest import pg_count, produce, unique, wait_for_count, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +200,29 @@ def test_a_kill_mid_run_fires_the_uncommitted_message_again(
     # Each message fired to success once: the messages fired before the kill
     # (same uncommitted batch) are not fired again; message 5 is.
     assert sorted(ok) == list(range(n))
+
+
+def test_flow_listen_fires_as_messages_arrive_until_sigterm(
+    tmp_path: Path, topic: Callable[[], str]
+) -> None:
+    t, table = topic(), unique("onmsglisten")
+    env = _env(tmp_path, t, table)
+    cmd = _cmd(tmp_path)
+    cmd[3:4] = ["listen"]
+    cmd = [*cmd[: cmd.index("--message-wait")], "orders"]
+    with (tmp_path / "listen.log").open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        produce(t, _msgs([{"id": i, "note": f"n{i}"} for i in range(3)]))
+        wait_for_count(f"sluice_jobs_test.{table}_audit", lambda c: c == 3, 60, "3 audits")
+        produce(t, _msgs([{"id": i, "note": f"n{i}"} for i in range(3, 5)]))
+        wait_for_count(f"sluice_jobs_test.{table}_audit", lambda c: c == 5, 60, "5 audits")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, (tmp_path / "listen.log").read_text()
+    assert len(_runs(tmp_path, "orders")) == 5
+    cmd[-1] = "nope"
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode != 0
+    assert "no workflow with on_message= of that name (there are: orders)" in r.stderr

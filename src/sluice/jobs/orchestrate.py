@@ -251,6 +251,9 @@ class Orchestrator:
         now = now or self.clock()
         fired: list[Fired] = []
         for unit in self.units():
+            wf = self.registry.workflows.get(unit.name)
+            if wf is not None and wf.on_message is not None:
+                continue  # fired per message by consume(), never by ticks
             key = self.due_tick(unit, now, interval_s)
             token = self._acquire(unit, key, now) if key is not None else None
             if token is not None and key is not None:
@@ -611,7 +614,7 @@ class Orchestrator:
             self.update(f"job:{n}", reset)
 
         def fired_at(d: dict[str, Any]) -> None:
-            d.update(last_tick=tick, fired_at=now_iso(now))
+            d.update(last_message=m.where, fired_at=now_iso(now))
 
         self.update(f"unit:{unit.name}", fired_at)
         runs: list[Fired] = []
