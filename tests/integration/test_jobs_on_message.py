@@ -226,3 +226,13 @@ def test_flow_listen_fires_as_messages_arrive_until_sigterm(
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode != 0
     assert "no workflow with on_message= of that name (there are: orders)" in r.stderr
+
+
+def test_run_due_fails_when_the_source_never_connects(tmp_path: Path) -> None:
+    cmd = _cmd(tmp_path)
+    (tmp_path / "wf.py").write_text(MODULE.replace(endpoints.KAFKA_BOOTSTRAP, "127.0.0.1:1", 1))
+    cmd[cmd.index("--message-wait") + 1] = "2"
+    env = _env(tmp_path, "never", unique("onmsgdown"))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 1
+    assert "workflow orders: its on_message source did not connect within 2s" in r.stderr

@@ -1,10 +1,12 @@
-"""The batch-job commands of ``flow``: run-due, run, status, runs, preview,
+"""The batch-job commands of ``flow``: run-due, listen, run, status, runs, preview,
 and ``validate --module`` (EXPLAIN).
 
 Each loads ``--module`` (an importable module, or a ``.py`` file), opens the
 run log (``--run-log``, env ``SLUICE_RUN_LOG_URL``, default
 ``sqlite://~/.sluice/run_log.db``) and acts. Exit 0 when every job that ran
-succeeded (skips included), 1 when one failed.
+succeeded (skips included), 1 when one failed. ``run-due`` also drains the
+sources of the ``on_message`` workflows; ``listen NAME`` follows one until
+SIGTERM (:meth:`Orchestrator.consume`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sluice.errors import ConfigError, ConfigProblem
+from sluice.errors import ConfigError, ConfigProblem, SluiceError
 from sluice.jobs.declare import clear, registry, validate
 from sluice.jobs.orchestrate import Fired, Orchestrator, system_clock
 from sluice.jobs.runlog import DEFAULT_URL, MemoryRunLog, open_run_log
@@ -100,9 +102,15 @@ def cmd_run_due(args: argparse.Namespace) -> int:
     try:
         fired = orch.run_due(args.interval, _now(args))
         # Message-triggered workflows: what their sources hold now, then exit.
+        broken = False
         for name in orch.message_workflows():
-            fired += orch.consume(name, idle_timeout_s=args.message_wait)
-        return _print_fired(fired)
+            try:
+                fired += orch.consume(name, idle_timeout_s=args.message_wait)
+            except SluiceError as exc:  # one unreachable source does not hide the others
+                print(f"flow: {exc}", file=sys.stderr)
+                broken = True
+        code = _print_fired(fired)
+        return EXIT_FAILED if broken else code
     finally:
         orch.sink.close()
         orch.runlog.close()
@@ -265,7 +273,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, seconds: Any) -> None:
-    """Register run-due, run, status, runs, preview on ``flow``'s subparsers."""
+    """Register run-due, listen, run, status, runs, preview on ``flow``'s subparsers."""
 
     def common(p: argparse.ArgumentParser, *, module: bool = True, writes: bool = False) -> None:
         if module:

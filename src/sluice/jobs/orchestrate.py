@@ -18,6 +18,11 @@ up to ``max_attempts``; the attempt count lives in the run log, so the
 policy survives restarts. Each run claims ``job@tick#attempt`` first, so
 two processes sharing a run log never run one attempt twice.
 
+A workflow declared with ``on_message`` has no ticks: :meth:`Orchestrator.consume`
+reads its source and fires it once per message (a fresh tick per firing,
+retries waited out in place), committing the source's position after each
+batch's messages finished; see :mod:`sluice.jobs.message` and the README.
+
 Alerts: a failure on every failed attempt; a recovery when a job succeeds
 after at least one failed attempt. Alerters and sinks never stop a run.
 """
@@ -505,6 +510,8 @@ class Orchestrator:
         up (recorded failed); a replayable source's messages already fired
         in a batch read again after a crash are not fired twice. One
         :class:`Fired` per message (``job`` = the workflow)."""
+        from sluice.connectors.api import Observable
+        from sluice.errors import SluiceError
         from sluice.jobs import message as msgs
 
         wf = self.registry.workflows[name]
@@ -517,7 +524,16 @@ class Orchestrator:
             while stop is None or not stop():
                 batch = src.read(wait_s)
                 if batch is None:
-                    if not follow and (_caught_up(src) or time.monotonic() - last > idle_timeout_s):
+                    if follow:
+                        continue
+                    if _caught_up(src):
+                        break
+                    if time.monotonic() - last > idle_timeout_s:
+                        if isinstance(src, Observable) and not src.connected:
+                            raise SluiceError(
+                                f"workflow {name}: its on_message source did not connect "
+                                f"within {idle_timeout_s:g}s"
+                            )
                         break
                     continue
                 last = time.monotonic()
