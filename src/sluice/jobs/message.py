@@ -122,6 +122,10 @@ def build_source(workflow: str, source: Source) -> SourceConnector:
 
 
 def rows(table: Any) -> list[dict[str, Any]]:
-    """The decoded rows of a batch's table, without internal columns."""
+    """The decoded rows of a batch's table, without the source's ``_event_ts``."""
+    from sluice.connectors.api import EVENT_TS
+
+    if EVENT_TS in table.column_names:
+        table = table.drop_columns([EVENT_TS])
     out: list[dict[str, Any]] = table.to_pylist()
-    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in out]
+    return out

@@ -593,6 +593,7 @@ class Orchestrator:
         rows: int,
         error: str | None,
         metrics: dict[str, Any],
+        started: dt.datetime | None = None,
     ) -> Fired:
         now = dt.datetime.now(dt.UTC)
         self.runlog.append_run(
@@ -603,7 +604,7 @@ class Orchestrator:
                 "tick": tick,
                 "attempt": attempt,
                 "status": status,
-                "started_at": now_iso(now),
+                "started_at": now_iso(started or now),
                 "finished_at": now_iso(now),
                 "rows": rows,
                 "error": error,
@@ -657,6 +658,7 @@ class Orchestrator:
             sum(r.rows for r in runs if r.status == "success"),
             None if ok else (errors[-1] if errors else "not every job succeeded"),
             {"message": m.json(), "where": m.where, "jobs": len(runs)},
+            now,
         )
 
     # -- one-shot ------------------------------------------------------------
