@@ -179,7 +179,8 @@ def test_a_kill_mid_run_fires_the_uncommitted_message_again(
     rows: list[dict[str, object]] = [{"id": i, "note": f"n{i}"} for i in range(n)]
     rows[5]["slow"] = True
     produce(t, _msgs(rows))
-    env = _env(tmp_path, t, table)
+    # The dead process's lease on the workflow lapses within 2 s.
+    env = {**_env(tmp_path, t, table), "SLUICE_MESSAGE_LEASE_S": "2"}
     with (tmp_path / "first.log").open("wb") as out:
         proc = subprocess.Popen(_cmd(tmp_path), env=env, stdout=out, stderr=subprocess.STDOUT)
     try:

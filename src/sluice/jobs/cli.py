@@ -84,6 +84,8 @@ def _orchestrator(args: argparse.Namespace, *, writes: bool = True) -> Orchestra
         from sluice.jobs.sinks import build_sink
 
         kw["sink"] = build_sink(metrics)
+    if os.environ.get("SLUICE_MESSAGE_LEASE_S"):
+        kw["message_lease_s"] = float(os.environ["SLUICE_MESSAGE_LEASE_S"])
     fixed = _now(args) if args.now else None
     return Orchestrator(registry(), rl, clock=(lambda: fixed) if fixed else system_clock, **kw)
 

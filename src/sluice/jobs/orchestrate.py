@@ -33,6 +33,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -119,6 +120,10 @@ class Orchestrator:
     #: Wall-clock seconds a unit's lease lasts (a process that died mid-run
     #: blocks its unit at most this long).
     lease_s: float = 3600.0
+    #: An on_message workflow's lease: held by the one process consuming its
+    #: source, renewed every third of it, so a killed consumer blocks the
+    #: next one at most this long.
+    message_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         validate(self.registry)
@@ -203,7 +208,9 @@ class Orchestrator:
                 return True
         return False
 
-    def _acquire(self, unit: Unit, key: str | None, now: dt.datetime) -> str | None:
+    def _acquire(
+        self, unit: Unit, key: str | None, now: dt.datetime, ttl: float | None = None
+    ) -> str | None:
         """Take ``unit``'s lease (and, with ``key``, fire that tick); the holder
         token, or None when another process holds it or already fired ``key``.
 
@@ -222,7 +229,7 @@ class Orchestrator:
                 d["last_tick"] = key
                 d["fired_at"] = now_iso(now)
             d["holder"] = token
-            d["lease_until"] = time.time() + self.lease_s
+            d["lease_until"] = time.time() + (ttl or self.lease_s)
             return True
 
         return token if self._cas(f"unit:{unit.name}", take) else None
@@ -509,14 +516,65 @@ class Orchestrator:
         after every message in it fired and its workflow succeeded or gave
         up (recorded failed); a replayable source's messages already fired
         in a batch read again after a crash are not fired twice. One
-        :class:`Fired` per message (``job`` = the workflow)."""
+        :class:`Fired` per message (``job`` = the workflow).
+
+        One process at a time consumes a workflow: it holds the unit's lease
+        (``message_lease_s``, renewed by a thread). Another waits for it —
+        without ``follow`` at most ``idle_timeout_s``, then skips the
+        workflow (a warning) — so a killed consumer's successor starts
+        within one lease."""
+        wf = self.registry.workflows[name]
+        unit = Unit(wf.name, list(wf.jobs), None, [], wf.name)
+        # One process at a time consumes a workflow's source (its jobs' state
+        # is the workflow's): the unit lease, renewed while consuming.
+        ttl = self.message_lease_s
+        token = self._acquire(unit, None, dt.datetime.now(dt.UTC), ttl)
+        deadline = time.monotonic() + idle_timeout_s
+        while token is None:
+            if (stop is not None and stop()) or (not follow and time.monotonic() > deadline):
+                log.warning("workflow %s: another process consumes its source; skipped", name)
+                return []
+            time.sleep(min(1.0, ttl / 3))
+            token = self._acquire(unit, None, dt.datetime.now(dt.UTC), ttl)
+        done = threading.Event()
+
+        def renew() -> None:
+            def bump(d: dict[str, Any]) -> bool:
+                if d.get("holder") != token:
+                    return False
+                d["lease_until"] = time.time() + ttl
+                return True
+
+            while not done.wait(ttl / 3):
+                try:
+                    self._cas(f"unit:{name}", bump)
+                except Exception as exc:  # the run log guards itself; belt and braces
+                    log.warning("workflow %s: lease renewal failed: %s", name, exc)
+
+        keeper = threading.Thread(target=renew, name=f"sluice-lease-{name}", daemon=True)
+        keeper.start()
+        try:
+            return self._consume(unit, wait_s, follow, idle_timeout_s, max_messages, stop)
+        finally:
+            done.set()
+            keeper.join()
+            self._release(unit, token)
+
+    def _consume(
+        self,
+        unit: Unit,
+        wait_s: float,
+        follow: bool,
+        idle_timeout_s: float,
+        max_messages: int | None,
+        stop: Callable[[], bool] | None,
+    ) -> list[Fired]:
         from sluice.connectors.api import Observable
         from sluice.errors import SluiceError
         from sluice.jobs import message as msgs
 
-        wf = self.registry.workflows[name]
-        unit = Unit(wf.name, list(wf.jobs), None, [], wf.name)
-        src = msgs.build_source(name, wf.on_message)
+        name = unit.name
+        src = msgs.build_source(name, self.registry.workflows[name].on_message)
         src.open(None)
         fired: list[Fired] = []
         last = time.monotonic()
