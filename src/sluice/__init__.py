@@ -16,7 +16,16 @@ from sluice.engine.consume import run_pipeline
 from sluice.engine.plan import Plan, build_plan
 from sluice.errors import ConfigError, SluiceError
 from sluice.functions import udaf, udf
-from sluice.jobs import ManagedTable, job, pipeline, pk, table, target, workflow
+from sluice.jobs import (
+    ManagedTable,
+    current_message,
+    job,
+    pipeline,
+    pk,
+    table,
+    target,
+    workflow,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +38,7 @@ __all__ = [  # noqa: PLE0604
     "SluiceError",
     "__version__",
     "build_plan",
+    "current_message",
     "job",
     "load_file",
     "load_text",

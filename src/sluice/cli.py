@@ -1,5 +1,5 @@
 """The ``flow`` command: validate, plan, schema, consume, init, doctor, and the
-batch-job commands run-due, run, status, runs, preview (:mod:`sluice.jobs.cli`).
+batch-job commands run-due, listen, run, status, runs, preview (:mod:`sluice.jobs.cli`).
 
 Exit codes: 0 success; 1 a runtime failure; 2 an invalid configuration or
 usage (a bad flag, a port that cannot be served). Problems go to stderr, one

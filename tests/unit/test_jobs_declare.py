@@ -146,3 +146,31 @@ def test_schedules(text: str, zone: str, now: str, latest: str, nxt: str) -> Non
     s = Schedule.parse(text, zone)
     assert s.latest(t(now)) == t(latest)
     assert s.next_after(t(now)) == t(nxt)
+
+
+def test_on_message_takes_a_source_with_a_query() -> None:
+    a = _job("a")
+    with pytest.raises(ConfigError, match=r"workflow w0.*on_message.*expected sluice.Source"):
+        sluice.workflow("w0", jobs=[a], on_message="topic")
+    with pytest.raises(ConfigError, match="needs query="):
+        sluice.workflow("w0", jobs=[a], on_message=sluice.Source("bus"))
+    with pytest.raises(ConfigError, match="exclusive"):
+        sluice.workflow(
+            "w0", jobs=[a], on_message=sluice.Source("bus", query="t"), triggered_by=["x"]
+        )
+    w = sluice.workflow("w0", jobs=[a], on_message=sluice.Source("bus", query="t"))
+    assert w.on_message == sluice.Source("bus", query="t")
+    assert w.schedule is None
+
+
+def test_message_placeholder_outside_a_message_run_is_refused() -> None:
+    from sluice.jobs.db import JobError
+    from sluice.jobs.message import Message, handing, render
+
+    assert render("SELECT 1") == "SELECT 1"
+    with pytest.raises(JobError, match="not fired by a message"):
+        render("SELECT $message")
+    with handing(Message({"id": 1, "n": "it's"}, "topic t partition 0 offset 3")):
+        assert render("SELECT $message") == """SELECT '{"id": 1, "n": "it''s"}'"""
+        assert sluice.current_message() is not None
+    assert sluice.current_message() is None

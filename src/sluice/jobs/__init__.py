@@ -18,15 +18,18 @@ from sluice.jobs.declare import (
     target,
     workflow,
 )
+from sluice.jobs.message import Message, current_message
 from sluice.jobs.tables import ManagedTable, lower, parse_timestamp, pk, table, trim
 
 __all__ = [
     "CycleError",
     "Job",
     "ManagedTable",
+    "Message",
     "Retry",
     "Workflow",
     "clear",
+    "current_message",
     "job",
     "lower",
     "parse_timestamp",

@@ -1,10 +1,12 @@
-"""The batch-job commands of ``flow``: run-due, run, status, runs, preview,
+"""The batch-job commands of ``flow``: run-due, listen, run, status, runs, preview,
 and ``validate --module`` (EXPLAIN).
 
 Each loads ``--module`` (an importable module, or a ``.py`` file), opens the
 run log (``--run-log``, env ``SLUICE_RUN_LOG_URL``, default
 ``sqlite://~/.sluice/run_log.db``) and acts. Exit 0 when every job that ran
-succeeded (skips included), 1 when one failed.
+succeeded (skips included), 1 when one failed. ``run-due`` also drains the
+sources of the ``on_message`` workflows; ``listen NAME`` follows one until
+SIGTERM (:meth:`Orchestrator.consume`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sluice.errors import ConfigError, ConfigProblem
+from sluice.errors import ConfigError, ConfigProblem, SluiceError
 from sluice.jobs.declare import clear, registry, validate
 from sluice.jobs.orchestrate import Fired, Orchestrator, system_clock
 from sluice.jobs.runlog import DEFAULT_URL, MemoryRunLog, open_run_log
@@ -82,6 +84,8 @@ def _orchestrator(args: argparse.Namespace, *, writes: bool = True) -> Orchestra
         from sluice.jobs.sinks import build_sink
 
         kw["sink"] = build_sink(metrics)
+    if os.environ.get("SLUICE_MESSAGE_LEASE_S"):
+        kw["message_lease_s"] = float(os.environ["SLUICE_MESSAGE_LEASE_S"])
     fixed = _now(args) if args.now else None
     return Orchestrator(registry(), rl, clock=(lambda: fixed) if fixed else system_clock, **kw)
 
@@ -98,7 +102,50 @@ def _print_fired(fired: list[Fired]) -> int:
 def cmd_run_due(args: argparse.Namespace) -> int:
     orch = _orchestrator(args)
     try:
-        return _print_fired(orch.run_due(args.interval, _now(args)))
+        fired = orch.run_due(args.interval, _now(args))
+        # Message-triggered workflows: what their sources hold now, then exit.
+        broken = False
+        for name in orch.message_workflows():
+            try:
+                fired += orch.consume(name, idle_timeout_s=args.message_wait)
+            except SluiceError as exc:  # one unreachable source does not hide the others
+                print(f"flow: {exc}", file=sys.stderr)
+                broken = True
+        code = _print_fired(fired)
+        return EXIT_FAILED if broken else code
+    finally:
+        orch.sink.close()
+        orch.runlog.close()
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    """Fire a message-triggered workflow per message until SIGTERM / SIGINT."""
+    import signal
+    import threading
+
+    orch = _orchestrator(args)
+    names = orch.message_workflows()
+    if args.name not in names:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "flow listen",
+                    args.name,
+                    "no workflow with on_message= of that name"
+                    + (f" (there are: {', '.join(names)})" if names else ""),
+                )
+            ]
+        )
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        fired = orch.consume(args.name, follow=True, stop=stopping.is_set)
+        return _print_fired(fired)
     finally:
         orch.sink.close()
         orch.runlog.close()
@@ -228,7 +275,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, seconds: Any) -> None:
-    """Register run-due, run, status, runs, preview on ``flow``'s subparsers."""
+    """Register run-due, listen, run, status, runs, preview on ``flow``'s subparsers."""
 
     def common(p: argparse.ArgumentParser, *, module: bool = True, writes: bool = False) -> None:
         if module:
@@ -273,7 +320,20 @@ def add_commands(sub: Any, seconds: Any) -> None:
         metavar="SECS",
         help="the tick window: a job that never ran fires if due in the last SECS (default 60)",
     )
+    p.add_argument(
+        "--message-wait",
+        type=seconds,
+        default=30.0,
+        metavar="SECS",
+        help="an on_message workflow's source: give up waiting for it to connect / catch up "
+        "after SECS without a message (default 30)",
+    )
     p.set_defaults(func=cmd_run_due)
+
+    p = sub.add_parser("listen", help="fire an on_message workflow once per message, until stopped")
+    common(p, writes=True)
+    p.add_argument("name", metavar="NAME", help="workflow declared with on_message=")
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("run", help="run one batch job (or workflow) now")
     common(p, writes=True)

@@ -242,7 +242,9 @@ def workflow(
     Triggers (AND-ed, each since this workflow last succeeded):
     ``triggered_by`` names workflows or jobs that must have succeeded;
     ``schedule`` (+ ``timezone``) a tick that must have been reached.
-    ``on_message`` is exclusive with both. Raises :class:`ConfigError` (or
+    ``on_message=sluice.Source(connection, query="topic")`` fires the
+    workflow once per message instead (exclusive with both; see
+    :mod:`sluice.jobs.message`). Raises :class:`ConfigError` (or
     :class:`CycleError`, naming the ring) at declaration.
     """
     where = f"workflow {name}"
@@ -256,8 +258,10 @@ def workflow(
     if on_message is not None and (schedule or triggered_by):
         raise _err(where, "on_message", "is exclusive with schedule and triggered_by")
     if on_message is not None:
-        raise _err(where, "on_message", "message-triggered workflows are not implemented yet")
-    if not schedule and not triggered_by:
+        from sluice.jobs.message import check
+
+        check(on_message, where)
+    if on_message is None and not schedule and not triggered_by:
         raise _err(where, "schedule", "missing: a workflow needs schedule= or triggered_by=")
     names = [j.name if isinstance(j, Job) else str(j) for j in jobs]
     if not names:

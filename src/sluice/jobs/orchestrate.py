@@ -18,6 +18,11 @@ up to ``max_attempts``; the attempt count lives in the run log, so the
 policy survives restarts. Each run claims ``job@tick#attempt`` first, so
 two processes sharing a run log never run one attempt twice.
 
+A workflow declared with ``on_message`` has no ticks: :meth:`Orchestrator.consume`
+reads its source and fires it once per message (a fresh tick per firing,
+retries waited out in place), committing the source's position after each
+batch's messages finished; see :mod:`sluice.jobs.message` and the README.
+
 Alerts: a failure on every failed attempt; a recovery when a job succeeds
 after at least one failed attempt. Alerters and sinks never stop a run.
 """
@@ -28,6 +33,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -73,6 +79,20 @@ class Fired:
     path: str | None = None
 
 
+def _caught_up(src: Any) -> bool:
+    """Whether a source that just read nothing has delivered all it holds
+    (a source that cannot say: yes)."""
+    from sluice.connectors.api import Observable, Partitioned
+
+    if not isinstance(src, Observable):
+        return True
+    if not src.connected:
+        return False
+    lag = src.lag()
+    parts = src.assignment() if isinstance(src, Partitioned) else tuple(lag)
+    return bool(parts) and all(lag.get(p) == 0 for p in parts)
+
+
 class _Quiet:
     """An alerter / sink that does nothing."""
 
@@ -100,6 +120,10 @@ class Orchestrator:
     #: Wall-clock seconds a unit's lease lasts (a process that died mid-run
     #: blocks its unit at most this long).
     lease_s: float = 3600.0
+    #: An on_message workflow's lease: held by the one process consuming its
+    #: source, renewed every third of it, so a killed consumer blocks the
+    #: next one at most this long.
+    message_lease_s: float = 30.0
 
     def __post_init__(self) -> None:
         validate(self.registry)
@@ -184,7 +208,9 @@ class Orchestrator:
                 return True
         return False
 
-    def _acquire(self, unit: Unit, key: str | None, now: dt.datetime) -> str | None:
+    def _acquire(
+        self, unit: Unit, key: str | None, now: dt.datetime, ttl: float | None = None
+    ) -> str | None:
         """Take ``unit``'s lease (and, with ``key``, fire that tick); the holder
         token, or None when another process holds it or already fired ``key``.
 
@@ -203,7 +229,7 @@ class Orchestrator:
                 d["last_tick"] = key
                 d["fired_at"] = now_iso(now)
             d["holder"] = token
-            d["lease_until"] = time.time() + self.lease_s
+            d["lease_until"] = time.time() + (ttl or self.lease_s)
             return True
 
         return token if self._cas(f"unit:{unit.name}", take) else None
@@ -237,6 +263,9 @@ class Orchestrator:
         now = now or self.clock()
         fired: list[Fired] = []
         for unit in self.units():
+            wf = self.registry.workflows.get(unit.name)
+            if wf is not None and wf.on_message is not None:
+                continue  # fired per message by consume(), never by ticks
             key = self.due_tick(unit, now, interval_s)
             token = self._acquire(unit, key, now) if key is not None else None
             if token is not None and key is not None:
@@ -461,6 +490,233 @@ class Orchestrator:
             rows,
             error,
             outcome.path if outcome else None,
+        )
+
+    # -- messages ------------------------------------------------------------
+
+    def message_workflows(self) -> list[str]:
+        """The workflows declared with ``on_message``."""
+        return sorted(n for n, w in self.registry.workflows.items() if w.on_message is not None)
+
+    def consume(
+        self,
+        name: str,
+        *,
+        wait_s: float = 1.0,
+        follow: bool = False,
+        idle_timeout_s: float = 30.0,
+        max_messages: int | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[Fired]:
+        """Fire message-triggered workflow ``name`` once per message of its source.
+
+        Without ``follow``, reads until the source is caught up (an empty
+        read with no lag left, or ``idle_timeout_s`` without a message) and
+        returns; with it, until ``stop()``. The source commits a batch only
+        after every message in it fired and its workflow succeeded or gave
+        up (recorded failed); a replayable source's messages already fired
+        in a batch read again after a crash are not fired twice. One
+        :class:`Fired` per message (``job`` = the workflow).
+
+        One process at a time consumes a workflow: it holds the unit's lease
+        (``message_lease_s``, renewed by a thread). Another waits for it —
+        without ``follow`` at most ``idle_timeout_s``, then skips the
+        workflow (a warning) — so a killed consumer's successor starts
+        within one lease."""
+        wf = self.registry.workflows[name]
+        unit = Unit(wf.name, list(wf.jobs), None, [], wf.name)
+        # One process at a time consumes a workflow's source (its jobs' state
+        # is the workflow's): the unit lease, renewed while consuming.
+        ttl = self.message_lease_s
+        token = self._acquire(unit, None, dt.datetime.now(dt.UTC), ttl)
+        deadline = time.monotonic() + idle_timeout_s
+        while token is None:
+            if (stop is not None and stop()) or (not follow and time.monotonic() > deadline):
+                log.warning("workflow %s: another process consumes its source; skipped", name)
+                return []
+            time.sleep(min(1.0, ttl / 3))
+            token = self._acquire(unit, None, dt.datetime.now(dt.UTC), ttl)
+        done = threading.Event()
+
+        def renew() -> None:
+            def bump(d: dict[str, Any]) -> bool:
+                if d.get("holder") != token:
+                    return False
+                d["lease_until"] = time.time() + ttl
+                return True
+
+            while not done.wait(ttl / 3):
+                try:
+                    self._cas(f"unit:{name}", bump)
+                except Exception as exc:  # the run log guards itself; belt and braces
+                    log.warning("workflow %s: lease renewal failed: %s", name, exc)
+
+        keeper = threading.Thread(target=renew, name=f"sluice-lease-{name}", daemon=True)
+        keeper.start()
+        try:
+            return self._consume(unit, wait_s, follow, idle_timeout_s, max_messages, stop)
+        finally:
+            done.set()
+            keeper.join()
+            self._release(unit, token)
+
+    def _consume(
+        self,
+        unit: Unit,
+        wait_s: float,
+        follow: bool,
+        idle_timeout_s: float,
+        max_messages: int | None,
+        stop: Callable[[], bool] | None,
+    ) -> list[Fired]:
+        from sluice.connectors.api import Observable
+        from sluice.errors import SluiceError
+        from sluice.jobs import message as msgs
+
+        name = unit.name
+        src = msgs.build_source(name, self.registry.workflows[name].on_message)
+        src.open(None)
+        fired: list[Fired] = []
+        last = time.monotonic()
+        try:
+            while stop is None or not stop():
+                batch = src.read(wait_s)
+                if batch is None:
+                    if follow:
+                        continue
+                    if _caught_up(src):
+                        break
+                    if time.monotonic() - last > idle_timeout_s:
+                        if isinstance(src, Observable) and not src.connected:
+                            raise SluiceError(
+                                f"workflow {name}: its on_message source did not connect "
+                                f"within {idle_timeout_s:g}s"
+                            )
+                        break
+                    continue
+                last = time.monotonic()
+                fired += self._messages(unit, src, batch)
+                src.commit(batch.ack)  # every message of the batch fired: the position moves
+
+                def forget(d: dict[str, Any]) -> None:
+                    d.pop("done", None)
+
+                self.update(f"unit:{name}", forget)
+                last = time.monotonic()
+                if max_messages is not None and len(fired) >= max_messages:
+                    break
+        finally:
+            src.close()
+        return fired
+
+    def _messages(self, unit: Unit, src: Any, batch: Any) -> list[Fired]:
+        from sluice.connectors.api import Seekable
+        from sluice.jobs import message as msgs
+
+        fired: list[Fired] = []
+        seekable = isinstance(src, Seekable)
+        done: dict[str, Any] = dict(self.state(f"unit:{unit.name}").get("done") or {})
+        for i, value in enumerate(msgs.rows(batch.data)):
+            idx = batch.rows[i] if batch.rows is not None else i
+            raw = batch.raw.record(idx) if batch.raw is not None else None
+            where = batch.raw.where(idx) if batch.raw is not None else f"{batch.span()} row {i}"
+            part, off = (raw.partition, raw.offset) if raw is not None else (None, None)
+            ordered = seekable and part is not None and isinstance(off, int)
+            if ordered and int(done.get(str(part), -1)) >= int(off or 0):
+                continue  # fired before a crash, in a batch not yet committed
+            m = msgs.Message(value, where, raw.payload if raw else None, part, off)
+            fired.append(self._fire_message(unit, m))
+            if ordered:
+                done[str(part)] = off
+
+                def mark(d: dict[str, Any], p: str = str(part), o: Any = off) -> None:
+                    d.setdefault("done", {})[p] = o
+
+                self.update(f"unit:{unit.name}", mark)
+        for idx, why in batch.bad:
+            where = batch.raw.where(idx) if batch.raw is not None else batch.span()
+            error = f"cannot decode the message at {where}: {why}"
+            log.warning("workflow %s: %s", unit.name, error)
+            fired.append(
+                self._message_run(unit.name, f"message {where}", "failed", 0, 0, error, {})
+            )
+        return fired
+
+    def _message_run(
+        self,
+        name: str,
+        tick: str,
+        status: str,
+        attempt: int,
+        rows: int,
+        error: str | None,
+        metrics: dict[str, Any],
+        started: dt.datetime | None = None,
+    ) -> Fired:
+        now = dt.datetime.now(dt.UTC)
+        self.runlog.append_run(
+            {
+                "run_id": uuid.uuid4().hex,
+                "job": name,
+                "workflow": name,
+                "tick": tick,
+                "attempt": attempt,
+                "status": status,
+                "started_at": now_iso(started or now),
+                "finished_at": now_iso(now),
+                "rows": rows,
+                "error": error,
+                "metrics": metrics,
+            }
+        )
+        return Fired(name, status, attempt, tick, rows, error)
+
+    def _fire_message(self, unit: Unit, m: Any) -> Fired:
+        """Run ``unit``'s jobs for message ``m`` under the retry policies
+        (waiting out backoffs here, in real time); one run-log row for the
+        workflow: success, or failed with the message when a job gave up."""
+        from sluice.jobs import message as msgs
+
+        now = dt.datetime.now(dt.UTC)
+        # A fresh tick per firing: a firing a dead process left half done is
+        # fired again from its start (its claims are not this tick's).
+        tick = f"message {m.where} #{uuid.uuid4().hex[:8]}"
+        for n in unit.jobs:
+
+            def reset(d: dict[str, Any]) -> None:
+                d.update(tick=tick, status="pending", attempts=0, next_retry_at=None)
+
+            self.update(f"job:{n}", reset)
+
+        def fired_at(d: dict[str, Any]) -> None:
+            d.update(last_message=m.where, fired_at=now_iso(now))
+
+        self.update(f"unit:{unit.name}", fired_at)
+        runs: list[Fired] = []
+        with msgs.handing(m):
+            while True:
+                runs += self._pass(unit, tick, dt.datetime.now(dt.UTC))
+                waits = [
+                    dt.datetime.fromisoformat(st["next_retry_at"])
+                    for st in (self.state(f"job:{n}") for n in unit.jobs)
+                    if st.get("tick") == tick and st.get("status") == "failed"
+                    if st.get("next_retry_at")
+                ]
+                if not waits:
+                    break
+                time.sleep(max(0.0, (min(waits) - dt.datetime.now(dt.UTC)).total_seconds()))
+        states = [self.state(f"job:{n}") for n in unit.jobs]
+        ok = all(s.get("tick") == tick and s.get("status") == "success" for s in states)
+        errors = [f"{r.job}: {r.error}" for r in runs if r.status != "success" and r.error]
+        return self._message_run(
+            unit.name,
+            tick,
+            "success" if ok else "failed",
+            max((r.attempt for r in runs), default=0),
+            sum(r.rows for r in runs if r.status == "success"),
+            None if ok else (errors[-1] if errors else "not every job succeeded"),
+            {"message": m.json(), "where": m.where, "jobs": len(runs)},
+            now,
         )
 
     # -- one-shot ------------------------------------------------------------

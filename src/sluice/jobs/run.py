@@ -54,7 +54,11 @@ def source_db(job: Job) -> Database:
 
 
 def render(job: Job, sql: str, watermark: str | None, dialect: str) -> str:
-    """``sql`` with ``$watermark`` replaced by the job's watermark as a literal."""
+    """``sql`` with ``$watermark`` replaced by the job's watermark as a literal
+    (and ``$message`` by the message that fired the run, as a JSON string)."""
+    from sluice.jobs import message
+
+    sql = message.render(sql)
     if PLACEHOLDER not in sql:
         return sql
     if job.watermark_column is None:
