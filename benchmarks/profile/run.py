@@ -246,6 +246,7 @@ class ScenarioProfile:
     cpu_s_total: float | None  # rusage of the reaped process, start to exit
     peak_rss_mb: float
     rss_at_ready_mb: float | None
+    rss_at_last_row_mb: float | None
     ready_s: float | None
     last_row_s: float | None
     samples: int
@@ -319,6 +320,12 @@ def profile_scenario(
     a = profiler.attached[-1]
     spy_exit = profiler.finish(a)
     stage_cpu, threads, n_samples = attribute(a)
+    if not n_samples:
+        print(
+            f"[{scenario}] WARNING: py-spy took no samples (exit {spy_exit}); see "
+            f"{scen_work}/py-spy-*.log: every thread counts as native",
+            flush=True,
+        )
     collapsed = None
     if a.raw_path.exists():
         gz = settings.results_dir / f"{BENCHMARK}-{date}-{scenario}.collapsed.gz"
@@ -338,6 +345,7 @@ def profile_scenario(
         cpu_s_total=a.proc.final_cpu_s,
         peak_rss_mb=a.proc.peak_rss_bytes() / 2**20,
         rss_at_ready_mb=rss_at(a.rss, res.ready_s),
+        rss_at_last_row_mb=rss_at(a.rss, res.last_row_s),
         ready_s=res.ready_s,
         last_row_s=res.last_row_s,
         samples=n_samples,
@@ -379,6 +387,7 @@ SUMMARY_HEADERS = (
     "CPU-s total",
     "CPU-s per 1M rows",
     "RSS at ready MB",
+    "RSS at last row MB",
     "peak RSS MB",
     "wall s",
     "py-spy samples",
@@ -395,6 +404,7 @@ def summary_rows(profiles: Sequence[ScenarioProfile]) -> list[list[str]]:
             common.num(p.cpu_s_total, ".2f"),
             common.num(p.cpu_s_total and p.per_million(p.cpu_s_total), ".2f"),
             common.num(p.rss_at_ready_mb, ".0f"),
+            common.num(p.rss_at_last_row_mb, ".0f"),
             f"{p.peak_rss_mb:.0f}",
             common.num(p.wall_s, ".1f"),
             f"{p.samples:,}",
@@ -435,7 +445,8 @@ def methodology(settings: Settings) -> list[str]:
         "tail (`--stop-after-idle-ms 3000`), so at small N the fixed costs dominate.",
         "Peak RSS: the larger of the polled VmHWM and the reaped ru_maxrss; 'RSS at ready': "
         "VmRSS at the last 0.25 s poll before the consumer group was Stable (imports, "
-        "connections, before any data).",
+        "connections, before any data); 'RSS at last row': VmRSS at the last poll before "
+        "the harness saw every row (done).",
         "The raw collapsed stacks are kept beside this file (`profile-<date>-<scenario>."
         "collapsed.gz`, one line per distinct stack: `thread (tid);frame;...;frame count`); "
         "draw a flame graph with `zcat FILE | flamegraph.pl > FILE.svg` or load it in "
