@@ -624,6 +624,12 @@ class EngineResult:
                 self.landing_rows_per_s = rows * left / self.landing_window_s
 
 
+#: Called as ``hook(res, proc)`` right after :func:`watch_engine` started an
+#: engine's process, before the first poll: ``benchmarks/profile`` attaches its
+#: sampling profiler and its per-thread CPU sampler here. Empty by default.
+ENGINE_STARTED: list[Callable[[EngineResult, MonitoredProcess], None]] = []
+
+
 def busy_from(timeline: Sequence[tuple[float, int, float | None]], after: float) -> float | None:
     """Start of the first poll interval, at or after ``after``, in which the
     process used at least ``BUSY_CORES`` of CPU."""
@@ -656,6 +662,8 @@ def watch_engine(
     proc = MonitoredProcess(res.command, log_path=settings.work_dir / f"{res.engine}.log", env=env)
     print(f"[{res.engine}] {utc_now()} starting; log: {proc.log_path}", flush=True)
     proc.start()
+    for hook in ENGINE_STARTED:
+        hook(res, proc)
     last_growth = proc.elapsed()
     try:
         while True:
