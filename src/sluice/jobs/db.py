@@ -322,7 +322,7 @@ def adbc_connect(url: str) -> Any:
     """An ADBC Postgres connection. Opening the driver's database costs about
     half a second (it loads the server's types), so one is kept per URL and
     each use clones a connection from it (milliseconds)."""
-    import adbc_driver_postgresql.dbapi as adbc
+    from sluice.connectors.postgres.driver import adbc
 
     with _ADBC_LOCK:
         root = _ADBC_ROOTS.get(url)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import adbc_driver_manager
-import adbc_driver_postgresql.dbapi as adbc
 import pyarrow as pa
 
 from sluice.config.spec import CdcSpec
 from sluice.connectors.postgres import target as postgres
+from sluice.connectors.postgres.driver import adbc, adbc_driver_manager
 from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql.cdc import (

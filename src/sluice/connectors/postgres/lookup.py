@@ -10,7 +10,7 @@ from sluice.connectors.sql.lookup import qualified
 
 def load(spec: PostgresLookup) -> pa.Table:
     """The whole table; driver errors propagate (the engine wraps them)."""
-    import adbc_driver_postgresql.dbapi as adbc
+    from sluice.connectors.postgres.driver import adbc
 
     with adbc.connect(spec.url) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT * FROM {qualified(spec.schema, spec.table)}")

@@ -46,18 +46,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sluice.connectors.api import Position
+from sluice.connectors.postgres.driver import adbc, adbc_driver_manager
 from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import modes, positions
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, TransientError
 from sluice.formats.jsontext import to_json_text
-
-try:
-    import adbc_driver_manager
-    import adbc_driver_postgresql.dbapi as adbc
-except ModuleNotFoundError as exc:  # pragma: no cover
-    raise ModuleNotFoundError("adbc_driver_postgresql", name="adbc_driver_postgresql") from exc
 
 log = logging.getLogger(__name__)
 
