@@ -207,7 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.print_produced(ds)
 
     results: list[EngineResult] = []
-    with pika.BlockingConnection(pika.URLParameters(settings.amqp_url)) as amqp:
+    # Idle while the engines run (minutes): without heartbeats, or the broker
+    # drops it before the queues are deleted.
+    params = pika.URLParameters(settings.amqp_url)
+    params.heartbeat = 0
+    with pika.BlockingConnection(params) as amqp:
         ch = amqp.channel()
         try:
             with common.poller(settings.postgres_url, facts) as conn:
