@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 
@@ -177,3 +178,36 @@ def label(column: str) -> str:
 def utc_text(at: datetime) -> str:
     """``at`` as ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC (for timestamp literals)."""
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+class Unit:
+    """The bookkeeping of one write unit of a SQL target (a streaming flush,
+    or a whole batch load): the load time scd2 stamps, a truncate's DELETE
+    before the unit's first row (in the unit's transaction, so readers never
+    see the table empty), and the rows it wrote or changed. Mixed into the
+    targets; ``_open_unit`` is called from their ``__init__``."""
+
+    spec: Any  # the target's spec: its ``mode``
+
+    def _open_unit(self) -> None:
+        self._fresh = True  # no row of the open transaction (unit) written yet
+        self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
+        self._now = datetime.now(UTC)  # the load time of the unit
+
+    def _begin_unit(self, execute: Callable[[str], object], table: str) -> None:
+        """Before the unit's first row: its load time, and a truncate's DELETE."""
+        if self._fresh:
+            self._fresh = False
+            self._now = datetime.now(UTC)
+            if self.spec.mode == "truncate":
+                execute(f"DELETE FROM {table}")
+
+    def _unit_done(self) -> None:
+        self._fresh = True
+        self._rows = 0
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed
