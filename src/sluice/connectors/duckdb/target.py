@@ -19,7 +19,7 @@ from sluice.connectors.api import Position
 from sluice.connectors.duckdb.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import modes, positions
-from sluice.connectors.sql.embedded import check_mode, quote, require_key
+from sluice.connectors.sql.embedded import quote, require_key
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, PositionsMoved
 
@@ -44,7 +44,7 @@ class DuckDBTarget(modes.Unit):
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        check_mode(self.id, spec, self._key)
+        modes.check(self.id, spec, self._key)
         self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True

@@ -433,14 +433,7 @@ class MySQLTarget(modes.Unit):
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        modes.check(
-            self.id,
-            spec.mode,
-            self._key,
-            compare_columns=spec.compare_columns,
-            event_timestamp_column=spec.event_timestamp_column,
-            ttl_seconds=spec.ttl_seconds,
-        )
+        modes.check(self.id, spec, self._key)
         self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True

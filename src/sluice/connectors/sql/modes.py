@@ -53,16 +53,14 @@ SCD2_COLUMNS = tuple(f.name for f in SCD2_FIELDS)
 MODES = ("append", "truncate", "merge", "scd2")
 
 
-def check(
-    target_id: str,
-    mode: str,
-    key: Sequence[str],
-    *,
-    compare_columns: Sequence[str] | None = None,
-    event_timestamp_column: str | None = None,
-    ttl_seconds: int | None = None,
-) -> None:
-    """Refuse a mode and options that do not fit together (at build time)."""
+def check(target_id: str, spec: Any, key: Sequence[str]) -> None:
+    """Refuse a mode and options of a target ``spec`` (its ``mode``,
+    ``compare_columns``, ``event_timestamp_column``, ``ttl_seconds``) that do
+    not fit together with its business ``key`` (at build time)."""
+    mode = spec.mode
+    compare_columns = spec.compare_columns
+    event_timestamp_column = spec.event_timestamp_column
+    ttl_seconds = spec.ttl_seconds
     if mode not in MODES:
         raise ConnectorError(f"{target_id}: unknown mode {mode!r} (one of {', '.join(MODES)})")
     if mode == "scd2" and not key:

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from sluice.connectors.api import Position
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import modes, positions
-from sluice.connectors.sql.embedded import check_mode, quote, require_key
+from sluice.connectors.sql.embedded import quote, require_key
 from sluice.connectors.sqlite.spec import SQLiteTarget as SQLiteTargetSpec
 from sluice.errors import ConnectorError, PositionsMoved
 
@@ -108,7 +108,7 @@ class SQLiteTarget(modes.Unit):
         self._ledger = positions.Ledger(
             positions.SQLITE, quote(positions.TABLE), ctx.pipeline.pipeline_name, self.id
         )
-        check_mode(self.id, spec, self._key)
+        modes.check(self.id, spec, self._key)
         self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True
