@@ -200,14 +200,7 @@ class DeltaTarget:
         self._held: dict[str, Position] = {}  # what the table holds (loaded, then as committed)
         self._defer = spec.flush_rows is not None or spec.flush_interval_ms is not None
         self._last_commit = time.monotonic()
-        modes.check(
-            self.id,
-            spec.mode,
-            self.key,
-            compare_columns=spec.compare_columns,
-            event_timestamp_column=spec.event_timestamp_column,
-            ttl_seconds=spec.ttl_seconds,
-        )
+        modes.check(self.id, spec, self.key)
         self._prepared: pa.Schema | None = None  # a load's schema: truncate writes it even empty
         self._committed_rows = 0  # rows the last commit wrote (scd2: versions inserted + closed)
         if spec.mode == "merge" and not self.key:

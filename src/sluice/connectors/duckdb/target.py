@@ -9,7 +9,7 @@ the target table's schema, in the transaction of the rows
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,14 @@ from sluice.connectors.api import Position
 from sluice.connectors.duckdb.spec import DuckDBTarget as DuckDBTargetSpec
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import modes, positions
-from sluice.connectors.sql.embedded import check_mode, quote, require_key
+from sluice.connectors.sql.embedded import quote, require_key
 from sluice.connectors.sql.types import pg_type
 from sluice.errors import ConnectorError, PositionsMoved
 
 _SEQ = "__sluice_seq"
 
 
-class DuckDBTarget:
+class DuckDBTarget(modes.Unit):
     """Writes batches into one DuckDB table by scanning the Arrow table."""
 
     def __init__(self, spec: DuckDBTargetSpec, ctx: Context, index: int) -> None:
@@ -44,13 +44,10 @@ class DuckDBTarget:
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        check_mode(self.id, spec, self._key)
-        self._fresh = True  # no row of the open transaction (unit) written yet
-        self._rows = 0  # rows written or changed by the open transaction
-        self._committed = 0  # rows the last flush committed
+        modes.check(self.id, spec, self._key)
+        self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True
-        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -187,20 +184,7 @@ class DuckDBTarget:
                     f"ALTER TABLE {self._ident} ADD COLUMN {quote(f.name)} {duck_type(f.type)}"
                 )
                 self._columns.add(f.name)
-        if self._fresh:
-            self._fresh = False
-            self._now = datetime.now(UTC)
-            if self.spec.mode == "truncate":
-                conn.execute(f"DELETE FROM {self._ident}")
-
-    def _unit_done(self) -> None:
-        self._fresh = True
-        self._rows = 0
-
-    def committed_rows(self) -> int:
-        """Rows the last flush committed (append, truncate, merge: written;
-        scd2: versions inserted and closed)."""
-        return self._committed
+        self._begin_unit(conn.execute, self._ident)
 
     def insert_select(self, select_sql: str, *, create: bool = True) -> None:
         """Write the rows of ``select_sql`` (run here) in the mode, inside the

@@ -55,7 +55,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -414,7 +414,7 @@ def _reject(conn: Any, count: int, target_id: str) -> None:
 # -- target -------------------------------------------------------------------
 
 
-class MySQLTarget:
+class MySQLTarget(modes.Unit):
     """Writes batches into one MySQL / MariaDB table."""
 
     def __init__(self, spec: MySQLTargetSpec, ctx: Context, index: int) -> None:
@@ -433,20 +433,10 @@ class MySQLTarget:
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        modes.check(
-            self.id,
-            spec.mode,
-            self._key,
-            compare_columns=spec.compare_columns,
-            event_timestamp_column=spec.event_timestamp_column,
-            ttl_seconds=spec.ttl_seconds,
-        )
-        self._fresh = True  # no row of the open transaction (unit) written yet
-        self._rows = 0  # rows written or changed by the open transaction
-        self._committed = 0  # rows the last flush committed
+        modes.check(self.id, spec, self._key)
+        self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True
-        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -606,20 +596,7 @@ class MySQLTarget:
                     "began; MySQL commits DDL, so they must be in the schema it opens with"
                 )
         self._ensure_table(schema)
-        if self._fresh:
-            self._fresh = False
-            self._now = datetime.now(UTC)
-            if self.spec.mode == "truncate":
-                self._execute(f"DELETE FROM {self._ident}")
-
-    def _unit_done(self) -> None:
-        self._fresh = True
-        self._rows = 0
-
-    def committed_rows(self) -> int:
-        """Rows the last flush committed (append, truncate, merge: written;
-        scd2: versions inserted and closed)."""
-        return self._committed
+        self._begin_unit(self._execute, self._ident)
 
     def insert_select(self, select_sql: str, *, create: bool = True) -> None:
         """Write the rows of ``select_sql`` (run here) in the mode, inside the

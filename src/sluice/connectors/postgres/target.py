@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -119,7 +119,7 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class PostgresTarget:
+class PostgresTarget(modes.Unit):
     """Writes batches into one Postgres table."""
 
     def __init__(self, spec: PostgresTargetSpec, ctx: Context, index: int) -> None:
@@ -139,20 +139,10 @@ class PostgresTarget:
             ctx.pipeline.pipeline_name,
             self.id,
         )
-        modes.check(
-            self.id,
-            spec.mode,
-            self._key,
-            compare_columns=spec.compare_columns,
-            event_timestamp_column=spec.event_timestamp_column,
-            ttl_seconds=spec.ttl_seconds,
-        )
-        self._fresh = True  # no row of the open transaction (unit) written yet
-        self._rows = 0  # rows written or changed by the open transaction
-        self._committed = 0  # rows the last flush committed
+        modes.check(self.id, spec, self._key)
+        self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True
-        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -280,20 +270,7 @@ class PostgresTarget:
                 )
             schema = modes.with_scd2(schema)
         self._ensure_table(schema)
-        if self._fresh:
-            self._fresh = False
-            self._now = datetime.now(UTC)
-            if self.spec.mode == "truncate":
-                self._execute(f"DELETE FROM {self._ident}")
-
-    def _unit_done(self) -> None:
-        self._fresh = True
-        self._rows = 0
-
-    def committed_rows(self) -> int:
-        """Rows the last flush committed (append, truncate, merge: written;
-        scd2: versions inserted and closed)."""
-        return self._committed
+        self._begin_unit(self._execute, self._ident)
 
     def insert_select(self, select_sql: str, *, create: bool = True) -> None:
         """Write the rows of ``select_sql`` (run here) in the mode, inside the

@@ -8,8 +8,6 @@ transaction that ``flush`` commits.
 
 from __future__ import annotations
 
-from sluice.config.base import ModalTarget
-from sluice.connectors.sql import modes
 from sluice.errors import ConnectorError
 
 
@@ -23,18 +21,6 @@ def require_key(target_id: str, mode: str, key: list[str], creating: bool) -> No
     if mode == "merge" and not key:
         where = "[target.table] primary_key to create the table" if creating else "a primary key"
         raise ConnectorError(f'{target_id}: mode = "merge" needs {where}')
-
-
-def check_mode(target_id: str, spec: ModalTarget, key: list[str]) -> None:
-    """Refuse a mode and scd2 options that do not fit together, at build."""
-    modes.check(
-        target_id,
-        spec.mode,  # type: ignore[attr-defined]
-        key,
-        compare_columns=spec.compare_columns,
-        event_timestamp_column=spec.event_timestamp_column,
-        ttl_seconds=spec.ttl_seconds,
-    )
 
 
 def check_cdc_mode(target_id: str, mode: str) -> None:

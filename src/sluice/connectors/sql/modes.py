@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 
@@ -52,16 +53,14 @@ SCD2_COLUMNS = tuple(f.name for f in SCD2_FIELDS)
 MODES = ("append", "truncate", "merge", "scd2")
 
 
-def check(
-    target_id: str,
-    mode: str,
-    key: Sequence[str],
-    *,
-    compare_columns: Sequence[str] | None = None,
-    event_timestamp_column: str | None = None,
-    ttl_seconds: int | None = None,
-) -> None:
-    """Refuse a mode and options that do not fit together (at build time)."""
+def check(target_id: str, spec: Any, key: Sequence[str]) -> None:
+    """Refuse a mode and options of a target ``spec`` (its ``mode``,
+    ``compare_columns``, ``event_timestamp_column``, ``ttl_seconds``) that do
+    not fit together with its business ``key`` (at build time)."""
+    mode = spec.mode
+    compare_columns = spec.compare_columns
+    event_timestamp_column = spec.event_timestamp_column
+    ttl_seconds = spec.ttl_seconds
     if mode not in MODES:
         raise ConnectorError(f"{target_id}: unknown mode {mode!r} (one of {', '.join(MODES)})")
     if mode == "scd2" and not key:
@@ -177,3 +176,36 @@ def label(column: str) -> str:
 def utc_text(at: datetime) -> str:
     """``at`` as ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC (for timestamp literals)."""
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+class Unit:
+    """The bookkeeping of one write unit of a SQL target (a streaming flush,
+    or a whole batch load): the load time scd2 stamps, a truncate's DELETE
+    before the unit's first row (in the unit's transaction, so readers never
+    see the table empty), and the rows it wrote or changed. Mixed into the
+    targets; ``_open_unit`` is called from their ``__init__``."""
+
+    spec: Any  # the target's spec: its ``mode``
+
+    def _open_unit(self) -> None:
+        self._fresh = True  # no row of the open transaction (unit) written yet
+        self._rows = 0  # rows written or changed by the open transaction
+        self._committed = 0  # rows the last flush committed
+        self._now = datetime.now(UTC)  # the load time of the unit
+
+    def _begin_unit(self, execute: Callable[[str], object], table: str) -> None:
+        """Before the unit's first row: its load time, and a truncate's DELETE."""
+        if self._fresh:
+            self._fresh = False
+            self._now = datetime.now(UTC)
+            if self.spec.mode == "truncate":
+                execute(f"DELETE FROM {table}")
+
+    def _unit_done(self) -> None:
+        self._fresh = True
+        self._rows = 0
+
+    def committed_rows(self) -> int:
+        """Rows the last flush committed (append, truncate, merge: written;
+        scd2: versions inserted and closed)."""
+        return self._committed

@@ -16,7 +16,7 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from sluice.connectors.api import Position
 from sluice.connectors.registry import Context
 from sluice.connectors.sql import modes, positions
-from sluice.connectors.sql.embedded import check_mode, quote, require_key
+from sluice.connectors.sql.embedded import quote, require_key
 from sluice.connectors.sqlite.spec import SQLiteTarget as SQLiteTargetSpec
 from sluice.errors import ConnectorError, PositionsMoved
 
@@ -95,7 +95,7 @@ def _arrow_of(declared: str) -> pa.DataType:
     return pa.string()
 
 
-class SQLiteTarget:
+class SQLiteTarget(modes.Unit):
     """Writes batches into one SQLite table (schema is always ``main``)."""
 
     def __init__(self, spec: SQLiteTargetSpec, ctx: Context, index: int) -> None:
@@ -108,13 +108,10 @@ class SQLiteTarget:
         self._ledger = positions.Ledger(
             positions.SQLITE, quote(positions.TABLE), ctx.pipeline.pipeline_name, self.id
         )
-        check_mode(self.id, spec, self._key)
-        self._fresh = True  # no row of the open transaction (unit) written yet
-        self._rows = 0  # rows written or changed by the open transaction
-        self._committed = 0  # rows the last flush committed
+        modes.check(self.id, spec, self._key)
+        self._open_unit()
         #: Whether open() creates the positions table (a batch load keeps no positions).
         self.positions_table = True
-        self._now = datetime.now(UTC)  # the load time of the unit
 
     @property
     def database(self) -> str | None:
@@ -232,20 +229,7 @@ class SQLiteTarget:
                     f"ALTER TABLE {quote(self.table)} ADD COLUMN {quote(f.name)} {sqlite_type(f.type)}"
                 )
                 self._columns.append(f.name)
-        if self._fresh:
-            self._fresh = False
-            self._now = datetime.now(UTC)
-            if self.spec.mode == "truncate":
-                conn.execute(f"DELETE FROM {quote(self.table)}")
-
-    def _unit_done(self) -> None:
-        self._fresh = True
-        self._rows = 0
-
-    def committed_rows(self) -> int:
-        """Rows the last flush committed (append, truncate, merge: written;
-        scd2: versions inserted and closed)."""
-        return self._committed
+        self._begin_unit(conn.execute, quote(self.table))
 
     def _new_stage(self, names: list[str]) -> None:
         conn = self._require()
