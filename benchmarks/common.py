@@ -329,14 +329,16 @@ def verify_events(conn: psycopg.Connection[Any], table: str, ds: Dataset) -> dic
 # ---------------------------------------------------------------- engines
 
 
-def engine_argv(engine: str, toml_path: Path, metrics_port: int | None = None) -> list[str]:
+def engine_argv(
+    engine: str, toml_path: Path, metrics_port: int | None = None, idle_ms: int = 3000
+) -> list[str]:
     """The command that runs ``toml_path`` with ``engine`` (sluice or reference)
-    until stopped; with ``metrics_port``, the engine serves its Prometheus
-    ``/metrics`` there."""
+    until stopped (sluice: by itself after ``idle_ms`` without a row); with
+    ``metrics_port``, the engine serves its Prometheus ``/metrics`` there."""
     if engine == "sluice":
         # The console script next to this interpreter: never /opt/ematix/bin/flow.
         flow = Path(sys.executable).with_name("flow")
-        argv = [str(flow), "consume", str(toml_path), "--stop-after-idle-ms", "3000"]
+        argv = [str(flow), "consume", str(toml_path), "--stop-after-idle-ms", str(idle_ms)]
         return argv if metrics_port is None else [*argv, "--metrics-port", str(metrics_port)]
     if metrics_port is None:
         code = (
