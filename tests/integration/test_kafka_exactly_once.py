@@ -41,7 +41,7 @@ from sluice.connectors.kafka.transactions import TransactionAborted, Transaction
 pytestmark = pytest.mark.integration
 
 SEED = 15
-KILLS = 6
+KILLS = 10  # the acceptance: SIGKILL at 10 random points
 FROZEN_CHECKS = 8  # per run: SIGSTOP at a random moment, check, SIGCONT
 
 
