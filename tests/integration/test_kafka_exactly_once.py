@@ -199,7 +199,7 @@ def test_kafka_to_kafka_killed_mid_stream_commits_every_record_once(
     were each aborted on restart (an abort marker, written when the new
     producer's init_transactions fenced the old one); and a read_uncommitted
     consumer sees those aborted duplicates (the check can fail)."""
-    n = 80_000
+    n = 200_000  # ten runs each read thousands: room to spare on a fast machine
     source, out = kafka_topic(partitions=2, prefix="eos_src"), kafka_topic(1, prefix="eos_out")
     keys = [str(i).encode() for i in range(n)]
     where = [(p, o) for p, o, _ in produce(source, events(n), keys).records]
