@@ -138,30 +138,14 @@ class DuckDBTarget(modes.Unit):
         mode delete the old rows in the open transaction."""
         schema = pa.schema([f for f in schema if f.type != pa.null()])
         if not create:
-            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
-            missing = [f.name for f in want if f.name not in (self._columns or set())]
-            if self._columns is None or missing:
-                raise ConnectorError(
-                    f"{self.id}: "
-                    + (
-                        "the table does not exist"
-                        if self._columns is None
-                        else f"no column(s) {missing}"
-                    )
-                    + " and the load may not create them (create = false)"
-                )
+            self._require_columns(schema, self._columns)
         self._tx()
         self._begin(schema)
 
     def _begin(self, schema: pa.Schema) -> None:
         """Make the table fit ``schema``; at a unit's first write, begin it."""
         conn = self._tx()
-        if self.spec.mode == "scd2":
-            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
-            if clash:
-                raise ConnectorError(
-                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
-                )
+        schema = self._with_scd2(schema)
         if self._columns is None:
             require_key(self.id, self.spec.mode, self._key, creating=True)
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote(self.schema)}")
@@ -176,8 +160,6 @@ class DuckDBTarget(modes.Unit):
                 keys = ", ".join(quote(k) for k in self._key)
                 conn.execute(f"ALTER TABLE {self._ident} ADD PRIMARY KEY ({keys})")
             self._columns = set(schema.names)
-        if self.spec.mode == "scd2":
-            schema = modes.with_scd2(schema)
         for f in schema:
             if f.name not in self._columns:
                 conn.execute(

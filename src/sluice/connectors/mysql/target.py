@@ -562,32 +562,14 @@ class MySQLTarget(modes.Unit):
         try:
             if not create:
                 self._reflect()
-                want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
-                cols = self._columns or {}
-                missing = [f.name for f in want if f.name.lower() not in cols]
-                if self._columns is None or missing:
-                    raise ConnectorError(
-                        f"{self.id}: "
-                        + (
-                            "the table does not exist"
-                            if self._columns is None
-                            else f"no column(s) {missing}"
-                        )
-                        + " and the load may not create them (create = false)"
-                    )
+                self._require_columns(schema, self._columns, fold=True)
             self._begin(schema)
         except pymysql.Error as exc:
             self._fail(exc)
 
     def _begin(self, schema: pa.Schema) -> None:
         """Make the table fit ``schema``; at a unit's first write, begin it."""
-        if self.spec.mode == "scd2":
-            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
-            if clash:
-                raise ConnectorError(
-                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
-                )
-            schema = modes.with_scd2(schema)
+        schema = self._with_scd2(schema)
         if not self._fresh and self.spec.mode in ("truncate", "scd2") and self._columns is not None:
             added = [f.name for f in schema if f.name.lower() not in self._columns]
             if added:  # DDL would commit the rows deleted / closed so far

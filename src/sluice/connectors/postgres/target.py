@@ -243,18 +243,7 @@ class PostgresTarget(modes.Unit):
         mode delete the old rows in the open transaction."""
         if not create:
             self._reflect()
-            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
-            missing = [f.name for f in want if self._columns is None or f.name not in self._columns]
-            if self._columns is None or missing:
-                raise ConnectorError(
-                    f"{self.id}: "
-                    + (
-                        "the table does not exist"
-                        if self._columns is None
-                        else f"no column(s) {missing}"
-                    )
-                    + " and the load may not create them (create = false)"
-                )
+            self._require_columns(schema, self._columns)
         try:
             self._begin(_create_schema(ingestable(schema.empty_table()).schema, schema))
         except adbc_driver_manager.Error as exc:
@@ -262,13 +251,7 @@ class PostgresTarget(modes.Unit):
 
     def _begin(self, schema: pa.Schema) -> None:
         """Make the table fit ``schema``; at a unit's first write, begin it."""
-        if self.spec.mode == "scd2":
-            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
-            if clash:
-                raise ConnectorError(
-                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
-                )
-            schema = modes.with_scd2(schema)
+        schema = self._with_scd2(schema)
         self._ensure_table(schema)
         self._begin_unit(self._execute, self._ident)
 

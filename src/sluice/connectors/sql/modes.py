@@ -186,6 +186,7 @@ class Unit:
     targets; ``_open_unit`` is called from their ``__init__``."""
 
     spec: Any  # the target's spec: its ``mode``
+    id: str
 
     def _open_unit(self) -> None:
         self._fresh = True  # no row of the open transaction (unit) written yet
@@ -200,6 +201,29 @@ class Unit:
             self._now = datetime.now(UTC)
             if self.spec.mode == "truncate":
                 execute(f"DELETE FROM {table}")
+
+    def _require_columns(self, schema: pa.Schema, columns: Any, fold: bool = False) -> None:
+        """A load that may not create (``create = false``): the table
+        (``columns``: its column names, ``None`` when it does not exist) must
+        have every column of ``schema`` (and scd2's); ``fold``: compare
+        lower-cased names (MySQL)."""
+        want = with_scd2(schema) if self.spec.mode == "scd2" else schema
+        have = columns or ()
+        missing = [f.name for f in want if (f.name.lower() if fold else f.name) not in have]
+        if columns is None or missing:
+            what = "the table does not exist" if columns is None else f"no column(s) {missing}"
+            raise ConnectorError(
+                f"{self.id}: {what} and the load may not create them (create = false)"
+            )
+
+    def _with_scd2(self, schema: pa.Schema) -> pa.Schema:
+        """``schema`` with the columns scd2 maintains (refused in the rows)."""
+        if self.spec.mode != "scd2":
+            return schema
+        clash = [n for n in SCD2_COLUMNS if n in schema.names]
+        if clash:
+            raise ConnectorError(f"{self.id}: the rows carry {clash}, which scd2 maintains itself")
+        return with_scd2(schema)
 
     def _unit_done(self) -> None:
         self._fresh = True

@@ -186,30 +186,13 @@ class SQLiteTarget(modes.Unit):
         mode delete the old rows in the open transaction."""
         schema = pa.schema([f for f in schema if f.type != pa.null()])
         if not create:
-            want = modes.with_scd2(schema) if self.spec.mode == "scd2" else schema
-            missing = [f.name for f in want if f.name not in (self._columns or [])]
-            if self._columns is None or missing:
-                raise ConnectorError(
-                    f"{self.id}: "
-                    + (
-                        "the table does not exist"
-                        if self._columns is None
-                        else f"no column(s) {missing}"
-                    )
-                    + " and the load may not create them (create = false)"
-                )
+            self._require_columns(schema, self._columns)
         self._begin(schema)
 
     def _begin(self, schema: pa.Schema) -> None:
         """Make the table fit ``schema``; at a unit's first write, begin it."""
         conn = self._require()
-        if self.spec.mode == "scd2":
-            clash = [n for n in modes.SCD2_COLUMNS if n in schema.names]
-            if clash:
-                raise ConnectorError(
-                    f"{self.id}: the rows carry {clash}, which scd2 maintains itself"
-                )
-            schema = modes.with_scd2(schema)
+        schema = self._with_scd2(schema)
         if self._columns is None:
             require_key(self.id, self.spec.mode, self._key, creating=True)
             defs = [f"{quote(f.name)} {sqlite_type(f.type)}" for f in schema]
