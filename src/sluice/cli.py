@@ -251,6 +251,9 @@ def _cmd_consume(args: argparse.Namespace) -> int:
     if args.no_drain and args.stop_after_idle_ms is None:
         raise UsageError("--no-drain needs --stop-after-idle-ms (it shapes that stop)")
     spec, functions, origin = _load(args)
+    from sluice.engine import memory
+
+    memory.tune()  # before any thread starts (the metrics server's is the first)
     if spec.transform is not None and spec.transform.udf_modules:
         collect(functions, spec.transform.udf_modules, origin)
     if args.metrics_port is not None:
