@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Collection
 from typing import Any
 
@@ -50,6 +51,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the e
 
 log = logging.getLogger(__name__)
 
+#: Most messages one poll asks for (a batch is one or more polls).
+_CHUNK = 10_000
 _REVOKE_WAIT_S = 30.0  # longest a revoke waits for the batch in flight to be committed
 # Commit failures that mean "you no longer own this partition": the rows were
 # written, the new owner re-reads them (at least once), so they are not fatal.
@@ -138,6 +141,9 @@ class KafkaSource:
         self.wait_on_revoke = True  # off when offsets are held back (windows)
         self.track_partitions = False  # name each row's partition (per-partition watermarks)
         self.epoch = 0  # partition assignments so far
+        # Mean value size of the last poll (bytes): how many messages the next
+        # poll may ask for within max_batch_bytes. A guess before the first.
+        self._mean_bytes = 1024
 
     # -- lifecycle --------------------------------------------------------
 
@@ -154,12 +160,20 @@ class KafkaSource:
                 "auto.offset.reset": self.spec.auto_offset_reset,
                 "session.timeout.ms": session_ms,
                 "heartbeat.interval.ms": max(100, session_ms // 4),
-                # Prefetch deep: librdkafka's defaults (100k messages, 1 MiB per
-                # partition fetch) cap a consumer near 200k msgs/s on a fast
-                # broker; these reach ~1M msgs/s. Memory stays bounded by
-                # queued.max.messages.kbytes (64 MiB by default).
-                "queued.min.messages": 1_000_000,
-                "max.partition.fetch.bytes": 10 << 20,
+                # Prefetch (the read-ahead librdkafka does) bounded by bytes.
+                # Measured on 1M events (benchmarks/results/kafka_to_postgres-ab-*):
+                # its defaults (64 MiB, 1M messages) held ~150 MB more than
+                # these, for no more throughput; below them a fetch that finds
+                # the queue full backs off for fetch.queue.backoff.ms (1 s by
+                # default, which halved the throughput: 20 ms here).
+                "queued.min.messages": 50_000,
+                "queued.max.messages.kbytes": 8 << 10,
+                "max.partition.fetch.bytes": 2 << 20,
+                "fetch.max.bytes": 8 << 20,
+                "fetch.queue.backoff.ms": 20,
+                # A broker answers a fetch with nothing new after this long
+                # (librdkafka: 500 ms, which a slow stream's rows then wait).
+                "fetch.wait.max.ms": 50,
                 # librdkafka logs through Python logging only on errors.
                 "log_level": 3,
             }
@@ -259,10 +273,9 @@ class KafkaSource:
     def _fetch(self, timeout_s: float) -> tuple[ck.Consumer, list[Any]]:
         """The messages of one consume call, without errors and revoked partitions."""
         consumer = self._require()
-        wait = min(timeout_s, self.spec.max_batch_wait_ms / 1000)
         self._revoked.clear()
         try:
-            msgs = consumer.consume(num_messages=self.spec.max_batch_rows, timeout=wait)
+            msgs = self._consume(consumer, min(timeout_s, self.spec.max_batch_wait_ms / 1000))
         except ck.KafkaException as exc:
             raise TransientError(f"kafka consume from {self.id}: {exc}") from exc
         good = msgs
@@ -289,6 +302,41 @@ class KafkaSource:
                 if partition_key(m.topic() or "", m.partition() or 0) in self._assigned
             ]
         return consumer, good
+
+    def _consume(self, consumer: ck.Consumer, wait_s: float) -> list[Any]:
+        """The messages of one batch (errors and end-of-partition events included).
+
+        Adaptive: the batch is handed on when it holds ``max_batch_rows``
+        messages or ``max_batch_bytes`` of values; when a poll of
+        ``batch_linger_ms`` brought fewer messages than it asked for (the
+        stream is not backlogged: what is here waits no longer); or after
+        ``wait_s``. A backlog therefore reads full batches at once, a slow
+        stream's rows wait about ``batch_linger_ms``. A poll asks for at most
+        :data:`_CHUNK` messages and for no more than the bytes left at the
+        values' mean size so far, so a batch ends near ``max_batch_bytes``.
+        """
+        spec = self.spec
+        rows, max_bytes = spec.max_batch_rows, spec.max_batch_bytes
+        linger = spec.batch_linger_ms / 1000
+        deadline = time.monotonic() + wait_s
+        msgs: list[Any] = []
+        size = 0
+        data = False  # a message among msgs (not only end-of-partition events)
+        while True:
+            ask = min(rows - len(msgs), _CHUNK, -(-(max_bytes - size) // self._mean_bytes))
+            left = deadline - time.monotonic()
+            got = consumer.consume(num_messages=ask, timeout=max(0.0, min(linger, left)))
+            if got:
+                msgs += got
+                got_bytes = sum(map(len, got))  # len(message): its value's bytes
+                size += got_bytes
+                self._mean_bytes = max(1, (got_bytes + len(got) - 1) // len(got))
+            if len(msgs) >= rows or size >= max_bytes or left <= linger:
+                return msgs
+            if len(got) == ask:
+                data = True
+            elif data or any(m.error() is None for m in got):
+                return msgs
 
     def partition_counts(self, timeout_s: float = 30) -> dict[str, int]:
         """The number of partitions of each topic this source reads (broker metadata)."""

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from sluice.config.base import NonEmptyStr, PositiveMs, SourceSpec, doc
+from sluice.config.base import NonEmptyStr, PositiveInt, PositiveMs, SourceSpec, doc
 from sluice.config.payload import EncodedTargetSpec
 
 # The connection keys both the source and the target take.
@@ -72,6 +72,18 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
     librdkafka: Annotated[
         dict[str, str | int | bool], doc("(ours) extra librdkafka properties, e.g. fetch.max.bytes")
     ] = msgspec.field(default_factory=dict)
+    max_batch_bytes: Annotated[
+        PositiveInt,
+        doc("(ours) most message bytes (values) read into one batch, besides max_batch_rows"),
+    ] = 8 << 20
+    batch_linger_ms: Annotated[
+        PositiveMs,
+        doc(
+            "(ours) a batch that is not full is handed on once no more messages "
+            "came within this long: small batches when the stream is slow, full "
+            "ones when it is backlogged (max_batch_wait_ms bounds the whole read)"
+        ),
+    ] = 50
 
     def derived_keys(self, pipeline_name: str) -> dict[str, Any]:
         """The consumer group defaults to the pipeline name."""
