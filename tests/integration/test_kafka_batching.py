@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from tests import endpoints
@@ -16,6 +17,8 @@ from tests.integration.conftest import unique
 from sluice.config import load_text
 from sluice.connectors import registry
 from sluice.connectors.kafka.source import KafkaSource
+
+pytestmark = pytest.mark.integration
 
 
 def _topic(partitions: int = 2) -> str:

@@ -88,6 +88,27 @@ def test_assignment_starts_the_clock_and_a_revoked_partition_stops_counting() ->
     assert marks.global_us() == T0 + 30
 
 
+def test_a_claimed_partition_assigned_elsewhere_holds_the_watermark() -> None:
+    # A killed predecessor's consumer holds t:1 until its session times out:
+    # the range assignor gave this process t:0 only. t:1 is the pipeline's all
+    # the same, and its rows must not be late when it comes back.
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.claim("k", ["t:0", "t:1"])
+    marks.assign("k", ["t:0"])
+    marks.report_lag("k", {"t:0": 0})
+    marks.observe("k", _ts(T0 + 50), _parts("t:0"), ["t:0"])
+    clock[0] = 3_600.0  # not measured (not assigned here): never idle
+    marks.observe("k", _ts(T0 + 60), _parts("t:0"), ["t:0"])
+    assert marks.global_us() is None
+    marks.assign("k", ["t:0", "t:1"])  # the dead member left: t:1 comes back
+    marks.observe("k", _ts(T0 + 7), _parts("t:1"), ["t:0", "t:1"])
+    assert marks.global_us() == T0 + 7
+    marks.reset()  # a read-again measures afresh: the claim stays
+    marks.observe("k", _ts(T0 + 90), _parts("t:0"), ["t:0"])
+    assert marks.global_us() is None
+
+
 def test_a_source_reporting_a_backlog_is_not_idle() -> None:
     clock = [0.0]
     marks = Watermarks(["a", "b"], idle_after_ms=1_000, clock=lambda: clock[0])

@@ -273,6 +273,8 @@ class Runner:
                 partitioned.track(row_partitions=self._timed is not None, wait_on_revoke=not held)
             for source in self.sources:
                 await asyncio.to_thread(source.open, resume.get(source.id))
+            if self._timed is not None and not self._replicas:
+                await self._claim_partitions()
             m.UP.labels(self.name).set(1)
             while not self.stop.is_set():
                 if not await self._iteration():
@@ -297,6 +299,25 @@ class Runner:
                 await asyncio.to_thread(quietly, self._timed.close)
             if self._store is not None:
                 await asyncio.to_thread(self._store.close)
+
+    async def _claim_partitions(self) -> None:
+        """Every partition of the sources' topics holds the watermark, assigned
+        to this process or not yet (see :meth:`Watermarks.claim`): a pipeline
+        not run as replicas owns them all. Sources that cannot list their
+        partitions are left to their assignment."""
+        for source in self._partitioned:
+            counts = getattr(source, "partition_counts", None)
+            if counts is None:
+                continue
+            try:
+                per_topic: dict[str, int] = await asyncio.to_thread(counts)
+            except SluiceError as exc:  # metadata not there yet: the assignment decides
+                log.debug("source %s: partitions not listed: %s", source.id, exc)
+                continue
+            self._wm.claim(
+                source.id,
+                [f"{topic}:{p}" for topic, n in per_topic.items() for p in range(n)],
+            )
 
     async def _read(self) -> list[Batch | None]:
         wait_s = min(s.max_batch_wait_ms for s in self.spec.all_sources) / 1000

@@ -110,6 +110,21 @@ class Watermarks:
         self._max: dict[tuple[str, str], int] = {}
         self._lag: dict[str, Mapping[str, int]] = {}  # source -> records behind, per partition
         self._global: int | None = None
+        self._claimed: dict[str, frozenset[str]] = {}  # source -> partitions always counted
+
+    def claim(self, source_id: str, partitions: Iterable[str]) -> None:
+        """``partitions`` of ``source_id`` are this pipeline's whatever the
+        assignment says: each holds the watermark while it is not assigned
+        too (it delivers when it comes back, or goes idle like any other).
+
+        A pipeline that is not run as replicas reads every partition of its
+        topics; one briefly assigned elsewhere (the consumer of a killed
+        predecessor until its session times out, a rebalance between the
+        consumers of two sources) must not let the others run the watermark
+        ahead: its rows would be late when it comes back.
+        """
+        self._claimed[source_id] = frozenset(partitions)
+        self.assign(source_id, ())
 
     def assign(self, source_id: str, partitions: Iterable[str]) -> None:
         """``source_id`` reads ``partitions`` now (its whole assignment).
@@ -118,7 +133,7 @@ class Watermarks:
         left stops counting. An empty assignment (a consumer still joining)
         changes nothing: the source as a whole holds until it has one.
         """
-        keep = set(partitions)
+        keep = set(partitions) | self._claimed.get(source_id, frozenset())
         if not keep:
             return
         now = self._clock()
