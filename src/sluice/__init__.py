@@ -7,7 +7,16 @@ typed connections (:func:`run_streaming_pipeline`, ``@sluice.connection``,
 ``@sluice.streaming_pipeline``; see :mod:`sluice.api`).
 """
 
+import os as _os
 import sys as _sys
+
+if "pyarrow" not in _sys.modules:
+    # Arrow's C++ default pool (what Acero's group-by and kernels called
+    # without a pool allocate from) is chosen from this variable when pyarrow
+    # loads, and only then: the system allocator returns freed buffers to
+    # glibc instead of keeping them in mimalloc's pages (see
+    # sluice.engine.memory). A value the user set wins.
+    _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from sluice.api import *  # noqa: F403  (the typed API, listed in sluice.api.__all__)
 from sluice.api import __all__ as _api
