@@ -334,11 +334,16 @@ def engine_argv(
 ) -> list[str]:
     """The command that runs ``toml_path`` with ``engine`` (sluice or reference)
     until stopped (sluice: by itself after ``idle_ms`` without a row); with
-    ``metrics_port``, the engine serves its Prometheus ``/metrics`` there."""
+    ``metrics_port``, the engine serves its Prometheus ``/metrics`` there.
+
+    ``BENCH_WRAP`` in the environment (e.g. ``memray run --native -o run.bin``)
+    is put before sluice's command: the allocation profile of the issue-20
+    notes was taken that way."""
     if engine == "sluice":
         # The console script next to this interpreter: never /opt/ematix/bin/flow.
         flow = Path(sys.executable).with_name("flow")
         argv = [str(flow), "consume", str(toml_path), "--stop-after-idle-ms", str(idle_ms)]
+        argv = os.environ.get("BENCH_WRAP", "").split() + argv
         return argv if metrics_port is None else [*argv, "--metrics-port", str(metrics_port)]
     if metrics_port is None:
         code = (
