@@ -234,6 +234,14 @@ class WatermarkSpec(Spec, frozen=True, kw_only=True):
     source_idleness_ms: Annotated[
         PositiveMs, doc("a source silent this long stops holding the watermark back")
     ] = 60_000
+    max_drift_ms: Annotated[
+        Ms,
+        doc(
+            "watermark alignment: a Kafka partition whose event time runs this far ahead of "
+            "the pipeline's watermark stops being fetched until the others catch up "
+            "(bounds window / join state on a backlog); 0 turns it off"
+        ),
+    ] = 300_000
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ state store and handed back to :meth:`Source.open` on restart.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -192,6 +193,18 @@ class Partitioned(Protocol):
     def release_in_flight(self) -> None:
         """The engine will not commit the batches handed out so far (it is
         stopping or reading again): a revoke must not wait for them."""
+
+
+@runtime_checkable
+class Alignable(Protocol):
+    """A partitioned source that can stop fetching some partitions for a while
+    (watermark alignment, ``[watermark] max_drift_ms``)."""
+
+    def align(self, paused: Collection[str]) -> None:
+        """From the next read on, fetch none of ``paused`` (position keys) and
+        every other assigned partition. Nothing is skipped: a partition that
+        is fetched again continues after the last row handed out. Called from
+        the engine's loop while a read may be running on another thread."""
 
 
 @runtime_checkable

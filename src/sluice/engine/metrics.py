@@ -82,6 +82,11 @@ WATERMARK = _gauge("sluice_watermark_seconds", "Global event-time watermark (uni
 SOURCE_WATERMARK = _gauge(
     "sluice_source_watermark_seconds", "Per-source event-time watermark (unix seconds).", "source"
 )
+PARTITIONS_PAUSED = _gauge(
+    "sluice_partitions_paused",
+    "Partitions not fetched because their event time ran ahead (watermark alignment).",
+    "source",
+)
 CONSUMER_LAG = _gauge(
     "sluice_consumer_lag_messages",
     "Messages behind the partition's high watermark.",

@@ -32,6 +32,7 @@ from sluice.config.spec import InMemoryStateStore, PipelineSpec
 from sluice.connectors import registry
 from sluice.connectors.api import (
     EVENT_TS,
+    Alignable,
     Batch,
     Observable,
     Partitioned,
@@ -164,6 +165,10 @@ class Runner:
                 else JoinStage(join, self.name, join.max_buffer_rows)
             )
         self._timed: TimedStage | None = self._window or self._join
+        # Watermark alignment (see Watermarks.ahead): only where a watermark matters.
+        self._drift_us = (wm.max_drift_ms * 1000 if wm else 0) if self._timed else 0
+        self._alignable = [s for s in self.sources if isinstance(s, Alignable)]
+        self._paused: dict[str, set[str]] = {}
         # A durable store (postgres) holds the stage state and the source
         # positions. An in_memory store keeps state in the process, which the
         # window and join stages do anyway: restarts are then safe through the
@@ -368,6 +373,7 @@ class Runner:
                 b.data[self._event_column] if self._event_column in b.data.column_names else None
             )
             self._wm.observe(b.source_id, column, b.row_partitions, b.partitions)
+        self._align()
         decoded = [b for b in batches if b.num_rows]
         result = await self._transform(decoded) if decoded else _Transformed(None)
         letters.extend(result.letters)
@@ -843,6 +849,21 @@ class Runner:
                 m.CONSUMER_LAG.labels(self.name, source.id, part).set(value)
             self._lag_labels[source.id] = set(current)
             self._wm.report_lag(source.id, current)
+
+    def _align(self) -> None:
+        """Pause the partitions that ran ``max_drift_ms`` ahead of the
+        watermark, resume those back within half of it (from the next read on:
+        the read ahead already running is not affected)."""
+        if not self._drift_us or not self._alignable:
+            return
+        ahead = self._wm.ahead(self._drift_us)
+        for source in self._alignable:
+            paused = ahead.get(source.id, set())
+            source.align(paused)  # every round: a rewind resumes what the source paused
+            if paused != self._paused.get(source.id, set()):
+                self._paused[source.id] = paused
+                m.PARTITIONS_PAUSED.labels(self.name, source.id).set(len(paused))
+                log.debug("source %s: paused partitions %s", source.id, sorted(paused))
 
     def _export_watermarks(self) -> None:
         for source in self.sources:

@@ -111,6 +111,7 @@ class Watermarks:
         self._lag: dict[str, Mapping[str, int]] = {}  # source -> records behind, per partition
         self._global: int | None = None
         self._claimed: dict[str, frozenset[str]] = {}  # source -> partitions always counted
+        self._ahead: dict[str, set[str]] = {}  # source -> partitions paused by alignment
 
     def claim(self, source_id: str, partitions: Iterable[str]) -> None:
         """``partitions`` of ``source_id`` are this pipeline's whatever the
@@ -252,6 +253,32 @@ class Watermarks:
                 self._global = mark
         return self._global
 
+    def ahead(self, max_drift_us: int) -> dict[str, set[str]]:
+        """Watermark alignment: per source, the partitions whose own watermark
+        runs more than ``max_drift_us`` ahead of the pipeline's (to be paused),
+        as in Flink's ``withWatermarkAlignment``. A partition stays in until it
+        is no more than half that ahead, so a pause lasts a while. Empty with
+        ``max_drift_us`` 0 or before there is a pipeline watermark.
+
+        The partition that holds the watermark is never ahead of it, so the
+        pipeline always reads something that moves it (or waits for an idle
+        partition's ``source_idleness_ms``, as without alignment).
+        """
+        mark = self.global_us()
+        if max_drift_us <= 0 or mark is None:
+            self._ahead = {}
+            return {}
+        ahead: dict[str, set[str]] = {}
+        for (source, part), top in self._max.items():
+            if not part:
+                continue
+            drift = top - self._lateness_us - mark
+            held = part in self._ahead.get(source, ())
+            if drift > max_drift_us or (held and drift > max_drift_us // 2):
+                ahead.setdefault(source, set()).add(part)
+        self._ahead = ahead
+        return ahead
+
     def reset(self) -> None:
         """Forget every source's and partition's progress and the global
         watermark, as at the start of a run: a replica whose partitions moved
@@ -262,6 +289,7 @@ class Watermarks:
         self._max = {}
         self._lag = {}
         self._global = None
+        self._ahead = {}
 
     def restore(self, watermark_us: int) -> None:
         """Start no lower than ``watermark_us`` (the watermark a previous run stored)."""

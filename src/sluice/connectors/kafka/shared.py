@@ -17,7 +17,7 @@ lock makes one consume call at a time.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -57,6 +57,7 @@ class SharedConsumer:
         self._resume: Position = {}
         self._opened: set[str] = set()
         self._open = False
+        self.paused: dict[str, frozenset[str]] = {}  # per topic: what its view wants paused
 
     def open(self, topic: str, resume: Position | None) -> None:
         """Open the consumer once every view opened (each brings its topic's positions)."""
@@ -143,6 +144,11 @@ class TopicView:
 
     def release_in_flight(self) -> None:
         self._shared.kafka.release_in_flight()
+
+    def align(self, paused: Collection[str]) -> None:
+        """Pause ``paused`` of this topic; the other topics' choices stay."""
+        self._shared.paused[self.id] = frozenset(paused)
+        self._shared.kafka.align(frozenset().union(*self._shared.paused.values()))
 
     def lag(self) -> dict[str, int]:
         prefix = f"{self.id}:"

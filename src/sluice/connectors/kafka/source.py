@@ -144,6 +144,11 @@ class KafkaSource:
         # Mean value size of the last poll (bytes): how many messages the next
         # poll may ask for within max_batch_bytes. A guess before the first.
         self._mean_bytes = 1024
+        # Watermark alignment: the partitions the engine wants paused (set
+        # whole from its thread), and those paused on the consumer (reading
+        # thread only).
+        self._want_paused: frozenset[str] = frozenset()
+        self._paused: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -215,6 +220,10 @@ class KafkaSource:
                 tp.offset = stored
                 self._next[key] = stored
         consumer.assign(partitions)
+        stale = [tp for tp in partitions if partition_key(tp.topic, tp.partition) in self._paused]
+        if stale:  # a fresh assignment starts fetching; align() pauses it again if need be
+            consumer.resume(stale)
+            self._paused -= {partition_key(tp.topic, tp.partition) for tp in stale}
         self._assignment = tuple(sorted(self._assigned))
         self.epoch += 1
         self.connected = True
@@ -235,6 +244,7 @@ class KafkaSource:
             self._assigned.discard(key)
             self._revoked.add(key)
             self._next.pop(key, None)
+            self._paused.discard(key)
         self._assignment = tuple(sorted(self._assigned))
         self._lag = {k: v for k, v in self._lag.items() if k in self._assigned}
         consumer.unassign()
@@ -274,6 +284,8 @@ class KafkaSource:
         """The messages of one consume call, without errors and revoked partitions."""
         consumer = self._require()
         self._revoked.clear()
+        if self._want_paused != self._paused:
+            self._apply_pauses(consumer)
         try:
             msgs = self._consume(consumer, min(timeout_s, self.spec.max_batch_wait_ms / 1000))
         except ck.KafkaException as exc:
@@ -337,6 +349,26 @@ class KafkaSource:
                 data = True
             elif data or any(m.error() is None for m in got):
                 return msgs
+
+    def align(self, paused: Collection[str]) -> None:
+        """See :meth:`sluice.connectors.api.Alignable.align`. librdkafka drops
+        what it prefetched of a paused partition and, on resume, fetches from
+        the offset after the last message it handed out."""
+        self._want_paused = frozenset(paused)
+
+    def _apply_pauses(self, consumer: ck.Consumer) -> None:
+        want = self._want_paused & self._assigned
+        pause = sorted(want - self._paused)
+        resume = sorted(self._paused - want)
+        try:
+            if pause:
+                consumer.pause([ck.TopicPartition(*_split(k)) for k in pause])
+            if resume:
+                consumer.resume([ck.TopicPartition(*_split(k)) for k in resume])
+        except ck.KafkaException as exc:
+            raise TransientError(f"kafka {self.id}: pause / resume: {exc}") from exc
+        self._paused = set(want)
+        log.debug("kafka %s: paused %s, resumed %s", self.id, pause, resume)
 
     def partition_counts(self, timeout_s: float = 30) -> dict[str, int]:
         """The number of partitions of each topic this source reads (broker metadata)."""
@@ -453,6 +485,10 @@ class KafkaSource:
         fetched past that point are discarded by the consumer.
         """
         consumer = self._require()
+        if self._paused:  # fetch from the seek; align() pauses again if need be
+            consumer.resume([ck.TopicPartition(*_split(k)) for k in sorted(self._paused)])
+            self._paused.clear()
+            self._want_paused = frozenset()
         keys = sorted(self._assigned)
         if topics:  # only these topics' partitions (one of several sources sharing the consumer)
             keys = [k for k in keys if _split(k)[0] in topics]
