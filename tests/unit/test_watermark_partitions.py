@@ -134,3 +134,41 @@ def test_event_times_computed_by_sql_raise_each_partition_conservatively() -> No
     assert marks.global_us() == T0 + 3  # t:0 still at T0 + 3
     marks.observe_unaligned("k", _ts(T0 + 60), _parts("t:0"))
     assert marks.global_us() == T0 + 50
+
+
+def test_alignment_pauses_a_partition_far_ahead_until_it_is_within_half_the_drift() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    parts = ["t:0", "t:1"]
+    marks.assign("k", parts)
+    marks.report_lag("k", {"t:0": 1_000, "t:1": 1_000})
+    drift = 1_000
+    assert marks.ahead(drift) == {}  # no watermark yet: nothing to align to
+    marks.observe("k", _ts(T0, T0 + 5_000), _parts("t:0", "t:1"), parts)
+    assert marks.global_us() == T0
+    assert marks.ahead(drift) == {"k": {"t:1"}}  # 5 ms ahead of the watermark, 1 ms allowed
+    marks.report_lag("k", {"t:0": 0, "t:1": 1_000})
+    assert marks.ahead(drift) == {}  # t:0 is caught up: waiting for it would only delay t:1
+    marks.report_lag("k", {"t:0": 1_000, "t:1": 1_000})
+    assert marks.ahead(0) == {}  # 0: alignment off
+    assert marks.ahead(drift) == {"k": {"t:1"}}
+    marks.observe("k", _ts(T0 + 4_200), _parts("t:0"), parts)
+    assert marks.ahead(drift) == {"k": {"t:1"}}  # 800 us ahead: within the drift, not half
+    marks.observe("k", _ts(T0 + 4_600), _parts("t:0"), parts)
+    assert marks.ahead(drift) == {}  # 400 us ahead: resumed
+    marks.observe("k", _ts(T0 + 4_800), _parts("t:0"), parts)
+    assert marks.ahead(drift) == {}  # 200 us: stays resumed (not ahead by more than the drift)
+    # Now t:1 holds the watermark: it is fetched, t:0 ran ahead and waits.
+    marks.observe("k", _ts(T0 + 90_000), _parts("t:0"), parts)
+    assert marks.ahead(drift) == {"k": {"t:0"}}
+    assert marks.global_us() == T0 + 5_000
+    marks.reset()
+    assert marks.ahead(drift) == {}
+
+
+def test_alignment_without_lag_reports_pauses_nothing() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.assign("k", ["t:0", "t:1"])
+    marks.observe("k", _ts(T0, T0 + 5_000), _parts("t:0", "t:1"), ["t:0", "t:1"])
+    assert marks.ahead(1_000) == {}

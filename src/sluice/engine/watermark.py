@@ -257,27 +257,41 @@ class Watermarks:
         """Watermark alignment: per source, the partitions whose own watermark
         runs more than ``max_drift_us`` ahead of the pipeline's (to be paused),
         as in Flink's ``withWatermarkAlignment``. A partition stays in until it
-        is no more than half that ahead, so a pause lasts a while. Empty with
-        ``max_drift_us`` 0 or before there is a pipeline watermark.
+        is no more than half that ahead, so a pause lasts a while.
 
-        The partition that holds the watermark is never ahead of it, so the
-        pipeline always reads something that moves it (or waits for an idle
-        partition's ``source_idleness_ms``, as without alignment).
+        Only while a partition that is not ahead has a backlog (its source
+        reported records left to read): pausing is what lets it catch up. When
+        every partition behind is caught up, waiting would only delay the rows
+        of those ahead (a live stream with a quiet partition), so none is
+        paused. Empty with ``max_drift_us`` 0 or before there is a pipeline
+        watermark.
         """
         mark = self.global_us()
         if max_drift_us <= 0 or mark is None:
             self._ahead = {}
             return {}
         ahead: dict[str, set[str]] = {}
+        behind: list[tuple[str, str]] = [k for k in self._active_at if k not in self._max]
         for (source, part), top in self._max.items():
-            if not part:
-                continue
             drift = top - self._lateness_us - mark
             held = part in self._ahead.get(source, ())
-            if drift > max_drift_us or (held and drift > max_drift_us // 2):
+            if part and (drift > max_drift_us or (held and drift > max_drift_us // 2)):
                 ahead.setdefault(source, set()).add(part)
+            else:
+                behind.append((source, part))
+        if not any(self._backlog(k) for k in behind):
+            ahead = {}
         self._ahead = ahead
         return ahead
+
+    def _backlog(self, key: tuple[str, str]) -> bool:
+        """Records left to read, as last reported (unknown: no)."""
+        lag = self._lag.get(key[0])
+        if lag is None:
+            return False
+        if key[1] == "":
+            return any(v > 0 for v in lag.values())
+        return lag.get(key[1], 0) > 0
 
     def reset(self) -> None:
         """Forget every source's and partition's progress and the global
