@@ -101,3 +101,66 @@ def test_a_paused_partition_is_not_fetched_and_resumes_after_its_last_row() -> N
         source.close()
     assert seen[a] == list(range(N)), "the paused partition skipped or repeated rows"
     assert seen[b] == list(range(2 * N))
+
+
+def test_a_replicas_shared_consumer_pauses_one_topic_and_reads_the_other() -> None:
+    left, right = _topic_with_two_partitions(), _topic_with_two_partitions()
+    for topic in (left, right):
+        for p in (0, 1):
+            _produce(topic, p, range(N))
+    sources = "\n".join(
+        f"""
+[[sources]]
+query = "{t}"
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+auto_offset_reset = "earliest"
+session_timeout_ms = 2000
+max_batch_rows = 100
+batch_linger_ms = 20
+"""
+        for t in (left, right)
+    )
+    spec = load_text(
+        f"""
+pipeline_name = "{unique("p")}"
+{sources}
+[target]
+kind = "sqlite"
+path = "unused.sqlite"
+table = {{ name = "t" }}
+""",
+        "<test>",
+    )
+    views = registry.build_sources(spec.all_sources, registry.Context(spec), shared=True)
+    assert [type(v).__name__ for v in views] == ["TopicView", "TopicView"]
+    for view in views:
+        view.open(None)
+    rows = {left: 0, right: 0}
+    try:
+        views[0].align({f"{left}:0", f"{left}:1"})
+        deadline = time.monotonic() + 60
+        while rows[right] < 2 * N:
+            assert time.monotonic() < deadline, f"read {rows}"
+            for view in views:
+                batch = view.read(0.5)
+                if batch is not None and batch.num_rows:
+                    rows[view.id] += batch.num_rows
+                    view.commit(batch.ack)
+        assert rows[left] < 2 * N, "the paused topic was read whole"
+        views[1].align(())  # the other view's choice does not resume the paused topic
+        for _ in range(4):
+            batch = views[0].read(0.3)
+            assert batch is None or not batch.num_rows, "the paused topic was fetched"
+        views[0].align(())
+        deadline = time.monotonic() + 60
+        while rows[left] < 2 * N:
+            assert time.monotonic() < deadline, f"read {rows} after the resume"
+            batch = views[0].read(0.5)
+            if batch is not None and batch.num_rows:
+                rows[left] += batch.num_rows
+                views[0].commit(batch.ack)
+    finally:
+        for view in views:
+            view.close()
+    assert rows == {left: 2 * N, right: 2 * N}

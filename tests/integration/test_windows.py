@@ -326,6 +326,36 @@ def test_a_tumbling_pipeline_killed_twice_still_equals_duckdb(
     wait_for_table(table, expected(events, "tumbling"), f)
 
 
+def test_a_tightly_aligned_window_pauses_partitions_and_still_equals_duckdb(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    # max_drift_ms 1 s against events seconds to minutes apart: partitions are
+    # paused and resumed all through the backlog (librdkafka drops what it
+    # prefetched of them), and every window still comes out once, exactly.
+    topic = kafka_topic(PARTITIONS)
+    table = unique("win_align")
+    window, key, _ = WINDOWS["tumbling"]
+    events = history(12_000, seed=11, users=120)
+    send(topic, events)
+    toml = (
+        config(topic, table, window, key)
+        .replace("lateness_ms = 5000", "lateness_ms = 5000\nmax_drift_ms = 1000")
+        .replace("max_batch_rows = 700", "max_batch_rows = 200")
+    )
+    f = flow(toml)
+    paused = 0.0
+    deadline = time.monotonic() + 90
+    while f.metric("sluice_rows_consumed_total") < len(events):
+        assert time.monotonic() < deadline, "the backlog was not read within 90 s"
+        paused = max(paused, f.metric("sluice_partitions_paused"))
+        time.sleep(0.05)
+    assert paused > 0, "no partition was ever paused"
+    close_all(topic, max(e["ts_ms"] for e in events))
+    want = expected(events, "tumbling")
+    wait_for_table(table, want, f)
+    assert f.metric("sluice_windows_emitted_total") == len(want)
+
+
 def test_reopen_re_emits_inside_the_allowed_lateness_and_drops_beyond(
     kafka_topic: Callable[..., str], flow: Callable[..., Flow]
 ) -> None:

@@ -235,13 +235,13 @@ class WatermarkSpec(Spec, frozen=True, kw_only=True):
         PositiveMs, doc("a source silent this long stops holding the watermark back")
     ] = 60_000
     max_drift_ms: Annotated[
-        Ms,
+        Ms | None,
         doc(
             "watermark alignment: a Kafka partition whose event time runs this far ahead of "
-            "the pipeline's watermark stops being fetched until the others catch up "
-            "(bounds window / join state on a backlog); 0 turns it off"
+            "the watermark is not fetched while a partition behind it has a backlog; 0: off; "
+            "unset: 300000 for windows, off for joins"
         ),
-    ] = 300_000
+    ] = None
 
 
 # ---------------------------------------------------------------------------
