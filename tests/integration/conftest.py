@@ -149,6 +149,33 @@ def events(n: int, start: int = 0) -> list[bytes]:
     ]
 
 
+def kafka_source(topic: str, **keys: Any) -> Any:
+    """A Kafka source on ``topic`` (a new group, from the earliest offset),
+    built as the engine builds it; ``keys`` are more ``[source]`` keys."""
+    from sluice.config import load_text
+    from sluice.connectors import registry
+
+    extra = "\n".join(f"{k} = {v}" for k, v in keys.items())
+    spec = load_text(
+        f"""
+pipeline_name = "{unique("p")}"
+source_query = "{topic}"
+[source]
+kind = "kafka"
+bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
+auto_offset_reset = "earliest"
+session_timeout_ms = 2000
+{extra}
+[target]
+kind = "sqlite"
+path = "unused.sqlite"
+table = {{ name = "t" }}
+""",
+        "<test>",
+    )
+    return registry.build_source(spec.all_sources[0], registry.Context(spec))
+
+
 @pytest.fixture
 def pg() -> Iterator[psycopg.Connection[Any]]:
     """An autocommit connection to the test Postgres."""

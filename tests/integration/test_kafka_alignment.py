@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from tests import endpoints
-from tests.integration.conftest import unique
+from tests.integration.conftest import kafka_source, unique
 
 from sluice.config import load_text
 from sluice.connectors import registry
@@ -38,25 +38,7 @@ def _produce(topic: str, partition: int, ids: range) -> None:
 
 
 def _source(topic: str) -> KafkaSource:
-    spec = load_text(
-        f"""
-pipeline_name = "{unique("p")}"
-source_query = "{topic}"
-[source]
-kind = "kafka"
-bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
-auto_offset_reset = "earliest"
-session_timeout_ms = 2000
-max_batch_rows = 100
-batch_linger_ms = 20
-[target]
-kind = "sqlite"
-path = "unused.sqlite"
-table = {{ name = "t" }}
-""",
-        "<test>",
-    )
-    source = registry.build_source(spec.all_sources[0], registry.Context(spec))
+    source = kafka_source(topic, max_batch_rows=100, batch_linger_ms=20)
     assert isinstance(source, KafkaSource)
     return source
 

@@ -12,10 +12,8 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from tests import endpoints
-from tests.integration.conftest import unique
+from tests.integration.conftest import kafka_source, unique
 
-from sluice.config import load_text
-from sluice.connectors import registry
 from sluice.connectors.kafka.source import KafkaSource
 
 pytestmark = pytest.mark.integration
@@ -36,25 +34,7 @@ def _produce(topic: str, payloads: list[bytes]) -> None:
 
 
 def _source(topic: str, **keys: Any) -> KafkaSource:
-    extra = "\n".join(f"{k} = {v}" for k, v in keys.items())
-    spec = load_text(
-        f"""
-pipeline_name = "{unique("p")}"
-source_query = "{topic}"
-[source]
-kind = "kafka"
-bootstrap_servers = "{endpoints.KAFKA_BOOTSTRAP}"
-auto_offset_reset = "earliest"
-session_timeout_ms = 2000
-{extra}
-[target]
-kind = "sqlite"
-path = "unused.sqlite"
-table = {{ name = "t" }}
-""",
-        "<test>",
-    )
-    source = registry.build_source(spec.all_sources[0], registry.Context(spec))
+    source = kafka_source(topic, **keys)
     assert isinstance(source, KafkaSource)
     return source
 
