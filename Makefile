@@ -30,11 +30,14 @@ docs: ## regenerate docs/pipeline-toml.md from the spec (after adding or changin
 	$(PY) scripts/gen_docs.py
 
 test: services ## start the services, then run every test but the slow ones
-	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not disruptive"
-	$(PY) -m pytest -m "disruptive and not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not slow and not disruptive and not quarantine"
+	$(PY) -m pytest -m "disruptive and not slow and not quarantine"
 
 test-unit: ## unit tests only (no services)
 	$(PY) -m pytest tests/unit
+
+test-quarantine: services ## the tests of known, open defects (they fail some of the time)
+	$(PY) -m pytest -m quarantine
 
 test-slow: services ## the slow tests only: wall-clock and memory bounds (machine-dependent)
 	$(PY) -m pytest -m slow
@@ -48,4 +51,4 @@ bench: services ## run the benchmarks (sluice beside the reference engine)
 	$(PY) -m benchmarks.kafka_join_to_postgres.run
 	$(PY) -m benchmarks.brokers.rabbitmq_run
 
-.PHONY: help install services stop fmt lint typecheck docs test test-unit test-slow bench
+.PHONY: help install services stop fmt lint typecheck docs test test-unit test-slow test-quarantine bench
