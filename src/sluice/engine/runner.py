@@ -168,7 +168,6 @@ class Runner:
         # Watermark alignment (see Watermarks.ahead): only where a watermark matters.
         self._drift_us = 1000 * _max_drift_ms(wm, self._window is not None, self._join is not None)
         self._alignable = [s for s in self.sources if isinstance(s, Alignable)]
-        self._paused: dict[str, set[str]] = {}
         # A durable store (postgres) holds the stage state and the source
         # positions. An in_memory store keeps state in the process, which the
         # window and join stages do anyway: restarts are then safe through the
@@ -860,10 +859,7 @@ class Runner:
         for source in self._alignable:
             paused = ahead.get(source.id, set())
             source.align(paused)  # every round: a rewind resumes what the source paused
-            if paused != self._paused.get(source.id, set()):
-                self._paused[source.id] = paused
-                m.PARTITIONS_PAUSED.labels(self.name, source.id).set(len(paused))
-                log.debug("source %s: paused partitions %s", source.id, sorted(paused))
+            m.PARTITIONS_PAUSED.labels(self.name, source.id).set(len(paused))
 
     def _export_watermarks(self) -> None:
         for source in self.sources:

@@ -284,7 +284,7 @@ class KafkaSource:
         """The messages of one consume call, without errors and revoked partitions."""
         consumer = self._require()
         self._revoked.clear()
-        if self._want_paused != self._paused:
+        if self._want_paused & self._assigned != self._paused:
             self._apply_pauses(consumer)
         try:
             msgs = self._consume(consumer, min(timeout_s, self.spec.max_batch_wait_ms / 1000))
