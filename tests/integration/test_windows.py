@@ -326,34 +326,66 @@ def test_a_tumbling_pipeline_killed_twice_still_equals_duckdb(
     wait_for_table(table, expected(events, "tumbling"), f)
 
 
-def test_a_tightly_aligned_window_pauses_partitions_and_still_equals_duckdb(
-    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
-) -> None:
-    # max_drift_ms 1 s against events seconds to minutes apart: partitions are
-    # paused and resumed all through the backlog (librdkafka drops what it
-    # prefetched of them), and every window still comes out once, exactly.
-    topic = kafka_topic(PARTITIONS)
-    table = unique("win_align")
+def aligned_tightly(topic: str, table: str) -> str:
+    """A tumbling pipeline aligned at 1 s (``max_drift_ms``) against events seconds
+    to minutes apart: its partitions are paused and resumed all through a backlog
+    (librdkafka drops what it prefetched of a paused one)."""
     window, key, _ = WINDOWS["tumbling"]
-    events = history(12_000, seed=11, users=120)
-    send(topic, events)
-    toml = (
+    return (
         config(topic, table, window, key)
         .replace("lateness_ms = 5000", "lateness_ms = 5000\nmax_drift_ms = 1000")
         .replace("max_batch_rows = 700", "max_batch_rows = 200")
     )
-    f = flow(toml)
+
+
+def most_paused(f: Flow, until: Callable[[], bool], timeout_s: float = 90) -> float:
+    """The largest ``sluice_partitions_paused`` seen, polled until ``until()``."""
     paused = 0.0
-    deadline = time.monotonic() + 90
-    while f.metric("sluice_rows_consumed_total") < len(events):
-        assert time.monotonic() < deadline, "the backlog was not read within 90 s"
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        assert time.monotonic() < deadline, f"not reached within {timeout_s} s"
         paused = max(paused, f.metric("sluice_partitions_paused"))
         time.sleep(0.05)
+    return paused
+
+
+def test_a_tightly_aligned_window_pauses_partitions_and_still_equals_duckdb(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    # Every window still comes out once, exactly.
+    topic = kafka_topic(PARTITIONS)
+    table = unique("win_align")
+    events = history(12_000, seed=11, users=120)
+    send(topic, events)
+    f = flow(aligned_tightly(topic, table))
+    paused = most_paused(f, lambda: f.metric("sluice_rows_consumed_total") >= len(events))
     assert paused > 0, "no partition was ever paused"
     close_all(topic, max(e["ts_ms"] for e in events))
     want = expected(events, "tumbling")
     wait_for_table(table, want, f)
     assert f.metric("sluice_windows_emitted_total") == len(want)
+
+
+def test_a_tightly_aligned_window_killed_while_partitions_wait_equals_duckdb(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    # SIGKILLed twice while partitions are paused: the restarted process reads
+    # them from the committed positions, nothing lost, no window written twice
+    # with other values (the merge target keeps one row per window).
+    topic = kafka_topic(PARTITIONS)
+    table = unique("win_align_kill")
+    events = history(12_000, seed=13, users=120)
+    send(topic, events)
+    toml = aligned_tightly(topic, table)
+    f = flow(toml)
+    for _ in range(2):
+        wait_until(
+            lambda f=f: f.metric("sluice_partitions_paused") > 0, 60, "a partition paused", 0.02
+        )
+        f.kill()
+        f = flow(toml)
+    close_all(topic, max(e["ts_ms"] for e in events))
+    wait_for_table(table, expected(events, "tumbling"), f)
 
 
 def test_reopen_re_emits_inside_the_allowed_lateness_and_drops_beyond(
