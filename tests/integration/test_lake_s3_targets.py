@@ -64,11 +64,22 @@ def keys(bucket: str, prefix: str) -> list[str]:
 
 
 def s3_files_held(bucket: str, prefix: str, name: str) -> int:
-    """The sum of the positions in an S3 file target's newest manifest."""
-    manifests = sorted(k for k in keys(bucket, f"{prefix}/_sluice/{name}/") if k.endswith(".json"))
-    if not manifests:
-        return 0
-    body = s3().get_object(Bucket=bucket, Key=manifests[-1])["Body"].read()
+    """The sum of the positions in an S3 file target's newest manifest (listed
+    again when the target removed the one listed before it was read)."""
+    client = s3()
+    for _ in range(5):
+        manifests = sorted(
+            k for k in keys(bucket, f"{prefix}/_sluice/{name}/") if k.endswith(".json")
+        )
+        if not manifests:
+            return 0
+        try:
+            body = client.get_object(Bucket=bucket, Key=manifests[-1])["Body"].read()
+            break
+        except client.exceptions.NoSuchKey:
+            continue  # superseded between the listing and the read
+    else:
+        raise AssertionError(f"no manifest of {name} stayed long enough to be read")
     positions = json.loads(body)["positions"]
     return sum(int(v) for parts in positions.values() for v in parts.values())
 
