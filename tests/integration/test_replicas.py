@@ -88,12 +88,6 @@ def assert_owned_by(live: list[Flow], schema: str, pipeline: str, partitions: in
     assert any(moved.search(f.output()) for f in live), [f.output() for f in live]
 
 
-@pytest.mark.quarantine(
-    reason="open defect (notes/session-2026-12-07-4.md): 1 run in 3-6 here, every window "
-    "of one partition from an event time on is missing (272 of 3526): the partition the "
-    "killed replica still held for its session timeout, claimed afterwards with another. "
-    "Independent of watermark alignment (also with max_drift_ms = 0)."
-)
 def test_a_window_pipeline_as_three_replicas_with_one_killed_equals_duckdb(
     kafka_topic: Callable[..., str], flow: Callable[..., Flow]
 ) -> None:

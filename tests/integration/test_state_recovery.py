@@ -162,7 +162,13 @@ def wait_for_stored_total(
 
 def send(topic: str, rows: list[dict[str, Any]]) -> dict[str, int]:
     """Produce ``rows`` keyed by ``order_id``; the next offset of every
-    partition written, by partition key.
+    partition written, by partition key (see :func:`sent`)."""
+    return sent(topic, rows)[0]
+
+
+def sent(topic: str, rows: list[dict[str, Any]]) -> tuple[dict[str, int], dict[str, int]]:
+    """Produce ``rows`` keyed by ``order_id``; the next offset and the largest
+    timestamp (ms) of every partition written, by partition key.
 
     Keyed, so every partition gets rows: unkeyed records go through the
     sticky partitioner, which may put a whole small history into one
@@ -175,10 +181,12 @@ def send(topic: str, rows: list[dict[str, Any]]) -> dict[str, int]:
         timestamps_ms=[r["ts_ms"] for r in rows],
     )
     ends: dict[str, int] = {}
-    for part, offset, _ in produced.records:
+    tops: dict[str, int] = {}
+    for part, offset, ts_ms in produced.records:
         key = f"{topic}:{part}"
         ends[key] = max(ends.get(key, 0), offset + 1)
-    return ends
+        tops[key] = max(tops.get(key, ts_ms), ts_ms)
+    return ends, tops
 
 
 def inner_pairs(table: str) -> collections.Counter[tuple[Any, ...]]:
@@ -269,7 +277,8 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
     orders_t, payments_t = kafka_topic(2, "orders"), kafka_topic(2, "payments")
     name = unique("ckpt")
     orders, payments = joins.history(1000, seed=7)
-    ends = {orders_t: send(orders_t, orders), payments_t: send(payments_t, payments)}
+    (o_ends, o_tops), (p_ends, p_tops) = sent(orders_t, orders), sent(payments_t, payments)
+    ends = {orders_t: o_ends, payments_t: p_ends}
     assert all(len(by) == 2 for by in ends.values()), ends  # every partition has rows
     f = flow(join_config(orders_t, payments_t, name, pg_merge_target(name, "left_order_id")))
     total = len(orders) + len(payments)
@@ -297,9 +306,13 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
     assert got["watermark_us"] is not None
     assert got["watermark_us"] <= max(e["ts_ms"] for e in orders + payments) * 1000
     # State rows: the join buffers, one row per source partition, which
-    # restore into a stage holding exactly the rows the gauge reports.
-    keys = {f"join/{t}:{p}" for t in (orders_t, payments_t) for p in range(2)}
-    assert set(got["state"]) == keys
+    # restore into a stage holding exactly the rows the gauge reports; and
+    # the event time each partition reached, its largest one.
+    parts_ = [f"{t}:{p}" for t in (orders_t, payments_t) for p in range(2)]
+    assert set(got["state"]) == {f"{k}/{p}" for k in ("join", "mark") for p in parts_}
+    tops = {p: ms * 1000 for p, ms in {**o_tops, **p_tops}.items()}
+    marks = {p: json.loads(bytes(got["state"][f"mark/{p}"])) for p in parts_}
+    assert {p: set(m.values()) for p, m in marks.items()} == {p: {tops[p]} for p in parts_}
     spec = JoinSpec(
         left_source=orders_t,
         right_source=payments_t,
@@ -311,8 +324,9 @@ def test_a_checkpoint_puts_state_rows_and_offsets_in_postgres(
     def restored() -> JoinStage:
         stage = JoinStage(spec, name)
         stage.open()
-        for blob in store(f"{name}_state", name)["state"].values():
-            stage.restore_blob(bytes(blob))
+        for key, blob in store(f"{name}_state", name)["state"].items():
+            if key.startswith("join/"):
+                stage.restore_blob(bytes(blob))
         return stage
 
     wait_until(
@@ -379,6 +393,49 @@ def test_a_session_pipeline_killed_five_times_resumes_at_stored_positions_and_eq
     windows.wait_for_table(name, windows.expected(events, "session"), f)
     assert_resumed(f, len(events) + windows.PARTITIONS, resumed_at)
     assert f.metric("sluice_windows_emitted_total") > 0
+
+
+def test_a_partition_restored_at_its_end_does_not_hold_the_windows_back(
+    kafka_topic: Callable[..., str], flow: Callable[..., Flow]
+) -> None:
+    # Partition 1 is read to its end, its closing event included, partition 0
+    # only half, and the process is SIGKILLed once that is checkpointed. The
+    # next one reads nothing more from partition 1, so only the event time
+    # the checkpoint stored for it (its mark) lets partition 0's closing event
+    # close every window: as a partition that never delivered, it would hold
+    # the watermark for source_idleness_ms (10 min here).
+    topic = kafka_topic(2)
+    name = unique("wmark")
+    events = windows.history(3000, seed=21, users=30)
+    end = max(e["ts_ms"] for e in events)
+    by_part = [[e for e in events if e["user_id"] % 2 == p] for p in range(2)]
+
+    def closing(p: int) -> dict[str, Any]:
+        ts = end + 2 * windows.HOUR_MS
+        return {
+            "user_id": 100_000 + p,
+            "amount": 1,
+            "page": "/end",
+            "ts_ms": ts,
+            "ts_us": ts * 1000,
+        }
+
+    half = len(by_part[0]) // 2
+    windows.send(topic, [*by_part[1], closing(1)], partition=1)
+    windows.send(topic, by_part[0][:half], partition=0)
+    window, key, _ = windows.WINDOWS["tumbling"]
+    toml = windows.config(topic, name, window, key, store_block(name)).replace(
+        "lateness_ms = 5000", "lateness_ms = 5000\nsource_idleness_ms = 600000"
+    )
+    f = flow(toml)
+    wait_for_stored_total(f"{name}_state", name, len(by_part[1]) + 1 + half, 60, "the checkpoint")
+    f.kill()
+    marks = store(f"{name}_state", name)["state"]
+    assert set(json.loads(bytes(marks[f"mark/{topic}:1"])).values()) == {closing(1)["ts_us"]}
+    f = flow(toml)
+    windows.send(topic, [*by_part[0][half:], closing(0)], partition=0)
+    windows.wait_for_table(name, windows.expected(events, "tumbling"), f)
+    assert f.stop() == 0
 
 
 @pytest.mark.disruptive

@@ -8,6 +8,7 @@ The expected windows come from DuckDB SQL over the same events.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -104,8 +105,10 @@ def test_a_checkpoint_holds_state_positions_and_watermark_and_the_broker_follows
     _run(SPEC, source, target, store)
     cp = store.load("stored")
     assert cp.positions == {"log": {"log:0": 400}}
-    assert set(cp.state) == {"window"} and cp.state["window"]
+    assert set(cp.state) == {"window", "mark"} and cp.state["window"]
     assert cp.watermark_us == max(e["ts"] for e in events) - 5_000_000
+    # The event time the source reached, so a restart starts from there.
+    assert json.loads(cp.state["mark"]) == {"log": max(e["ts"] for e in events)}
     assert source.committed == 400  # the broker commit follows the store commit
     # Every window the watermark closed is out; the open ones are in the state.
     assert _got(target) == _expected(events, cp.watermark_us)

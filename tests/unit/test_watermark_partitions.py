@@ -172,3 +172,62 @@ def test_alignment_without_lag_reports_pauses_nothing() -> None:
     marks.assign("k", ["t:0", "t:1"])
     marks.observe("k", _ts(T0, T0 + 5_000), _parts("t:0", "t:1"), ["t:0", "t:1"])
     assert marks.ahead(1_000) == {}
+
+
+# -- the marks a checkpoint stores -------------------------------------------------
+
+
+def test_a_partition_restored_at_its_end_counts_from_its_stored_event_time() -> None:
+    clock = [0.0]
+    before = _marks(clock, idle_ms=60_000)
+    both = ["t:4", "t:5"]
+    before.assign("k", both)
+    # t:5 delivered everything, its closing event included; t:4 not yet.
+    before.observe("k", _ts(T0, T0 + DAY_US), _parts("t:5", "t:5"), both)
+    before.observe("k", _ts(T0 + 60_000_000), _parts("t:4"), both)
+    stored = before.snapshot()
+    assert set(stored) == {"mark/t:4", "mark/t:5"}
+
+    after = _marks(clock, idle_ms=60_000)  # the process that claims both after a crash
+    after.reset()
+    after.assign("k", both)
+    after.seed(stored)
+    assert after.global_us() == T0 + 60_000_000  # without a single delivery
+    # t:4's closing event: every window closes, t:5 has nothing left to read.
+    after.observe("k", _ts(T0 + DAY_US), _parts("t:4"), both)
+    assert after.global_us() == T0 + DAY_US
+    # Without the marks, t:5 (at its end offset, never delivering) held it.
+    bare = _marks(clock, idle_ms=60_000)
+    bare.assign("k", both)
+    bare.observe("k", _ts(T0 + DAY_US), _parts("t:4"), both)
+    assert bare.global_us() is None
+
+
+def test_a_partition_without_a_stored_mark_still_holds_the_watermark() -> None:
+    clock = [0.0]
+    before = _marks(clock)
+    before.assign("k", ["t:0"])
+    before.observe("k", _ts(T0 + DAY_US), _parts("t:0"), ["t:0"])
+    after = _marks(clock)
+    after.seed(before.snapshot())
+    assert after.global_us() is None  # nothing is assigned yet: the source holds
+    after.assign("k", ["t:0", "t:1"])
+    assert after.global_us() is None  # t:1 has a backlog nobody measured
+    after.observe("k", _ts(T0), _parts("t:1"), ["t:0", "t:1"])
+    assert after.global_us() == T0
+
+
+def test_marks_are_kept_per_owned_partition_and_never_lower_what_was_delivered() -> None:
+    clock = [0.0]
+    marks = _marks(clock)
+    marks.assign("k", ["t:0", "t:1"])
+    marks.observe("k", _ts(T0 + 5, T0 + 9), _parts("t:0", "t:1"), ["t:0", "t:1"])
+    mine = marks.snapshot({"t:1"})
+    assert set(mine) == {"mark/t:1"}
+    again = _marks(clock)
+    again.assign("k", ["t:1"])
+    again.observe("k", _ts(T0 + 20), _parts("t:1"), ["t:1"])
+    again.seed(mine)  # older than what t:1 delivered since: kept as it is
+    assert again.global_us() == T0 + 20
+    again.seed({"window/1": b"not a mark", "mark/t:1": b"{broken"})  # ignored
+    assert again.global_us() == T0 + 20

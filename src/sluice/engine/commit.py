@@ -84,12 +84,12 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
-from sluice.connectors.api import Ack, Batch, Position, Seekable, Source, Target
+from sluice.connectors.api import Ack, Batch, Partitioned, Position, Seekable, Source, Target
 from sluice.connectors.sql.positions import DefersCommits, RecordsPositions, ahead, lowest
 from sluice.engine import metrics as m
 from sluice.engine.retry import STOPPED, Retry, Stopped
 from sluice.engine.stages.base import TimedStage
-from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks
+from sluice.engine.watermark import END_OF_INPUT_US, WatermarkFile, Watermarks, mark_keys
 from sluice.errors import PositionsMoved
 from sluice.state import StateStore
 from sluice.state.base import ClaimingStore, PartitionsMoved
@@ -553,8 +553,10 @@ class Checkpointing:
                     stage.restore(checkpoint.state)
                 # The rows read since the checkpoint are read again: the
                 # watermark they raised goes with them (a join would find
-                # them late against it), and is measured again from there.
+                # them late against it), and is measured again from there,
+                # each partition from the event time it had at the checkpoint.
                 self._wm.reset()
+                self._wm.seed(checkpoint.state)
                 wm = checkpoint.watermark_us
                 if wm is not None:
                     if stage.watermark_us is None or stage.watermark_us < wm:
@@ -586,7 +588,7 @@ class Checkpointing:
         store: ClaimingStore = self._store  # type: ignore[assignment]  # checked by the config
         stage = self._stage
         partitions = list(self._replicas())
-        keys = _keys_for(stage, partitions)
+        keys = sorted({*_keys_for(stage, partitions), *mark_keys(partitions)})
         claimed = await self._retry(
             store, lambda: store.claim(self._pipeline, partitions, keys), "claim"
         )
@@ -606,7 +608,14 @@ class Checkpointing:
                 stage.open()
                 if state:
                     stage.restore(state)
+            # Measured afresh for this assignment, each claimed partition from
+            # the event time it had reached at its checkpoint: one restored
+            # at the end of its records must not hold the others back.
             self._wm.reset()
+            for source in self._sources:
+                if isinstance(source, Partitioned):
+                    self._wm.assign(source.id, source.assignment())
+            self._wm.seed(state)
 
         await asyncio.to_thread(restart)
         if partitions:
@@ -644,8 +653,7 @@ class Checkpointing:
         for b in batches:
             if b.position is not None:
                 self._positions.setdefault(b.source_id, {}).update(b.position)
-        stage = self._stage
-        upserts = {} if stage is None else stage.snapshot()
+        upserts = self._snapshot()
         deletes = self._keys - set(upserts)
         positions = {k: dict(v) for k, v in self._positions.items() if v}
         watermark = self._stored_watermark()
@@ -694,8 +702,7 @@ class Checkpointing:
         if not (self._dirty and (emitted or final or due)):
             return True
         started = time.perf_counter()
-        stage = self._stage
-        upserts = {} if stage is None else await asyncio.to_thread(stage.snapshot)
+        upserts = await asyncio.to_thread(self._snapshot)
         deletes = self._keys - set(upserts)
         positions = {k: dict(v) for k, v in self._positions.items() if v}
         watermark = self._stored_watermark()
@@ -743,6 +750,16 @@ class Checkpointing:
         await self._acknowledge()
         self._positions = {}
         return True
+
+    def _snapshot(self) -> dict[str, bytes]:
+        """The state a checkpoint stores: the stage's, and the event time each
+        partition reached (a replica: of the partitions it owns)."""
+        stage = self._stage
+        if stage is None:
+            return {}
+        upserts = stage.snapshot()
+        upserts.update(self._wm.snapshot(None if self._replicas is None else set(self._owned)))
+        return upserts
 
     def _stored_watermark(self) -> int | None:
         """The stage watermark a checkpoint stores: during a drain (the stage at

@@ -20,9 +20,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,60 @@ class Watermarks:
         """Start no lower than ``watermark_us`` (the watermark a previous run stored)."""
         if self._global is None or watermark_us > self._global:
             self._global = watermark_us
+
+    # -- checkpoints ---------------------------------------------------------------
+
+    def snapshot(self, partitions: Collection[str] | None = None) -> dict[str, bytes]:
+        """The largest event time each source and partition delivered, as
+        state-store keys (see :func:`mark_keys`): ``mark/<partition>`` holds
+        ``{source: µs}`` of that partition, ``mark`` the sources that do not
+        name partitions. Only ``partitions`` (a replica's own) when given.
+
+        A checkpoint stores them with its positions, so a partition restored
+        at the end of what it had (nothing left to read) does not hold the
+        pipeline's watermark back until it idles: it starts where it was
+        (:meth:`seed`), as if the process had not stopped.
+        """
+        by_key: dict[str, dict[str, int]] = {}
+        for (source, part), top in sorted(self._max.items()):
+            if part and partitions is not None and part not in partitions:
+                continue
+            if not part and partitions is not None:
+                continue
+            by_key.setdefault(f"{MARK_KEY}/{part}" if part else MARK_KEY, {})[source] = top
+        return {k: json.dumps(v, sort_keys=True).encode() for k, v in by_key.items()}
+
+    def seed(self, state: Mapping[str, bytes]) -> None:
+        """Load what :meth:`snapshot` stored (other keys are ignored): each
+        partition starts at the event time it had reached, never lower than
+        what it delivered since. Only the event times: a partition holds the
+        watermark from its assignment as always, so one that is not assigned
+        yet (and has no stored mark) still holds it back; a stored partition,
+        once assigned, counts with its stored time until it delivers more."""
+        for key, blob in state.items():
+            if key != MARK_KEY and not key.startswith(f"{MARK_KEY}/"):
+                continue
+            part = key[len(MARK_KEY) + 1 :]
+            try:
+                marks = json.loads(bytes(blob))
+            except ValueError:
+                marks = None
+            if not isinstance(marks, dict):
+                log.warning("state key %s holds no event times; ignored", key)
+                continue
+            for source, top in marks.items():
+                k = (str(source), part)
+                if k not in self._max or int(top) > self._max[k]:
+                    self._max[k] = int(top)
+
+
+MARK_KEY = "mark"
+"""The state keys of :meth:`Watermarks.snapshot`: ``mark`` and ``mark/<partition>``."""
+
+
+def mark_keys(partitions: Iterable[str]) -> set[str]:
+    """The state keys holding the marks of ``partitions`` (a replica's claim)."""
+    return {f"{MARK_KEY}/{p}" for p in partitions}
 
 
 class WatermarkFile:
