@@ -212,6 +212,12 @@ def test_a_replica_whose_partition_was_claimed_since_cannot_commit_it() -> None:
         assert both.generations == {"t:0": 2, "t:1": 3}
         with pytest.raises(PartitionsMoved):  # b's claim is gone too
             b.commit_owned(pipeline, {"window/1": b"B1"}, (), {}, taken.generations)
+        # A claimed key brings the keys under it (a join's buckets), not its namesakes.
+        a.commit_owned(
+            pipeline, {"join/t:1/5": b"j5", "join/t:10/5": b"t10"}, (), {}, both.generations
+        )
+        again = a.claim(pipeline, ["t:1"], ["join/t:1"])
+        assert again.checkpoint.state == {"join/t:1/5": b"j5"}
     finally:
         for store in (a, b):
             store.close()

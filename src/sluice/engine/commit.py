@@ -76,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -505,7 +506,7 @@ class Checkpointing:
         self._owned: dict[str, int] = {}
         self._moved = False
         # The checkpoint the joined target's flush wrote: (version, keys written, keys deleted).
-        self._landed: tuple[int, set[str], set[str]] | None = None
+        self._landed: tuple[int, set[str], set[str], Callable[[], None]] | None = None
         self._sources = list(sources)
         self._stage = stage
         self._wm = watermarks
@@ -514,6 +515,7 @@ class Checkpointing:
         self._interval_s = interval_s
         self._version = 0  # the store's checkpoint version this process continues
         self._keys: set[str] = set()  # state keys the store holds for this pipeline
+        self._sizes: dict[str, int] = {}  # their sizes (bytes), for the state gauge
         self._positions: dict[str, Position] = {}  # since the last checkpoint, merged
         self._acks: dict[str, Ack] = {}  # source id -> ack of its last batch since then
         self._dirty = False  # batches processed (or the watermark moved) since then
@@ -538,6 +540,7 @@ class Checkpointing:
             return STOPPED
         self._version = checkpoint.version
         self._keys = set(checkpoint.state)
+        self._sizes = {k: len(v) for k, v in checkpoint.state.items()}
         self._positions = {}
         self._acks = {}
         self._dirty = False
@@ -596,6 +599,7 @@ class Checkpointing:
             return STOPPED
         self._owned = dict(claimed.generations)
         self._keys = set(claimed.checkpoint.state)
+        self._sizes = {k: len(v) for k, v in claimed.checkpoint.state.items()}
         self._positions, self._acks = {}, {}
         self._dirty = self._moved = False
         self._landed = None
@@ -653,8 +657,8 @@ class Checkpointing:
         for b in batches:
             if b.position is not None:
                 self._positions.setdefault(b.source_id, {}).update(b.position)
-        upserts = self._snapshot()
-        deletes = self._keys - set(upserts)
+        upserts, live, done = self._snapshot()
+        deletes = self._keys - live
         positions = {k: dict(v) for k, v in self._positions.items() if v}
         watermark = self._stored_watermark()
         store: JoinableStore = self._store  # type: ignore[assignment]  # checked by choose()
@@ -670,7 +674,7 @@ class Checkpointing:
                 watermark,
                 expected_version=expected,
             )
-            self._landed = (version, set(upserts), deletes)
+            self._landed = (version, set(upserts), deletes, done)
 
         joined.stage_positions(positions, checkpoint)
 
@@ -687,9 +691,10 @@ class Checkpointing:
         idle, self._fresh = not self._fresh, False
         landed, self._landed = self._landed, None
         if landed is not None:  # the joined target's flush committed this round's checkpoint
-            landed_version, written, deleted = landed
+            landed_version, written, deleted, done = landed
             self._version = landed_version
             self._keys = (self._keys | written) - deleted
+            done()
             self._dirty = False
             self._at = time.monotonic()
             self._positions = {}
@@ -702,8 +707,8 @@ class Checkpointing:
         if not (self._dirty and (emitted or final or due)):
             return True
         started = time.perf_counter()
-        upserts = await asyncio.to_thread(self._snapshot)
-        deletes = self._keys - set(upserts)
+        upserts, live, done = await asyncio.to_thread(self._snapshot)
+        deletes = self._keys - live
         positions = {k: dict(v) for k, v in self._positions.items() if v}
         watermark = self._stored_watermark()
         store = self._store
@@ -742,24 +747,39 @@ class Checkpointing:
             return False
         self._version = version
         self._keys = (self._keys | set(upserts)) - deletes
+        done()
         self._dirty = False
         self._at = time.monotonic()
         m.CHECKPOINTS.labels(self._pipeline).inc()
         m.CHECKPOINT_SECONDS.labels(self._pipeline).observe(time.perf_counter() - started)
-        m.STATE_BYTES.labels(self._pipeline).set(sum(len(v) for v in upserts.values()))
+        for key in deletes:
+            self._sizes.pop(key, None)
+        self._sizes.update((k, len(v)) for k, v in upserts.items())
+        m.STATE_BYTES.labels(self._pipeline).set(sum(self._sizes.values()))
         await self._acknowledge()
         self._positions = {}
         return True
 
-    def _snapshot(self) -> dict[str, bytes]:
-        """The state a checkpoint stores: the stage's, and the event time each
-        partition reached (a replica: of the partitions it owns)."""
+    def _snapshot(self) -> tuple[dict[str, bytes], set[str], Callable[[], None]]:
+        """What a checkpoint stores: the stage's state (a join: only its keys
+        that changed since the last checkpoint, ``snapshot_delta``) and the
+        event time each partition reached (a replica: of the partitions it
+        owns); every key the whole state has (a stored key not among them is
+        deleted); and what to call once the checkpoint is durable."""
         stage = self._stage
         if stage is None:
-            return {}
-        upserts = stage.snapshot()
-        upserts.update(self._wm.snapshot(None if self._replicas is None else set(self._owned)))
-        return upserts
+            return {}, set(), _nothing
+        delta = getattr(stage, "snapshot_delta", None)
+        if delta is None:
+            upserts = stage.snapshot()
+            live = set(upserts)
+            done = _nothing
+        else:
+            upserts, live, token = delta()
+            done = functools.partial(stage.checkpointed, token)  # type: ignore[attr-defined]
+        marks = self._wm.snapshot(None if self._replicas is None else set(self._owned))
+        upserts.update(marks)
+        return upserts, live | set(marks), done
 
     def _stored_watermark(self) -> int | None:
         """The stage watermark a checkpoint stores: during a drain (the stage at
@@ -775,6 +795,10 @@ class Checkpointing:
         for source in self._sources:
             if source.id in self._acks:
                 await _acknowledge(self._pipeline, source, self._acks.pop(source.id))
+
+
+def _nothing() -> None:
+    """Nothing to do once a checkpoint is durable (a stage without deltas)."""
 
 
 def _keys_for(stage: TimedStage | None, partitions: Collection[str]) -> list[str]:

@@ -228,7 +228,8 @@ class ClaimingStore(StateStore, Protocol):
     def claim(self, pipeline: str, partitions: Collection[str], keys: Collection[str]) -> Claimed:
         """Take ``partitions`` (position keys, ``topic:partition``) for this
         process, fencing any replica that held them, and read their positions
-        and the state ``keys`` in the same transaction."""
+        and the state ``keys`` (with every key under one, ``key/...``) in the
+        same transaction."""
         ...
 
     def commit_owned(

@@ -226,8 +226,10 @@ class PostgresStore:
             "SELECT partition, owner, generation FROM {own} "
             "WHERE pipeline = %s AND partition = ANY(%s::text[]) ORDER BY partition FOR UPDATE"
         ).format(**names)
+        # A claim's keys and the keys under them (join/<p>/<bucket> under join/<p>).
         self._q_read_keys = sql.SQL(
-            "SELECT key, value FROM {st} WHERE pipeline = %s AND key = ANY(%s::text[])"
+            "SELECT key, value FROM {st} WHERE pipeline = %s AND (key = ANY(%s::text[]) "
+            "OR EXISTS (SELECT 1 FROM unnest(%s::text[]) AS k(p) WHERE starts_with(key, k.p || '/')))"
         ).format(**names)
         self._q_read_parts = sql.SQL(
             "SELECT source, partition, position_int, position_text FROM {off} "
@@ -518,7 +520,7 @@ class PostgresStore:
                 with conn.cursor(binary=True) as cur:
                     cur.execute(self._q_claim, (pipeline, self.writer, sorted(partitions)))
                     generations = {str(p): int(g) for p, g in cur.fetchall()}
-                    cur.execute(self._q_read_keys, (pipeline, sorted(keys)))
+                    cur.execute(self._q_read_keys, (pipeline, sorted(keys), sorted(keys)))
                     state: dict[str, bytes] = dict(cur.fetchall())
                     cur.execute(self._q_read_parts, (pipeline, sorted(partitions)))
                     positions: dict[str, Position] = {}

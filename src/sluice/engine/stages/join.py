@@ -144,7 +144,10 @@ _MAGIC = b"SJN"
 _VERSION = 1
 _HEADER = struct.Struct("<3sBBqQQ")
 _SIDES = ("left", "right")
-_KEY = "join"  # state key of the rows without a partition; "join/<p>" for partition p
+_KEY = "join"  # state key of the rows without a partition; "join/<p>/<bucket>" for partition p
+#: The smallest event-time bucket of a checkpoint's keys (see JoinStage.snapshot_delta).
+_MIN_BUCKET_US = 60_000_000
+_HEAD = "/head"  # join/<p>/head: a partition's schemas and watermark, no rows
 
 
 @dataclass
@@ -167,12 +170,14 @@ class _Buffer:
 
     ``table`` holds the side's columns in schema order, then ``__partition``
     (string, null when unknown); ``ts`` the event times in µs; ``matched``
-    whether the row has been in at least one emitted pair.
+    whether the row has been in at least one emitted pair; ``part`` the
+    partition as a code of the stage's partition names.
     """
 
     table: pa.Table
     ts: I64
     matched: Mask
+    part: I64  # each row's partition as the stage's code (-1: none), for snapshot keys
 
     @property
     def rows(self) -> int:
@@ -213,6 +218,9 @@ class JoinStage:
         )
         # Rows are kept while wm <= t + reach + L; reach: left hi, right -lo.
         self._keep_us = (self._hi + self._lateness_us, -self._lo + self._lateness_us)
+        # Snapshot keys hold a partition's rows of one event-time bucket, so a
+        # checkpoint rewrites only the buckets that changed (snapshot_delta).
+        self._bucket_us = max(_MIN_BUCKET_US, max(self._keep_us) // 4)
         kind = "inner" if spec.kind == "stream_stream_join" else spec.kind
         self._outer = (
             kind in ("left_outer", "full_outer"),
@@ -227,6 +235,11 @@ class JoinStage:
         self._bufs: list[_Buffer | None] = [None, None]
         self._key_types: list[pa.DataType] | None = None
         self._out: tuple[pa.Schema, pa.Schema, pa.Schema] | None = None  # (left, right, output)
+        # Snapshot keys changed since the last checkpoint -> the change's number.
+        self._dirty: dict[str, int] = {}
+        self._changes = 0
+        self._part_names: list[str] = []  # partition codes (_Buffer.part) -> names
+        self._part_code: dict[str, int] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -299,38 +312,159 @@ class JoinStage:
 
     def snapshot(self) -> dict[str, bytes]:
         """The whole state as state-store keys (see
-        :meth:`sluice.engine.stages.base.StatefulStage.snapshot`): one
-        :meth:`snapshot_blob` per buffered partition, under
-        ``join/<partition>``, and the rows without a partition (none when the
-        run loop tags them, as it does with a state store) under ``join``.
+        :meth:`sluice.engine.stages.base.StatefulStage.snapshot`): the rows of
+        each buffered partition and event-time bucket (``bucket_us`` wide:
+        a quarter of the longest time a row is kept, at least a minute) as a
+        :meth:`snapshot_blob` under ``join/<partition>/<bucket>``, and the rows
+        without a partition (none when the run loop tags them, as it does with
+        a state store) under ``join``.
 
-        A partition without buffered rows has no key: a checkpoint deletes
-        the key it stored for it before. The state is not changed.
+        A bucket without buffered rows has no key: a checkpoint deletes the
+        key it stored for it before. The state is not changed.
         """
         self._require_open()
-        state = {f"{_KEY}/{p}": self.snapshot_blob([p]) for p in sorted(self.partitions())}
-        if any(
-            buf is not None and buf.rows and bool(pc.any(self._unpartitioned(buf.table)).as_py())
-            for buf in self._bufs
-        ):
-            state[_KEY] = self._encode(None, unpartitioned=True)
-        return state
+        rows = self._rows_by_key()
+        return self._encode_keys(sorted(rows), rows)
+
+    def snapshot_delta(self) -> tuple[dict[str, bytes], set[str], int]:
+        """What a checkpoint writes after the previous one: the :meth:`snapshot`
+        keys whose rows changed since (rows buffered, matched or evicted), the
+        keys the whole snapshot has (a stored key not among them is deleted),
+        and a token for :meth:`checkpointed` once the checkpoint is durable.
+
+        A backlog's rows land in new buckets, and eviction empties the oldest
+        ones, so a checkpoint writes about the rows that came since the last
+        one, not every buffered row again. Until :meth:`checkpointed`, every
+        delta still holds the changes (a checkpoint that failed is not lost).
+        """
+        self._require_open()
+        rows = self._rows_by_key()
+        due = [k for k in sorted(rows) if k in self._dirty or k == _KEY or k.endswith(_HEAD)]
+        return self._encode_keys(due, rows), set(rows), self._changes
+
+    def checkpointed(self, token: int) -> None:
+        """The delta of ``token`` (:meth:`snapshot_delta`) is durable: its keys
+        are clean unless they changed again since."""
+        self._dirty = {k: n for k, n in self._dirty.items() if n > token}
 
     def restore(self, state: Mapping[str, bytes]) -> None:
         """Add the rows of a :meth:`snapshot` (possibly merged from several
         stages' partitions) after the rows already buffered, with
-        :meth:`restore_blob` per key ``join`` or ``join/...``, in key order;
-        other keys are ignored. On a :class:`StageError` the state is left as
-        it was before the call."""
+        :meth:`restore_blob` per key ``join`` or ``join/...``, in partition
+        and bucket order; other keys are ignored. Keys of the format before
+        buckets (``join/<partition>``) are restored too, and their rows
+        marked changed, so the next checkpoint stores them by bucket. On a
+        :class:`StageError` the state is left as it was before the call."""
         self._require_open()
         before = (self._wm, list(self._schemas), list(self._bufs), self._key_types)
+        legacy = False
         try:
-            for key in sorted(state):
-                if key == _KEY or key.startswith(f"{_KEY}/"):
-                    self.restore_blob(state[key])
+            for key in sorted((k for k in state if _is_join_key(k)), key=_key_order):
+                legacy = legacy or key.count("/") == 1
+                self.restore_blob(state[key])
         except StageError:
             self._wm, self._schemas, self._bufs, self._key_types = before
             raise
+        if legacy:
+            self._changes += 1
+            self._dirty.update(dict.fromkeys(self._rows_by_key(), self._changes))
+
+    def _rows_by_key(self) -> dict[str, list[I64 | None]]:
+        """Per snapshot key, the buffer rows of each side it holds (``None``: none).
+
+        Beside its buckets, every partition with rows has a head key
+        (``join/<partition>/head``, no rows) that every checkpoint rewrites:
+        it holds the schemas and the watermark, which a bucket that has not
+        changed holds as they were when it was written."""
+        out: dict[str, list[I64 | None]] = {}
+        for side in (0, 1):
+            buf = self._bufs[side]
+            if buf is None or not buf.rows:
+                continue
+            buckets = buf.ts // self._bucket_us
+            order = np.lexsort((buckets, buf.part))  # stable: arrival order within a key
+            c_sorted, b_sorted = buf.part[order], buckets[order]
+            cut = np.flatnonzero((np.diff(c_sorted) != 0) | (np.diff(b_sorted) != 0)) + 1
+            starts = np.concatenate([[0], cut]).tolist()
+            ends = np.concatenate([cut, [len(order)]]).tolist()
+            for start, end in zip(starts, ends, strict=True):
+                code = int(c_sorted[start])
+                key = self._key_name(code, int(b_sorted[start]))
+                if code >= 0:
+                    out.setdefault(f"{_KEY}/{self._part_names[code]}{_HEAD}", [None, None])
+                rows = out.setdefault(key, [None, None])
+                got = order[start:end]
+                held = rows[side]
+                rows[side] = got if held is None else np.sort(np.concatenate([held, got]))
+        return out
+
+    def _key_name(self, code: int, bucket: int) -> str:
+        return f"{_KEY}/{self._part_names[code]}/{bucket}" if code >= 0 else _KEY
+
+    def _codes(self, partitions: pa.Array | pa.ChunkedArray) -> I64:
+        """Each row's partition as a code of this stage's partition names (-1: none)."""
+        if isinstance(partitions, pa.ChunkedArray):
+            partitions = partitions.combine_chunks()
+        if not len(partitions):
+            return np.empty(0, np.int64)
+        encoded = pc.dictionary_encode(partitions)
+        local = [self._code_of(v) for v in encoded.dictionary.to_pylist()]
+        index = np.asarray(_np(encoded.indices.fill_null(-1)), dtype=np.int64)
+        return np.asarray([*local, -1], dtype=np.int64)[index]  # index -1: the last, -1
+
+    def _code_of(self, name: str | None) -> int:
+        if not name:  # null or "": no partition (the key "join")
+            return -1
+        code = self._part_code.get(name)
+        if code is None:
+            code = self._part_code[name] = len(self._part_names)
+            self._part_names.append(name)
+        return code
+
+    def _touch(self, buf: _Buffer, rows: I64 | Mask) -> None:
+        """The snapshot keys of these rows of ``buf`` changed."""
+        if rows.dtype == np.bool_:
+            rows = np.flatnonzero(rows)
+        if not len(rows):
+            return
+        codes, buckets = buf.part[rows], buf.ts[rows] // self._bucket_us
+        low = int(buckets.min())
+        span = int(buckets.max()) - low + 1
+        pairs = np.unique((codes + 1) * span + (buckets - low))  # codes from -1
+        self._changes += 1
+        for pair in pairs.tolist():
+            code, bucket = divmod(pair, span)
+            self._dirty[self._key_name(code - 1, bucket + low)] = self._changes
+
+    def _encode_keys(self, keys: list[str], rows: dict[str, list[I64 | None]]) -> dict[str, bytes]:
+        """The blob of each of ``keys`` (rows per side from :meth:`_rows_by_key`):
+        one take per side for all of them, then a slice per key."""
+        if not keys:
+            return {}
+        taken: list[tuple[pa.Table, Mask, list[int]] | None] = []
+        for side in (0, 1):
+            schema, buf = self._schemas[side], self._bufs[side]
+            if schema is None:
+                taken.append(None)
+                continue
+            buf = buf or _empty_buffer(schema)
+            parts = [rows[k][side] for k in keys]
+            sizes = [0 if r is None else len(r) for r in parts]
+            index = np.concatenate([r for r in parts if r is not None] or [np.empty(0, np.int64)])
+            table = buf.table.take(pa.array(index, pa.int64()))
+            taken.append((table, buf.matched[index], np.cumsum([0, *sizes]).tolist()))
+        out: dict[str, bytes] = {}
+        for i, key in enumerate(keys):
+            pieces: list[tuple[pa.Table, Mask] | None] = []
+            for got in taken:
+                if got is None:
+                    pieces.append(None)
+                    continue
+                table, matched, at = got
+                n = at[i + 1] - at[i]
+                pieces.append((table.slice(at[i], n), matched[at[i] : at[i] + n]))
+            out[key] = self._blob(pieces)
+        return out
 
     def snapshot_blob(self, partitions: Collection[str] | None = None) -> bytes:
         """The buffers, their "matched" flags, the side schemas and the watermark,
@@ -352,22 +486,44 @@ class JoinStage:
         """The rows of ``partitions`` (``None``: every row, or with
         ``unpartitioned`` only the rows without a partition) as one blob."""
         parts = None if partitions is None else pa.array(sorted(partitions), pa.string())
-        blobs = []
+        rows: list[I64 | None] = [None, None]
+        for side in (0, 1):
+            buf = self._bufs[side]
+            if buf is None or not buf.rows:
+                continue
+            keep = None
+            if parts is not None:
+                keep = pc.is_in(buf.table[PARTITION], value_set=parts).fill_null(False)
+            elif unpartitioned:
+                keep = self._unpartitioned(buf.table)
+            everything = np.arange(buf.rows, dtype=np.int64)
+            rows[side] = everything if keep is None else np.flatnonzero(_np(keep).astype(np.bool_))
+        pieces: list[tuple[pa.Table, Mask] | None] = []
         for side in (0, 1):
             schema, buf = self._schemas[side], self._bufs[side]
             if schema is None:
+                pieces.append(None)
+                continue
+            buf = buf or _empty_buffer(schema)
+            index = rows[side]
+            if index is None:
+                index = np.empty(0, np.int64)
+            if len(index) == buf.rows:
+                pieces.append((buf.table, buf.matched))
+            else:
+                pieces.append((buf.table.take(pa.array(index, pa.int64())), buf.matched[index]))
+        return self._blob(pieces)
+
+    def _blob(self, pieces: list[tuple[pa.Table, Mask] | None]) -> bytes:
+        """Each side's rows and their flags (``None``: its schema is unknown),
+        with the schemas and the watermark, as one blob."""
+        blobs = []
+        for side, piece in enumerate(pieces):
+            schema = self._schemas[side]
+            if piece is None or schema is None:
                 blobs.append(b"")
                 continue
-            table = _empty_buffer(schema).table if buf is None else buf.table
-            matched = np.zeros(0, np.bool_) if buf is None else buf.matched
-            keep = None
-            if parts is not None and table.num_rows:
-                keep = pc.is_in(table[PARTITION], value_set=parts).fill_null(False)
-            elif unpartitioned and table.num_rows:
-                keep = self._unpartitioned(table)
-            if keep is not None:
-                table = table.filter(keep)
-                matched = matched[_np(keep).astype(np.bool_)]
+            table, matched = piece
             table = table.append_column("matched", pa.array(matched, pa.bool_()))
             blobs.append(_ipc(table, schema.names))
         wm = self._wm
@@ -435,6 +591,7 @@ class JoinStage:
                     pa.concat_tables([old.table, add[0]]),
                     np.concatenate([old.ts, add[1]]),
                     np.concatenate([old.matched, add[2]]),
+                    np.concatenate([old.part, self._codes(add[0][PARTITION])]),
                 )
             )
         self._check_cap(sum(b.rows for b in bufs if b is not None), bufs)
@@ -483,7 +640,9 @@ class JoinStage:
                     late[side] = np.flatnonzero(~ok).astype(np.int64)
                     table, ts = table.filter(pa.array(ok)), ts[ok]
             if len(ts):
-                new[side] = _Buffer(table, ts, np.zeros(len(ts), np.bool_))
+                new[side] = _Buffer(
+                    table, ts, np.zeros(len(ts), np.bool_), self._codes(table[PARTITION])
+                )
         key_types = self._resolve_keys(schemas)
         # every side's buffer (old rows, then the accepted new ones)
         both: list[_Buffer | None] = [None, None]
@@ -500,15 +659,18 @@ class JoinStage:
                     pa.concat_tables([old.table, add.table]),
                     np.concatenate([old.ts, add.ts]),
                     np.concatenate([old.matched, add.matched]),
+                    np.concatenate([old.part, add.part]),
                 )
         li, ri = self._match(both, new, n_old, key_types)
+        flagged: list[I64] = [np.empty(0, np.int64), np.empty(0, np.int64)]
         if len(li):
             for side, idx in ((0, li), (1, ri)):
                 buf = both[side]
                 assert buf is not None  # it holds a row of a pair
+                flagged[side] = idx[~buf.matched[idx]]
                 matched = buf.matched.copy()
                 matched[idx] = True
-                both[side] = _Buffer(buf.table, buf.ts, matched)
+                both[side] = _Buffer(buf.table, buf.ts, matched, buf.part)
         # eviction
         if wm_new is not None:
             wm = wm_new if wm is None else max(wm, wm_new)
@@ -536,6 +698,11 @@ class JoinStage:
         # -- nothing below raises: commit ------------------------------------------
         for side in (0, 1):
             buf, g = both[side], gone[side]
+            if buf is not None:  # the snapshot keys whose rows change
+                self._touch(buf, np.arange(n_old[side], buf.rows, dtype=np.int64))
+                self._touch(buf, flagged[side])
+                if g is not None:
+                    self._touch(buf, g)
             if buf is not None and g is not None and g.any():
                 buf = _evict(buf, g)
             self._bufs[side] = None if buf is None else _compact(buf)
@@ -843,13 +1010,32 @@ class JoinStage:
 # -- helpers ------------------------------------------------------------------------
 
 
+def _is_join_key(key: str) -> bool:
+    return key == _KEY or key.startswith(f"{_KEY}/")
+
+
+def _key_order(key: str) -> tuple[str, int, int]:
+    """Restore order: by partition, its head, then its buckets by number (not
+    as text); ``join`` and ``join/<partition>`` (before buckets) as they are."""
+    if key.count("/") < 2:
+        return (key, 0, 0)
+    partition, _, last = key.rpartition("/")
+    try:
+        return (partition, 1, int(last))
+    except ValueError:  # the head
+        return (partition, 0, 0)
+
+
 def _buffer_schema(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field(PARTITION, pa.string()))
 
 
 def _empty_buffer(schema: pa.Schema) -> _Buffer:
     return _Buffer(
-        _buffer_schema(schema).empty_table(), np.empty(0, np.int64), np.empty(0, np.bool_)
+        _buffer_schema(schema).empty_table(),
+        np.empty(0, np.int64),
+        np.empty(0, np.bool_),
+        np.empty(0, np.int64),
     )
 
 
@@ -868,7 +1054,7 @@ def _evict(buf: _Buffer, gone: Mask) -> _Buffer:
         elif k.any():
             batches.append(batch.filter(pa.array(k)))
     table = pa.Table.from_batches(batches, schema=buf.table.schema)
-    return _Buffer(table, buf.ts[keep], buf.matched[keep])
+    return _Buffer(table, buf.ts[keep], buf.matched[keep], buf.part[keep])
 
 
 def _compact(buf: _Buffer) -> _Buffer:
@@ -876,7 +1062,7 @@ def _compact(buf: _Buffer) -> _Buffer:
     chunks = buf.table.column(0).num_chunks if buf.table.num_columns else 0
     if chunks <= _MAX_CHUNKS:
         return buf
-    return _Buffer(buf.table.combine_chunks(), buf.ts, buf.matched)
+    return _Buffer(buf.table.combine_chunks(), buf.ts, buf.matched, buf.part)
 
 
 def _ipc(table: pa.Table, names: list[str]) -> bytes:

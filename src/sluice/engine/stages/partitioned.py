@@ -217,11 +217,29 @@ class PartitionedJoin(_PerGroup[JoinStage]):
             out.update(stage.snapshot())
         return out
 
+    def snapshot_delta(self) -> tuple[dict[str, bytes], set[str], dict[str, object]]:
+        """:meth:`JoinStage.snapshot_delta` of every group; the token is theirs."""
+        changed: dict[str, bytes] = {}
+        live: set[str] = set()
+        tokens: dict[str, object] = {}
+        for g, stage in self._stages.items():
+            upserts, keys, tokens[g] = stage.snapshot_delta()
+            changed.update(upserts)
+            live |= keys
+        return changed, live, tokens
+
+    def checkpointed(self, token: Mapping[str, int]) -> None:
+        for g, done in token.items():
+            stage = self._stages.get(g)
+            if stage is not None:
+                stage.checkpointed(done)
+
     def restore(self, state: Mapping[str, bytes]) -> None:
         by_group: dict[str, dict[str, bytes]] = {}
         for name, blob in state.items():
             if name.startswith(f"{JOIN_KEY}/"):
-                by_group.setdefault(group_of(name.split("/", 1)[1]), {})[name] = blob
+                # join/<topic:p>/<bucket> (join/<topic:p> before buckets)
+                by_group.setdefault(group_of(name.split("/")[1]), {})[name] = blob
         for g, part in sorted(by_group.items()):
             self._stage(g).restore(part)
 
