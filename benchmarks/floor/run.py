@@ -241,6 +241,8 @@ def step_consume(args: argparse.Namespace) -> dict[str, Any]:
     import confluent_kafka as ck
     import numpy as np
 
+    from sluice.connectors.kafka.source import FETCHING
+
     # sluice's consumer settings (connectors/kafka/source.py, KafkaSource.open).
     consumer = ck.Consumer(
         {
@@ -249,12 +251,7 @@ def step_consume(args: argparse.Namespace) -> dict[str, Any]:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "queued.min.messages": 50_000,
-            "queued.max.messages.kbytes": 8 << 10,
-            "max.partition.fetch.bytes": 2 << 20,
-            "fetch.max.bytes": 8 << 20,
-            "fetch.queue.backoff.ms": 20,
-            "fetch.wait.max.ms": 50,
+            **FETCHING,
             "enable.partition.eof": True,
         }
     )
@@ -300,16 +297,24 @@ def _ingest(conn: Any, table: str, chunks: Sequence[Any], *, merge_sql: str | No
     return written
 
 
+def _create(conn: Any, prefix: str, columns: str) -> str:
+    """A new table ``public.<prefix>_<random>`` with ``columns`` (SQL); its name."""
+    table = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE public.{table} ({columns})")
+    conn.commit()
+    return table
+
+
 def step_copy(args: argparse.Namespace) -> dict[str, Any]:
     tables = _decode(_chunks(_payloads(args.rows, args.seed)))
     conn = _connect(args.postgres_url)
-    table = f"floor_copy_{uuid.uuid4().hex[:8]}"
-    with conn.cursor() as cur:
-        cur.execute(
-            f"CREATE TABLE public.{table} (id bigint, user_id bigint, event_type text, "
-            "amount double precision, country text, session text, ts text)"
-        )
-    conn.commit()
+    table = _create(
+        conn,
+        "floor_copy",
+        "id bigint, user_id bigint, event_type text, amount double precision, "
+        "country text, session text, ts text",
+    )
     with Meter() as meter:
         rows = _ingest(conn, table, tables)
     _drop(conn, table)
@@ -343,7 +348,6 @@ def step_upsert(args: argparse.Namespace) -> dict[str, Any]:
     n = args.windows
     data = _windows(n)
     conn = _connect(args.postgres_url)
-    table = f"floor_windows_{uuid.uuid4().hex[:8]}"
     cols = [c for c in data.column_names if c != "_sluice_seq"]
     types = {
         "user_id": "bigint",
@@ -351,13 +355,12 @@ def step_upsert(args: argparse.Namespace) -> dict[str, Any]:
         "window_end": "timestamptz",
         "n": "bigint",
     }
-    with conn.cursor() as cur:
-        cur.execute(
-            f"CREATE TABLE public.{table} ("
-            + ", ".join(f"{c} {types.get(c, 'double precision')}" for c in cols)
-            + ", PRIMARY KEY (user_id, window_start))"
-        )
-    conn.commit()
+    table = _create(
+        conn,
+        "floor_windows",
+        ", ".join(f"{c} {types.get(c, 'double precision')}" for c in cols)
+        + ", PRIMARY KEY (user_id, window_start)",
+    )
     select = ", ".join(f"{c}::{types.get(c, 'double precision')}" for c in cols)
     # What sluice's merge target runs (connectors/postgres/target.py, _apply).
     merge = (
@@ -400,15 +403,13 @@ def _pairs(n: int) -> Any:
 def step_join_copy(args: argparse.Namespace) -> dict[str, Any]:
     data = _pairs(args.pairs)
     conn = _connect(args.postgres_url)
-    table = f"floor_pairs_{uuid.uuid4().hex[:8]}"
-    with conn.cursor() as cur:
-        cur.execute(
-            f"CREATE TABLE public.{table} (left_order_id bigint, left_user_id bigint, "
-            "left_amount double precision, left_currency text, left_ts timestamp, "
-            "right_payment_id bigint, right_order_id bigint, right_amount double precision, "
-            "right_method text, right_ts timestamp)"
-        )
-    conn.commit()
+    table = _create(
+        conn,
+        "floor_pairs",
+        "left_order_id bigint, left_user_id bigint, left_amount double precision, "
+        "left_currency text, left_ts timestamp, right_payment_id bigint, right_order_id bigint, "
+        "right_amount double precision, right_method text, right_ts timestamp",
+    )
     with Meter() as meter:
         rows = _ingest(conn, table, _tables(data))
     _drop(conn, table)

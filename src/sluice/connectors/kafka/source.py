@@ -110,6 +110,24 @@ def partition_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+#: How the consumer fetches (the benchmarks' floor uses the same).
+#: Prefetch (the read-ahead librdkafka does) bounded by bytes. Measured on 1M
+#: events (benchmarks/results/kafka_to_postgres-ab-*): its defaults (64 MiB,
+#: 1M messages) held ~150 MB more than these, for no more throughput; below
+#: them a fetch that finds the queue full backs off for fetch.queue.backoff.ms
+#: (1 s by default, which halved the throughput: 20 ms here). A broker
+#: answers a fetch with nothing new after fetch.wait.max.ms (librdkafka:
+#: 500 ms, which a slow stream's rows then wait).
+FETCHING: dict[str, int] = {
+    "queued.min.messages": 50_000,
+    "queued.max.messages.kbytes": 8 << 10,
+    "max.partition.fetch.bytes": 2 << 20,
+    "fetch.max.bytes": 8 << 20,
+    "fetch.queue.backoff.ms": 20,
+    "fetch.wait.max.ms": 50,
+}
+
+
 class KafkaSource:
     """Reads one or more topics (comma-separated query) through a consumer group."""
 
@@ -165,20 +183,7 @@ class KafkaSource:
                 "auto.offset.reset": self.spec.auto_offset_reset,
                 "session.timeout.ms": session_ms,
                 "heartbeat.interval.ms": max(100, session_ms // 4),
-                # Prefetch (the read-ahead librdkafka does) bounded by bytes.
-                # Measured on 1M events (benchmarks/results/kafka_to_postgres-ab-*):
-                # its defaults (64 MiB, 1M messages) held ~150 MB more than
-                # these, for no more throughput; below them a fetch that finds
-                # the queue full backs off for fetch.queue.backoff.ms (1 s by
-                # default, which halved the throughput: 20 ms here).
-                "queued.min.messages": 50_000,
-                "queued.max.messages.kbytes": 8 << 10,
-                "max.partition.fetch.bytes": 2 << 20,
-                "fetch.max.bytes": 8 << 20,
-                "fetch.queue.backoff.ms": 20,
-                # A broker answers a fetch with nothing new after this long
-                # (librdkafka: 500 ms, which a slow stream's rows then wait).
-                "fetch.wait.max.ms": 50,
+                **FETCHING,
                 # librdkafka logs through Python logging only on errors.
                 "log_level": 3,
             }

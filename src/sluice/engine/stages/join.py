@@ -498,21 +498,7 @@ class JoinStage:
                 keep = self._unpartitioned(buf.table)
             everything = np.arange(buf.rows, dtype=np.int64)
             rows[side] = everything if keep is None else np.flatnonzero(_np(keep).astype(np.bool_))
-        pieces: list[tuple[pa.Table, Mask] | None] = []
-        for side in (0, 1):
-            schema, buf = self._schemas[side], self._bufs[side]
-            if schema is None:
-                pieces.append(None)
-                continue
-            buf = buf or _empty_buffer(schema)
-            index = rows[side]
-            if index is None:
-                index = np.empty(0, np.int64)
-            if len(index) == buf.rows:
-                pieces.append((buf.table, buf.matched))
-            else:
-                pieces.append((buf.table.take(pa.array(index, pa.int64())), buf.matched[index]))
-        return self._blob(pieces)
+        return self._encode_keys([_KEY], {_KEY: rows})[_KEY]
 
     def _blob(self, pieces: list[tuple[pa.Table, Mask] | None]) -> bytes:
         """Each side's rows and their flags (``None``: its schema is unknown),
