@@ -100,6 +100,29 @@ def test_a_backlog_is_read_in_full_batches_bounded_by_rows_and_by_bytes() -> Non
     assert min(sizes[1:-1]) >= 90, sizes
 
 
+def test_unset_max_batch_bytes_reads_4_mib_and_8_mib_into_a_window_or_join() -> None:
+    # The default trades: an append reads 4 MiB batches (as fast, less memory);
+    # a window or join (the run loop tracks row partitions) 8 MiB, fewer rounds.
+    topic = _topic()
+    n = 12_000
+    payloads = [b'{"id": %d, "pad": "%s"}' % (i, b"x" * 1000) for i in range(n)]
+    _produce(topic, payloads)
+    size = len(payloads[-1])
+    largest = {}
+    for stateful in (False, True):
+        source = _source(topic, group_id=f'"{unique("g")}"', batch_linger_ms=200)
+        source.track(row_partitions=stateful, wait_on_revoke=True)
+        source.open(None)
+        largest[stateful] = max(b.num_rows for b in _read_all(source, n)) * size
+        source.close()
+    # (rows x the largest payload: within a few messages of the limit)
+    assert 3.5 * MIB <= largest[False] <= 4.02 * MIB, largest
+    assert 7 * MIB <= largest[True] <= 8.04 * MIB, largest
+
+
+MIB = 1 << 20
+
+
 def _read_all(source: KafkaSource, n: int) -> list[Any]:
     batches = [b for b in _until_assigned(source) if b.num_rows]
     ids: list[int] = [i for b in batches for i in b.data.column("id").to_pylist()]

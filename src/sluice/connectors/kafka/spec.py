@@ -73,9 +73,13 @@ class KafkaSource(SourceSpec, tag="kafka", tag_field="kind", frozen=True, kw_onl
         dict[str, str | int | bool], doc("(ours) extra librdkafka properties, e.g. fetch.max.bytes")
     ] = msgspec.field(default_factory=dict)
     max_batch_bytes: Annotated[
-        PositiveInt,
-        doc("(ours) most message bytes (values) read into one batch, besides max_batch_rows"),
-    ] = 8 << 20
+        PositiveInt | None,
+        doc(
+            "(ours) most message bytes (values) read into one batch, besides "
+            "max_batch_rows; unset: 4 MiB, or 8 MiB in a window or join pipeline "
+            "(bigger rounds, fewer merges into the open state)"
+        ),
+    ] = None
     batch_linger_ms: Annotated[
         PositiveMs,
         doc(
