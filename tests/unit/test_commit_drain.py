@@ -25,6 +25,12 @@ class _Stage:
     def snapshot(self) -> dict[str, bytes]:
         return {}
 
+    def snapshot_delta(self) -> tuple[dict[str, bytes], set[str], None]:
+        return {}, set(), None
+
+    def checkpointed(self, token: None) -> None:
+        pass
+
 
 class _JoinedTarget:
     """Records what a flush would commit: the positions and the checkpoint callback."""

@@ -761,25 +761,18 @@ class Checkpointing:
         return True
 
     def _snapshot(self) -> tuple[dict[str, bytes], set[str], Callable[[], None]]:
-        """What a checkpoint stores: the stage's state (a join: only its keys
-        that changed since the last checkpoint, ``snapshot_delta``) and the
+        """What a checkpoint stores: the stage's state (its keys that changed
+        since the last durable checkpoint, ``snapshot_delta``) and the
         event time each partition reached (a replica: of the partitions it
         owns); every key the whole state has (a stored key not among them is
         deleted); and what to call once the checkpoint is durable."""
         stage = self._stage
         if stage is None:
             return {}, set(), _nothing
-        delta = getattr(stage, "snapshot_delta", None)
-        if delta is None:
-            upserts = stage.snapshot()
-            live = set(upserts)
-            done = _nothing
-        else:
-            upserts, live, token = delta()
-            done = functools.partial(stage.checkpointed, token)  # type: ignore[attr-defined]
+        upserts, live, token = stage.snapshot_delta()
         marks = self._wm.snapshot(None if self._replicas is None else set(self._owned))
         upserts.update(marks)
-        return upserts, live | set(marks), done
+        return upserts, live | set(marks), functools.partial(stage.checkpointed, token)
 
     def _stored_watermark(self) -> int | None:
         """The stage watermark a checkpoint stores: during a drain (the stage at

@@ -326,9 +326,7 @@ class Watermarks:
         """
         by_key: dict[str, dict[str, int]] = {}
         for (source, part), top in sorted(self._max.items()):
-            if part and partitions is not None and part not in partitions:
-                continue
-            if not part and partitions is not None:
+            if partitions is not None and part not in partitions:  # "" never is
                 continue
             by_key.setdefault(f"{MARK_KEY}/{part}" if part else MARK_KEY, {})[source] = top
         return {k: json.dumps(v, sort_keys=True).encode() for k, v in by_key.items()}

@@ -18,7 +18,7 @@ as production.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -48,10 +48,21 @@ class StatefulStage(Protocol):
     def snapshot(self) -> dict[str, bytes]:
         """The whole state as store keys -> versioned blobs; the state is not changed.
 
-        The keys are the stage's own (``"window"``; ``"join/<partition>"``).
-        A key absent from the result holds nothing now: a checkpoint that
-        stored it before deletes it. Raises :class:`~sluice.errors.StageError`.
+        The keys are the stage's own (``"window"``;
+        ``"join/<partition>/<bucket>"``). A key absent from the result holds
+        nothing now: a checkpoint that stored it before deletes it. Raises
+        :class:`~sluice.errors.StageError`.
         """
+
+    def snapshot_delta(self) -> tuple[dict[str, bytes], set[str], Any]:
+        """What a checkpoint writes after the last durable one: the
+        :meth:`snapshot` keys whose blobs changed since, every key the whole
+        snapshot has (a stored key not among them is deleted), and a token
+        for :meth:`checkpointed`. A stage that does not track its changes
+        returns its whole snapshot. The state is not changed."""
+
+    def checkpointed(self, token: Any) -> None:
+        """The delta of ``token`` is durable: what it held is no longer due."""
 
     def restore(self, state: Mapping[str, bytes]) -> None:
         """Load a :meth:`snapshot` (possibly merged from several processes'

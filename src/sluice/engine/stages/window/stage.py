@@ -233,6 +233,14 @@ class WindowStage:
         }
         return {self.STATE_KEY: snapshot.encode(meta, pieces)}
 
+    def snapshot_delta(self) -> tuple[dict[str, bytes], set[str], None]:
+        """The whole :meth:`snapshot` every time (one key, rewritten whole)."""
+        state = self.snapshot()
+        return state, set(state), None
+
+    def checkpointed(self, token: None) -> None:
+        """Nothing is tracked between checkpoints."""
+
     def restore(self, state: Mapping[str, bytes]) -> None:
         """Load a :meth:`snapshot` into this open stage, which must not have
         folded a row yet (a watermark alone is fine: the stage keeps the larger
