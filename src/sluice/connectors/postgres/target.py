@@ -14,6 +14,16 @@ C++ straight from the Arrow buffers) inside one transaction that
   row of the batch wins) and ``ON CONFLICT (key) DO UPDATE`` (all-key tables:
   ``DO NOTHING``); ``scd2`` runs the statements of
   :mod:`sluice.connectors.sql.modes` from it.
+* **merge by COPY**: a ``merge`` batch that is the first of its transaction,
+  whose keys are distinct and which takes the native route is first copied
+  straight into the table when a unique index on exactly the key guards it:
+  the common case of a merge target, every key new (windows closing, a
+  first load), is then a plain COPY. A key the table holds already fails the
+  COPY on that index (``unique_violation``): the transaction, which held
+  nothing else, is rolled back and the batch takes the staged route, and the next ``2**k`` batches (k conflicts in a
+  row, at most 64) go there directly, so a stream of updates does not pay
+  for a COPY it rolls back. On the tumbling benchmark's 752k windows
+  Postgres spends 4.4 CPU-s on the staged upsert and about 1 on the COPY.
 
 ``truncate`` deletes the old rows at the first write of a transaction (a
 flush, or a whole load), so readers see the old table until the commit.
@@ -76,6 +86,9 @@ NATIVE: dict[str, pa.DataType] = {
 }
 
 
+#: SQLSTATE of a row whose key a unique index holds already.
+UNIQUE_VIOLATION = "23505"
+
 #: Type oids of ``json`` and ``jsonb``: the only homes of nested columns.
 JSON_OIDS = (114, 3802)
 
@@ -133,6 +146,15 @@ class PostgresTarget(modes.Unit):
         self._columns: dict[str, str] | None = None  # name -> format_type()
         self._json: set[str] = set()  # columns of type json / jsonb (or a domain over one)
         self._key: list[str] = list(spec.table.primary_key or [])
+        # merge by COPY (module docstring): whether a unique index on exactly
+        # the key guards the table, and the batches to stage before trying again.
+        self._unique_key = False
+        self._conflicts = 0  # merges by COPY that met a key in a row
+        self._stage_next = 0
+        #: Merge batches written by a COPY straight into the table, and the
+        #: COPYs rolled back because the table held a key of theirs.
+        self.merged_by_copy = 0
+        self.merge_copies_rolled_back = 0
         self._ledger = positions.Ledger(
             positions.POSTGRES,
             f"{_q(self.schema)}.{_q(positions.TABLE)}",
@@ -194,6 +216,11 @@ class PostgresTarget(modes.Unit):
                 f'{self.id}: mode = "merge" needs a primary key: the table has none; '
                 "set [target.table] primary_key"
             )
+        self._unique_key = (
+            self.spec.mode == "merge"
+            and self._columns is not None
+            and set(self._key) in unique_indexes(self._query, self.schema, self.table)
+        )
 
     # -- writing --------------------------------------------------------------
 
@@ -225,7 +252,9 @@ class PostgresTarget(modes.Unit):
 
     def _write(self, data: pa.Table, batch: pa.Schema) -> None:
         """Write ``data`` (:func:`ingestable` of a batch whose schema is ``batch``)."""
-        self._begin(_create_schema(data.schema, batch))
+        first = self._fresh  # nothing of this transaction written yet
+        schema = _create_schema(data.schema, batch)
+        self._begin(schema)
         if self.spec.mode in ("append", "truncate"):
             native = self._native(data)
             if native is not None:
@@ -233,7 +262,46 @@ class PostgresTarget(modes.Unit):
                     cur.adbc_ingest(self.table, native, mode="append", db_schema_name=self.schema)
                 self._rows += data.num_rows
                 return
+        if self.spec.mode == "merge" and first and self._merged_by_copy(data, schema):
+            return
         self._staged(data)
+
+    def _merged_by_copy(self, data: pa.Table, schema: pa.Schema) -> bool:
+        """Merge ``data``, the first batch of the transaction, by a COPY
+        straight into the table when it can (see the module docstring); False
+        when it must take the staged route (then the transaction is as it was
+        before the COPY)."""
+        if not self._unique_key:
+            return False
+        if self._stage_next:
+            self._stage_next -= 1
+            return False
+        if any(k not in data.column_names for k in self._key):
+            return False  # the staged route names the missing key
+        native = self._native(data)
+        if native is None or _repeats_a_key(native, self._key):
+            return False
+        try:
+            with self._require().cursor() as cur:
+                cur.adbc_ingest(self.table, native, mode="append", db_schema_name=self.schema)
+        except adbc_driver_manager.Error as exc:
+            if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:
+                raise
+            # The transaction held this COPY alone (and the DDL that made the
+            # table fit the batch): roll it back and begin again. ADBC cannot
+            # roll back to a savepoint once a statement failed.
+            self._require().rollback()
+            self._unit_done()
+            self._reflect()
+            self._begin(schema)
+            self._stage_next = min(2**self._conflicts, 64)
+            self._conflicts += 1
+            self.merge_copies_rolled_back += 1
+            return False
+        self._conflicts = 0
+        self._rows += data.num_rows
+        self.merged_by_copy += 1
+        return True
 
     # -- units and modes ------------------------------------------------------
 
@@ -489,6 +557,30 @@ def primary_key(run: Query, schema: str, table: str) -> list[str]:
         (schema, table),
     )
     return [str(k[0]) for k in keys]
+
+
+def unique_indexes(run: Query, schema: str, table: str) -> list[set[str]]:
+    """The column sets of ``schema.table``'s unique indexes that ``ON
+    CONFLICT`` can name (not partial, no expressions, not deferred)."""
+    rows = run(
+        "SELECT i.indexrelid::bigint, a.attname FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE n.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indimmediate "
+        "AND i.indpred IS NULL AND i.indexprs IS NULL",
+        (schema, table),
+    )
+    sets: dict[int, set[str]] = {}
+    for index, column in rows:
+        sets.setdefault(int(index), set()).add(str(column))
+    return list(sets.values())
+
+
+def _repeats_a_key(data: pa.Table, key: list[str]) -> bool:
+    """Whether two rows of ``data`` share a key (the staged route keeps the last)."""
+    if len(key) == 1:
+        return bool(pc.count_distinct(data[key[0]], mode="all").as_py() != data.num_rows)
+    return bool(data.select(key).group_by(key).aggregate([]).num_rows != data.num_rows)
 
 
 def database_of(url: str) -> str:

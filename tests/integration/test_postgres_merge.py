@@ -1,0 +1,171 @@
+"""``mode = "merge"`` into the real Postgres through ``PostgresTarget``: the
+COPY route for batches of new keys and the staged upsert it falls back to.
+
+Each test checks the table's rows against what an upsert of the same batches
+(the last row of a key wins) must leave, and which route each batch took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pytest
+from tests import endpoints
+from tests.integration.conftest import unique
+
+from sluice.config import load_text
+from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
+from sluice.connectors.postgres.target import PostgresTarget
+from sluice.connectors.registry import Context
+from sluice.errors import ConnectorError
+
+pytestmark = pytest.mark.integration
+
+
+def target(table: str, key: str = 'primary_key = ["id", "day"]') -> PostgresTarget:
+    spec = load_text(
+        f"""
+pipeline_name = "{table}"
+source_query = "unused"
+
+[source]
+kind = "kafka"
+bootstrap_servers = "127.0.0.1:1"
+
+[target]
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+mode = "merge"
+
+[target.table]
+schema = "public"
+name = "{table}"
+{key}
+"""
+    )
+    assert isinstance(spec.target, PostgresTargetSpec)
+    t = PostgresTarget(spec.target, Context(spec), 0)
+    t.open()
+    return t
+
+
+@pytest.fixture
+def table(pg: psycopg.Connection[Any]) -> Iterator[str]:
+    name = unique("merge")
+    yield name
+    pg.execute(f'DROP TABLE IF EXISTS "{name}"')
+
+
+def batch(ids: list[int], values: list[float], day: int = 1) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "day": pa.array([day] * len(ids), pa.int32()),
+            "v": pa.array(values, pa.float64()),
+        }
+    )
+
+
+def write(t: PostgresTarget, data: pa.Table) -> None:
+    t.write(data)
+    t.flush()
+
+
+def rows(pg: psycopg.Connection[Any], table: str) -> dict[tuple[int, int], float]:
+    return {(i, d): v for i, d, v in pg.execute(f'SELECT id, day, v FROM "{table}"').fetchall()}
+
+
+def test_new_keys_are_copied_and_a_known_key_is_upserted(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    t = target(table)
+    try:
+        write(t, batch([1, 2, 3], [1.0, 2.0, 3.0]))
+        assert t.merged_by_copy == 1
+        # Key 2 is in the table: the COPY fails on the primary key, is rolled
+        # back, and the batch is upserted whole (4 is inserted once, not twice).
+        write(t, batch([2, 4], [20.0, 4.0]))
+        assert t.merged_by_copy == 1
+        assert rows(pg, table) == {(1, 1): 1.0, (2, 1): 20.0, (3, 1): 3.0, (4, 1): 4.0}
+        # After a conflict the next batch is staged without trying (back-off
+        # of 1), the one after it is copied again.
+        write(t, batch([5], [5.0]))
+        assert t.merged_by_copy == 1
+        write(t, batch([6], [6.0], day=2))
+        assert t.merged_by_copy == 2
+        assert t.committed_rows() == 1
+        assert rows(pg, table) == {
+            (1, 1): 1.0,
+            (2, 1): 20.0,
+            (3, 1): 3.0,
+            (4, 1): 4.0,
+            (5, 1): 5.0,
+            (6, 2): 6.0,
+        }
+    finally:
+        t.close()
+
+
+def test_a_key_twice_in_a_batch_is_staged_and_its_last_row_wins(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    t = target(table)
+    try:
+        write(t, batch([7, 8, 7], [1.0, 2.0, 3.0]))
+        assert t.merged_by_copy == 0
+        assert rows(pg, table) == {(7, 1): 3.0, (8, 1): 2.0}
+    finally:
+        t.close()
+
+
+def test_conflicts_in_a_row_stage_ever_more_batches_before_trying_again(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    t = target(table)
+    try:
+        write(t, batch([1], [1.0]))
+        tried = []
+        for i in range(1, 13):  # every batch an update of key 1
+            before = t.merge_copies_rolled_back
+            write(t, batch([1], [float(i)]))
+            if t.merge_copies_rolled_back > before:
+                tried.append(i)
+        # 1, 2, 4 and then 8 batches staged after each conflict
+        assert tried == [1, 3, 6, 11]
+        assert t.merged_by_copy == 1
+        assert rows(pg, table) == {(1, 1): 12.0}
+    finally:
+        t.close()
+
+
+def test_without_a_unique_index_on_the_key_nothing_is_copied(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    """A configured key the table does not guard: the upsert fails as Postgres
+    says, rather than a COPY adding a second row for the key."""
+    pg.execute(f'CREATE TABLE "{table}" (id bigint, day integer, v double precision)')
+    pg.execute(f'INSERT INTO "{table}" VALUES (1, 1, 1.0)')
+    t = target(table)
+    try:
+        with pytest.raises(ConnectorError, match="ON CONFLICT"):
+            write(t, batch([2], [2.0]))
+        assert t.merged_by_copy == 0
+        assert rows(pg, table) == {(1, 1): 1.0}
+    finally:
+        t.close()
+
+
+def test_a_unique_index_on_the_key_is_enough(pg: psycopg.Connection[Any], table: str) -> None:
+    pg.execute(f'CREATE TABLE "{table}" (id bigint, day integer, v double precision)')
+    pg.execute(f'CREATE UNIQUE INDEX ON "{table}" (day, id)')
+    t = target(table)
+    try:
+        write(t, batch([1, 2], [1.0, 2.0]))
+        write(t, batch([2], [9.0]))
+        assert t.merged_by_copy == 1
+        assert rows(pg, table) == {(1, 1): 1.0, (2, 1): 9.0}
+    finally:
+        t.close()
