@@ -47,6 +47,41 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
 
 
+def postgres_target(table: str, target: str = "", table_keys: str = "") -> Any:
+    """An opened ``PostgresTarget`` writing ``public.<table>`` of the test
+    Postgres; ``target`` / ``table_keys``: more TOML lines for ``[target]`` /
+    ``[target.table]``."""
+    from sluice.config import load_text
+    from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
+    from sluice.connectors.postgres.target import PostgresTarget
+    from sluice.connectors.registry import Context
+
+    spec = load_text(
+        f"""
+pipeline_name = "{table}"
+source_query = "unused"
+
+[source]
+kind = "kafka"
+bootstrap_servers = "127.0.0.1:1"
+
+[target]
+kind = "postgres"
+url = "{endpoints.POSTGRES_URL}"
+{target}
+
+[target.table]
+schema = "public"
+name = "{table}"
+{table_keys}
+"""
+    )
+    assert isinstance(spec.target, PostgresTargetSpec)
+    t = PostgresTarget(spec.target, Context(spec), 0)
+    t.open()
+    return t
+
+
 def committed(group: str, topic: str, partitions: int) -> int:
     """Sum of the group's committed offsets on ``topic`` (what the broker holds).
 

@@ -14,13 +14,9 @@ from typing import Any
 import psycopg
 import pyarrow as pa
 import pytest
-from tests import endpoints
-from tests.integration.conftest import unique
+from tests.integration.conftest import postgres_target, unique
 
-from sluice.config import load_text
-from sluice.connectors.postgres.spec import PostgresTarget as PostgresTargetSpec
 from sluice.connectors.postgres.target import PostgresTarget
-from sluice.connectors.registry import Context
 from sluice.errors import ConnectorError
 from sluice.formats.jsontext import to_json_text
 
@@ -68,27 +64,7 @@ ROW_1 = [
 
 
 def target(table: str) -> PostgresTarget:
-    spec = load_text(
-        f"""
-pipeline_name = "{table}"
-source_query = "unused"
-
-[source]
-kind = "kafka"
-bootstrap_servers = "127.0.0.1:1"
-
-[target]
-kind = "postgres"
-url = "{endpoints.POSTGRES_URL}"
-
-[target.table]
-schema = "public"
-name = "{table}"
-"""
-    )
-    assert isinstance(spec.target, PostgresTargetSpec)
-    t = PostgresTarget(spec.target, Context(spec), 0)
-    t.open()
+    t: PostgresTarget = postgres_target(table)
     return t
 
 
