@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 class PayloadDecoder(Protocol):
     """Decodes a batch of payloads into Arrow in bulk (no Python per field)."""
 
-    def decode(self, payloads: list[bytes | None], offsets: list[int]) -> Decoded:
+    def decode(self, payloads: list[bytes | None], offsets: Sequence[int]) -> Decoded:
         """The decoded rows of ``payloads``; undecodable ones are listed in ``bad``
         by index. ``offsets`` name each payload's place in the source (CDC
         envelopes order by them)."""
@@ -66,7 +66,7 @@ class HeaderAware(Protocol):
 class RawBytes:
     """``payload_format = "raw_bytes"``: one binary ``value`` column, nothing parsed."""
 
-    def decode(self, payloads: list[bytes | None], offsets: list[int]) -> Decoded:
+    def decode(self, payloads: list[bytes | None], offsets: Sequence[int]) -> Decoded:
         """Every payload as it arrived."""
         return Decoded(pa.table({"value": pa.array(payloads, pa.binary())}))
 
@@ -77,7 +77,7 @@ class Json:
     def __init__(self) -> None:
         self._decoder = JsonDecoder()
 
-    def decode(self, payloads: list[bytes | None], offsets: list[int]) -> Decoded:
+    def decode(self, payloads: list[bytes | None], offsets: Sequence[int]) -> Decoded:
         """See :meth:`sluice.formats.json.JsonDecoder.decode`."""
         return self._decoder.decode(payloads)
 
@@ -88,7 +88,7 @@ class Unsupported:
     def __init__(self, payload_format: str) -> None:
         self.payload_format = payload_format
 
-    def decode(self, payloads: list[bytes | None], offsets: list[int]) -> Decoded:
+    def decode(self, payloads: list[bytes | None], offsets: Sequence[int]) -> Decoded:
         """Raises :class:`ConnectorError`."""
         raise ConnectorError(
             f"payload_format '{self.payload_format}' is not supported yet by sluice"

@@ -203,7 +203,7 @@ class RegistryDecoder:
         """The locked stream schema (``None`` before the first decoded row)."""
         return self._schema
 
-    def decode(self, payloads: list[bytes | None], offsets: list[int]) -> Decoded:
+    def decode(self, payloads: list[bytes | None], offsets: Sequence[int]) -> Decoded:
         """Payloads whose schema is in their prefix."""
         return self.decode_with_headers(payloads, None)
 

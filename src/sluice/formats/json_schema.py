@@ -46,7 +46,7 @@ class JsonSchemaDecoder:
         self._json = JsonDecoder()
         self._validators: dict[int | str, Any] = {}  # validator, or why the schema is unusable
 
-    def decode(self, payloads: list[bytes | None], offsets: list[int]) -> Decoded:
+    def decode(self, payloads: list[bytes | None], offsets: Sequence[int]) -> Decoded:
         """Payloads whose schema is in their prefix."""
         return self.decode_with_headers(payloads, None)
 
