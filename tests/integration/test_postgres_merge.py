@@ -7,12 +7,15 @@ Each test checks the table's rows against what an upsert of the same batches
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 import pytest
+from tests import endpoints
 from tests.integration.conftest import postgres_target, unique
 
 from sluice.connectors.postgres.target import PostgresTarget
@@ -144,4 +147,51 @@ def test_a_unique_index_on_the_key_is_enough(pg: psycopg.Connection[Any], table:
         assert t.merged_by_copy == 1
         assert rows(pg, table) == {(1, 1): 1.0, (2, 1): 9.0}
     finally:
+        t.close()
+
+
+def test_a_deadlock_with_another_writer_of_the_keys_falls_back_to_the_upsert(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    """Another transaction holds key 2 (uncommitted) while the COPY of keys
+    1, 2 waits on it, then asks for key 1: Postgres breaks the deadlock by
+    failing the COPY, which the target rolls back and upserts instead, once
+    the other writer committed."""
+    pg.execute(
+        f'CREATE TABLE "{table}" (id bigint, day integer, v double precision, '
+        "PRIMARY KEY (id, day))"
+    )
+    t = target(table)
+    other = psycopg.connect(endpoints.POSTGRES_URL)
+    done: list[BaseException | None] = []
+    try:
+        other.execute(f'INSERT INTO "{table}" VALUES (2, 1, -2.0)')
+
+        def copy() -> None:
+            try:
+                write(t, batch([1, 2], [1.0, 2.0]))
+                done.append(None)
+            except BaseException as exc:  # reported by the assertion below
+                done.append(exc)
+
+        writer = threading.Thread(target=copy)
+        writer.start()
+        time.sleep(0.3)  # the COPY inserted key 1 and waits for key 2
+        try:
+            other.execute(f'INSERT INTO "{table}" VALUES (1, 1, -1.0)')  # waits: a deadlock
+            other.commit()
+            copy_failed = True
+        except psycopg.errors.DeadlockDetected:
+            # Only if the COPY was held up between its two rows for longer than
+            # this insert waited: Postgres then fails this side instead.
+            other.rollback()
+            copy_failed = False
+        writer.join(timeout=30)
+        assert done == [None]
+        if copy_failed:
+            assert t.merge_copies_rolled_back == 1
+            assert t.merged_by_copy == 0
+        assert rows(pg, table) == {(1, 1): 1.0, (2, 1): 2.0}
+    finally:
+        other.close()
         t.close()
