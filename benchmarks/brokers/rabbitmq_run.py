@@ -184,8 +184,8 @@ def methodology(settings: Settings) -> list[str]:
         "before the first engine starts. Messages carry no AMQP timestamp: sluice's "
         "`_event_ts` is the receive time, the reference leaves it NULL.",
         "CPU-s per 1M rows: user + system CPU of the engine's process tree from its start to "
-        "the poll that saw the last row, scaled to 1M rows. Peak RSS: the larger of the "
-        "polled VmHWM and the reaped ru_maxrss.",
+        "the poll that saw the last row, scaled to 1M rows.",
+        common.PEAK_RSS,
         "sluice stops by itself (`--stop-after-idle-ms 3000`); the reference runs until SIGTERM.",
     ]
 

@@ -882,8 +882,8 @@ def methodology(settings: Settings, exp: Expected, state_store: str) -> list[str
         "whole run' is the reaped process's rusage.",
         f"Every {settings.poll_interval_s} s the harness polls `count(*)` of the table, the "
         "state of the consumer group and the process's CPU and VmHWM; each time is known "
-        f"to within {settings.poll_interval_s} s. Peak RSS: the larger of the polled VmHWM "
-        "of the process tree and the reaped ru_maxrss.",
+        f"to within {settings.poll_interval_s} s.",
+        common.PEAK_RSS,
         f"sluice and the reference run the same TOML, with `[state_store] kind = "
         f'"{state_store}"` (`--state-store`; postgres: a schema of its own per run). sluice '
         "stops by itself (`--stop-after-idle-ms 3000`); the reference and Quix Streams run "

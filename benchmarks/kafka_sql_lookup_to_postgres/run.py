@@ -340,7 +340,7 @@ def methodology(settings: Settings, exp: Expected) -> list[str]:
         "the poll that saw the last row (startup, lookup load and group join included; "
         "sluice's 3 s idle tail and the reference's shutdown excluded), per 1M input events. "
         "'CPU-s whole run' is the reaped process's rusage (start to exit).",
-        "Peak RSS: the larger of the polled VmHWM of the process tree and the reaped ru_maxrss.",
+        common.PEAK_RSS,
         f"Expected rows: the events are also loaded into `{RAW_TABLE}` and the pipeline's own "
         "SQL statement runs in Postgres with `source` and `users` bound to the raw table and "
         f"the lookup table ({exp.rows:,} rows). Each engine's table must have the same "

@@ -298,7 +298,7 @@ def methodology(settings: Settings) -> list[str]:
         "the poll that saw the last row (startup and group join included; sluice's 3 s idle "
         "tail and the reference's shutdown excluded), scaled to 1M rows. 'CPU-s whole run' "
         "is the reaped process's rusage (start to exit).",
-        "Peak RSS: the larger of the polled VmHWM of the process tree and the reaped ru_maxrss.",
+        common.PEAK_RSS,
         "Both tables have the same columns, including `_event_ts timestamptz`: sluice fills it "
         "with the Kafka message timestamp, the reference does not produce it (NULL).",
         "sluice stops by itself (`--stop-after-idle-ms 3000`); the reference runs forever and "

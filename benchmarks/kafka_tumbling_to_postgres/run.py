@@ -820,7 +820,7 @@ def methodology(settings: Settings, exp: Expected, sql: str) -> list[str]:
         "included), per 1M events. For sluice that CPU includes emitting and writing the "
         "windows closed so far. 'CPU-s per 1M rows to done' runs to the poll that saw it "
         "done; 'CPU-s whole run' is the reaped process's rusage (start to exit).",
-        "Peak RSS: the larger of the polled VmHWM of the process tree and the reaped ru_maxrss.",
+        common.PEAK_RSS,
         f"Expected windows: the events (user_id, amount, message timestamp, decoded from the "
         f"very payloads sent) are loaded into `{RAW_TABLE}` and grouped by Postgres into "
         f"{exp.windows:,} windows of {exp.window_ms // 1000} s. Each sluice table must have "

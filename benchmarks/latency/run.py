@@ -753,8 +753,8 @@ def backlog_methodology(settings: Settings) -> list[str]:
         "(its first fetch, decode and batch).",
         "CPU-s per 1M rows = the engine process's user + system CPU over the whole run "
         "(process start to exit after SIGTERM: imports, group join, the backlog, shutdown), "
-        f"from its `wait4` rusage, x 1M / {n:,}; at small N start-up dominates it. Peak RSS = "
-        "the larger of the polled VmHWM and the reaped `ru_maxrss`.",
+        f"from its `wait4` rusage, x 1M / {n:,}; at small N start-up dominates it.",
+        common.PEAK_RSS,
         f"The engine gets SIGTERM (SIGKILL after {settings.stop_grace_s:.0f} s) once all "
         f"{n:,} rows are in the table (the insert counter of `pg_stat_user_tables` polled "
         f"every {POLL_S:g} s, confirmed by `count(*)`; `count(*)` too when that counter "

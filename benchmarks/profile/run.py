@@ -443,7 +443,8 @@ def methodology(settings: Settings) -> list[str]:
         "CPU-s per 1M rows = CPU-s x 1,000,000 / input events; the whole process from "
         "start to exit, including start-up, the consumer-group join and sluice's 3 s idle "
         "tail (`--stop-after-idle-ms 3000`), so at small N the fixed costs dominate.",
-        "Peak RSS: the larger of the polled VmHWM and the reaped ru_maxrss; 'RSS at ready': "
+        "Peak RSS: the polled VmHWM (not the reaped ru_maxrss, in which Linux counts what "
+        "the harness had resident when it started the engine); 'RSS at ready': "
         "VmRSS at the last 0.25 s poll before the consumer group was Stable (imports, "
         "connections, before any data); 'RSS at last row': VmRSS at the last poll before "
         "the harness saw every row (done).",
