@@ -263,9 +263,7 @@ class PostgresTarget(modes.Unit):
         if self.spec.mode in ("append", "truncate"):
             native = self._native(data)
             if native is not None:
-                with self._require().cursor() as cur:
-                    cur.adbc_ingest(self.table, native, mode="append", db_schema_name=self.schema)
-                self._rows += data.num_rows
+                self._copy_in(native)
                 return
         if self.spec.mode == "merge" and first and self._merged_by_copy(data, schema):
             return
@@ -287,8 +285,7 @@ class PostgresTarget(modes.Unit):
         if native is None or _repeats_a_key(native, self._key):
             return False
         try:
-            with self._require().cursor() as cur:
-                cur.adbc_ingest(self.table, native, mode="append", db_schema_name=self.schema)
+            self._copy_in(native)
         except adbc_driver_manager.Error as exc:
             if getattr(exc, "sqlstate", None) not in COPY_FALLBACK:
                 raise
@@ -304,9 +301,14 @@ class PostgresTarget(modes.Unit):
             self.merge_copies_rolled_back += 1
             return False
         self._conflicts = 0
-        self._rows += data.num_rows
         self.merged_by_copy += 1
         return True
+
+    def _copy_in(self, native: pa.Table) -> None:
+        """COPY ``native`` (:meth:`_native` of a batch) straight into the table."""
+        with self._require().cursor() as cur:
+            cur.adbc_ingest(self.table, native, mode="append", db_schema_name=self.schema)
+        self._rows += native.num_rows
 
     # -- units and modes ------------------------------------------------------
 
