@@ -218,6 +218,14 @@ def pg() -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+@pytest.fixture
+def pg_table(pg: psycopg.Connection[Any]) -> Iterator[str]:
+    """A fresh Postgres table name (``public``), dropped afterwards."""
+    name = unique("t")
+    yield name
+    pg.execute(f'DROP TABLE IF EXISTS "{name}"')
+
+
 def pg_count(table: str, expr: str = "count(*)") -> int:
     """``expr`` (an integer aggregate) over ``table``.
 

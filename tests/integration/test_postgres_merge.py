@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pyarrow as pa
 import pytest
 from tests import endpoints
-from tests.integration.conftest import postgres_target, unique
+from tests.integration.conftest import postgres_target
 
 from sluice.connectors.postgres.target import PostgresTarget
 from sluice.errors import ConnectorError
@@ -32,10 +31,8 @@ def target(table: str) -> PostgresTarget:
 
 
 @pytest.fixture
-def table(pg: psycopg.Connection[Any]) -> Iterator[str]:
-    name = unique("merge")
-    yield name
-    pg.execute(f'DROP TABLE IF EXISTS "{name}"')
+def table(pg_table: str) -> str:
+    return pg_table
 
 
 def batch(ids: list[int], values: list[float], day: int = 1) -> pa.Table:

@@ -8,7 +8,6 @@ is refused, before anything is written, by a column of any other type.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -69,11 +68,8 @@ def target(table: str) -> PostgresTarget:
 
 
 @pytest.fixture
-def table(pg: psycopg.Connection[Any]) -> Iterator[str]:
-    """A fresh table name, dropped afterwards."""
-    name = unique("nested")
-    yield name
-    pg.execute(f'DROP TABLE IF EXISTS "{name}"')
+def table(pg_table: str) -> str:
+    return pg_table
 
 
 def column_type(pg: psycopg.Connection[Any], table: str, column: str) -> str:
