@@ -100,6 +100,20 @@ def assert_drained(ps: pubsub_kit.PubSub, subscription: str, since: float) -> No
     assert not left, f"{len(left)} message(s) were never acknowledged"
 
 
+def settle(f: Any, quiet_s: float = 2.0, timeout_s: float = 60) -> None:
+    """Wait until ``f`` has consumed nothing new for ``quiet_s``: what it read
+    is written and acknowledged (an idle process has nothing in flight)."""
+    deadline = time.monotonic() + timeout_s
+    seen = f.metric("sluice_rows_consumed_total")
+    since = time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"still consuming after {timeout_s} s"
+        time.sleep(0.2)
+        now = f.metric("sluice_rows_consumed_total")
+        if now != seen:
+            seen, since = now, time.monotonic()
+
+
 def test_sigkill_mid_stream_restart_loses_and_doubles_nothing(
     ps: pubsub_kit.PubSub, flow: Any
 ) -> None:
@@ -114,9 +128,44 @@ def test_sigkill_mid_stream_restart_loses_and_doubles_nothing(
     # The messages the killed process held come back once their lease lapses.
     g = flow(cfg)
     wait_for_count(table, lambda c: c >= n, 90, f"{n} rows", "count(DISTINCT id)")
+    # The killed process may have written batches it died before acknowledging:
+    # they come back (to g) only when its leases lapse, up to a deadline after
+    # the kill, and g must have written and acknowledged them before it stops.
+    time.sleep(max(0.0, killed + 12 - time.monotonic()))
+    settle(g)
     assert g.stop() == 0, g.output()
     assert pg_count(table) == n  # merge: a redelivered message replaced its row
     assert pg_count(table, "count(DISTINCT id)") == n
+    assert pg_count(table, "sum(id)") == n * (n - 1) // 2
+    assert_drained(ps, sub, killed)
+
+
+def test_killed_between_the_write_and_the_ack_is_redelivered_and_acknowledged(
+    ps: pubsub_kit.PubSub, flow: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row written, none acknowledged: the table is complete before the
+    redelivery, which the next process must still take, merge and acknowledge."""
+    topic, sub = fresh(ps)
+    table = unique("pskack")
+    n = 1000
+    ps.publish(topic, events(n))
+    # One batch of all n (the wait lets the pulls fill it), then the kill at
+    # its acknowledgement (SLUICE_TEST_KILL_AFTER_SOURCE_COMMITS).
+    cfg = config(sub, table, batch_rows=n).replace(
+        "anonymous_auth = true", "anonymous_auth = true\nmax_batch_wait_ms = 5000"
+    )
+    monkeypatch.setenv("SLUICE_TEST_KILL_AFTER_SOURCE_COMMITS", "1")
+    f = flow(cfg)
+    assert f.proc.wait(timeout=60) == -9, f.output()
+    killed = time.monotonic()
+    monkeypatch.delenv("SLUICE_TEST_KILL_AFTER_SOURCE_COMMITS")
+    assert pg_count(table) == n  # written, not acknowledged
+    g = flow(cfg)
+    time.sleep(max(0.0, killed + 12 - time.monotonic()))  # the leases lapse
+    wait_until(lambda: g.metric("sluice_rows_consumed_total") >= n, 30, "the redelivery")
+    settle(g)
+    assert g.stop() == 0, g.output()
+    assert pg_count(table) == n
     assert pg_count(table, "sum(id)") == n * (n - 1) // 2
     assert_drained(ps, sub, killed)
 

@@ -85,6 +85,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
+from sluice import faults
 from sluice.connectors.api import Ack, Batch, Partitioned, Position, Seekable, Source, Target
 from sluice.connectors.sql.positions import DefersCommits, RecordsPositions, ahead, lowest
 from sluice.engine import metrics as m
@@ -230,6 +231,7 @@ def choose(
 
 async def _acknowledge(pipeline: str, source: Source, ack: Ack) -> None:
     """Commit ``ack`` to the source (the broker), after the durable writes."""
+    faults.reached("SOURCE_COMMITS")  # crash tests: written, not yet acknowledged
     await asyncio.to_thread(source.commit, ack)
     m.COMMITS.labels(pipeline, source.id).inc()
 
