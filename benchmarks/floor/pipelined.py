@@ -34,19 +34,25 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from benchmarks.floor.run import BATCH, CORES, PAIRS, WINDOWS, Meter, _json_schema
+from benchmarks.floor.run import (
+    BATCH,
+    CORES,
+    PAIRS,
+    WINDOWS,
+    Meter,
+    _json_schema,
+    add_common_args,
+    producer_settings,
+)
 
-HERE = Path(__file__).resolve().parent
 WINDOW_US = 60_000_000
 LATENESS_US = 5_000_000
 JOIN_WINDOW_US = 300_000_000  # the join benchmark's time_window_ms
@@ -344,26 +350,6 @@ def run_once(args: argparse.Namespace, topics: dict[str, int], scenario: type) -
     return result
 
 
-def _settings(args: argparse.Namespace, rows: int) -> Any:
-    from benchmarks.kafka_to_postgres import run as k2pg
-
-    return k2pg.Settings(
-        rows=rows,
-        engines=(),
-        bootstrap_servers=args.bootstrap_servers,
-        postgres_url=args.postgres_url,
-        partitions=args.partitions,
-        seed=args.seed,
-        poll_interval_s=0.5,
-        timeout_s=600,
-        stall_timeout_s=60,
-        stop_grace_s=10,
-        results_dir=args.results_dir,
-        work_dir=Path("/tmp"),
-        keep=False,
-    )
-
-
 def _produce(args: argparse.Namespace, scenario: str) -> dict[str, int]:
     """The scenario's topics, filled as its benchmark fills them: name -> messages."""
     from benchmarks.kafka_join_to_postgres import run as joins
@@ -373,12 +359,14 @@ def _produce(args: argparse.Namespace, scenario: str) -> dict[str, int]:
     run = uuid.uuid4().hex[:8]
     if scenario == "window":
         topic = f"bench_pipelined_{run}"
-        k2pg.produce(_settings(args, args.rows), topic, tumbling.timed_events(args.rows, args.seed))
+        k2pg.produce(
+            producer_settings(args, args.rows), topic, tumbling.timed_events(args.rows, args.seed)
+        )
         return {topic: args.rows}
     ev = joins.generate(args.rows, args.seed)
     orders, payments = f"bench_pipelined_{run}_orders", f"bench_pipelined_{run}_payments"
-    k2pg.produce(_settings(args, len(ev.orders)), orders, joins.order_messages(ev))
-    k2pg.produce(_settings(args, len(ev.payments)), payments, joins.payment_messages(ev))
+    k2pg.produce(producer_settings(args, len(ev.orders)), orders, joins.order_messages(ev))
+    k2pg.produce(producer_settings(args, len(ev.payments)), payments, joins.payment_messages(ev))
     return {orders: len(ev.orders), payments: len(ev.payments)}
 
 
@@ -467,14 +455,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=list(SCENARIOS))
-    ap.add_argument(
-        "--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:19092")
-    )
-    ap.add_argument(
-        "--postgres-url",
-        default=os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:55432/postgres"),
-    )
-    ap.add_argument("--results-dir", type=Path, default=HERE.parent / "results")
+    add_common_args(ap)
     return ap.parse_args(argv)
 
 

@@ -512,28 +512,32 @@ def _start(code: str, runs: int = 5) -> dict[str, Any]:
     }
 
 
+def producer_settings(args: argparse.Namespace, rows: int) -> Any:
+    """``kafka_to_postgres``'s settings for producing ``rows`` events with ``args``."""
+    from benchmarks.kafka_to_postgres import run as k2pg
+
+    return k2pg.Settings(
+        rows=rows,
+        engines=(),
+        bootstrap_servers=args.bootstrap_servers,
+        postgres_url=args.postgres_url,
+        partitions=args.partitions,
+        seed=args.seed,
+        poll_interval_s=0.5,
+        timeout_s=600,
+        stall_timeout_s=60,
+        stop_grace_s=10,
+        results_dir=args.results_dir,
+        work_dir=Path("/tmp"),
+        keep=False,
+    )
+
+
 def _topic(settings: argparse.Namespace) -> str:
     from benchmarks.kafka_to_postgres import run as k2pg
 
     topic = f"bench_floor_{datetime.now(UTC):%Y%m%d%H%M%S}{uuid.uuid4().hex[:4]}"
-    k2pg.produce(
-        k2pg.Settings(
-            rows=settings.rows,
-            engines=(),
-            bootstrap_servers=settings.bootstrap_servers,
-            postgres_url=settings.postgres_url,
-            partitions=settings.partitions,
-            seed=settings.seed,
-            poll_interval_s=0.5,
-            timeout_s=600,
-            stall_timeout_s=60,
-            stop_grace_s=10,
-            results_dir=settings.results_dir,
-            work_dir=Path("/tmp"),
-            keep=False,
-        ),
-        topic,
-    )
+    k2pg.produce(producer_settings(settings, settings.rows), topic)
     return topic
 
 
@@ -696,6 +700,18 @@ def render(steps: dict[str, dict[str, Any]], floors: dict[str, Any], settings: A
     return "\n".join(lines)
 
 
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The services and the results folder, as every floor harness takes them."""
+    ap.add_argument(
+        "--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+    )
+    ap.add_argument(
+        "--postgres-url",
+        default=os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:55432/postgres"),
+    )
+    ap.add_argument("--results-dir", type=Path, default=HERE.parent / "results")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--step", choices=sorted(STEPS))
@@ -705,14 +721,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=None)
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--topic")
-    ap.add_argument(
-        "--bootstrap-servers", default=os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:19092")
-    )
-    ap.add_argument(
-        "--postgres-url",
-        default=os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:55432/postgres"),
-    )
-    ap.add_argument("--results-dir", type=Path, default=HERE.parent / "results")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     scale = args.rows / 1_000_000
     args.windows = args.windows or max(1, round(WINDOWS * scale))
