@@ -9,6 +9,7 @@ before the final commit would leave "+∞" stored and every later row late.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
@@ -99,3 +100,31 @@ def test_a_stage_not_draining_checkpoints_its_own_watermark() -> None:
     assert target.also is not None
     target.also(object())
     assert store.watermarks == [2_000_000]
+
+
+class _SlowStage(_Stage):
+    """Encodes its delta only once the target has started writing the round."""
+
+    def __init__(self, writing: threading.Event) -> None:
+        self.writing = writing
+        self.encoded_on: str | None = None
+
+    def snapshot_delta(self) -> tuple[dict[str, bytes], set[str], None]:
+        assert self.writing.wait(10), "the delta was encoded before the write began"
+        self.encoded_on = threading.current_thread().name
+        return {"join/p/0": b"rows"}, {"join/p/0"}, None
+
+
+def test_a_joined_checkpoint_is_encoded_while_the_target_writes() -> None:
+    """``before_write`` hands the stage's delta to another thread and returns
+    at once; the flush's checkpoint waits for it. Encoding on the loop's
+    thread, before the write, would wait here for a write that never starts."""
+    writing = threading.Event()
+    stage, target, store = _SlowStage(writing), _JoinedTarget(), _JoinableStore()
+    _policy(stage, target, store).before_write((), True)  # returns before the delta exists
+    writing.set()  # the target writes the round's rows meanwhile
+    assert target.also is not None
+    target.also(object())  # the flush: waits for the delta, then checkpoints
+    assert store.watermarks == [1_000_000]
+    assert stage.encoded_on is not None
+    assert stage.encoded_on.startswith("sluice-checkpoint")

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -483,7 +484,8 @@ class Checkpointing:
     it nothing more until then), and only when something changed since.
     ``joined``: the only target, in the store's database: a round's
     checkpoint then commits in the transaction of its output rows (staged by
-    :meth:`before_write`, adopted by :meth:`commit`).
+    :meth:`before_write`, adopted by :meth:`commit`); the stage's delta is
+    encoded on a thread of its own while the target writes those rows.
     """
 
     rewinds_on_rebalance = True
@@ -527,6 +529,12 @@ class Checkpointing:
         # read they get nothing until the next checkpoint acknowledges it.
         self._ack_only = {s.id for s in self._sources if not isinstance(s, Seekable)}
         self._fresh = False  # on_batch ran since the last commit (not an idle round)
+        # Joined: encodes a round's checkpoint while the target writes its rows.
+        self._encoder = (
+            None
+            if joined is None
+            else concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sluice-checkpoint")
+        )
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Load the last checkpoint (connecting the store first) and start the
@@ -659,14 +667,22 @@ class Checkpointing:
         for b in batches:
             if b.position is not None:
                 self._positions.setdefault(b.source_id, {}).update(b.position)
-        upserts, live, done = self._snapshot()
-        deletes = self._keys - live
+        # The stage does not change until this round is written: its delta is
+        # encoded on another thread while the target writes the output rows,
+        # and the flush waits for it (the checkpoint goes in last).
+        assert self._encoder is not None  # made with joined
+        stage = self._stage
+        delta = None if stage is None else self._encoder.submit(stage.snapshot_delta)
+        marks = self._marks()
+        keys = self._keys
         positions = {k: dict(v) for k, v in self._positions.items() if v}
         watermark = self._stored_watermark()
         store: JoinableStore = self._store  # type: ignore[assignment]  # checked by choose()
         expected = self._version
 
         def checkpoint(connection: object) -> None:
+            upserts, live, done = self._snapshot(None if delta is None else delta.result(), marks)
+            deletes = keys - live
             version = store.commit_on(
                 connection,
                 self._pipeline,
@@ -762,19 +778,27 @@ class Checkpointing:
         self._positions = {}
         return True
 
-    def _snapshot(self) -> tuple[dict[str, bytes], set[str], Callable[[], None]]:
+    def _snapshot(
+        self,
+        delta: tuple[dict[str, bytes], set[str], int] | None = None,
+        marks: dict[str, bytes] | None = None,
+    ) -> tuple[dict[str, bytes], set[str], Callable[[], None]]:
         """What a checkpoint stores: the stage's state (its keys that changed
-        since the last durable checkpoint, ``snapshot_delta``) and the
-        event time each partition reached (a replica: of the partitions it
-        owns); every key the whole state has (a stored key not among them is
+        since the last durable checkpoint, ``snapshot_delta``, unless given)
+        and the event time each partition reached (:meth:`_marks`, unless
+        given); every key the whole state has (a stored key not among them is
         deleted); and what to call once the checkpoint is durable."""
         stage = self._stage
         if stage is None:
             return {}, set(), _nothing
-        upserts, live, token = stage.snapshot_delta()
-        marks = self._wm.snapshot(None if self._replicas is None else set(self._owned))
+        upserts, live, token = stage.snapshot_delta() if delta is None else delta
+        marks = self._marks() if marks is None else marks
         upserts.update(marks)
         return upserts, live | set(marks), functools.partial(stage.checkpointed, token)
+
+    def _marks(self) -> dict[str, bytes]:
+        """The event time each partition reached (a replica: of the partitions it owns)."""
+        return self._wm.snapshot(None if self._replicas is None else set(self._owned))
 
     def _stored_watermark(self) -> int | None:
         """The stage watermark a checkpoint stores: during a drain (the stage at
