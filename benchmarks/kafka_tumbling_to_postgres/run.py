@@ -1,6 +1,12 @@
-"""Kafka -> 60 s tumbling window -> Postgres: sluice against the reference engine.
+"""Kafka -> event-time window -> Postgres: sluice against the reference engine.
 
     python -m benchmarks.kafka_tumbling_to_postgres.run [--rows N] [--engines ...]
+        [--window tumbling|hopping|session]
+
+``--window`` picks the window (see ``SHAPES``): 60 s tumbling (the default),
+60 s hopping every 30 s, or sessions closed by 30 s without an event (with a
+Postgres ``[state_store]``, which a session window needs, in a schema of its
+own per run). Each writes ``SHAPES[kind].benchmark``'s results.
 
 1. Produce ``--rows`` JSON events with ``kafka_to_postgres``'s generator and
    producer (imported from it), each with an explicit Kafka message timestamp:
@@ -10,14 +16,15 @@
    watermark passes the end of every real window.
 2. In a new Postgres schema, load the same events into a raw table and compute
    the expected windows there with SQL (count, exact decimal sum, avg, min,
-   max per user_id and minute).
+   max per user_id and window: the minute; both 60 s windows holding the
+   event, one every 30 s; the runs of a user's events at most 30 s apart).
 3. For each engine, one after the other: create its own target table, render
    ``pipeline.toml.tmpl`` (only the group_id and table differ), start the
    engine with its Prometheus endpoint on, and poll its metrics until it
    consumed every message and is done with them: sluice with every expected
    window in its table, the reference with every event in its window state.
 4. Verify each table against the expected windows, print the tables and write
-   ``benchmarks/results/kafka_tumbling_to_postgres-<date>.{md,json}``.
+   ``benchmarks/results/<SHAPES[kind].benchmark>-<date>.{md,json}``.
 
 The reference's windows never emit, so the figures compared are *input*
 rates: events consumed per second and CPU-seconds per million events, to
@@ -29,6 +36,7 @@ what each figure means.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -53,7 +61,7 @@ from benchmarks.kafka_to_postgres.run import Settings
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "pipeline.toml.tmpl"
-BENCHMARK = "kafka_tumbling_to_postgres"
+BENCHMARK = "kafka_tumbling_to_postgres"  # the default window's; see SHAPES
 #: Prefix of the topic, the schema, the pipeline_name, the group ids and the work dir.
 PREFIX = "bench-tumb"
 #: The packages of this environment that the results record.
@@ -91,7 +99,8 @@ RAW_COLUMNS = (("user_id", "bigint"), ("amount", "double precision"), ("event_ms
 EXPECTED_TABLE = "expected"
 
 #: Each engine's table: the window columns both engines document, in their
-#: order (window bounds, group key, aggregates in configuration order).
+#: order (window bounds, a session's id, group key, aggregates in
+#: configuration order).
 OUTPUT_COLUMNS = (
     ("window_start", "timestamptz NOT NULL"),
     ("window_end", "timestamptz"),
@@ -102,6 +111,15 @@ OUTPUT_COLUMNS = (
     ("amount_min", "double precision"),
     ("amount_max", "double precision"),
 )
+SESSION_ID = ("session_id", "numeric(20,0)")  # uint64
+
+
+def output_columns(shape: Shape) -> tuple[tuple[str, str], ...]:
+    if shape.kind != "session":
+        return OUTPUT_COLUMNS
+    return (*OUTPUT_COLUMNS[:2], SESSION_ID, *OUTPUT_COLUMNS[2:])
+
+
 PRIMARY_KEY = ("user_id", "window_start")
 
 #: How each engine's Prometheus metrics are named: ``<prefix><name>``.
@@ -133,6 +151,50 @@ CHECKS = (
     "wrong_max",
     "wrong_avg",
 )
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One window the benchmark runs (``--window``)."""
+
+    kind: str  # the TOML's [transform.window] kind
+    benchmark: str  # the results' file stem
+    title: str  # for the report: "60 s tumbling window"
+    size: dict[str, int]  # the window's size keys in the TOML
+    #: What each expected window is, for the report.
+    means: str
+
+    @property
+    def size_toml(self) -> str:
+        return "\n".join(f"{k} = {v}" for k, v in self.size.items())
+
+
+#: The windows of ``--window``: 1M events of 10k users come about 100 s
+#: apart per user, so a 30 s session gap splits most users' events.
+SHAPES = {
+    "tumbling": Shape(
+        "tumbling",
+        BENCHMARK,
+        "60 s tumbling window",
+        {"duration_ms": 60_000},
+        "per user_id and minute",
+    ),
+    "hopping": Shape(
+        "hopping",
+        "kafka_hopping_to_postgres",
+        "60 s hopping window every 30 s",
+        {"duration_ms": 60_000, "hop_ms": 30_000},
+        "per user_id and each of the two 60 s windows (one starts every 30 s) holding an event",
+    ),
+    "session": Shape(
+        "session",
+        "kafka_session_to_postgres",
+        "session window (30 s gap)",
+        # The cap is far above any session of this data (checked): no session is cut.
+        {"gap_ms": 30_000, "max_session_duration_ms": 86_400_000},
+        "per user_id and run of events at most 30 s apart (window_end = last event + 30 s)",
+    ),
+}
 
 
 def engine_kind(engine: str) -> str:
@@ -210,7 +272,7 @@ class Expected:
     """The windows every engine must write, computed by Postgres over the raw events."""
 
     schema: str
-    window_ms: int
+    shape: Shape
     lateness_ms: int
     load_s: float = 0.0
     query_s: float = 0.0
@@ -232,16 +294,14 @@ def prepare_postgres(conn: psycopg.Connection[Any], settings: Settings, exp: Exp
     exp.load_s = time.monotonic() - started
 
     started = time.monotonic()
-    # The sum is exact in numeric: every amount has two decimals (the generator
-    # rounds it), so an engine's double sum, rounded to cents, must equal it.
-    conn.execute(
-        f"CREATE TABLE {schema}.{EXPECTED_TABLE} AS "
-        f"SELECT user_id, event_ms / {exp.window_ms} * {exp.window_ms} AS ws_ms, "
-        "count(*) AS n, sum(amount::numeric) AS amount_sum, avg(amount::numeric) AS amount_avg, "
-        "min(amount) AS amount_min, max(amount) AS amount_max "
-        f"FROM {schema}.{RAW_TABLE} GROUP BY 1, 2"
-    )
+    conn.execute(f"CREATE TABLE {schema}.{EXPECTED_TABLE} AS {expected_query(exp)}")
     conn.execute(f"ALTER TABLE {schema}.{EXPECTED_TABLE} ADD PRIMARY KEY (user_id, ws_ms)")
+    if exp.shape.kind == "session":
+        row = conn.execute(f"SELECT max(we_ms - ws_ms) FROM {schema}.{EXPECTED_TABLE}").fetchone()
+        longest = int(row[0]) if row and row[0] is not None else 0
+        cap = exp.shape.size["max_session_duration_ms"]
+        if longest >= cap:
+            raise SystemExit(f"a session lasts {longest} ms: max_session_duration_ms {cap} cuts it")
     conn.execute(f"ANALYZE {schema}.{EXPECTED_TABLE}")
     row = conn.execute(
         f"SELECT (SELECT count(*) FROM {schema}.{EXPECTED_TABLE}), count(*), max(event_ms) "
@@ -250,6 +310,45 @@ def prepare_postgres(conn: psycopg.Connection[Any], settings: Settings, exp: Exp
     assert row is not None
     exp.windows, exp.events, exp.max_event_ms = int(row[0]), int(row[1]), int(row[2])
     exp.query_s = time.monotonic() - started
+
+
+def expected_query(exp: Expected) -> str:
+    """The SQL of the expected windows of ``exp.shape`` over the raw events:
+    ``user_id, ws_ms, we_ms`` and the aggregates. The sum is exact in numeric:
+    every amount has two decimals (the generator rounds it), so an engine's
+    double sum, rounded to cents, must equal it."""
+    raw, size = f"{exp.schema}.{RAW_TABLE}", exp.shape.size
+    aggs = (
+        "count(*) AS n, sum(amount::numeric) AS amount_sum, avg(amount::numeric) AS amount_avg, "
+        "min(amount) AS amount_min, max(amount) AS amount_max"
+    )
+    if exp.shape.kind == "tumbling":
+        d = size["duration_ms"]
+        return (
+            f"SELECT user_id, event_ms / {d} * {d} AS ws_ms, event_ms / {d} * {d} + {d} AS we_ms, "
+            f"{aggs} FROM {raw} GROUP BY 1, 2, 3"
+        )
+    if exp.shape.kind == "hopping":
+        # Windows start at multiples of hop_ms (event times are positive):
+        # an event is in the ceil(d / h) windows starting at its hop and before
+        # it whose end is after it.
+        d, h = size["duration_ms"], size["hop_ms"]
+        return (
+            f"SELECT user_id, ws_ms, ws_ms + {d} AS we_ms, {aggs} FROM "
+            f"(SELECT user_id, amount, event_ms, event_ms / {h} * {h} - k * {h} AS ws_ms "
+            f"FROM {raw} CROSS JOIN generate_series(0, {-(-d // h) - 1}) AS k) w "
+            f"WHERE event_ms < ws_ms + {d} GROUP BY 1, 2, 3"
+        )
+    # A user's session goes on while consecutive event times are at most gap_ms apart.
+    gap = size["gap_ms"]
+    return (
+        f"SELECT user_id, min(event_ms) AS ws_ms, max(event_ms) + {gap} AS we_ms, {aggs} FROM "
+        "(SELECT user_id, amount, event_ms, sum(opens) OVER (PARTITION BY user_id "
+        "ORDER BY event_ms ROWS UNBOUNDED PRECEDING) AS session FROM "
+        "(SELECT user_id, amount, event_ms, CASE WHEN event_ms - lag(event_ms) OVER "
+        f"(PARTITION BY user_id ORDER BY event_ms) > {gap} THEN 1 ELSE 0 END AS opens "
+        f"FROM {raw}) o) s GROUP BY user_id, session"
+    )
 
 
 # ---------------------------------------------------------------- engines
@@ -263,8 +362,16 @@ def schema_name(run_id: str) -> str:
     return f"{PREFIX}_{run_id}".replace("-", "_")
 
 
+def state_schema(schema: str, engine: str) -> str:
+    """Where ``engine``'s Postgres state store keeps a session window's tables:
+    one schema per run, since the runs share the pipeline_name (and a run
+    resumes from the checkpoint of that name it finds)."""
+    return f"{schema}_state_{engine.replace('-', '_')}"
+
+
 def render_pipeline(
     settings: Settings,
+    shape: Shape,
     run_id: str,
     topic: str,
     group_id: str,
@@ -272,10 +379,25 @@ def render_pipeline(
     table: str,
     engine: str = "sluice",
 ) -> str:
-    """The template for ``engine``: as it is, or without its ``sql`` line for
-    ``sluice-kafka-ts``."""
+    """The template for ``engine`` and ``shape``: as it is, or without its
+    ``sql`` line for ``sluice-kafka-ts``."""
+    store = ""
+    if shape.kind == "session":
+        store = (
+            f'\n[state_store]\nkind = "postgres"\nurl = "{settings.postgres_url}"\n'
+            f'schema = "{state_schema(schema, engine)}"\n'
+        )
     text = k2pg.render_template(
-        TEMPLATE, settings, pipeline_name(run_id), group_id, table, topic=topic, schema=schema
+        TEMPLATE,
+        settings,
+        pipeline_name(run_id),
+        group_id,
+        table,
+        topic=topic,
+        schema=schema,
+        window_kind=shape.kind,
+        window_size=shape.size_toml,
+        state_store=store,
     )
     if engine != KAFKA_TS:
         return text
@@ -285,12 +407,13 @@ def render_pipeline(
     return "".join(kept)
 
 
-def pipeline_facts(settings: Settings) -> tuple[str, int, int]:
-    """The template's ``[transform] sql``, window duration and lateness (ms)."""
-    cfg = tomllib.loads(render_pipeline(settings, "x", "x", "x", "x", "x"))
+def pipeline_facts(settings: Settings, shape: Shape) -> tuple[str, int]:
+    """The template's ``[transform] sql`` and lateness (ms) for ``shape``."""
+    cfg = tomllib.loads(render_pipeline(settings, shape, "x", "x", "x", "x", "x"))
     window = cfg["transform"]["window"]
-    assert window["kind"] == "tumbling" and window["group_by"] == ["user_id"], window
-    return cfg["transform"]["sql"], int(window["duration_ms"]), int(cfg["watermark"]["lateness_ms"])
+    assert window["kind"] == shape.kind and window["group_by"] == ["user_id"], window
+    assert all(window[k] == v for k, v in shape.size.items()), window
+    return cfg["transform"]["sql"], int(cfg["watermark"]["lateness_ms"])
 
 
 def reference_offsets_row(conn: psycopg.Connection[Any], run_id: str) -> str | None:
@@ -441,12 +564,12 @@ def verify(conn: psycopg.Connection[Any], exp: Expected, table: str) -> dict[str
     """Compare ``table`` with the expected windows, window by window (full join
     on user_id and window start): count, window end, min and max exactly, sum
     rounded to cents exactly, avg within ``AVG_TOLERANCE`` (relative)."""
-    s, w = exp.schema, exp.window_ms
+    s = exp.schema
     both = "a.user_id IS NOT NULL AND e.user_id IS NOT NULL"
     checks = {
         "missing": "a.user_id IS NULL",
         "unexpected": "e.user_id IS NULL",
-        "wrong_end": f"{both} AND a.we_ms IS DISTINCT FROM e.ws_ms + {w}",
+        "wrong_end": f"{both} AND a.we_ms IS DISTINCT FROM e.we_ms",
         "wrong_n": f"{both} AND a.n IS DISTINCT FROM e.n",
         "wrong_sum": f"{both} AND round(a.amount_sum::numeric, 2) IS DISTINCT FROM e.amount_sum",
         "wrong_min": f"{both} AND a.amount_min IS DISTINCT FROM e.amount_min",
@@ -509,9 +632,9 @@ def run_engine(
     toml_path = settings.work_dir / f"{engine}.toml"
     group_id = f"{PREFIX}-{run_id}-{engine}"
     toml_path.write_text(
-        render_pipeline(settings, run_id, ds.topic, group_id, exp.schema, table, engine)
+        render_pipeline(settings, exp.shape, run_id, ds.topic, group_id, exp.schema, table, engine)
     )
-    common.recreate_table(conn, f"{exp.schema}.{table}", OUTPUT_COLUMNS, PRIMARY_KEY)
+    common.recreate_table(conn, f"{exp.schema}.{table}", output_columns(exp.shape), PRIMARY_KEY)
 
     port = free_port()
     argv = common.engine_argv(kind, toml_path, metrics_port=port)
@@ -823,7 +946,8 @@ def methodology(settings: Settings, exp: Expected, sql: str) -> list[str]:
         common.PEAK_RSS,
         f"Expected windows: the events (user_id, amount, message timestamp, decoded from the "
         f"very payloads sent) are loaded into `{RAW_TABLE}` and grouped by Postgres into "
-        f"{exp.windows:,} windows of {exp.window_ms // 1000} s. Each sluice table must have "
+        f"{exp.windows:,} windows, {exp.shape.means} (`{exp.shape.size_toml}`). Each sluice "
+        "table must have "
         "exactly those windows (none missing, none unexpected; the closing events' windows, "
         "which sluice's bounded run emits only when it drains at the end of input, are left "
         "out), each with the same count, window end, min and max, the sum equal to the "
@@ -854,12 +978,12 @@ def render_markdown(
     date: str,
 ) -> str:
     lines = [
-        f"# Kafka -> 60 s tumbling window -> Postgres: sluice vs the reference engine ({date})",
+        f"# Kafka -> {exp.shape.title} -> Postgres: sluice vs the reference engine ({date})",
         "",
         f"{ds.rows:,} JSON events (avg {ds.payload_bytes_avg:.0f} bytes) of 10k users with "
         f"explicit message timestamps in a {ds.partitions}-partition topic (`{ds.topic}`, "
-        f"produced in {ds.produce_s:.1f} s), aggregated per user_id into 60 s tumbling "
-        f"windows (count, sum, avg, min, max of amount; {exp.windows:,} windows) by each "
+        f"produced in {ds.produce_s:.1f} s), aggregated per user_id into {exp.shape.title}s "
+        f" (count, sum, avg, min, max of amount; {exp.windows:,} windows) by each "
         "engine, one engine at a time, into its own pre-created Postgres table.",
         "",
         f"**Asymmetry.** {ASYMMETRY}",
@@ -886,24 +1010,31 @@ def render_markdown(
 # ---------------------------------------------------------------- main
 
 
-def parse_args(argv: Sequence[str] | None) -> Settings:
-    return k2pg.parse_settings(
-        argv,
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Shape]:
+    """``kafka_to_postgres``'s command line plus ``--window``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--window", choices=tuple(SHAPES), default="tumbling")
+    extra, rest = pre.parse_known_args(argv)
+    settings = k2pg.parse_settings(
+        rest,
         benchmark=BENCHMARK,
         description=(
-            "Kafka -> 60 s tumbling window -> Postgres input rate, CPU and memory: "
-            "sluice vs ematix-flow 1.0.0."
+            "Kafka -> event-time window -> Postgres input rate, CPU and memory: "
+            "sluice vs ematix-flow 1.0.0. Also: --window {tumbling,hopping,session} "
+            "(default tumbling): " + "; ".join(f"{k}: {v.title}" for k, v in SHAPES.items())
         ),
         engines=ENGINES,
         keep_help="keep the schema (tables, raw events), topic and offsets",
         stall_help="give up after this long without progress (input or windows)",
     )
+    return settings, SHAPES[extra.window]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, run_id = common.start_run(parse_args(argv), PREFIX)
+    settings, shape = parse_args(argv)
+    settings, run_id = common.start_run(settings, PREFIX)
     date = common.utc_date()
-    sql, window_ms, lateness_ms = pipeline_facts(settings)
+    sql, lateness_ms = pipeline_facts(settings, shape)
     if lateness_ms <= DISORDER_MS:
         raise SystemExit(f"DISORDER_MS = {DISORDER_MS} must be below lateness_ms = {lateness_ms}")
 
@@ -915,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts["packages"] = common.engine_packages(PACKAGES, kinds)
 
     topic = f"{PREFIX}-{run_id}"
-    exp = Expected(schema=schema_name(run_id), window_ms=window_ms, lateness_ms=lateness_ms)
+    exp = Expected(schema=schema_name(run_id), shape=shape, lateness_ms=lateness_ms)
     print(
         f"producing {settings.rows:,} timestamped events and {settings.partitions} closing "
         f"events to {topic} ({settings.partitions} partitions)",
@@ -943,6 +1074,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not settings.keep:
             k2pg.drop_schema(settings, exp.schema, pipeline_name(run_id))
+            if shape.kind == "session":
+                for engine in settings.engines:
+                    state = state_schema(exp.schema, engine)
+                    k2pg.drop_schema(settings, state, pipeline_name(run_id))
             k2pg.delete_topic(settings, topic)
 
     print()
@@ -958,7 +1093,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("note: " + ASYMMETRY)
 
     data = {
-        "benchmark": BENCHMARK,
+        "benchmark": shape.benchmark,
         "run_id": run_id,
         "date": date,
         "settings": settings.as_json(),
@@ -988,7 +1123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
     }
     markdown = render_markdown(settings, ds, exp, sql, results, facts, date)
-    common.save_results(settings, BENCHMARK, date, markdown, data)
+    common.save_results(settings, shape.benchmark, date, markdown, data)
     ok = not any(common.failed(r) for r in results)
     # sluice must also have written and verified every window.
     ok = ok and all(r.verification.get("ok") for r in results if engine_kind(r.engine) == "sluice")

@@ -2,6 +2,9 @@
 
     python -m benchmarks.profile.run [--rows N] [--scenarios append,sql,window,join]
 
+Scenarios: ``append``, ``sql``, ``window`` (tumbling), ``hopping``, ``session``
+(the window harness's ``--window``), ``join``; the first four unless told.
+
 For each scenario it runs that scenario's own harness (its events, template,
 checks) with ``--engines sluice``; when the harness starts ``flow consume``,
 :data:`common.ENGINE_STARTED` attaches
@@ -44,13 +47,18 @@ from benchmarks import common
 from benchmarks.common import EngineResult, MonitoredProcess
 
 BENCHMARK = "profile"
-#: Scenario -> the harness module whose ``main(argv)`` runs it.
-SCENARIOS = {
-    "append": "benchmarks.kafka_to_postgres.run",
-    "sql": "benchmarks.kafka_sql_lookup_to_postgres.run",
-    "window": "benchmarks.kafka_tumbling_to_postgres.run",
-    "join": "benchmarks.kafka_join_to_postgres.run",
+#: Scenario -> the harness module whose ``main(argv)`` runs it, and the
+#: arguments beside the common ones that pick the scenario's pipeline.
+SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "append": ("benchmarks.kafka_to_postgres.run", ()),
+    "sql": ("benchmarks.kafka_sql_lookup_to_postgres.run", ()),
+    "window": ("benchmarks.kafka_tumbling_to_postgres.run", ()),
+    "hopping": ("benchmarks.kafka_tumbling_to_postgres.run", ("--window", "hopping")),
+    "session": ("benchmarks.kafka_tumbling_to_postgres.run", ("--window", "session")),
+    "join": ("benchmarks.kafka_join_to_postgres.run", ()),
 }
+#: What ``--scenarios`` runs unless told: hopping and session on request.
+DEFAULT_SCENARIOS = ("append", "sql", "window", "join")
 PACKAGES = ("sluice", "confluent-kafka", "pyarrow", "datafusion", "adbc-driver-postgresql")
 TASK_POLL_S = 0.25
 
@@ -296,7 +304,7 @@ def rss_at(rss: Sequence[tuple[float, int]], t: float | None) -> float | None:
 def profile_scenario(
     scenario: str, settings: Settings, work: Path, date: str
 ) -> ScenarioProfile | None:
-    harness = SCENARIOS[scenario]
+    harness, extra = SCENARIOS[scenario]
     main: Callable[[Sequence[str]], int] = importlib.import_module(harness).main
     scen_work = work / scenario
     scen_work.mkdir(parents=True)
@@ -305,6 +313,7 @@ def profile_scenario(
         "--rows", str(settings.rows), "--engines", "sluice",
         "--results-dir", str(scen_work / "results"), "--work-dir", str(scen_work),
         "--bootstrap-servers", settings.bootstrap_servers, "--postgres-url", settings.postgres_url,
+        *extra,
     ]  # fmt: skip
     print(f"== {scenario}: {harness} {' '.join(argv)}", flush=True)
     common.ENGINE_STARTED.append(profiler)
@@ -500,7 +509,11 @@ class Settings:
 def parse_args(argv: Sequence[str] | None) -> Settings:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile.run", description=__doc__)
     p.add_argument("--rows", type=int, default=1_000_000, help="input events per scenario")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument(
+        "--scenarios",
+        default=",".join(DEFAULT_SCENARIOS),
+        help=f"comma-separated, of: {', '.join(SCENARIOS)}",
+    )
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--bootstrap-servers", default="127.0.0.1:19092")
     p.add_argument("--postgres-url", default=common.POSTGRES_URL)
