@@ -849,3 +849,21 @@ def test_sessions_do_not_depend_on_arrival_order_or_batch_split(seed: int) -> No
         compare(r, want[key])
     if late_data == "drop":
         assert len(fed.emitted) == len(want)  # each session once
+
+
+@pytest.mark.parametrize("span", [1_000, 2**62], ids=["offsets", "ranks"])
+def test_the_running_maximum_restarts_at_each_key(span: int) -> None:
+    """sessionise's running max of the items' last event times: per segment,
+    whether the segments fit side by side in int64 (offsets) or need ranks."""
+    from sluice.engine.stages.window.assign import _running_max
+
+    rng = np.random.default_rng(7)
+    values = rng.integers(-span // 2, span // 2, 5_000, dtype=np.int64)
+    seg = np.sort(rng.integers(0, 40, 5_000)).astype(np.int64)
+    seg -= seg[0]
+    want = values.copy()
+    for i in range(1, len(values)):
+        if seg[i] == seg[i - 1]:
+            want[i] = max(want[i - 1], values[i])
+    np.testing.assert_array_equal(_running_max(values, seg), want)
+    assert len(_running_max(values[:0], seg[:0])) == 0

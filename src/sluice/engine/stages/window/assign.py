@@ -136,11 +136,7 @@ def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> Sessio
     new_key[0] = True
     new_key[1:] = ck[1:] != ck[:-1]
     seg = np.cumsum(new_key) - 1
-    # running max of `last` within each key; rank-encoded so keys cannot mix
-    uniq, rank = np.unique(la, return_inverse=True)
-    u = len(uniq)
-    enc = rank.astype(np.int64).ravel() + seg * u
-    run_last = uniq[np.maximum.accumulate(enc) - seg * u]
+    run_last = _running_max(la, seg)  # the largest `last` so far within each key
     opens = new_key.copy()
     opens[1:] |= st[1:] > run_last[:-1] + gap
     # cap splits: from each session's first item, the next session opens at the
@@ -148,15 +144,19 @@ def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> Sessio
     run = np.cumsum(opens) - 1
     run_first = np.flatnonzero(opens)
     run_stop = np.append(run_first[1:], n)
-    s_uniq, s_rank = np.unique(st, return_inverse=True)
-    width = len(s_uniq) + 1
-    pos_key = run * width + s_rank.astype(np.int64).ravel()  # non-decreasing along `order`
-    cur = run_first
-    while len(cur):
-        r = run[cur]
-        nxt = np.searchsorted(pos_key, r * width + np.searchsorted(s_uniq, st[cur] + cap), "left")
-        cur = nxt[nxt < run_stop[r]]
-        opens[cur] = True
+    # a run's items are in start order: none splits unless its last item starts
+    # at or after its first one + cap (the common case skips the search)
+    if (st[run_stop - 1] >= st[run_first] + cap).any():
+        s_uniq, s_rank = np.unique(st, return_inverse=True)
+        width = len(s_uniq) + 1
+        pos_key = run * width + s_rank.astype(np.int64).ravel()  # non-decreasing along `order`
+        cur = run_first
+        while len(cur):
+            r = run[cur]
+            at = np.searchsorted(s_uniq, st[cur] + cap)
+            nxt = np.searchsorted(pos_key, r * width + at, "left")
+            cur = nxt[nxt < run_stop[r]]
+            opens[cur] = True
     first = np.flatnonzero(opens)
     sess_sorted = np.cumsum(opens) - 1
     sess = np.empty(n, np.int64)
@@ -165,6 +165,28 @@ def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> Sessio
     s_last = np.maximum.reduceat(la, first)
     s_end = np.minimum(s_last + gap, s_start + cap)
     return Sessions(order, sess, first, s_start, s_last, s_end)
+
+
+def _running_max(values: I64, seg: I64) -> I64:
+    """The running maximum of ``values`` within each segment (``seg``: the
+    segment of each position, non-decreasing from 0), restarting at each.
+
+    Each segment is offset above the ones before it so that one accumulate
+    cannot carry a maximum across; when those offsets could overflow int64,
+    the values are rank-encoded first (a sort)."""
+    if not len(values):
+        return values
+    low = int(values.min())
+    span = int(values.max()) - low + 1
+    if span * (int(seg[-1]) + 1) < 2**62:
+        shift = seg * span
+        out: I64 = np.maximum.accumulate(values - low + shift) - shift + low
+        return out
+    uniq, rank = np.unique(values, return_inverse=True)
+    u = len(uniq)
+    enc = rank.astype(np.int64).ravel() + seg * u
+    ranked: I64 = uniq[np.maximum.accumulate(enc) - seg * u]
+    return ranked
 
 
 # SplitMix64 finaliser: a fixed, well-mixed 64-bit permutation (stable forever).
