@@ -655,10 +655,11 @@ class EngineResult:
                 self.landing_rows_per_s = rows * left / self.landing_window_s
 
 
-#: Called as ``hook(res, proc)`` right after :func:`watch_engine` started an
+#: Called as ``hook(res, proc)`` right after :func:`watch_engine` (or
+#: ``latency/run.py``'s backlog run, with its own result type) started an
 #: engine's process, before the first poll: ``benchmarks/profile`` attaches its
 #: sampling profiler and its per-thread CPU sampler here. Empty by default.
-ENGINE_STARTED: list[Callable[[EngineResult, MonitoredProcess], None]] = []
+ENGINE_STARTED: list[Callable[[Any, MonitoredProcess], None]] = []
 
 
 def busy_from(timeline: Sequence[tuple[float, int, float | None]], after: float) -> float | None:

@@ -588,6 +588,8 @@ def run_backlog(
         return res
     print(f"[{engine} backlog] {common.utc_now()} starting; log: {proc.log_path}", flush=True)
     proc.start()
+    for hook in common.ENGINE_STARTED:  # benchmarks/profile attaches here
+        hook(res, proc)
     try:
         # With a backlog the engine may write before the harness sees it ready: a row counts.
         outcome = wait_ready(

@@ -56,7 +56,11 @@ SCENARIOS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hopping": ("benchmarks.kafka_tumbling_to_postgres.run", ("--window", "hopping")),
     "session": ("benchmarks.kafka_tumbling_to_postgres.run", ("--window", "session")),
     "join": ("benchmarks.kafka_join_to_postgres.run", ()),
+    # The append over a backlog, sluice beside the peers (latency/run.py --backlog).
+    "peers": ("benchmarks.latency.run", ()),
 }
+#: The peers' harness takes ``--backlog N`` for ``--rows N`` and runs these engines.
+PEERS = ("sluice", "bytewax", "quix")
 #: What ``--scenarios`` runs unless told: hopping and session on request.
 DEFAULT_SCENARIOS = ("append", "sql", "window", "join")
 PACKAGES = ("sluice", "confluent-kafka", "pyarrow", "datafusion", "adbc-driver-postgresql")
@@ -116,8 +120,14 @@ _LIB_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), stage)
     for pattern, stage in (
         (r"\(datafusion/", "sql"),
-        (r"\(adbc_driver|\(psycopg/", "encode + write"),
+        (r"\(adbc_driver|\(psycopg2?/", "encode + write"),
         (r"\(confluent_kafka/", "consume"),
+        # the peers: Quix Streams' consumer and sinks, Bytewax's Kafka connector
+        # (py-spy names its frames from below the bytewax package)
+        (r"\(quixstreams/(kafka|internal_consumer)/|\(connectors/kafka/", "consume"),
+        (r"\(quixstreams/sinks/", "encode + write"),
+        # the peers' payload decoding (Quix Streams' deserializers, json.loads)
+        (r"\(quixstreams/models/serializers/|\(json/", "decode"),
         (r"\(prometheus_client/|\(socketserver\.py|\(http/server\.py", "metrics"),
     )
 )
@@ -181,7 +191,7 @@ class Task:
 class Attached:
     """What :class:`Profiler` attached to one engine process."""
 
-    res: EngineResult
+    res: Any  # an EngineResult, or latency/run.py's BacklogResult
     proc: MonitoredProcess
     spy: subprocess.Popen[bytes]
     raw_path: Path
@@ -199,7 +209,7 @@ class Profiler:
         self.rate_hz = rate_hz
         self.attached: list[Attached] = []
 
-    def __call__(self, res: EngineResult, proc: MonitoredProcess) -> None:
+    def __call__(self, res: Any, proc: MonitoredProcess) -> None:
         raw = self.work_dir / f"{res.engine}-{len(self.attached)}.collapsed"
         argv = [
             "py-spy", "record", "--pid", str(proc.pid), "--format", "raw", "--threads",
@@ -303,14 +313,20 @@ def rss_at(rss: Sequence[tuple[float, int]], t: float | None) -> float | None:
 
 def profile_scenario(
     scenario: str, settings: Settings, work: Path, date: str
-) -> ScenarioProfile | None:
+) -> list[ScenarioProfile]:
+    """Run ``scenario``'s harness under the profiler: a profile per engine it
+    started (sluice; for ``peers`` sluice, Bytewax and Quix Streams)."""
     harness, extra = SCENARIOS[scenario]
     main: Callable[[Sequence[str]], int] = importlib.import_module(harness).main
     scen_work = work / scenario
     scen_work.mkdir(parents=True)
     profiler = Profiler(scen_work, settings.rate_hz)
+    if scenario == "peers":
+        size = ["--backlog", str(settings.rows), "--engines", ",".join(PEERS)]
+    else:
+        size = ["--rows", str(settings.rows), "--engines", "sluice"]
     argv = [
-        "--rows", str(settings.rows), "--engines", "sluice",
+        *size,
         "--results-dir", str(scen_work / "results"), "--work-dir", str(scen_work),
         "--bootstrap-servers", settings.bootstrap_servers, "--postgres-url", settings.postgres_url,
         *extra,
@@ -325,8 +341,21 @@ def profile_scenario(
         common.ENGINE_STARTED.remove(profiler)
     if not profiler.attached:
         print(f"[{scenario}] no engine was started", flush=True)
-        return None
-    a = profiler.attached[-1]
+        return []
+    if scenario != "peers":
+        return [engine_profile(scenario, profiler, profiler.attached[-1], settings, date, code)]
+    return [
+        engine_profile(f"{scenario}: {a.res.engine}", profiler, a, settings, date, code)
+        for a in profiler.attached
+    ]
+
+
+def engine_profile(
+    scenario: str, profiler: Profiler, a: Attached, settings: Settings, date: str, code: int
+) -> ScenarioProfile:
+    """The profile of the one engine process ``a`` (``scenario``: its name in the report)."""
+    harness = SCENARIOS[scenario.split(":", maxsplit=1)[0]][0]
+    scen_work = a.raw_path.parent
     spy_exit = profiler.finish(a)
     stage_cpu, threads, n_samples = attribute(a)
     if not n_samples:
@@ -337,26 +366,33 @@ def profile_scenario(
         )
     collapsed = None
     if a.raw_path.exists():
-        gz = settings.results_dir / f"{BENCHMARK}-{date}-{scenario}.collapsed.gz"
+        slug = scenario.replace(": ", "-")
+        gz = settings.results_dir / f"{BENCHMARK}-{date}-{slug}.collapsed.gz"
         gz.parent.mkdir(parents=True, exist_ok=True)
         with a.raw_path.open("rb") as src, gzip.open(gz, "wb") as dst:
             shutil.copyfileobj(src, dst)
         collapsed = gz.name
     res = a.res
+    if isinstance(res, EngineResult):
+        verified, last_row_s = res.verification.get("ok"), res.last_row_s
+    else:  # latency/run.py's BacklogResult: wall-clock times of the ready poll and last row
+        verified, last_row_s = res.verified, None
+        if res.ready_s is not None and res.ready_at and res.last_row_at:
+            last_row_s = res.ready_s + res.last_row_at - res.ready_at
     return ScenarioProfile(
         scenario=scenario,
         harness=harness,
         rows=settings.rows,
         harness_exit=int(code),
         outcome=res.outcome,
-        verified=res.verification.get("ok"),
+        verified=verified,
         wall_s=res.wall_s,
         cpu_s_total=a.proc.final_cpu_s,
         peak_rss_mb=a.proc.peak_rss_bytes() / 2**20,
         rss_at_ready_mb=rss_at(a.rss, res.ready_s),
-        rss_at_last_row_mb=rss_at(a.rss, res.last_row_s),
+        rss_at_last_row_mb=rss_at(a.rss, last_row_s),
         ready_s=res.ready_s,
-        last_row_s=res.last_row_s,
+        last_row_s=last_row_s,
         samples=n_samples,
         py_spy_exit=spy_exit,
         stage_cpu_s=stage_cpu,
@@ -426,7 +462,11 @@ def methodology(settings: Settings) -> list[str]:
     return [
         "Each scenario is its own harness (`benchmarks/<scenario>/run.py`, same events, "
         "template and checks) run with `--engines sluice`; its results files are in the "
-        "run's work folder, not here.",
+        "run's work folder, not here. `peers` is `benchmarks/latency/run.py --backlog N "
+        "--engines sluice,bytewax,quix` (the throughput benchmark: each engine appends the "
+        "same N-message backlog into its own table, one after the other), each engine's "
+        "process profiled the same way; its stages come from the same rules (the peers' "
+        "own framework code is 'engine loop (other)').",
         f"py-spy {settings.py_spy_version} attaches to the `flow consume` process right "
         f"after it starts: `record --format raw --threads --nonblocking --rate "
         f"{settings.rate_hz}`. Without `--idle` it keeps only the samples where a thread is "
@@ -444,7 +484,9 @@ def methodology(settings: Settings) -> list[str]:
         "write); engine/stages/sql.py, datafusion -> sql; lookups -> lookup; "
         "engine/stages/window/ -> window; engine/stages/join.py -> join; "
         "connectors/postgres/target.py, adbc, psycopg -> encode + write; engine/commit.py, "
-        "state/ -> commit / state; connectors/kafka/, confluent_kafka -> consume; any "
+        "state/ -> commit / state; connectors/kafka/, confluent_kafka -> consume; "
+        "the peers' json, Quix Streams' serializers -> decode, Quix Streams' consumer and "
+        "Bytewax's Kafka connector -> consume, Quix Streams' sinks -> encode + write; any "
         "import frame -> start / imports; a leaf in threading/queue/selectors wait / get / "
         "sleep -> idle / wait (CPU spent waking up and polling, not time spent blocked). "
         "Arrow or Python work called from the engine loop itself (engine/consume.py, "
@@ -470,8 +512,9 @@ def render_markdown(
     lines = [
         f"# Profile: where sluice's CPU and memory go, per stage ({date})",
         "",
-        f"{settings.rows:,} input events per scenario, sluice only, under py-spy "
-        f"({settings.rate_hz} Hz).",
+        f"{settings.rows:,} input events per scenario, under py-spy ({settings.rate_hz} Hz): "
+        "sluice alone, except `peers`, where sluice, Bytewax and Quix Streams each append "
+        "the same backlog in one run.",
         "",
         common.markdown_table(SUMMARY_HEADERS, summary_rows(profiles)),
         "",
@@ -549,9 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     profiles = []
     for scenario in settings.scenarios:
-        prof = profile_scenario(scenario, settings, work, date)
-        if prof is not None:
-            profiles.append(prof)
+        profiles += profile_scenario(scenario, settings, work, date)
     if not profiles:
         return 1
 
