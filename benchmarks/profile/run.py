@@ -92,7 +92,9 @@ _WAIT = re.compile(
     r"^(wait|_wait_for_tstate_lock|join|sleep|get|select|poll|acquire) "
     r"\((threading|queue|selectors|asyncio/[a-z_]+|concurrent/futures/[a-z_]+)\.py"
 )
-_IMPORT = re.compile(r"importlib\._bootstrap|^<module> \(")
+#: An import: its frames, or a module's body run by one (not the root frame: a
+#: script's top-level code, such as a peer's main loop, is not an import).
+_IMPORT = re.compile(r"importlib\._bootstrap")
 #: Opening a connector (connections, metadata) counts as start-up.
 _CONNECT = re.compile(r"\.open \(sluice/connectors/")
 #: (pattern on one frame ``function (file:line)``, stage): sluice's own frames
@@ -142,7 +144,9 @@ def stage_of(frames: Sequence[str]) -> str:
     """The stage of one stack (``frames`` root first, each ``function (file:line)``)."""
     if not frames:
         return "native: no Python frame"
-    if any(_IMPORT.search(f) for f in frames):
+    if any(_IMPORT.search(f) for f in frames) or any(
+        f.startswith("<module> (") for f in frames[1:]
+    ):
         return "start / imports"
     if _WAIT.search(frames[-1]):
         return "idle / wait"
