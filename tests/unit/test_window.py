@@ -867,3 +867,20 @@ def test_the_running_maximum_restarts_at_each_key(span: int) -> None:
             want[i] = max(want[i - 1], values[i])
     np.testing.assert_array_equal(_running_max(values, seg), want)
     assert len(_running_max(values[:0], seg[:0])) == 0
+
+
+@pytest.mark.parametrize("span", [10**6, 2**61], ids=["one sort", "two sorts"])
+def test_session_items_are_ordered_by_key_then_start(span: int) -> None:
+    """sessionise's order: a permutation sorted by (key, start), whether the
+    two fit in one int64 sort key or not."""
+    from sluice.engine.stages.window.assign import _by_key_and_start
+
+    rng = np.random.default_rng(11)
+    key = rng.integers(0, 50, 4_000).astype(np.int64)
+    start = rng.integers(-span, span, 4_000).astype(np.int64)
+    start[::7] = start[0]  # equal starts, within and across keys
+    order = _by_key_and_start(key, start)
+    assert sorted(order.tolist()) == list(range(4_000))
+    got = list(zip(key[order].tolist(), start[order].tolist(), strict=True))
+    assert got == sorted(got)
+    assert len(_by_key_and_start(key[:0], start[:0])) == 0

@@ -130,7 +130,7 @@ def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> Sessio
     start = to_np(items[WS])
     last = to_np(items[LAST])
     key = group_ids(items, kcols)
-    order = np.lexsort((last, start, key))
+    order = _by_key_and_start(key, start)
     ck, st, la = key[order], start[order], last[order]
     new_key = np.empty(n, bool)
     new_key[0] = True
@@ -165,6 +165,25 @@ def sessionise(spec: SessionWindow, items: pa.Table, kcols: list[str]) -> Sessio
     s_last = np.maximum.reduceat(la, first)
     s_end = np.minimum(s_last + gap, s_start + cap)
     return Sessions(order, sess, first, s_start, s_last, s_end)
+
+
+def _by_key_and_start(key: I64, start: I64) -> I64:
+    """The item positions sorted by group key, then start; items of one key
+    with the same start in any order. That order changes nothing: such an
+    item never opens a session (its start is at most the last event time
+    before it), every later item of the key comes after all of them, and a
+    session's start, last time and items are the same whatever their order.
+
+    One sort of a combined key; two when the combination could overflow."""
+    if not len(key):
+        return np.empty(0, np.int64)
+    k_low, low = int(key.min()), int(start.min())
+    keys, span = int(key.max()) - k_low + 1, int(start.max()) - low + 1
+    if keys * span < 2**62:
+        order: I64 = np.argsort((key - k_low) * span + (start - low))
+        return order
+    pairs: I64 = np.lexsort((start, key))
+    return pairs
 
 
 def _running_max(values: I64, seg: I64) -> I64:
