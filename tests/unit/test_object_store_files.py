@@ -484,6 +484,15 @@ def test_positions_live_in_an_absolute_state_dir_not_the_working_directory(
     assert list((tmp_path / "state" / "p").glob("in-*.json"))
 
 
+def test_a_test_run_keeps_source_positions_out_of_the_home_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """tests/conftest.py points XDG_STATE_HOME at the session's temporary folder."""
+    monkeypatch.delenv("SLUICE_STATE_DIR")
+    assert not state_root(None).is_relative_to(Path.home())
+    assert state_root(None) == Path(os.environ["XDG_STATE_HOME"]) / "sluice"
+
+
 def test_the_state_dir_default_is_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SLUICE_STATE_DIR")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
