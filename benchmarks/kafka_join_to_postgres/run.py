@@ -404,10 +404,7 @@ def state_store_table(kind: str, settings: Settings, schema: str) -> str:
     """The TOML's ``[state_store]`` table for ``--state-store``."""
     if kind == "in_memory":
         return '[state_store]\nkind = "in_memory"'
-    return (
-        f'[state_store]\nkind = "postgres"\nurl = "{settings.postgres_url}"\n'
-        f'schema = "{schema}_state"'
-    )
+    return k2pg.postgres_state_store(settings, f"{schema}_state")
 
 
 def render_pipeline(

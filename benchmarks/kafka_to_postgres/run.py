@@ -182,6 +182,11 @@ def drop_schema(settings: Settings, schema: str, pipeline: str) -> None:
         )
 
 
+def postgres_state_store(settings: Settings, schema: str) -> str:
+    """A pipeline's ``[state_store]`` table: Postgres, in ``schema`` (of its own per run)."""
+    return f'[state_store]\nkind = "postgres"\nurl = "{settings.postgres_url}"\nschema = "{schema}"'
+
+
 def render_template(
     template: Path, settings: Settings, pipeline: str, group_id: str, table: str, **values: str
 ) -> str:

@@ -383,10 +383,7 @@ def render_pipeline(
     ``sql`` line for ``sluice-kafka-ts``."""
     store = ""
     if shape.kind == "session":
-        store = (
-            f'\n[state_store]\nkind = "postgres"\nurl = "{settings.postgres_url}"\n'
-            f'schema = "{state_schema(schema, engine)}"\n'
-        )
+        store = "\n" + k2pg.postgres_state_store(settings, state_schema(schema, engine)) + "\n"
     text = k2pg.render_template(
         TEMPLATE,
         settings,
