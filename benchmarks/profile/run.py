@@ -92,8 +92,9 @@ _WAIT = re.compile(
     r"^(wait|_wait_for_tstate_lock|join|sleep|get|select|poll|acquire) "
     r"\((threading|queue|selectors|asyncio/[a-z_]+|concurrent/futures/[a-z_]+)\.py"
 )
-#: An import: its frames, or a module's body run by one (not the root frame: a
-#: script's top-level code, such as a peer's main loop, is not an import).
+#: An import's frames. A ``<module>`` frame below the root is a module's body
+#: run by an import too (see :func:`stage_of`); the root one is a script's own
+#: top-level code, such as a peer's main loop, and not an import.
 _IMPORT = re.compile(r"importlib\._bootstrap")
 #: Opening a connector (connections, metadata) counts as start-up.
 _CONNECT = re.compile(r"\.open \(sluice/connectors/")
@@ -347,18 +348,26 @@ def profile_scenario(
         print(f"[{scenario}] no engine was started", flush=True)
         return []
     if scenario != "peers":
-        return [engine_profile(scenario, profiler, profiler.attached[-1], settings, date, code)]
+        return [
+            engine_profile(scenario, harness, profiler, profiler.attached[-1], settings, date, code)
+        ]
     return [
-        engine_profile(f"{scenario}: {a.res.engine}", profiler, a, settings, date, code)
+        engine_profile(f"{scenario}: {a.res.engine}", harness, profiler, a, settings, date, code)
         for a in profiler.attached
     ]
 
 
 def engine_profile(
-    scenario: str, profiler: Profiler, a: Attached, settings: Settings, date: str, code: int
+    scenario: str,
+    harness: str,
+    profiler: Profiler,
+    a: Attached,
+    settings: Settings,
+    date: str,
+    code: int,
 ) -> ScenarioProfile:
-    """The profile of the one engine process ``a`` (``scenario``: its name in the report)."""
-    harness = SCENARIOS[scenario.split(":", maxsplit=1)[0]][0]
+    """The profile of the one engine process ``a`` that ``harness`` started
+    (``scenario``: its name in the report)."""
     scen_work = a.raw_path.parent
     spy_exit = profiler.finish(a)
     stage_cpu, threads, n_samples = attribute(a)
