@@ -51,6 +51,7 @@ from benchmarks.floor.run import (
     _json_schema,
     add_common_args,
     producer_settings,
+    save_full_run,
 )
 
 WINDOW_US = 60_000_000
@@ -481,14 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             AdminClient({"bootstrap.servers": args.bootstrap_servers}).delete_topics([*topics])
     markdown = render(results, args)
     print(markdown)
-    if args.rows == 1_000_000:
-        path = common.write_results(
-            args.results_dir,
-            f"pipelined-{common.utc_date()}",
-            markdown,
-            {"runs": results, "settings": {k: str(v) for k, v in vars(args).items()}},
-        )
-        print(f"results: {path}")
+    save_full_run(args, "pipelined", markdown, {"runs": results})
     return 0
 
 

@@ -738,19 +738,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     floors = derive(steps, settings)
     markdown = render(steps, floors, settings)
     print(markdown)
-    if settings.rows == 1_000_000:
-        path = common.write_results(
-            settings.results_dir,
-            f"floor-{common.utc_date()}",
-            markdown,
-            {
-                "steps": steps,
-                "floors": floors,
-                "settings": {k: str(v) for k, v in vars(settings).items()},
-            },
-        )
-        print(f"results: {path}")
+    save_full_run(settings, "floor", markdown, {"steps": steps, "floors": floors})
     return 0
+
+
+def save_full_run(args: argparse.Namespace, name: str, markdown: str, data: dict[str, Any]) -> None:
+    """Write ``<name>-<date>.{md,json}`` (``data`` and the settings) into the
+    results folder: only for a full run (1M rows); a smaller one is a check."""
+    if args.rows != 1_000_000:
+        return
+    settings = {k: str(v) for k, v in vars(args).items()}
+    path = common.write_results(
+        args.results_dir, f"{name}-{common.utc_date()}", markdown, {**data, "settings": settings}
+    )
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
