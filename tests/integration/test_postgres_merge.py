@@ -192,3 +192,59 @@ def test_a_deadlock_with_another_writer_of_the_keys_falls_back_to_the_upsert(
     finally:
         other.close()
         t.close()
+
+
+def test_unsigned_and_decimal_values_are_copied_into_numeric_columns_exactly(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    """A session id (uint64) goes to numeric(20,0), a decimal to its
+    numeric(p,s): both by the COPY, to the last digit, as the upsert writes
+    them when a key comes again."""
+    t = target(table)
+    big = [0, 2**63, 2**64 - 1]
+    amounts = ["-12345678901234567890.25", "0.10", None]
+
+    def numbers(ids: list[int], sid: list[int], amount: list[str | None]) -> pa.Table:
+        return (
+            batch(ids, [1.0] * len(ids))
+            .append_column("sid", pa.array(sid, pa.uint64()))
+            .append_column("amount", pa.array(amount, pa.string()).cast(pa.decimal128(24, 2)))
+        )
+
+    try:
+        write(t, numbers([1, 2, 3], big, amounts))
+        assert t.merged_by_copy == 1
+        write(t, numbers([3], [5], ["7.00"]))  # a known key: upserted
+        assert t.merged_by_copy == 1
+        got = pg.execute(
+            f'SELECT id, sid::text, amount::text, format_type(a.atttypid, a.atttypmod) FROM "{table}", '
+            f"pg_attribute a WHERE a.attrelid = '\"{table}\"'::regclass AND a.attname = 'sid' "
+            "ORDER BY id"
+        ).fetchall()
+        assert got == [
+            (1, "0", "-12345678901234567890.25", "numeric(20,0)"),
+            (2, str(2**63), "0.10", "numeric(20,0)"),
+            (3, "5", "7.00", "numeric(20,0)"),
+        ]
+    finally:
+        t.close()
+
+
+def test_floats_bound_for_numeric_columns_are_left_to_postgres_to_round(
+    pg: psycopg.Connection[Any], table: str
+) -> None:
+    """Arrow and Postgres round a float into numeric(p,s) each their own way:
+    such a batch takes the staged upsert, and Postgres rounds."""
+    pg.execute(
+        f'CREATE TABLE "{table}" (id bigint, day integer, v numeric(6,2), PRIMARY KEY (id, day))'
+    )
+    t = target(table)
+    try:
+        write(t, batch([1, 2], [0.125, 2.675]))
+        assert t.merged_by_copy == 0
+        assert {i: v for i, v in pg.execute(f'SELECT id, v::text FROM "{table}"').fetchall()} == {
+            1: "0.13",
+            2: "2.68",
+        }
+    finally:
+        t.close()

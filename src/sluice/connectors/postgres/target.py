@@ -6,9 +6,11 @@ C++ straight from the Arrow buffers) inside one transaction that
 
 * **native**: every batch column casts cleanly (in Arrow) to the Arrow twin
   of its table column's type (``integer`` -> int32, ``timestamptz`` ->
-  timestamp[us, UTC], ...): ingest straight into the table.
-* **staged**: otherwise (``jsonb``, ``numeric``, enums, a value Arrow cannot
-  cast, or ``merge`` / ``scd2`` mode) ingest into a temporary table and run one
+  timestamp[us, UTC], ``numeric(p,s)`` -> decimal128 from integers and
+  decimals, ...): ingest straight into the table.
+* **staged**: otherwise (``jsonb``, ``numeric`` without a precision or
+  from floats or text, enums, a value Arrow cannot cast exactly, or ``merge``
+  / ``scd2`` mode) ingest into a temporary table and run one
   ``INSERT ... SELECT col::type`` so Postgres does the conversion and names
   the offending value on error. ``merge`` adds ``DISTINCT ON (key)`` (last
   row of the batch wins) and ``ON CONFLICT (key) DO UPDATE`` (all-key tables:
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -96,6 +99,29 @@ COPY_FALLBACK = ("23505", "40P01")
 
 #: Type oids of ``json`` and ``jsonb``: the only homes of nested columns.
 JSON_OIDS = (114, 3802)
+
+
+#: ``numeric(p,s)`` as format_type() prints it; ADBC's COPY writes a
+#: decimal128 column into it (p <= 38).
+_NUMERIC = re.compile(r"numeric\((\d+),(\d+)\)")
+
+
+def _native_type(pg: str, origin: pa.DataType) -> pa.DataType | None:
+    """The Arrow type ADBC's COPY writes into a column of Postgres type ``pg``
+    (format_type()) for a batch column of type ``origin``; None: the staged
+    route (Postgres converts).
+
+    ``numeric(p,s)`` only takes exact values: integers, decimals and the text
+    :func:`ingestable` makes of ``uint64`` (a session id); a cast that would
+    round fails, and Postgres rounds it on the staged route instead."""
+    m = _NUMERIC.fullmatch(pg)
+    if m is None:
+        return NATIVE.get(pg.split("(", 1)[0])
+    precision, scale = int(m[1]), int(m[2])
+    exact = pa.types.is_integer(origin) or pa.types.is_decimal(origin)
+    if precision > 38 or not exact:
+        return None
+    return pa.decimal128(precision, scale)
 
 
 def ingestable(table: pa.Table) -> pa.Table:
@@ -261,15 +287,15 @@ class PostgresTarget(modes.Unit):
         schema = _create_schema(data.schema, batch)
         self._begin(schema)
         if self.spec.mode in ("append", "truncate"):
-            native = self._native(data)
+            native = self._native(data, batch)
             if native is not None:
                 self._copy_in(native)
                 return
-        if self.spec.mode == "merge" and first and self._merged_by_copy(data, schema):
+        if self.spec.mode == "merge" and first and self._merged_by_copy(data, batch):
             return
         self._staged(data)
 
-    def _merged_by_copy(self, data: pa.Table, schema: pa.Schema) -> bool:
+    def _merged_by_copy(self, data: pa.Table, batch: pa.Schema) -> bool:
         """Merge ``data``, the first batch of the transaction, by a COPY
         straight into the table when it can (see the module docstring); False
         when it must take the staged route (then the transaction is as it was
@@ -281,7 +307,7 @@ class PostgresTarget(modes.Unit):
             return False
         if any(k not in data.column_names for k in self._key):
             return False  # the staged route names the missing key
-        native = self._native(data)
+        native = self._native(data, batch)
         if native is None or _repeats_a_key(native, self._key):
             return False
         try:
@@ -295,7 +321,7 @@ class PostgresTarget(modes.Unit):
             self._require().rollback()
             self._unit_done()
             self._reflect()
-            self._begin(schema)
+            self._begin(_create_schema(data.schema, batch))
             self._stage_next = min(2**self._conflicts, 64)
             self._conflicts += 1
             self.merge_copies_rolled_back += 1
@@ -343,13 +369,13 @@ class PostgresTarget(modes.Unit):
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
 
-    def _native(self, data: pa.Table) -> pa.Table | None:
-        """``data`` cast to the table's exact column types, or None if it cannot be."""
+    def _native(self, data: pa.Table, batch: pa.Schema) -> pa.Table | None:
+        """``data`` (:func:`ingestable` of a batch whose schema is ``batch``)
+        cast to the table's exact column types, or None if it cannot be."""
         assert self._columns is not None
         columns = []
         for name, col in zip(data.column_names, data.columns, strict=True):
-            pg = self._columns[name].split("(", 1)[0]
-            want = NATIVE.get(pg)
+            want = _native_type(self._columns[name], batch.field(name).type)
             if want is None:
                 return None
             if col.type != want:
@@ -506,10 +532,14 @@ class PostgresTarget(modes.Unit):
 
 def _create_schema(data: pa.Schema, batch: pa.Schema) -> pa.Schema:
     """The schema a table is created from: ``data``'s (:func:`ingestable` of a
-    batch whose schema is ``batch``), a nested column from its own type (jsonb)
-    rather than the text it is sent as."""
+    batch whose schema is ``batch``), a nested or ``uint64`` column from its own
+    type (jsonb, numeric(20,0)) rather than the text it is sent as."""
     own = {f.name: f for f in batch}
-    return pa.schema([own[f.name] if pa.types.is_nested(own[f.name].type) else f for f in data])
+
+    def sent_as_text(t: pa.DataType) -> bool:
+        return pa.types.is_nested(t) or pa.types.is_uint64(t)
+
+    return pa.schema([own[f.name] if sent_as_text(own[f.name].type) else f for f in data])
 
 
 # -- connection helpers (shared with the CDC session) ---------------------------
