@@ -537,7 +537,7 @@ def _create_schema(data: pa.Schema, batch: pa.Schema) -> pa.Schema:
     own = {f.name: f for f in batch}
 
     def sent_as_text(t: pa.DataType) -> bool:
-        return pa.types.is_nested(t) or pa.types.is_uint64(t)
+        return bool(pa.types.is_nested(t) or pa.types.is_uint64(t))
 
     return pa.schema([own[f.name] if sent_as_text(own[f.name].type) else f for f in data])
 
