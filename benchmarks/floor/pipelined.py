@@ -15,7 +15,12 @@ as directly as these libraries allow.
   sluice's ``_event_ts``), one Acero group-by of the batch per (user,
   minute), merged with the open windows by a second group-by; windows that
   end at or before the watermark (the largest event time less 5 s) are
-  emitted;
+  emitted. ``hopping``: the same with each event in its two 60 s windows
+  (one starts every 30 s). ``session``: the open sessions (one partial row
+  each) and the batch's events sorted by (user, start) in numpy, a session
+  opened where an item starts more than 30 s after the largest event time
+  before it, one group-by per session; a session whose last event + 30 s
+  is at or before the watermark is emitted, with a 64-bit id;
 * **write** (a thread): each emitted table by ADBC's binary COPY into a
   Postgres table keyed on (user_id, window_start), one transaction each.
 
@@ -45,7 +50,9 @@ from benchmarks import common
 from benchmarks.floor.run import (
     BATCH,
     CORES,
+    HOPPING_WINDOWS,
     PAIRS,
+    SESSIONS,
     WINDOWS,
     Meter,
     _json_schema,
@@ -55,6 +62,8 @@ from benchmarks.floor.run import (
 )
 
 WINDOW_US = 60_000_000
+HOP_US = 30_000_000  # the hopping window's hop
+GAP_US = 30_000_000  # the session window's gap
 LATENESS_US = 5_000_000
 JOIN_WINDOW_US = 300_000_000  # the join benchmark's time_window_ms
 _DONE = object()
@@ -153,19 +162,25 @@ class _Watermark:
 _PARTIAL = [("n", "sum"), ("s", "sum"), ("lo", "min"), ("hi", "max")]
 
 
-def _fold(open_: Any, values: list[bytes], ts_ms: Any, watermark: int) -> tuple[Any, Any]:
-    """Fold one batch into the open windows: (the windows still open, the
-    emitted: those ending at or before ``watermark``, in µs)."""
+def _fold(open_: Any, values: list[bytes], ts_ms: Any, watermark: int, hop: int) -> tuple[Any, Any]:
+    """Fold one batch into the open windows of ``hop`` (µs; the window's
+    length: tumbling): (the windows still open, the emitted: those ending at
+    or before ``watermark``, in µs)."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     decoded = _decode(values, _json_schema())
     ts_us = ts_ms * 1000
+    newest = ts_us // hop * hop
+    reps = WINDOW_US // hop  # every window holding the event (its length is a multiple of hop)
+    picks = pa.array(np.tile(np.arange(len(ts_us)), reps))
+    starts = (newest[None, :] - (np.arange(reps) * hop)[:, None]).ravel()
     batch = pa.table(
         {
-            "user_id": decoded["user_id"],
-            "window_start": pa.array(ts_us // WINDOW_US * WINDOW_US),
-            "amount": decoded["amount"],
+            "user_id": decoded["user_id"].take(picks) if reps > 1 else decoded["user_id"],
+            "window_start": pa.array(starts),
+            "amount": decoded["amount"].take(picks) if reps > 1 else decoded["amount"],
         }
     )
     part = batch.group_by(["user_id", "window_start"], use_threads=False).aggregate(
@@ -187,6 +202,7 @@ class _Window:
     """The tumbling window's stage: fold each batch, emit the closed windows."""
 
     name = "window"
+    hop = WINDOW_US
     table = (
         "user_id bigint, window_start timestamptz, window_end timestamptz, n bigint, "
         "amount_sum double precision, amount_avg double precision, "
@@ -201,13 +217,124 @@ class _Window:
 
     def take(self, topic: str, values: list[bytes], ts_ms: Any, parts: Any) -> Any:
         watermark = self.watermark.advance(topic, ts_ms, parts)
-        self.open, emitted = _fold(self.open, values, ts_ms, watermark)
+        self.open, emitted = _fold(self.open, values, ts_ms, watermark, self.hop)
         return emitted
 
     def finish(self) -> Any:
         """The end of the input closes every window."""
         done, self.open = self.open, None
         return _emit(done)
+
+
+class _Hopping(_Window):
+    """The hopping window's stage: 60 s windows, one every 30 s."""
+
+    name = "hopping"
+    hop = HOP_US
+
+
+_SESSION_AGGS = [
+    ("ws", "min"),
+    ("last", "max"),
+    ("n", "sum"),
+    ("s", "sum"),
+    ("lo", "min"),
+    ("hi", "max"),
+    ("user_id", "min"),
+]
+
+
+class _Session:
+    """The session window's stage (30 s gap): each batch's events and the open
+    sessions re-split by the gaps, the closed sessions emitted."""
+
+    name = "session"
+    table = (
+        "user_id bigint, window_start timestamptz, window_end timestamptz, "
+        "session_id numeric(20,0), n bigint, amount_sum double precision, "
+        "amount_avg double precision, amount_min double precision, "
+        "amount_max double precision, PRIMARY KEY (user_id, window_start)"
+    )
+    check = "SELECT count(*), sum(n) FROM public.{table}"
+
+    def __init__(self, args: argparse.Namespace, topics: dict[str, int]) -> None:
+        self.watermark = _Watermark(args.partitions * len(topics))
+        self.open: Any = None
+
+    def take(self, topic: str, values: list[bytes], ts_ms: Any, parts: Any) -> Any:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        watermark = self.watermark.advance(topic, ts_ms, parts)
+        decoded = _decode(values, _json_schema())
+        ts = pa.array(ts_ms * 1000)
+        amount = decoded["amount"]
+        items = pa.table(
+            {
+                "user_id": decoded["user_id"],
+                "ws": ts,
+                "last": ts,
+                "n": pa.array(np.ones(len(ts_ms), np.int64)),
+                "s": amount,
+                "lo": amount,
+                "hi": amount,
+            }
+        )
+        if self.open is not None:
+            items = pa.concat_tables([self.open, items])
+        user = np.asarray(items["user_id"].to_numpy())
+        ws = np.asarray(items["ws"].to_numpy())
+        last = np.asarray(items["last"].to_numpy())
+        order = np.lexsort((ws, user))
+        u, w, la = user[order], ws[order], last[order]
+        new_user = np.empty(len(u), bool)
+        new_user[0] = True
+        new_user[1:] = u[1:] != u[:-1]
+        seg = np.cumsum(new_user) - 1
+        low, span = int(la.min()), int(la.max() - la.min()) + 1
+        run_max = np.maximum.accumulate(la - low + seg * span) - seg * span + low
+        opens = new_user.copy()
+        opens[1:] |= w[1:] > run_max[:-1] + GAP_US
+        sess = np.empty(len(u), np.int64)
+        sess[order] = np.cumsum(opens) - 1
+        grouped = (
+            items.append_column("sess", pa.array(sess))
+            .group_by("sess", use_threads=False)
+            .aggregate(_SESSION_AGGS)
+        )
+        grouped = pa.table({c: grouped[f"{c}_{f}"] for c, f in _SESSION_AGGS})
+        closed = pc.less_equal(pc.add(grouped["last"], GAP_US), watermark)
+        self.open = grouped.filter(pc.invert(closed)).select(items.column_names)
+        return self._emit(grouped.filter(closed))
+
+    def finish(self) -> Any:
+        """The end of the input closes every session."""
+        done, self.open = self.open, None
+        return None if done is None else self._emit(done)
+
+    @staticmethod
+    def _emit(part: Any) -> Any:
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        ws = np.asarray(part["ws"].to_numpy())
+        user = np.asarray(part["user_id"].to_numpy())
+        ids = (user.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ ws.astype(np.uint64)
+        return pa.table(
+            {
+                "user_id": part["user_id"],
+                "window_start": part["ws"].cast(pa.timestamp("us", "UTC")),
+                "window_end": pc.add(part["last"], GAP_US).cast(pa.timestamp("us", "UTC")),
+                "session_id": pa.array(ids).cast(pa.decimal128(20, 0)),
+                "n": part["n"],
+                "amount_sum": part["s"],
+                "amount_avg": pc.divide(part["s"], part["n"].cast(pa.float64())),
+                "amount_min": part["lo"],
+                "amount_max": part["hi"],
+            }
+        )
 
 
 def _emit(part: Any) -> Any:
@@ -358,7 +485,7 @@ def _produce(args: argparse.Namespace, scenario: str) -> dict[str, int]:
     from benchmarks.kafka_tumbling_to_postgres import run as tumbling
 
     run = uuid.uuid4().hex[:8]
-    if scenario == "window":
+    if scenario in ("window", "hopping", "session"):
         topic = f"bench_pipelined_{run}"
         k2pg.produce(
             producer_settings(args, args.rows), topic, tumbling.timed_events(args.rows, args.seed)
@@ -371,8 +498,18 @@ def _produce(args: argparse.Namespace, scenario: str) -> dict[str, int]:
     return {orders: len(ev.orders), payments: len(ev.payments)}
 
 
-SCENARIOS: dict[str, type] = {"window": _Window, "join": _Join}
-EXPECTED = {"window": ("windows", WINDOWS), "join": ("pairs", PAIRS)}
+SCENARIOS: dict[str, type] = {
+    "window": _Window,
+    "hopping": _Hopping,
+    "session": _Session,
+    "join": _Join,
+}
+EXPECTED = {
+    "window": ("windows", WINDOWS),
+    "hopping": ("windows", HOPPING_WINDOWS),
+    "session": ("sessions", SESSIONS),
+    "join": ("pairs", PAIRS),
+}
 
 
 def render(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
@@ -404,8 +541,9 @@ def render(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
         f"{args.rows:,} input events per scenario, {args.partitions} partitions a topic, "
         f"{args.runs} runs each, on {CORES} cores with the broker and Postgres "
         "(`benchmarks/floor/pipelined.py`; what the pipelines do and leave out is in "
-        "its docstring). window: `kafka_tumbling_to_postgres`'s events, 60 s tumbling "
-        "windows per user; join: `kafka_join_to_postgres`'s orders and payments, "
+        "its docstring). window, hopping, session: `kafka_tumbling_to_postgres`'s "
+        "events, per user 60 s tumbling windows, 60 s windows every 30 s, sessions "
+        "of a 30 s gap; join: `kafka_join_to_postgres`'s orders and payments, "
         "±5 min on order_id.",
         "",
         common.format_table(
@@ -475,8 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 what, expected = EXPECTED[name]
                 if args.rows == 1_000_000 and result["out_rows"] != expected:
                     raise SystemExit(f"{name}: {result['out_rows']} {what}, expected {expected}")
-                if name == "window" and result["check"] != args.rows:
-                    raise SystemExit(f"the windows hold {result['check']} events, not {args.rows}")
+                events = 2 * args.rows if name == "hopping" else args.rows
+                if name != "join" and result["check"] != events:
+                    raise SystemExit(f"the windows hold {result['check']} events, not {events}")
                 results[name].append(result)
         finally:
             AdminClient({"bootstrap.servers": args.bootstrap_servers}).delete_topics([*topics])

@@ -63,6 +63,8 @@ HERE = Path(__file__).resolve().parent
 BATCH = 50_000  # sluice's max_batch_rows default
 WINDOWS = 752_488  # the tumbling benchmark's windows for 1M events (its results of 2026-12-07)
 PAIRS = 439_791  # the join benchmark's pairs for 1M events (its results of 2026-12-07)
+HOPPING_WINDOWS = 1_505_271  # --window hopping's windows for 1M events (2026-12-08)
+SESSIONS = 741_234  # --window session's sessions for 1M events (2026-12-08)
 CORES = os.cpu_count() or 2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
