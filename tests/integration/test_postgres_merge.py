@@ -230,21 +230,28 @@ def test_unsigned_and_decimal_values_are_copied_into_numeric_columns_exactly(
         t.close()
 
 
-def test_floats_bound_for_numeric_columns_are_left_to_postgres_to_round(
-    pg: psycopg.Connection[Any], table: str
+@pytest.mark.parametrize(
+    ("values", "column", "rounded"),
+    [
+        (pa.array([0.125, 2.675]), "numeric(6,2)", ["0.13", "2.68"]),
+        (pa.array(["1.50", "-2.50"]).cast(pa.decimal128(10, 2)), "numeric(6,0)", ["2", "-3"]),
+    ],
+    ids=["float", "decimal with more digits"],
+)
+def test_values_that_need_rounding_into_numeric_columns_are_left_to_postgres(
+    pg: psycopg.Connection[Any], table: str, values: pa.Array, column: str, rounded: list[str]
 ) -> None:
-    """Arrow and Postgres round a float into numeric(p,s) each their own way:
-    such a batch takes the staged upsert, and Postgres rounds."""
+    """Arrow would round a float into numeric(p,s) its own way, and refuses to
+    drop a decimal's digits: such a batch takes the staged upsert, and
+    Postgres rounds."""
     pg.execute(
-        f'CREATE TABLE "{table}" (id bigint, day integer, v numeric(6,2), PRIMARY KEY (id, day))'
+        f'CREATE TABLE "{table}" (id bigint, day integer, v {column}, PRIMARY KEY (id, day))'
     )
     t = target(table)
     try:
-        write(t, batch([1, 2], [0.125, 2.675]))
+        write(t, batch([1, 2], [0.0, 0.0]).set_column(2, "v", values))
         assert t.merged_by_copy == 0
-        assert {i: v for i, v in pg.execute(f'SELECT id, v::text FROM "{table}"').fetchall()} == {
-            1: "0.13",
-            2: "2.68",
-        }
+        got = pg.execute(f'SELECT id, v::text FROM "{table}" ORDER BY id').fetchall()
+        assert [v for _, v in got] == rounded
     finally:
         t.close()
