@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -482,3 +483,53 @@ def test_no_drain_keeps_the_last_window_open_for_the_next_run_which_emits_it_onc
     assert _got(target) == _expected(events + later, 10**18)
     keys = [(r["window_start"], r["user"]) for t in writes for r in t.to_pylist()]
     assert len(keys) == len(set(keys))  # every window emitted once by the second run
+
+
+@dataclass
+class OverlapTarget(MergeTarget):
+    """A merge target whose first writes wait (up to 2 s each) for the window
+    stage to fold another round: only a round written behind lets it."""
+
+    folded: threading.Event = field(default_factory=threading.Event)
+    overlapped: int = 0
+    waits: int = 3
+
+    def write(self, data: pa.Table) -> None:
+        if self.waits:
+            self.waits -= 1
+            self.folded.clear()
+            self.overlapped += self.folded.wait(2)
+        super().write(data)
+
+
+def test_the_next_round_runs_the_stage_while_a_round_is_written() -> None:
+    """Write behind: round n's write, flush and commit overlap round n+1's
+    stages; the output and the held-back commits are what they are without."""
+    events = _events(400)
+    source = LogSource(events, batch=37)
+    target = OverlapTarget()
+    spec = _spec("w-behind", watermark="[watermark]\nlateness_ms = 5000\n")
+    runner = Runner(
+        spec,
+        asyncio.Event(),
+        RunOptions(stop_after_idle_ms=0, drain=False),
+        sources=[source],
+        targets=[target],
+    )
+    stage = runner._window
+    assert stage is not None
+    process = stage.process
+
+    def folding(data: pa.Table, watermark_us: int | None) -> Any:
+        out = process(data, watermark_us)
+        target.folded.set()
+        return out
+
+    stage.process = folding  # type: ignore[method-assign]
+    asyncio.run(runner.run())
+    assert target.overlapped >= 2
+    wm = max(e["ts"] for e in events) - 5_000_000
+    assert _got(target) == _expected(events, wm)
+    open_start = wm // MIN_US * MIN_US
+    assert all(e["ts"] < open_start for e in events[: source.committed])
+    assert source.committed > 0

@@ -76,12 +76,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -133,6 +134,17 @@ class CommitPolicy(Protocol):
         rows, so every target is written and flushed next) that ``batches``
         (in read order; none for an idle tick) produced: hand each target that
         records positions what its flush must record."""
+
+    def write_behind(self, rows: bool) -> bool:
+        """Whether the round just handed to :meth:`before_write` may be
+        written and committed (:meth:`on_batch`, :meth:`commit`) while the
+        next round runs through the stage. True only once the policy has
+        taken from the stage everything that commit reads, so the next
+        round's changes cannot leak into it; :meth:`stage_free` says when the
+        stage may change again."""
+
+    async def stage_free(self) -> None:
+        """Return once the stage may change again after :meth:`write_behind`."""
 
     def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
         """``batches`` without the rows target ``target`` already holds (a
@@ -317,6 +329,13 @@ class Immediate:
             target.stage_positions(after)
         self._unflushed = not rows
 
+    def write_behind(self, rows: bool) -> bool:
+        """Never: no stage holds rows across rounds."""
+        return False
+
+    async def stage_free(self) -> None:
+        """Nothing is taken from a stage."""
+
     def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
         """See :meth:`CommitPolicy.held_back`."""
         over = self._ahead.get(target)
@@ -422,12 +441,16 @@ class HoldBack:
         self._pending: dict[str, collections.deque[tuple[Ack, int | None]]] = {
             s.id: collections.deque() for s in self._sources
         }
+        # A round written behind: the stage's watermark and open floor right
+        # after it, for its commit (the stage has moved on by then).
+        self._taken: tuple[int | None, int | None] | None = None
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Start the stage empty, at the watermark the last run stored; the
         sources read again from their own commits."""
         for queue in self._pending.values():
             queue.clear()
+        self._taken = None
         await asyncio.to_thread(self._restart_stage)
         return {}
 
@@ -451,6 +474,15 @@ class HoldBack:
     def before_write(self, batches: Sequence[Batch], rows: bool) -> None:
         """Positions are not recorded in the targets (at least once)."""
 
+    def write_behind(self, rows: bool) -> bool:
+        """Always: the commit reads only the stage's watermark and open
+        floor, taken now."""
+        self._taken = (self._stage.watermark_us, self._stage.open_floor_us())
+        return True
+
+    async def stage_free(self) -> None:
+        """Free already: :meth:`write_behind` read what it needs."""
+
     def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
         """Never: every target takes every row."""
         return None
@@ -460,9 +492,13 @@ class HoldBack:
         return False
 
     async def commit(self, *, emitted: bool = False, final: bool = False) -> bool:
-        """Store the stage watermark, then acknowledge what lies below the open floor."""
-        await asyncio.to_thread(self._file.save, self._stage.watermark_us)
-        floor = self._stage.open_floor_us()
+        """Store the stage watermark, then acknowledge what lies below the open
+        floor (both as the round written behind left them, if it is this one)."""
+        taken, self._taken = self._taken, None
+        mark, floor = (
+            (self._stage.watermark_us, self._stage.open_floor_us()) if taken is None else taken
+        )
+        await asyncio.to_thread(self._file.save, mark)
         for source in self._sources:
             queue = self._pending[source.id]
             last: Ack | None = None
@@ -535,6 +571,12 @@ class Checkpointing:
             if joined is None
             else concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sluice-checkpoint")
         )
+        # The last round's checkpoint being encoded from the stage (joined).
+        self._delta: concurrent.futures.Future[Any] | None = None
+        # A joined checkpoint that landed while the stage may be running the
+        # next round: the stage learns it is durable (``checkpointed``) once
+        # it is still again, at the next before_write, checkpoint or restore.
+        self._unmarked: Callable[[], None] | None = None
 
     async def restore(self) -> dict[str, Position] | Stopped:
         """Load the last checkpoint (connecting the store first) and start the
@@ -555,6 +597,7 @@ class Checkpointing:
         self._acks = {}
         self._dirty = False
         self._landed = None
+        self._unmarked = None  # the restored stage starts from the store's state
         self._at = time.monotonic()
         stage = self._stage
         if stage is not None:
@@ -661,7 +704,9 @@ class Checkpointing:
     def before_write(self, batches: Sequence[Batch], rows: bool) -> None:
         """Joined: stage this round's checkpoint (and the target's positions)
         in the target, so its flush commits them with the output rows."""
+        self._mark_durable()
         joined = self._joined
+        self._delta = None
         if joined is None or not rows:
             return
         for b in batches:
@@ -673,6 +718,7 @@ class Checkpointing:
         assert self._encoder is not None  # made with joined
         stage = self._stage
         delta = None if stage is None else self._encoder.submit(stage.snapshot_delta)
+        self._delta = delta
         marks = self._marks()
         keys = self._keys
         positions = {k: dict(v) for k, v in self._positions.items() if v}
@@ -696,6 +742,27 @@ class Checkpointing:
 
         joined.stage_positions(positions, checkpoint)
 
+    def write_behind(self, rows: bool) -> bool:
+        """When the round's checkpoint goes in the target's transaction (joined,
+        rows to write, not a replica): :meth:`before_write` took the stage's
+        delta, watermark and positions, and the commit adopts that checkpoint
+        without reading the stage again."""
+        return self._delta is not None and self._replicas is None
+
+    async def stage_free(self) -> None:
+        """Once the round's delta is encoded. Its errors are the flush's to
+        raise (the checkpoint reads the same future)."""
+        delta = self._delta
+        if delta is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(delta)
+
+    def _mark_durable(self) -> None:
+        """Tell the stage which checkpoint landed (see ``_unmarked``)."""
+        unmarked, self._unmarked = self._unmarked, None
+        if unmarked is not None:
+            unmarked()
+
     def held_back(self, target: str, batches: Sequence[Batch]) -> list[Batch] | None:
         """Never: positions come from the store, every target takes every row."""
         return None
@@ -712,7 +779,7 @@ class Checkpointing:
             landed_version, written, deleted, done = landed
             self._version = landed_version
             self._keys = (self._keys | written) - deleted
-            done()
+            self._unmarked = done  # the stage may be running the next round
             self._dirty = False
             self._at = time.monotonic()
             self._positions = {}
@@ -725,6 +792,7 @@ class Checkpointing:
         if not (self._dirty and (emitted or final or due)):
             return True
         started = time.perf_counter()
+        self._mark_durable()  # no round runs now: only a joined round is written behind
         upserts, live, done = await asyncio.to_thread(self._snapshot)
         deletes = self._keys - live
         positions = {k: dict(v) for k, v in self._positions.items() if v}

@@ -138,6 +138,9 @@ class Runner:
         self._input_ended = False  # stopped for idleness (a bounded run's end of input)
         self._lag_labels: dict[str, set[str]] = {}
         self._ahead: asyncio.Future[list[Batch | None]] | None = None
+        # Write behind: a round's write and commit, still running while the
+        # next round's stages run (see _iteration).
+        self._behind: asyncio.Future[bool | None] | None = None
         self._retry = Retry(self.name, stop)
         transform = spec.transform
         self.on_error = transform.on_error if transform else "fail"
@@ -165,6 +168,11 @@ class Runner:
                 else JoinStage(join, self.name, join.max_buffer_rows)
             )
         self._timed: TimedStage | None = self._window or self._join
+        # A window or join writes a round while the next one runs its stages
+        # when the commit policy can take what the commit needs beforehand
+        # (write_behind); a stateless round is cheap next to its write, and a
+        # replica's commit may find its partitions moved.
+        self._writes_behind = self._timed is not None and not self._replicas
         # Watermark alignment (see Watermarks.ahead): only where a watermark matters.
         self._drift_us = 1000 * _max_drift_ms(wm, self._window is not None, self._join is not None)
         self._alignable = [s for s in self.sources if isinstance(s, Alignable)]
@@ -283,6 +291,8 @@ class Runner:
             while not self.stop.is_set():
                 if not await self._iteration():
                     break
+            if not await self._landed():
+                self._consistent = False
             if self._consistent and self._input_ended and self.options.drain:
                 await self._drain()
             if self._consistent:
@@ -290,6 +300,7 @@ class Runner:
         finally:
             m.UP.labels(self.name).set(0)
             m.HEALTH.set_ready(False, "stopped")
+            await self._drop_behind()
             await self._drop_read_ahead()
             for source in self.sources:
                 await asyncio.to_thread(quietly, source.close)
@@ -339,6 +350,35 @@ class Runner:
             with contextlib.suppress(Exception):
                 await ahead
 
+    async def _drop_behind(self) -> None:
+        """On the way out after an error: stop waiting for a round written
+        behind. Its write finishes or fails on its own thread; what it did
+        not commit is read again on restart."""
+        behind, self._behind = self._behind, None
+        if behind is None:
+            return
+        if not behind.done():
+            behind.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await behind
+        elif not behind.cancelled() and (error := behind.exception()) is not None:
+            # Retrieved without raising: the run is already ending on an error
+            # (this one, if it left the loop first).
+            log.debug("the round written behind failed: %s", error)
+
+    async def _landed(self) -> bool:
+        """Wait for the round written behind, if any (its write, flush and
+        commit); False when the loop must end (stopped while a target or the
+        store was down: the round will be read again). Its errors raise here."""
+        behind, self._behind = self._behind, None
+        if behind is None:
+            return True
+        done = await behind
+        # Replicas never write behind (_writes_behind): no round behind finds
+        # its partitions moved.
+        assert done is not None
+        return done
+
     def _dlq_sinks(self) -> list[dlq.DeadLetterSink]:
         sinks = list(self._dlq_own.values())
         return sinks if self._dlq_default is None else [*sinks, self._dlq_default]
@@ -381,12 +421,38 @@ class Runner:
             log.warning("stopping with unwritten dead letters; the batch will be read again")
             self._consistent = False
             return False
-        self._policy.before_write(batches, out is not None and out.num_rows > 0)  # positions
+        # The previous round, if written behind, is committed before this one
+        # is handed to the policy: rounds are written and committed in order.
+        if not await self._landed():
+            return False
+        rows = out is not None and out.num_rows > 0
+        self._policy.before_write(batches, rows)  # positions
+        finish = self._finish(batches, result, started)
+        if self._writes_behind and self._policy.write_behind(rows):
+            # Write behind: this round is written and committed while the next
+            # one is read and run through the stages, once the policy has
+            # taken from the stage what the commit needs (the checkpoint).
+            self._behind = asyncio.ensure_future(finish)
+            await self._policy.stage_free()
+            self._export_watermarks()
+            return True
+        done = await finish
+        if done is None:  # another replica took partitions of this round
+            return await self._read_again()
+        self._export_watermarks()
+        return done
+
+    async def _finish(
+        self, batches: list[Batch], result: _Transformed, started: float
+    ) -> bool | None:
+        """Write a round's output, then tell the policy and commit; False when
+        the loop must end, ``None`` when it must read again (replicas)."""
+        out = result.out
         try:
             delivered = out is None or not out.num_rows or await self._deliver(out, batches)
         except PositionsMoved as exc:  # another replica wrote these partitions: nothing landed
             log.info("%s; reading again", exc)
-            return await self._read_again()
+            return None
         if not delivered:
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             self._consistent = False
@@ -398,12 +464,11 @@ class Runner:
         if not await self._policy.commit(emitted=out is not None and out.num_rows > 0):
             return False
         if self._policy.moved():  # another replica took partitions of this checkpoint
-            return await self._read_again()
+            return None
         m.BATCHES.labels(self.name).inc()
         if out is not None:
             m.ROWS_WRITTEN.labels(self.name).inc(out.num_rows)
         m.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - started)
-        self._export_watermarks()
         return True
 
     # -- on_error ---------------------------------------------------------------
@@ -637,6 +702,8 @@ class Runner:
             "partitions were reassigned: dropping the state read since the last commit and "
             "reading again from there"
         )
+        if not await self._landed():  # a round written behind is committed first
+            return False
         await self._drop_read_ahead()
         if (
             rebalanced
@@ -757,6 +824,8 @@ class Runner:
 
     async def _idle(self) -> bool:
         m.IDLE_ITERATIONS.labels(self.name).inc()
+        if not await self._landed():  # the last round written behind, committed first
+            return False
         if self._replicas and any(
             self._epochs.get(s.id) != s.epoch for s in self._partitioned if s.assignment()
         ):
