@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import pyarrow as pa
 import pytest
 
@@ -502,13 +503,17 @@ class OverlapTarget(MergeTarget):
         super().write(data)
 
 
-def test_the_next_round_runs_the_stage_while_a_round_is_written() -> None:
-    """Write behind: round n's write, flush and commit overlap round n+1's
-    stages; the output and the held-back commits are what they are without."""
+@pytest.mark.parametrize("behind", [True, False])
+def test_the_next_round_runs_the_stage_while_a_round_is_written(behind: bool) -> None:
+    """Write behind (the default): round n's write, flush and commit overlap
+    round n+1's stages; the output and the held-back commits are what they
+    are with ``write_behind = false``, where nothing overlaps."""
     events = _events(400)
     source = LogSource(events, batch=37)
-    target = OverlapTarget()
+    target = OverlapTarget(waits=3 if behind else 1)
     spec = _spec("w-behind", watermark="[watermark]\nlateness_ms = 5000\n")
+    if not behind:
+        spec = msgspec.structs.replace(spec, write_behind=False)
     runner = Runner(
         spec,
         asyncio.Event(),
@@ -527,7 +532,7 @@ def test_the_next_round_runs_the_stage_while_a_round_is_written() -> None:
 
     stage.process = folding  # type: ignore[method-assign]
     asyncio.run(runner.run())
-    assert target.overlapped >= 2
+    assert target.overlapped >= 2 if behind else target.overlapped == 0
     wm = max(e["ts"] for e in events) - 5_000_000
     assert _got(target) == _expected(events, wm)
     open_start = wm // MIN_US * MIN_US

@@ -279,6 +279,13 @@ class PipelineSpec(Spec, frozen=True, kw_only=True):
             "source partition; windows and joins need input partitioned by their keys"
         ),
     ] = False
+    write_behind: Annotated[
+        bool,
+        doc(
+            "(ours) a window or join writes and commits a round while the next round runs "
+            "its stages; false: one round at a time, a round's rows less in memory"
+        ),
+    ] = True
     source: Annotated[Source | None, doc("the one source")] = None
     sources: Annotated[list[Source] | None, doc("several sources, each with its query")] = None
     target: Annotated[Target | None, doc("the one target")] = None

@@ -169,10 +169,10 @@ class Runner:
             )
         self._timed: TimedStage | None = self._window or self._join
         # A window or join writes a round while the next one runs its stages
-        # when the commit policy can take what the commit needs beforehand
-        # (write_behind); a stateless round is cheap next to its write, and a
-        # replica's commit may find its partitions moved.
-        self._writes_behind = self._timed is not None and not self._replicas
+        # (``write_behind``, on by default) when the commit policy can take what
+        # the commit needs beforehand; a stateless round is cheap next to its
+        # write, and a replica's commit may find its partitions moved.
+        self._writes_behind = spec.write_behind and self._timed is not None and not self._replicas
         # Watermark alignment (see Watermarks.ahead): only where a watermark matters.
         self._drift_us = 1000 * _max_drift_ms(wm, self._window is not None, self._join is not None)
         self._alignable = [s for s in self.sources if isinstance(s, Alignable)]
