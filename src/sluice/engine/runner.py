@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -427,27 +428,32 @@ class Runner:
             return False
         rows = out is not None and out.num_rows > 0
         self._policy.before_write(batches, rows)  # positions
-        finish = self._finish(batches, result, started)
+        decoded_tops = iter(result.tops_us)  # one per decoded batch, in order
+        tops = [next(decoded_tops, None) if b.num_rows else None for b in batches]
         if self._writes_behind and self._policy.write_behind(rows):
             # Write behind: this round is written and committed while the next
             # one is read and run through the stages, once the policy has
             # taken from the stage what the commit needs (the checkpoint).
-            self._behind = asyncio.ensure_future(finish)
+            # The commit needs no rows: the raw records and decoded rows go
+            # now, not with the round.
+            done_with = [dataclasses.replace(b, data=b.data.select([]), raw=None) for b in batches]
+            self._behind = asyncio.ensure_future(self._finish(done_with, out, tops, started))
             await self._policy.stage_free()
             self._export_watermarks()
             return True
-        done = await finish
+        done = await self._finish(batches, out, tops, started)
         if done is None:  # another replica took partitions of this round
             return await self._read_again()
         self._export_watermarks()
         return done
 
     async def _finish(
-        self, batches: list[Batch], result: _Transformed, started: float
+        self, batches: list[Batch], out: pa.Table | None, tops: list[int | None], started: float
     ) -> bool | None:
-        """Write a round's output, then tell the policy and commit; False when
-        the loop must end, ``None`` when it must read again (replicas)."""
-        out = result.out
+        """Write a round's output ``out`` (made of ``batches``, whose largest
+        event times at the stage are ``tops``), then tell the policy and
+        commit; False when the loop must end, ``None`` when it must read again
+        (replicas)."""
         try:
             delivered = out is None or not out.num_rows or await self._deliver(out, batches)
         except PositionsMoved as exc:  # another replica wrote these partitions: nothing landed
@@ -457,10 +463,7 @@ class Runner:
             log.warning("stopping with an unwritten batch; it will be read again on restart")
             self._consistent = False
             return False
-        decoded_tops = iter(result.tops_us)  # one per decoded batch, in order
-        self._policy.on_batch(
-            batches, [next(decoded_tops, None) if b.num_rows else None for b in batches]
-        )
+        self._policy.on_batch(batches, tops)
         if not await self._policy.commit(emitted=out is not None and out.num_rows > 0):
             return False
         if self._policy.moved():  # another replica took partitions of this checkpoint
