@@ -198,7 +198,18 @@ def _fold(open_: Any, values: list[bytes], ts_ms: Any, watermark: int, hop: int)
     return part.filter(pc.invert(closed)), _emit(part.filter(closed))
 
 
-class _Window:
+class _Keyed:
+    """A window stage's open state and watermark; its table counts the events
+    its windows hold."""
+
+    check = "SELECT count(*), sum(n) FROM public.{table}"
+
+    def __init__(self, args: argparse.Namespace, topics: dict[str, int]) -> None:
+        self.watermark = _Watermark(args.partitions * len(topics))
+        self.open: Any = None
+
+
+class _Window(_Keyed):
     """The tumbling window's stage: fold each batch, emit the closed windows."""
 
     name = "window"
@@ -209,11 +220,6 @@ class _Window:
         "amount_min double precision, amount_max double precision, "
         "PRIMARY KEY (user_id, window_start)"
     )
-    check = "SELECT count(*), sum(n) FROM public.{table}"
-
-    def __init__(self, args: argparse.Namespace, topics: dict[str, int]) -> None:
-        self.watermark = _Watermark(args.partitions * len(topics))
-        self.open: Any = None
 
     def take(self, topic: str, values: list[bytes], ts_ms: Any, parts: Any) -> Any:
         watermark = self.watermark.advance(topic, ts_ms, parts)
@@ -244,7 +250,7 @@ _SESSION_AGGS = [
 ]
 
 
-class _Session:
+class _Session(_Keyed):
     """The session window's stage (30 s gap): each batch's events and the open
     sessions re-split by the gaps, the closed sessions emitted."""
 
@@ -255,11 +261,6 @@ class _Session:
         "amount_avg double precision, amount_min double precision, "
         "amount_max double precision, PRIMARY KEY (user_id, window_start)"
     )
-    check = "SELECT count(*), sum(n) FROM public.{table}"
-
-    def __init__(self, args: argparse.Namespace, topics: dict[str, int]) -> None:
-        self.watermark = _Watermark(args.partitions * len(topics))
-        self.open: Any = None
 
     def take(self, topic: str, values: list[bytes], ts_ms: Any, parts: Any) -> Any:
         import numpy as np

@@ -210,16 +210,26 @@ def _got(target: MergeTarget) -> dict[tuple[Any, ...], Any]:
     return out
 
 
-def _run(spec: Any, sources: list[Any], target: Any, stop: asyncio.Event | None = None) -> None:
-    runner = Runner(
+def _runner(
+    spec: Any,
+    sources: list[Any],
+    target: Any,
+    stop: asyncio.Event | None = None,
+    drain: bool = False,
+) -> Runner:
+    """A run that stops once idle; without ``drain`` a stop that resumes:
+    windows the watermark did not close stay open."""
+    return Runner(
         spec,
         stop or asyncio.Event(),
-        # A stop that resumes: windows the watermark did not close stay open.
-        RunOptions(stop_after_idle_ms=0, drain=False),
+        RunOptions(stop_after_idle_ms=0, drain=drain),
         sources=sources,
         targets=[target],
     )
-    asyncio.run(runner.run())
+
+
+def _run(spec: Any, sources: list[Any], target: Any, stop: asyncio.Event | None = None) -> None:
+    asyncio.run(_runner(spec, sources, target, stop).run())
 
 
 @pytest.fixture(autouse=True)
@@ -431,14 +441,7 @@ def test_a_partition_behind_holds_its_source_back() -> None:
 
 
 def _bounded(spec: Any, source: LogSource, target: Any, drain: bool) -> None:
-    runner = Runner(
-        spec,
-        asyncio.Event(),
-        RunOptions(stop_after_idle_ms=0, drain=drain),
-        sources=[source],
-        targets=[target],
-    )
-    asyncio.run(runner.run())
+    asyncio.run(_runner(spec, [source], target, drain=drain).run())
 
 
 def test_a_bounded_run_drains_every_window_and_stores_the_real_watermark() -> None:
@@ -514,13 +517,7 @@ def test_the_next_round_runs_the_stage_while_a_round_is_written(behind: bool) ->
     spec = _spec("w-behind", watermark="[watermark]\nlateness_ms = 5000\n")
     if not behind:
         spec = msgspec.structs.replace(spec, write_behind=False)
-    runner = Runner(
-        spec,
-        asyncio.Event(),
-        RunOptions(stop_after_idle_ms=0, drain=False),
-        sources=[source],
-        targets=[target],
-    )
+    runner = _runner(spec, [source], target)
     stage = runner._window
     assert stage is not None
     process = stage.process
