@@ -111,9 +111,9 @@ def _native_type(pg: str, origin: pa.DataType) -> pa.DataType | None:
     (format_type()) for a batch column of type ``origin``; None: the staged
     route (Postgres converts).
 
-    ``numeric(p,s)`` only takes exact values: integers, decimals and the text
-    :func:`ingestable` makes of ``uint64`` (a session id); a cast that would
-    round fails, and Postgres rounds it on the staged route instead."""
+    ``numeric(p,s)`` only takes exact values, integers (a session's ``uint64``
+    id) and decimals; a cast that would round fails, and Postgres rounds it
+    on the staged route instead."""
     m = _NUMERIC.fullmatch(pg)
     if m is None:
         return NATIVE.get(pg.split("(", 1)[0])
@@ -261,7 +261,7 @@ class PostgresTarget(modes.Unit):
             return
         self._check_nested(data.schema)
         try:
-            self._write(ingestable(data), data.schema)
+            self._write(ingestable(data), data)
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
 
@@ -281,10 +281,10 @@ class PostgresTarget(modes.Unit):
                     "or convert the value in the pipeline"
                 )
 
-    def _write(self, data: pa.Table, batch: pa.Schema) -> None:
-        """Write ``data`` (:func:`ingestable` of a batch whose schema is ``batch``)."""
+    def _write(self, data: pa.Table, batch: pa.Table) -> None:
+        """Write ``data`` (:func:`ingestable` of ``batch``)."""
         first = self._fresh  # nothing of this transaction written yet
-        schema = _create_schema(data.schema, batch)
+        schema = _create_schema(data.schema, batch.schema)
         self._begin(schema)
         if self.spec.mode in ("append", "truncate"):
             native = self._native(data, batch)
@@ -295,7 +295,7 @@ class PostgresTarget(modes.Unit):
             return
         self._staged(data)
 
-    def _merged_by_copy(self, data: pa.Table, batch: pa.Schema) -> bool:
+    def _merged_by_copy(self, data: pa.Table, batch: pa.Table) -> bool:
         """Merge ``data``, the first batch of the transaction, by a COPY
         straight into the table when it can (see the module docstring); False
         when it must take the staged route (then the transaction is as it was
@@ -321,7 +321,7 @@ class PostgresTarget(modes.Unit):
             self._require().rollback()
             self._unit_done()
             self._reflect()
-            self._begin(_create_schema(data.schema, batch))
+            self._begin(_create_schema(data.schema, batch.schema))
             self._stage_next = min(2**self._conflicts, 64)
             self._conflicts += 1
             self.merge_copies_rolled_back += 1
@@ -369,15 +369,19 @@ class PostgresTarget(modes.Unit):
         except adbc_driver_manager.Error as exc:
             self._fail(exc)
 
-    def _native(self, data: pa.Table, batch: pa.Schema) -> pa.Table | None:
-        """``data`` (:func:`ingestable` of a batch whose schema is ``batch``)
-        cast to the table's exact column types, or None if it cannot be."""
+    def _native(self, data: pa.Table, batch: pa.Table) -> pa.Table | None:
+        """``data`` (:func:`ingestable` of ``batch``) cast to the table's exact
+        column types, or None if it cannot be. A ``numeric(p,s)`` column is
+        cast from the batch's own integers or decimals, not from the text
+        :func:`ingestable` makes of a ``uint64``."""
         assert self._columns is not None
         columns = []
         for name, col in zip(data.column_names, data.columns, strict=True):
-            want = _native_type(self._columns[name], batch.field(name).type)
+            want = _native_type(self._columns[name], batch.schema.field(name).type)
             if want is None:
                 return None
+            if pa.types.is_decimal(want):
+                col = batch[name]
             if col.type != want:
                 try:
                     col = pc.cast(col, want)
